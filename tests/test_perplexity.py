@@ -1,0 +1,80 @@
+import math
+
+import pytest
+import torch
+
+from comprune.data import sample_windows, load_rows, resolve_data_dir, tokenize_stream
+from comprune.errors import CompruneError
+from comprune.evaluate.perplexity import perplexity, token_windows
+from conftest import tiny_model
+
+
+def direct_ppl(model, windows):
+    losses = []
+    with torch.no_grad():
+        for w in windows:
+            losses.append(model(input_ids=w[None], labels=w[None]).loss.item())
+    return math.exp(sum(losses) / len(losses))
+
+
+@pytest.mark.parametrize("seqlen", [16, 64])
+def test_perplexity_matches_direct_loop(seqlen):
+    model = tiny_model("llama")
+    torch.manual_seed(1)
+    ids = torch.randint(0, 256, (1000,))
+    r = perplexity(model, None, ids=ids, seqlen=seqlen, batch_size=3, progress=False)
+    expect = direct_ppl(model, token_windows(ids, seqlen))
+    assert r["windows"] == 1000 // seqlen
+    assert r["ppl"] == pytest.approx(expect, rel=1e-5)
+
+
+def test_max_tokens_slices_the_stream():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1000,), generator=torch.Generator().manual_seed(2))
+    r = perplexity(model, None, ids=ids, seqlen=32, max_tokens=300, progress=False)
+    assert r["windows"] == 9 and r["tokens"] == 288
+    assert r["ppl"] == pytest.approx(direct_ppl(model, ids[:288].view(9, 32)), rel=1e-5)
+
+
+def test_head_chunking_is_exact():
+    import importlib
+    P = importlib.import_module("comprune.evaluate.perplexity")
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (640,), generator=torch.Generator().manual_seed(3))
+    a = perplexity(model, None, ids=ids, seqlen=64, progress=False)["ppl"]
+    old, P.HEAD_CHUNK = P.HEAD_CHUNK, 7
+    try:
+        b = perplexity(model, None, ids=ids, seqlen=64, progress=False)["ppl"]
+    finally:
+        P.HEAD_CHUNK = old
+    assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_calibration_sampler_is_deterministic():
+    ids = torch.arange(10_000)
+    a = sample_windows(ids, 8, 128, seed=5)
+    b = sample_windows(ids, 8, 128, seed=5)
+    c = sample_windows(ids, 8, 128, seed=6)
+    assert a.shape == (8, 128) and torch.equal(a, b) and not torch.equal(a, c)
+    # windows are contiguous slices of the stream
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(8, 127, dtype=a.dtype))
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    with pytest.raises(CompruneError, match="seqlen"):
+        token_windows(torch.arange(100), 1)
+    with pytest.raises(CompruneError, match="fewer than seqlen"):
+        sample_windows(torch.arange(50), 4, 128, 0)
+    with pytest.raises(CompruneError, match="unknown dataset"):
+        load_rows("nonesuch")
+    with pytest.raises(CompruneError, match="not found"):
+        resolve_data_dir(tmp_path / "missing")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\nnot json\n')
+    with pytest.raises(CompruneError, match="not JSON"):
+        load_rows(str(bad))
+
+
+def test_shared_wikitext_is_found():
+    rows = load_rows("wikitext2")
+    assert len(rows) == 4358 and rows[1] == " = Robert Boulter = \n"
