@@ -1,5 +1,131 @@
-"""CLI commands for pruning, export and comparison (filled in as those APIs land)."""
+"""CLI commands over the pruning, export and comparison APIs: prune | export | compare."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import CompruneError
+
+
+def _config_from_args(args):
+    from .config import PruneConfig
+    cfg = PruneConfig(ratio=args.ratio, method=args.method, nsamples=args.nsamples, seqlen=args.seqlen,
+                      calib=args.calib, seed=args.seed, device=args.device, batch_size=args.calib_batch_size,
+                      metric=args.metric, layer_score=args.layer_score, mask_tuning=not args.no_mask_tuning,
+                      round_to=args.round_to, damp=args.damp, ridge=args.ridge)
+    if args.layer_share is not None:
+        cfg.layer_share = args.layer_share
+    return cfg.validate()
+
+
+def cmd_prune(args) -> int:
+    from . import load
+    from .cli import _table
+    from .data import get_calibration
+    from .io import _check_target, save_pretrained
+    from .prune import prune
+    cfg = _config_from_args(args)
+    out = Path(args.out)
+    _check_target(out, args.force)  # fail before any work, and never leave a half-written directory
+    model, tok = load(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code)
+    calib = get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=args.data_dir)
+    model, report = prune(model, tok, cfg, calibration=calib, progress=not args.json, base_model=args.model)
+    save_pretrained(model, tok, out, report, force=args.force)
+    if args.json:
+        print(json.dumps({"out": str(out), **{k: v for k, v in report.to_dict().items() if k != "blocks"}}, indent=2))
+    else:
+        print(_table(report.summary_rows(), list(report.summary_rows()[0])))
+        print(f"removed layers: {report.removed_layers or 'none'}; saved to {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export.gguf import export_gguf
+    if not args.gguf:
+        raise CompruneError("nothing to export: pass --gguf OUT.gguf")
+    summary = export_gguf(args.model_dir, args.gguf, qtype=args.type)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        from .cli import _table
+        print(_table([{k: v for k, v in summary.items() if not isinstance(v, (list, dict))}],
+                     [k for k, v in summary.items() if not isinstance(v, (list, dict))]))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .cli import _floats
+    from .compare import compare
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    skip = [x.strip() for x in (args.skip or "").split(",") if x.strip()]
+    ratios = _floats(args.ratios)
+    if not ratios or not methods:
+        raise CompruneError("nothing to compare: pass --ratios 0.1,0.2,0.3 and --methods comp,flap,...")
+    result = compare(args.model, ratios, methods, args.out, calib=args.calib, nsamples=args.nsamples,
+                     seqlen=args.seqlen, seed=args.seed, ppl_max_tokens=args.max_tokens,
+                     full_ratio=None if args.full_ratio < 0 else args.full_ratio,
+                     zeroshot_ratio=None if args.zeroshot_ratio < 0 else args.zeroshot_ratio,
+                     zeroshot_subset=args.subset, speed_tokens=args.speed_tokens, data_dir=args.data_dir,
+                     dtype=args.dtype, keep_models=args.keep_models, skip=skip, progress=not args.json,
+                     zeroshot_cache_dir=args.zeroshot_cache_dir)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print((Path(args.out) / "results.md").read_text())
+        print(f"results: {args.out}/results.json, results.md, results.png")
+    return 0
 
 
 def add_commands(sub, add_common):
-    pass
+    from .config import METHODS, NEURON_METRICS, LAYER_SCORES, PruneConfig
+    d = PruneConfig()
+    p = sub.add_parser("prune", help="prune a model and save it (safetensors + pruning.json)")
+    p.add_argument("model", help="'smollm2', a model directory, a .gguf file or a hub id")
+    p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--ratio", type=float, default=d.ratio, help="fraction of all parameters to remove (default 0.2)")
+    p.add_argument("--method", default=d.method, choices=METHODS)
+    p.add_argument("--layer-share", type=float, default=None,
+                   help=f"fraction of the removed parameters taken by whole layers (default {d.layer_share})")
+    p.add_argument("--calib", default=d.calib, help="calibration text: c4 (default), wikitext2-validation, or a file")
+    p.add_argument("--nsamples", type=int, default=d.nsamples)
+    p.add_argument("--seqlen", type=int, default=d.seqlen)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--calib-batch-size", type=int, default=d.batch_size)
+    p.add_argument("--metric", default=d.metric, choices=NEURON_METRICS, help="neuron importance (COMP: condition)")
+    p.add_argument("--layer-score", default=d.layer_score, choices=LAYER_SCORES)
+    p.add_argument("--no-mask-tuning", action="store_true", help="skip COMP's least-squares scale recovery")
+    p.add_argument("--round-to", type=int, default=d.round_to, help="round kept MLP widths to a multiple of N")
+    p.add_argument("--damp", type=float, default=d.damp)
+    p.add_argument("--ridge", type=float, default=d.ridge)
+    add_common(p)
+    p.set_defaults(func=cmd_prune)
+
+    from .compare import DEFAULT_METHODS, DEFAULT_OUT, STAGES
+    p = sub.add_parser("compare", help="prune with COMP and the baselines on the same calibration data and "
+                                       "evaluate them alike (resumable)")
+    p.add_argument("model", help="'smollm2', a model directory, a .gguf file or a hub id")
+    p.add_argument("--ratios", default="0.1,0.2,0.3", help="comma-separated pruning ratios (default 0.1,0.2,0.3)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, any of {', '.join(METHODS)}")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT}); reruns resume")
+    p.add_argument("--calib", default=d.calib)
+    p.add_argument("--nsamples", type=int, default=d.nsamples)
+    p.add_argument("--seqlen", type=int, default=d.seqlen)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-tokens", type=int, default=65536, help="perplexity slice: first N test tokens (65536)")
+    p.add_argument("--full-ratio", type=float, default=0.2, help="ratio evaluated on the full test set too (-1: none)")
+    p.add_argument("--zeroshot-ratio", type=float, default=0.2, help="ratio with zero-shot scores (-1: none)")
+    p.add_argument("--subset", type=int, default=200, help="zero-shot examples per task (fixed-seed draw)")
+    p.add_argument("--zeroshot-cache-dir", default=None, help="lm_eval response cache (default: comprune's cache)")
+    p.add_argument("--speed-tokens", type=int, default=64, help="new tokens per generation-speed run")
+    p.add_argument("--skip", default=None, help=f"stages to skip, comma-separated: {', '.join(STAGES)}")
+    p.add_argument("--keep-models", action="store_true", help="keep the pruned model directories")
+    add_common(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("export", help="export a (pruned) model directory for on-device runtimes")
+    p.add_argument("model_dir")
+    p.add_argument("--gguf", default=None, help="write a GGUF file for llama.cpp")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)

@@ -6,7 +6,9 @@ Self-contained on purpose: comprune copies this file next to every non-uniform p
 registers the same classes so no remote code is needed at all.
 
 The config is the base architecture's own config plus `intermediate_sizes` (one MLP width per layer,
-0 = MLP removed) and `comprune_base_model_type`.
+0 = MLP removed) and `comprune_base_model_type`; when attention heads were pruned unevenly, also
+`num_attention_heads_per_layer` and `num_key_value_heads_per_layer` (query and KV heads of each layer;
+`head_dim` is then explicit in the config).
 """
 import copy
 
@@ -34,6 +36,27 @@ def narrow_mlps(layers, config):
         layer.mlp = type(layer.mlp)(sub)
 
 
+def narrow_attention(layers, config):
+    """Rebuild each layer's attention with its own query/KV head counts (GQA groups pruned per layer)."""
+    heads = getattr(config, "num_attention_heads_per_layer", None)
+    kv_heads = getattr(config, "num_key_value_heads_per_layer", None)
+    if heads is None and kv_heads is None:
+        return
+    heads = heads or [config.num_attention_heads] * len(layers)
+    kv_heads = kv_heads or [config.num_key_value_heads] * len(layers)
+    if len(heads) != len(layers) or len(kv_heads) != len(layers):
+        raise ValueError(f"per-layer head counts have {len(heads)}/{len(kv_heads)} entries for {len(layers)} layers")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for i, (layer, h, kv) in enumerate(zip(layers, heads, kv_heads)):
+        if h == config.num_attention_heads and kv == config.num_key_value_heads:
+            continue
+        sub = copy.copy(config)
+        sub.num_attention_heads, sub.num_key_value_heads, sub.head_dim = int(h), int(kv), int(head_dim)
+        attn = type(layer.self_attn)(sub, getattr(layer.self_attn, "layer_idx", i))
+        attn.config = config  # geometry lives in the weights; the shared config keeps the attention backend
+        layer.self_attn = attn
+
+
 def _make(base_config, base_model, base_type):
     model_type = f"comprune_{base_type}"
     config_cls = type(f"Comprune{base_config.__name__}", (base_config,), {"model_type": model_type})
@@ -41,6 +64,7 @@ def _make(base_config, base_model, base_type):
     def __init__(self, config):
         base_model.__init__(self, config)
         narrow_mlps(self.model.layers, config)
+        narrow_attention(self.model.layers, config)
         self.post_init()
 
     model_cls = type(f"Comprune{base_model.__name__}", (base_model,),

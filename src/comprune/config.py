@@ -1,0 +1,63 @@
+"""Pruning configuration: one dataclass, validated up front so bad input fails before any work."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from .errors import CompruneError
+
+METHODS = ("comp", "layer-drop", "wanda-sp", "magnitude", "flap", "llm-pruner")
+NEURON_METRICS = ("condition", "kappa-loo", "weighted-norm", "activation", "wanda-sp", "magnitude")
+LAYER_SCORES = ("bi", "loss")
+
+
+@dataclass
+class PruneConfig:
+    ratio: float = 0.2                 # fraction of all parameters to remove (embeddings included, tied once)
+    method: str = "comp"
+    layer_share: float = 0.25          # fraction of the removed parameters taken by whole layers
+    nsamples: int = 128                # calibration windows
+    seqlen: int = 128                  # tokens per calibration window
+    calib: str = "c4"                  # calibration source (never the evaluation text)
+    seed: int = 0
+    device: str = "cpu"                # where each block is processed; the model itself stays where it is
+    batch_size: int = 8                # calibration windows per block forward
+    # Stage 1 (layers)
+    layer_score: str = "bi"            # "bi" (block influence) or "loss" (calibration loss when skipped)
+    layer_score_nsamples: int = 16     # windows used by the (expensive) loss-based layer score
+    protect_first: int = 1             # never remove the first/last blocks
+    protect_last: int = 1
+    # Stage 2 (neurons)
+    metric: str = "condition"
+    damp: float = 0.01                 # delta in G + delta * mean(diag G) * I
+    chunk: int = 0                     # neurons removed between downdates of G^-1 (0: auto, ~32 steps/layer)
+    round_to: int = 1                  # kept MLP widths rounded to a multiple of this
+    min_width: int = 0                 # never narrow an MLP below this many neurons
+    # Stage 3 (mask tuning)
+    mask_tuning: bool = True
+    ridge: float = 0.01                # rho: ridge toward scale 1, relative to mean(diag A)
+    # baselines
+    flap_bias: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> "PruneConfig":
+        if self.method not in METHODS:
+            raise CompruneError(f"unknown method '{self.method}': use one of {', '.join(METHODS)}")
+        if not (isinstance(self.ratio, (int, float)) and math.isfinite(self.ratio) and 0 < self.ratio <= 0.9):
+            raise CompruneError(f"ratio must be in (0, 0.9] (got {self.ratio}): e.g. --ratio 0.2 removes 20% of parameters")
+        if not 0 <= self.layer_share <= 1:
+            raise CompruneError(f"layer_share must be in [0, 1] (got {self.layer_share})")
+        if self.metric not in NEURON_METRICS:
+            raise CompruneError(f"unknown metric '{self.metric}': use one of {', '.join(NEURON_METRICS)}")
+        if self.layer_score not in LAYER_SCORES:
+            raise CompruneError(f"unknown layer score '{self.layer_score}': use one of {', '.join(LAYER_SCORES)}")
+        if self.seqlen <= 1:
+            raise CompruneError(f"seqlen must be > 1 (got {self.seqlen})")
+        if self.nsamples < 1 or self.batch_size < 1 or self.chunk < 0 or self.round_to < 1:
+            raise CompruneError("nsamples, batch_size and round_to must be >= 1, chunk >= 0")
+        if self.damp < 0 or self.ridge < 0:
+            raise CompruneError("damp and ridge must be >= 0")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)

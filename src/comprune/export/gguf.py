@@ -1,0 +1,417 @@
+"""Export a (pruned) Hugging Face model directory to a GGUF file that llama.cpp runs.
+
+Follows llama.cpp's convert_hf_to_gguf.py for tensor names, the Q/K permutation, tokenizer metadata and
+rope/norm keys, for the decoder families comprune prunes (llama, mistral, qwen2).
+
+Uniform MLP widths -> llama.cpp's own arch (`llama`, or `qwen2` for Qwen2). Per-layer widths -> `deci`
+(llama.cpp's DeciLM / Nemotron-NAS arch), which reads `feed_forward_length` and the head counts as
+per-layer arrays.
+
+MLP widths in the file can be larger than the model's, padded with zero neurons (zero gate/up rows, zero
+down columns: silu(0) * 0 = 0, so the output is unchanged):
+- llama.cpp's deci graph drops the whole layer (attention output included) when a layer's width is 0,
+  so a removed MLP is written as a width-1 MLP of zeros and the attention half of the layer is kept;
+- q8_0 quantizes rows in blocks of 32, so for q8_0 widths are rounded up to a multiple of 32 and
+  ffn_down (whose rows are as long as the width) is quantized too instead of staying f16.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from ..errors import CompruneError, require
+
+log = logging.getLogger(__name__)
+
+# qtype -> (tensor type for 2-D weights, GGUF file type)
+QTYPES = {
+    "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+FAMILIES = ("llama", "mistral", "qwen2")
+
+# Hugging Face per-layer tensor suffix -> llama.cpp tensor name (after "blk.N.")
+LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def export_gguf(model_dir, out_path, qtype: str = "f16") -> dict:
+    """Write `model_dir` (a dense or pruned HF dir) as a GGUF file; returns a summary dict."""
+    start = time.time()
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    require(model_dir.is_dir(), f"model directory {model_dir} not found")
+    require((model_dir / "config.json").is_file(), f"{model_dir} has no config.json: not a Hugging Face model dir")
+    require(qtype in QTYPES, f"unknown GGUF type '{qtype}': use one of {', '.join(QTYPES)}")
+    cfg = json.loads((model_dir / "config.json").read_text())
+    family = model_family(cfg)
+    tensors = _open_safetensors(model_dir)
+    widths = ffn_widths(cfg, tensors)
+    arch = pick_arch(family, widths)
+    file_widths = [padded_width(w, qtype) for w in widths]
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
+    writer = gguf.GGUFWriter(tmp, arch)
+    try:
+        writer.add_name(model_dir.name)
+        _add_hparams(writer, cfg, arch, file_widths, qtype)
+        add_tokenizer(writer, model_dir, int(cfg["vocab_size"]))
+        for name, data in _gguf_tensors(tensors, cfg, arch, file_widths):
+            _add_tensor(writer, name, data, qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out_path)  # readers never see a half-written file
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+    return {"path": str(out_path), "bytes": out_path.stat().st_size, "arch": arch, "qtype": qtype,
+            "n_layers": len(widths), "ffn_widths": widths, "gguf_ffn_widths": file_widths,
+            "seconds": round(time.time() - start, 2)}
+
+
+# ---------------------------------------------------------------- config
+
+def model_family(cfg: dict) -> str:
+    model_type = str(cfg.get("model_type", ""))
+    family = model_type.removeprefix("comprune_")
+    require(family in FAMILIES, f"GGUF export supports {', '.join(FAMILIES)} models, not model_type "
+                                f"'{model_type}'")
+    return family
+
+
+def ffn_widths(cfg: dict, tensors: dict) -> list[int]:
+    """Per-layer MLP widths: `intermediate_sizes` (pruned, non-uniform) or the one `intermediate_size`."""
+    n_layers = int(cfg["num_hidden_layers"])
+    widths = [int(w) for w in cfg.get("intermediate_sizes") or [cfg["intermediate_size"]] * n_layers]
+    require(len(widths) == n_layers, f"config has {len(widths)} intermediate_sizes for {n_layers} layers")
+    for i, w in enumerate(widths):
+        name = f"model.layers.{i}.mlp.up_proj.weight"
+        require(name in tensors, f"tensor {name} missing from the safetensors files")
+        rows = tensors[name].shape[0]
+        require(rows == w, f"layer {i}: config says MLP width {w} but {name} has {rows} rows")
+    return widths
+
+
+def padded_width(width: int, qtype: str) -> int:
+    """MLP width written to the file (zero neurons added, see module docstring)."""
+    if qtype == "q8_0":
+        return max(32, -(-width // 32) * 32)
+    return max(width, 1)
+
+
+def pick_arch(family: str, widths: list[int]) -> str:
+    if len(set(widths)) == 1 and widths[0] > 0:
+        return "qwen2" if family == "qwen2" else "llama"  # mistral is llama to llama.cpp
+    return "deci"
+
+
+def _rope(cfg: dict) -> dict:
+    """Rope settings as one dict: transformers 5 uses `rope_parameters`, older ones `rope_theta` + `rope_scaling`."""
+    rope = dict(cfg.get("rope_parameters") or {})
+    rope.update(cfg.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
+    return rope
+
+
+def head_dim(cfg: dict) -> int:
+    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+
+
+def _add_hparams(writer, cfg: dict, arch: str, widths: list[int], qtype: str) -> None:
+    n_layers = len(widths)
+    n_head, n_kv = int(cfg["num_attention_heads"]), int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    writer.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
+    writer.add_embedding_length(int(cfg["hidden_size"]))
+    writer.add_block_count(n_layers)
+    if arch == "deci":
+        # deci reads these per layer
+        writer.add_feed_forward_length(widths)
+        writer.add_head_count([n_head] * n_layers)
+        writer.add_head_count_kv([n_kv] * n_layers)
+    else:
+        writer.add_feed_forward_length(widths[0])
+        writer.add_head_count(n_head)
+        writer.add_head_count_kv(n_kv)
+    writer.add_key_length(head_dim(cfg))
+    writer.add_value_length(head_dim(cfg))
+    writer.add_rope_dimension_count(head_dim(cfg))
+    rope = _rope(cfg)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope["rope_type"] not in ("default", "llama3"):  # llama3 is carried by the rope_freqs tensor
+        raise CompruneError(f"GGUF export does not support rope_type '{rope['rope_type']}'")
+    writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    writer.add_vocab_size(int(cfg["vocab_size"]))
+    writer.add_file_type(QTYPES[qtype][1])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+# ---------------------------------------------------------------- tensors
+
+class _Lazy:
+    """One safetensors tensor, read only when needed so big models are not loaded whole."""
+
+    def __init__(self, handle, name):
+        self.handle, self.name = handle, name
+        self.shape = tuple(handle.get_slice(name).get_shape())
+
+    def load(self) -> torch.Tensor:
+        return self.handle.get_tensor(self.name).float()
+
+
+def _open_safetensors(model_dir: Path) -> dict:
+    from safetensors import safe_open
+    files = sorted(model_dir.glob("*.safetensors"))
+    require(bool(files), f"{model_dir} has no *.safetensors weights (save the model with safetensors)")
+    tensors = {}
+    for f in files:
+        handle = safe_open(str(f), framework="pt")
+        for name in handle.keys():
+            tensors[name] = _Lazy(handle, name)
+    return tensors
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF rotates half-vectors; llama.cpp's llama/deci rope rotates adjacent pairs: reorder rows per head."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(cfg: dict) -> torch.Tensor:
+    """Per-frequency divisors of Llama 3.x rope scaling, which llama.cpp reads from `rope_freqs.weight`."""
+    rope, dim = _rope(cfg), head_dim(cfg)
+    freqs = 1.0 / (float(rope["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def _gguf_tensors(tensors: dict, cfg: dict, arch: str, widths: list[int]):
+    """Yield (gguf name, float32 tensor) in llama.cpp order: globals, then each block."""
+    n_head, n_kv = int(cfg["num_attention_heads"]), int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    permute = arch != "qwen2"  # qwen2 in llama.cpp uses NEOX rope like HF; llama and deci need the reorder
+    for hf, name in GLOBAL_NAMES.items():
+        if hf == "lm_head" and (cfg.get("tie_word_embeddings") or "lm_head.weight" not in tensors):
+            continue  # tied: llama.cpp reuses token_embd
+        require(f"{hf}.weight" in tensors, f"tensor {hf}.weight missing from the safetensors files")
+        yield f"{name}.weight", tensors[f"{hf}.weight"].load()
+    if _rope(cfg)["rope_type"] == "llama3":
+        yield "rope_freqs.weight", llama3_rope_factors(cfg)
+    for i, width in enumerate(widths):
+        for hf, name in LAYER_NAMES.items():
+            for kind in ("weight", "bias"):
+                key = f"model.layers.{i}.{hf}.{kind}"
+                if key not in tensors:
+                    require(kind == "bias", f"tensor {key} missing from the safetensors files")
+                    continue
+                data = tensors[key].load()
+                if hf.startswith("mlp."):
+                    data = _pad_mlp(data, hf, kind, width)
+                if permute and hf == "self_attn.q_proj":
+                    data = permute_qk(data, n_head)
+                elif permute and hf == "self_attn.k_proj":
+                    data = permute_qk(data, n_kv)
+                yield f"blk.{i}.{name}.{kind}", data
+
+
+def _pad_mlp(data: torch.Tensor, hf: str, kind: str, width: int) -> torch.Tensor:
+    """Add zero neurons up to `width`: rows of gate/up (and their biases), columns of down."""
+    if hf == "mlp.down_proj":
+        return data if kind == "bias" else torch.nn.functional.pad(data, (0, width - data.shape[1]))
+    pad = (0, width - data.shape[0]) if kind == "bias" else (0, 0, 0, width - data.shape[0])
+    return torch.nn.functional.pad(data, pad)
+
+
+def _add_tensor(writer, name: str, data: torch.Tensor, qtype: str) -> None:
+    """Norms, biases and rope factors stay f32 (as in llama.cpp's converter); 2-D weights take `qtype`."""
+    arr = data.contiguous().numpy().astype(np.float32)
+    target = QTYPES[qtype][0] if arr.ndim == 2 else gguf.GGMLQuantizationType.F32
+    if target == gguf.GGMLQuantizationType.Q8_0 and arr.shape[-1] % gguf.GGML_QUANT_SIZES[target][0] != 0:
+        target = gguf.GGMLQuantizationType.F16  # q8_0 blocks are 32 wide along a row (e.g. odd head sizes)
+    if target == gguf.GGMLQuantizationType.F32:
+        writer.add_tensor(name, arr)
+    elif target == gguf.GGMLQuantizationType.F16:
+        writer.add_tensor(name, arr.astype(np.float16))
+    else:
+        writer.add_tensor(name, gguf.quants.quantize(arr, target), raw_dtype=target)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+# tokenizer.json pre-tokenizer regex -> llama.cpp `tokenizer.ggml.pre` name (plain byte-level handled below)
+LLAMA3_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+                "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+QWEN2_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+               "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+PRE_BY_REGEX = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
+
+
+def bpe_pre_name(tok: dict) -> str:
+    """Which llama.cpp pre-tokenizer reproduces tokenizer.json's pre-tokenizer.
+
+    The official converter hashes the tokenization of a probe text; reading the pre-tokenizer spec covers
+    the families comprune handles without a table of hashes.
+    """
+    pre = tok.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    for step in steps:
+        regex = (step.get("pattern") or {}).get("Regex") if step.get("type") == "Split" else None
+        if regex in PRE_BY_REGEX:
+            return PRE_BY_REGEX[regex]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm"  # SmolLM / StarCoder: each digit alone, then the GPT-2 regex
+    log.warning("unrecognised pre-tokenizer %s: writing 'default', llama.cpp may split text differently", kinds)
+    return "default"
+
+
+def add_tokenizer(writer, model_dir: Path, n_vocab: int) -> None:
+    """tokenizer.json BPE -> llama.cpp `gpt2` (byte-level) or `llama` (SentencePiece-style, byte fallback)."""
+    path = model_dir / "tokenizer.json"
+    require(path.is_file(), f"{model_dir} has no tokenizer.json: GGUF export needs a fast (tokenizers) tokenizer")
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    model = tok["model"]
+    require(model.get("type") == "BPE", f"GGUF export supports BPE tokenizers, not {model.get('type')}")
+    spm = bool(model.get("byte_fallback"))
+    id_to_text = {i: t for t, i in model["vocab"].items()}
+    added = {a["id"]: a for a in tok.get("added_tokens", [])}
+    id_to_text.update({i: a["content"] for i, a in added.items()})
+    require(max(id_to_text) < n_vocab, f"tokenizer has ids up to {max(id_to_text)} but the model's vocab_size "
+                                       f"is {n_vocab}")
+    tokens, types, scores = [], [], []
+    TT = gguf.TokenType
+    for i in range(n_vocab):
+        text = id_to_text.get(i)
+        if text is None:  # embedding rows beyond the tokenizer (vocab padded for speed)
+            text, kind = f"[PAD{i}]", TT.UNUSED
+        elif spm and text == model.get("unk_token"):
+            kind = TT.UNKNOWN
+        elif spm and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            kind = TT.BYTE  # byte-fallback pieces
+        elif i in added:
+            kind = TT.CONTROL if added[i].get("special") else TT.USER_DEFINED
+        else:
+            kind = TT.NORMAL
+        tokens.append(text)
+        types.append(kind)
+        # SentencePiece merges the pair whose result scores highest: BPE ids follow merge order
+        scores.append(-float(i) if kind == TT.NORMAL else 0.0)
+    writer.add_tokenizer_model("llama" if spm else "gpt2")
+    if spm:
+        writer.add_tokenizer_pre("default")
+        writer.add_token_scores(scores)
+        norm = json.dumps(tok.get("normalizer")) + json.dumps(tok.get("pre_tokenizer"))
+        writer.add_add_space_prefix("Prepend" in norm or '"prepend_scheme": "always"' in norm)
+    else:
+        writer.add_tokenizer_pre(bpe_pre_name(tok))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(model_dir, load_merges=not spm, n_vocab=n_vocab)
+    if "bos" not in special.add_special_token and not spm:
+        special.add_special_token["bos"] = False  # HF adds no BOS unless its config says so
+    special.add_to_gguf(writer, quiet=True)
+
+
+# ---------------------------------------------------------------- running with llama.cpp
+
+def llamacpp_server(gguf_path, n_ctx: int = 512, threads: int = 2, exact: bool = False, quiet: bool = True):
+    """An in-process llama.cpp server (xllamacpp) for the GGUF file; call `handle_completions` on it.
+
+    `exact` keeps attention in f32 (llama.cpp's defaults, an f16 KV cache and CPU flash attention, round
+    K and V to f16), so an f32 GGUF reproduces transformers to ~1e-6. `quiet` silences llama.cpp's log.
+    """
+    try:
+        import xllamacpp
+    except ImportError:
+        raise CompruneError("running GGUF files needs llama.cpp bindings: pip install xllamacpp") from None
+    params = xllamacpp.CommonParams()
+    params.model.path = str(gguf_path)
+    params.n_ctx = n_ctx
+    params.n_parallel = 1
+    params.cpuparams.n_threads = threads
+    params.cpuparams_batch.n_threads = threads
+    if quiet:
+        params.verbosity = -1
+    if exact:
+        params.cache_type_k = params.cache_type_v = xllamacpp.ggml_type.GGML_TYPE_F32
+        params.flash_attn_type = xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    try:
+        return xllamacpp.Server(params)
+    except RuntimeError as e:
+        raise CompruneError(f"llama.cpp could not load {gguf_path} (run with quiet=False for its log): {e}") from None
+
+
+def complete(server, request: dict) -> dict:
+    """One /completion call; llama.cpp errors come back as a dict, raise them instead."""
+    out = server.handle_completions(request)
+    if not isinstance(out, dict) or "error" in out:
+        raise CompruneError(f"llama.cpp completion failed: {out}")
+    return out
+
+
+def next_token_logprobs(server, prompt: list[int] | str, n_probs: int, force: int | None = None) -> dict[int, float]:
+    """log-softmax of llama.cpp's next-token logits after `prompt` (token ids, or text that llama.cpp
+    tokenizes itself), for the top `n_probs` tokens.
+
+    The server withholds a sampled token that is an incomplete UTF-8 sequence, and its probabilities with
+    it; `force` (a plain-text token id) makes that token the sampled one without changing the raw logprobs.
+    """
+    prompt = prompt if isinstance(prompt, str) else [int(i) for i in prompt]
+    request = {"prompt": prompt, "n_predict": 1, "temperature": 0, "n_probs": n_probs, "cache_prompt": False}
+    if force is not None:
+        request["logit_bias"] = [[int(force), 1000.0]]
+    top = complete(server, request)["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    return {t["id"]: t["logprob"] for t in top}
+
+
+def token_logprob(server, ids: list[int], target: int, plain: int, n_vocab: int) -> float:
+    """llama.cpp's raw log p(target | ids), for perplexity.
+
+    A logit bias forces `target` to be sampled; the reported logprob is computed before sampling, and the
+    prompt cache makes each call cost one new token. When `target` is an incomplete UTF-8 piece the server
+    withholds its logprob, so ask for the whole distribution with `plain` forced instead (rare, slower).
+    """
+    request = {"prompt": list(ids), "n_predict": 1, "temperature": 0, "n_probs": 1,
+               "logit_bias": [[int(target), 1000.0]], "cache_prompt": True}
+    probs = complete(server, request)["choices"][0]["logprobs"]
+    if probs is None:
+        return next_token_logprobs(server, ids, n_vocab, force=plain)[int(target)]
+    step = probs["content"][0]
+    require(step["id"] == target, f"llama.cpp sampled {step['id']}, not the forced token {target}")
+    return float(step["logprob"])

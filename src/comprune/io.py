@@ -1,0 +1,75 @@
+"""Saving pruned models: safetensors + config + tokenizer + pruning.json, written to a temporary directory
+and renamed, so a crash never leaves a directory that looks complete."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import CompruneError
+from .models.adapters import base_model_type
+
+MANIFEST = "pruning.json"
+MODELING_FILE = Path(__file__).parent / "models" / "modeling_comprune.py"
+
+
+def _check_target(out_dir: Path, force: bool):
+    if out_dir.exists() and not force:
+        raise CompruneError(f"{out_dir} already exists: choose another --out or pass --force to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CompruneError(f"{out_dir} exists and is not a directory: choose another --out")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _add_auto_map(tmp: Path, model):
+    """Non-uniform models: ship the self-contained modeling file so stock transformers can load them
+    with trust_remote_code=True (import comprune makes that unnecessary)."""
+    if "intermediate_sizes" not in model.config.to_dict():
+        return
+    shutil.copyfile(MODELING_FILE, tmp / "modeling_comprune.py")
+    cfg_path = tmp / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["auto_map"] = {"AutoConfig": f"modeling_comprune.{type(model.config).__name__}",
+                       "AutoModelForCausalLM": f"modeling_comprune.{type(model).__name__}"}
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def write_manifest(path: Path, manifest: dict):
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def save_pretrained(model, tokenizer, out_dir, report=None, force: bool = False, _crash_after_weights=False) -> Path:
+    """Atomically write a loadable model directory; `report` (PruneReport or dict) becomes pruning.json."""
+    out_dir = Path(out_dir)
+    _check_target(out_dir, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if _crash_after_weights:  # test hook: a crash between weights and manifest
+            raise KeyboardInterrupt("simulated crash")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _add_auto_map(tmp, model)
+        report = report if report is not None else getattr(model, "comprune_report", None)
+        if report is not None:
+            manifest = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+            manifest["base_model_type"] = base_model_type(model.config)
+            write_manifest(tmp / MANIFEST, manifest)
+        if out_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, trash / "old")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_manifest(model_dir) -> dict | None:
+    p = Path(model_dir) / MANIFEST
+    return json.loads(p.read_text()) if p.is_file() else None

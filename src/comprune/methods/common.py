@@ -1,0 +1,165 @@
+"""Pieces every method shares: the parameter budget, the layer stage, and per-block neuron bookkeeping."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CompruneError
+from ..loading import count_params
+from ..walk import Activations, block_influence, forward_block, progress, resident
+
+
+@dataclass
+class Budget:
+    params_total: int
+    params_to_remove: int
+    n_layers: int
+    block_params: int
+    layers_to_remove: int
+    neurons_per_layer: int          # neurons removed from every kept block's MLP
+    params_per_neuron: int
+
+    def to_dict(self):
+        return dict(self.__dict__)
+
+
+def params_per_neuron(adapter, layer) -> int:
+    parts = adapter.mlp(layer)
+    n = parts.up.in_features + parts.down.out_features
+    n += parts.up.bias is not None
+    if parts.gate is not None:
+        n += parts.gate.in_features + (parts.gate.bias is not None)
+    return n
+
+
+def plan_budget(model, adapter, cfg, layer_share: float | None = None) -> Budget:
+    """Split `ratio` of all parameters between whole blocks (floor of layer_share) and MLP neurons (the rest),
+    so the achieved ratio lands within one neuron per layer (or one width quantum) of the request."""
+    share = cfg.layer_share if layer_share is None else layer_share
+    layers = adapter.layers(model)
+    L = len(layers)
+    total = count_params(model)
+    target = cfg.ratio * total
+    block = sum(p.numel() for p in layers[0].parameters())
+    k = int(math.floor(share * target / block + 1e-9))
+    removable = L - cfg.protect_first - cfg.protect_last
+    if k > removable:
+        raise CompruneError(f"the budget asks to remove {k} of {L} layers but only {max(removable, 0)} may go "
+                            f"(first {cfg.protect_first} and last {cfg.protect_last} are protected): "
+                            "lower --ratio or --layer-share")
+    per = params_per_neuron(adapter, layers[0])
+    rest = target - k * block
+    kept = L - k
+    n = int(round(rest / per / kept)) if kept else 0
+    widths = [adapter.mlp(layer).down.in_features for layer in layers]
+    if n > min(widths) - cfg.min_width:
+        raise CompruneError(f"ratio {cfg.ratio} needs {n} neurons removed per MLP but layers have only "
+                            f"{min(widths)}: raise --layer-share (remove whole layers) or lower --ratio")
+    return Budget(total, int(round(target)), L, block, k, n, per)
+
+
+def kept_width(width: int, n_remove: int, round_to: int, min_width: int = 0) -> int:
+    """Width after removing n_remove neurons, rounded to the nearest multiple of round_to (fast kernels)."""
+    w = width - n_remove
+    if round_to > 1:
+        w = int(round(w / round_to) * round_to)
+    return max(min(w, width), min_width, 0)
+
+
+@torch.inference_mode()
+def layer_scores_bi(model, adapter, acts: Activations, device, show=True) -> tuple[list[float], list[Activations]]:
+    """Block influence of every block from one dense pass (two activation buffers alive at a time)."""
+    scores = []
+    layers = adapter.layers(model)
+    for layer in progress(layers, "layer scores (BI)", show):
+        with resident(layer, device):
+            out = forward_block(layer, acts)
+        scores.append(block_influence(acts, out))
+        acts = out
+    return scores
+
+
+@torch.inference_mode()
+def layer_scores_loss(model, adapter, acts: Activations, input_ids: torch.Tensor, device, nsamples: int,
+                      show=True) -> list[float]:
+    """Calibration loss increase when block i alone is skipped, on the first `nsamples` windows.
+    Keeps every block's inputs for those windows (small), then reruns the tail once per block."""
+    from ..evaluate.perplexity import chunked_nll
+    nb = max(1, math.ceil(nsamples / acts.hidden[0].shape[0]))
+    sub = Activations([h for h in acts.hidden[:nb]], acts.kwargs[:nb])
+    layers = adapter.layers(model)
+    norm, head = adapter.head(model)
+    ids = [b for b in input_ids.split(acts.hidden[0].shape[0])][:nb]
+
+    def loss_from(i, x):
+        for layer in layers[i:]:
+            with resident(layer, device):
+                x = forward_block(layer, x)
+        with resident(norm, device), resident(head, device):
+            total, count = 0.0, 0
+            for h, y in zip(x.hidden, ids):
+                hn = norm(h)[:, :-1].reshape(-1, h.shape[-1])
+                total += chunked_nll(hn, y[:, 1:].reshape(-1).to(hn.device), head).item()
+                count += hn.shape[0]
+        return total / count
+
+    inputs = [sub]
+    x = sub
+    for layer in layers:
+        with resident(layer, device):
+            x = forward_block(layer, x)
+        inputs.append(x)
+    base = loss_from(len(layers), inputs[-1])
+    scores = []
+    for i in progress(range(len(layers)), "layer scores (loss)", show):
+        scores.append(loss_from(i + 1, inputs[i]) - base)
+    return scores
+
+
+def choose_layers(scores: list[float], k: int, protect_first: int, protect_last: int) -> list[int]:
+    """The k lowest-scoring blocks, never the protected ends."""
+    L = len(scores)
+    candidates = [i for i in range(protect_first, L - protect_last)]
+    candidates.sort(key=lambda i: scores[i])
+    return sorted(candidates[:k])
+
+
+def plan_neurons_only(model, adapter, cfg) -> Budget:
+    """Budget of the neuron-only baselines (wanda-sp, magnitude, flap, llm-pruner): no whole layers."""
+    return plan_budget(model, adapter, cfg, layer_share=0.0)
+
+
+def plan_layers_only(model, adapter, cfg) -> Budget:
+    """Budget of layer removal alone (ShortGPT): k = round(ratio * params / block params) whole blocks. The
+    achieved ratio is then a multiple of one block's share, which can be far from the request: it is reported."""
+    layers = adapter.layers(model)
+    L = len(layers)
+    total = count_params(model)
+    target = cfg.ratio * total
+    block = sum(p.numel() for p in layers[0].parameters())
+    k = max(1, int(round(target / block)))
+    removable = L - cfg.protect_first - cfg.protect_last
+    if k > removable:
+        raise CompruneError(f"ratio {cfg.ratio} needs {k} of {L} layers removed but only {max(removable, 0)} may go "
+                            f"(first {cfg.protect_first} and last {cfg.protect_last} are protected): lower --ratio")
+    return Budget(total, int(round(target)), L, block, k, 0, params_per_neuron(adapter, layers[0]))
+
+
+def keep_lowest_removed(score: torch.Tensor, n_remove: int) -> torch.Tensor:
+    """Boolean keep mask that drops the n_remove lowest scores (ties broken by index, deterministically)."""
+    keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+    if n_remove > 0:
+        order = torch.sort(score.double(), stable=True).indices
+        keep[order[:n_remove]] = False
+    return keep
+
+
+def full_record(adapter, layer) -> dict:
+    """Per-block record of an untouched block."""
+    from ..surgery import attention_heads
+    width = adapter.mlp(layer).down.in_features
+    h, kv = attention_heads(adapter, layer)
+    return {"width": width, "kept_neurons": list(range(width)), "heads": h, "kv_heads": kv,
+            "kept_kv_heads": list(range(kv))}

@@ -1,0 +1,96 @@
+"""COMP as specified by comprune (docs/method.md):
+
+1. layers:  score every block (block influence by default) in one dense pass; remove the k lowest.
+2. neurons: walk the kept blocks in order, each fed by the already-pruned blocks before it; in each MLP,
+            remove neurons greedily by the condition score ||w_j||^2 / [G^-1]_jj with G^-1 downdated as
+            neighbours go.
+3. tuning:  least-squares scales of the kept neurons against the dense MLP on the same inputs, folded
+            into down_proj.
+4. surgery: slice the MLP now (so later blocks see the pruned outputs); drop blocks at the end.
+Forward passes only: no autograd anywhere.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import scores as S
+from ..masktune import error_from_gram, output_gram, solve_scales
+from ..surgery import as_index, prune_mlp
+from ..walk import collect_stats, forward_block, progress, resident
+from .common import choose_layers, kept_width, layer_scores_bi, layer_scores_loss
+
+
+def select_neurons(metric: str, G: torch.Tensor, parts, n_remove: int, cfg) -> torch.Tensor:
+    """Boolean keep mask over the MLP's neurons for one of COMP's metric variants."""
+    f = G.shape[0]
+    W = parts.down.weight.detach()
+    w_sq = (W.double() ** 2).sum(0)
+    if n_remove <= 0:
+        return torch.ones(f, dtype=torch.bool, device=G.device)
+    if metric == "condition":
+        keep, _ = S.greedy_condition_prune(G, w_sq.to(G.device), n_remove, cfg.damp, cfg.chunk)
+        return keep
+    diag = torch.diagonal(G)
+    if metric == "kappa-loo":
+        score = S.kappa_loo_scores(G, cfg.damp)
+    elif metric == "weighted-norm":
+        score = S.weighted_norm_scores(w_sq.sqrt().to(G.device), diag)
+    elif metric == "activation":
+        score = S.activation_scores(diag)
+    elif metric == "wanda-sp":
+        score = S.wanda_sp_scores(W.to(G.device), diag)
+    else:  # magnitude
+        rows = [parts.up.weight, parts.down.weight.T] + ([parts.gate.weight] if parts.gate is not None else [])
+        score = S.magnitude_scores(*rows).to(G.device)
+    keep = torch.ones(f, dtype=torch.bool, device=G.device)
+    keep[torch.topk(score, n_remove, largest=False).indices] = False
+    return keep
+
+
+def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None = None) -> tuple[dict, object]:
+    """Score, tune and slice one block's MLP on its (already-pruned-upstream) inputs; returns the record and
+    the block's new outputs."""
+    parts = adapter.mlp(layer)
+    stats, _ = collect_stats(layer, acts, {"down": parts.down}, gram={"down"}, forward=True)
+    G = stats["down"].gram
+    keep = select_neurons(metric or cfg.metric, G, parts, n_remove, cfg)
+    K = output_gram(G, parts.down.weight.detach())
+    err_before = error_from_gram(K, keep)
+    scales = solve_scales(K, keep, cfg.ridge) if cfg.mask_tuning and n_remove > 0 else None
+    err_after = error_from_gram(K, keep, scales) if scales is not None else err_before
+    energy = error_from_gram(K, torch.zeros_like(keep))  # ||dense MLP output||^2
+    idx = as_index(keep)
+    prune_mlp(adapter, layer, idx, scales)
+    out = forward_block(layer, acts)
+    rec = {"width": int(idx.numel()), "kept_neurons": idx.tolist(),
+           "rel_error_pruned": err_before / max(energy, 1e-30), "rel_error_tuned": err_after / max(energy, 1e-30)}
+    if scales is not None:
+        rec["scales"] = [float(x) for x in scales]
+        rec["scale_mean"] = float(scales.mean())
+        rec["scale_std"] = float(scales.std()) if scales.numel() > 1 else 0.0
+    return rec, out
+
+
+def layer_stage(model, adapter, acts, input_ids, k: int, cfg, show=True) -> tuple[list[int], list[float]]:
+    if k == 0 and cfg.layer_score == "bi":
+        return [], []
+    if cfg.layer_score == "loss":
+        scores = layer_scores_loss(model, adapter, acts, input_ids, cfg.device, cfg.layer_score_nsamples, show)
+    else:
+        scores = layer_scores_bi(model, adapter, acts, cfg.device, show)
+    return choose_layers(scores, k, cfg.protect_first, cfg.protect_last), scores
+
+
+def run(model, adapter, acts, input_ids, cfg, budget, show=True) -> dict:
+    removed, layer_scores = layer_stage(model, adapter, acts.clone(), input_ids, budget.layers_to_remove, cfg, show)
+    records = {}
+    layers = adapter.layers(model)
+    for i, layer in enumerate(progress(layers, "COMP neurons", show)):
+        if i in removed:
+            continue
+        width = adapter.mlp(layer).down.in_features
+        n_remove = width - kept_width(width, budget.neurons_per_layer, cfg.round_to, cfg.min_width)
+        with resident(layer, cfg.device):
+            rec, acts = prune_block_mlp(layer, adapter, acts, n_remove, cfg)
+        records[i] = rec
+    return {"removed_layers": removed, "layer_scores": layer_scores, "blocks": records}

@@ -1,0 +1,111 @@
+"""comprune.prune: calibrate, walk the blocks with a method, cut, and report."""
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .config import PruneConfig
+from .data import Calibration, get_calibration
+from .errors import CompruneError
+from .loading import count_params, resolve_device
+from .methods import METHODS
+from .methods.common import plan_budget
+from .models import get_adapter
+from .surgery import drop_layers, finalize_config
+from .walk import capture
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def versions() -> dict:
+    import transformers
+    from . import __version__
+    return {"comprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+@dataclass
+class PruneReport:
+    method: str
+    ratio_requested: float
+    ratio_achieved: float
+    params_before: int
+    params_after: int
+    removed_layers: list[int]
+    kept_layers: list[int]
+    mlp_widths: list[int]
+    seconds: float
+    peak_rss_mb: float
+    config: dict
+    calibration: dict
+    budget: dict
+    layer_scores: list[float] = field(default_factory=list)
+    blocks: dict = field(default_factory=dict)       # original layer index -> per-block record
+    versions: dict = field(default_factory=dict)
+    base_model: str | None = None
+    details: dict = field(default_factory=dict)      # method-specific extras (e.g. flap bias, llm-pruner taylor)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["blocks"] = {str(k): v for k, v in self.blocks.items()}
+        return d
+
+    def summary_rows(self) -> list[dict]:
+        return [{"method": self.method, "ratio req": self.ratio_requested, "ratio got": round(self.ratio_achieved, 4),
+                 "params before": self.params_before, "params after": self.params_after,
+                 "layers": f"{len(self.kept_layers)}/{len(self.kept_layers) + len(self.removed_layers)}",
+                 "MLP widths": _widths_text(self.mlp_widths), "seconds": round(self.seconds, 1),
+                 "peak RSS MB": round(self.peak_rss_mb)}]
+
+
+def _widths_text(widths):
+    if not widths:
+        return "-"
+    return str(widths[0]) if len(set(widths)) == 1 else f"{min(widths)}..{max(widths)}"
+
+
+def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Calibration | None = None,
+          progress: bool = True, base_model: str | None = None):
+    """Prune `model` in place with `config` and return (model, PruneReport). Forward passes only for COMP."""
+    cfg = (config or PruneConfig()).validate()
+    if cfg.method not in METHODS:
+        raise CompruneError(f"method '{cfg.method}' is not available in this build: use one of {', '.join(METHODS)}")
+    adapter = get_adapter(model)
+    device = resolve_device(cfg.device)
+    cfg.device = str(device)
+    t0 = time.perf_counter()
+    if calibration is None:
+        calibration = get_calibration(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+    if calibration.seqlen <= 1:
+        raise CompruneError("calibration windows must be longer than one token")
+    model.eval()
+    params_before = count_params(model)
+    budget = getattr(METHODS[cfg.method], "plan_budget", plan_budget)(model, adapter, cfg)
+    torch.manual_seed(cfg.seed)
+    # Forward-only methods get the block-0 inputs; gradient methods (llm-pruner) run their own passes.
+    needs_grad = getattr(METHODS[cfg.method], "needs_gradients", False)
+    acts = None if needs_grad else capture(model, adapter, calibration.input_ids, cfg.batch_size, device)
+    with torch.set_grad_enabled(needs_grad):
+        details = METHODS[cfg.method](model, adapter, acts, calibration.input_ids, cfg, budget, progress)
+    n_layers = len(adapter.layers(model))
+    kept = drop_layers(model, adapter, details["removed_layers"])
+    widths = finalize_config(model, adapter)
+    params_after = count_params(model)
+    report = PruneReport(
+        method=cfg.method, ratio_requested=cfg.ratio, ratio_achieved=1 - params_after / params_before,
+        params_before=params_before, params_after=params_after, removed_layers=list(details["removed_layers"]),
+        kept_layers=kept, mlp_widths=widths, seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb(),
+        config=cfg.to_dict(), calibration=calibration.describe(), budget=budget.to_dict(),
+        layer_scores=details.get("layer_scores", []), blocks=details.get("blocks", {}), versions=versions(),
+        base_model=base_model,
+        details={k: v for k, v in details.items() if k not in ("removed_layers", "layer_scores", "blocks")})
+    assert len(kept) + len(report.removed_layers) == n_layers
+    model.comprune_report = report
+    return model, report

@@ -1,0 +1,166 @@
+"""Importance scores: pure functions of weights and calibration statistics.
+
+Conventions: a neuron j of an MLP owns row j of gate/up and column j of down (`w_j`). Higher score = more
+important. G is the Gram matrix H^T H of the MLP's intermediate activations over calibration tokens.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import CompruneError
+
+
+def damped(G: torch.Tensor, damp: float) -> torch.Tensor:
+    """G + damp * mean(diag G) * I: keeps the inverse defined for dead or collinear neurons."""
+    G = G.double()
+    mu = torch.diagonal(G).mean().clamp_min(1e-12)
+    return G + damp * mu * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+
+
+def spd_inverse(G: torch.Tensor) -> torch.Tensor:
+    try:
+        L = torch.linalg.cholesky(G)
+    except RuntimeError:
+        raise CompruneError("the calibration Gram matrix is not positive definite even after damping: "
+                            "raise --damp or use more calibration samples") from None
+    return torch.cholesky_inverse(L)
+
+
+def condition_scores(w_sqnorm: torch.Tensor, ginv_diag: torch.Tensor) -> torch.Tensor:
+    """s_j = ||w_j||^2 / [G^-1]_jj: the output energy of neuron j that no other neuron can reproduce
+    (1/[G^-1]_jj = G_jj (1 - R_j^2)); equivalently the error of removing j after the best re-weighting of the rest."""
+    return w_sqnorm.double() / ginv_diag
+
+
+def downdate_inverse(Ginv: torch.Tensor, remove: torch.Tensor) -> torch.Tensor:
+    """Inverse of G restricted to the other indices, from the inverse of G (block Schur complement).
+
+    For a single index this is the rank-one downdate Ginv - Ginv[:,j] Ginv[j,:] / Ginv[j,j]. The result keeps
+    the full shape with zero rows/columns at `remove`, so indices never shift."""
+    C = Ginv[:, remove]
+    out = Ginv.addmm(C, torch.linalg.solve(Ginv[remove][:, remove], C.T), alpha=-1)
+    out[remove, :] = 0
+    out[:, remove] = 0
+    return out
+
+
+def greedy_condition_prune(G: torch.Tensor, w_sqnorm: torch.Tensor, n_remove: int, damp: float = 0.01,
+                           chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove n_remove neurons greedily, lowest condition score first, in chunks, downdating G^-1 after each
+    chunk because scores change as neighbours go. Returns (keep mask [f], score of each neuron when removed/kept)."""
+    f = G.shape[0]
+    Ginv = spd_inverse(damped(G, damp))
+    alive = torch.ones(f, dtype=torch.bool, device=G.device)
+    final = torch.zeros(f, dtype=torch.float64, device=G.device)
+    chunk = chunk or max(1, math.ceil(n_remove / 32))  # auto: ~32 rescoring steps per layer
+    removed = 0
+    while removed < n_remove:
+        s = condition_scores(w_sqnorm, torch.diagonal(Ginv).clamp_min(1e-300))
+        s[~alive] = float("inf")
+        c = min(chunk, n_remove - removed)
+        idx = torch.topk(s, c, largest=False).indices
+        final[idx] = s[idx]
+        Ginv = downdate_inverse(Ginv, idx)
+        alive[idx] = False
+        removed += c
+    s = condition_scores(w_sqnorm, torch.diagonal(Ginv).clamp_min(1e-300))
+    final[alive] = s[alive]
+    return alive, final
+
+
+def kappa_loo_scores(G: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Literal leave-one-out condition number: score_j = -kappa(G without j). Removing the neuron whose absence
+    leaves the best-conditioned set goes first. O(f^4): small layers only (ablation)."""
+    Gd = damped(G, damp)
+    f = Gd.shape[0]
+    out = torch.empty(f, dtype=torch.float64)
+    idx = torch.arange(f)
+    for j in range(f):
+        keep = idx[idx != j]
+        ev = torch.linalg.eigvalsh(Gd[keep][:, keep])
+        out[j] = -(ev[-1] / ev[0].clamp_min(1e-300))
+    return out
+
+
+def weighted_norm_scores(w_norm: torch.Tensor, act_sqsum: torch.Tensor) -> torch.Tensor:
+    """||w_j|| * ||H_:,j||: output magnitude of neuron j (Wanda-style, column form)."""
+    return w_norm.double() * act_sqsum.double().sqrt()
+
+
+def activation_scores(act_sqsum: torch.Tensor) -> torch.Tensor:
+    return act_sqsum.double().sqrt()
+
+
+def wanda_sp_scores(W: torch.Tensor, act_sqsum: torch.Tensor) -> torch.Tensor:
+    """Wanda-sp: S_j = mean_i |W_ij| * ||X_:,j|| for input channel j of W [out, in]."""
+    return W.abs().double().mean(0) * act_sqsum.double().sqrt()
+
+
+def magnitude_scores(*weights_rows: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each neuron's weights over all the matrices it owns (given with neurons as rows)."""
+    return torch.sqrt(sum((w.double() ** 2).sum(1) for w in weights_rows))
+
+
+def fluctuation_scores(W: torch.Tensor, act_var: torch.Tensor) -> torch.Tensor:
+    """FLAP: S_j = Var(X_:,j) * ||W_:,j||^2 for input channel j of W [out, in]."""
+    return act_var.double() * (W.double() ** 2).sum(0)
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std over one module's channels (FLAP's per-module standardisation; std unbiased)."""
+    x = x.double()
+    if x.numel() < 2:
+        return torch.zeros_like(x)
+    return (x - x.mean()) / x.std().clamp_min(1e-30)
+
+
+def flap_head_scores(W_o: torch.Tensor, act_var: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """FLAP on attention: the fluctuation metric of o_proj's input channels, squared (as FLAP's code does for
+    o_proj), standardised over the module, then averaged over the channels of each KV group (its query heads)."""
+    ch = standardize(fluctuation_scores(W_o, act_var) ** 2)
+    return ch.view(n_kv, -1).mean(1)
+
+
+def flap_channel_scores(W_down: torch.Tensor, act_var: torch.Tensor) -> torch.Tensor:
+    """FLAP on the MLP: the fluctuation metric of down_proj's input channels, standardised over the module."""
+    return standardize(fluctuation_scores(W_down, act_var))
+
+
+def compensation_bias(W: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """FLAP's bias compensation: the mean input of the removed channels through their columns,
+    b = W[:, removed] @ mean[removed] (the expected output the removed channels contributed)."""
+    removed = removed.to(W.device)
+    return W[:, removed].double() @ mean.to(W.device).double()[removed]
+
+
+def taylor_importance(W: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """First-order Taylor importance of each weight, |W . dL/dW| (LLM-Pruner's element-wise `param_first`)."""
+    return (W.double() * grad.double()).abs()
+
+
+def taylor_rows(W: torch.Tensor, grad: torch.Tensor, size: int = 1) -> torch.Tensor:
+    """Taylor importance summed over each group of `size` consecutive output rows (neurons, heads)."""
+    return taylor_importance(W, grad).sum(1).view(-1, size).sum(1)
+
+
+def taylor_cols(W: torch.Tensor, grad: torch.Tensor, size: int = 1) -> torch.Tensor:
+    """Taylor importance summed over each group of `size` consecutive input columns."""
+    return taylor_importance(W, grad).sum(0).view(-1, size).sum(1)
+
+
+def taylor_mlp_channels(gate, up, down) -> torch.Tensor:
+    """LLM-Pruner's coupled MLP channel j: gate row j + up row j + down column j. Each argument is (W, grad);
+    gate may be None for non-gated MLPs."""
+    s = taylor_rows(*up) + taylor_cols(*down)
+    if gate is not None:
+        s = s + taylor_rows(*gate)
+    return s
+
+
+def taylor_kv_groups(q, k, v, o, head_dim: int, rep: int) -> torch.Tensor:
+    """LLM-Pruner's coupled attention group, GQA-aware: KV head g with its `rep` query heads, i.e. the q rows of
+    those query heads, the k and v rows of head g, and the o columns of those query heads. (W, grad) pairs."""
+    return (taylor_rows(*q, rep * head_dim) + taylor_rows(*k, head_dim) + taylor_rows(*v, head_dim)
+            + taylor_cols(*o, rep * head_dim))

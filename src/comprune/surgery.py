@@ -1,0 +1,256 @@
+"""Physical removal: slice MLP neurons, drop whole blocks, renumber, and rewrite the config.
+
+The result is a plain model of the same architecture, fewer layers and narrower MLPs, whose logits equal
+the masked-and-scaled dense model's. When every kept layer has the same width the config is the base
+architecture's own (stock transformers loads it); otherwise it becomes comprune's per-layer-width config.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .models.modeling_comprune import CLASSES
+
+# Per-layer config lists that must follow the layers when blocks are dropped.
+PER_LAYER_KEYS = ("layer_types", "intermediate_sizes", "num_attention_heads_per_layer",
+                  "num_key_value_heads_per_layer")
+HEAD_KEYS = ("num_attention_heads_per_layer", "num_key_value_heads_per_layer")
+
+
+def _set_param(lin: nn.Linear, name: str, value: torch.Tensor | None):
+    if value is None:
+        setattr(lin, name, None)
+    else:
+        setattr(lin, name, nn.Parameter(value.contiguous(), requires_grad=False))
+
+
+@torch.no_grad()
+def slice_rows(lin: nn.Linear, keep: torch.Tensor):
+    """Keep output rows `keep` (neurons of gate/up, heads of q/k/v)."""
+    keep = keep.to(lin.weight.device)
+    _set_param(lin, "weight", lin.weight[keep].clone())
+    if lin.bias is not None:
+        _set_param(lin, "bias", lin.bias[keep].clone())
+    lin.out_features = int(keep.numel())
+
+
+@torch.no_grad()
+def slice_cols(lin: nn.Linear, keep: torch.Tensor, scales: torch.Tensor | None = None):
+    """Keep input columns `keep` (neurons of down, heads of o), folding per-column scales into the weight."""
+    keep = keep.to(lin.weight.device)
+    w = lin.weight[:, keep].clone()
+    if scales is not None:
+        w *= scales.to(device=w.device, dtype=torch.float64).to(w.dtype)[None, :]
+    _set_param(lin, "weight", w)
+    lin.in_features = int(keep.numel())
+
+
+def as_index(keep: torch.Tensor) -> torch.Tensor:
+    return keep.nonzero().flatten() if keep.dtype == torch.bool else keep.sort().values
+
+
+def prune_mlp(adapter, layer, keep: torch.Tensor, scales: torch.Tensor | None = None):
+    """Keep MLP neurons `keep` (mask or indices, sorted) with optional scales folded into down_proj."""
+    idx = as_index(keep)
+    parts = adapter.mlp(layer)
+    for lin in (parts.gate, parts.up):
+        if lin is not None:
+            slice_rows(lin, idx)
+    slice_cols(parts.down, idx, scales)
+    mlp = adapter.mlp_module(layer)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = int(idx.numel())
+
+
+def mlp_width(adapter, layer) -> int:
+    return adapter.mlp(layer).down.in_features
+
+
+@dataclass(frozen=True)
+class AttnParts:
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    head_dim: int
+
+    @property
+    def n_heads(self) -> int:
+        return self.q.out_features // self.head_dim
+
+    @property
+    def n_kv(self) -> int:
+        return self.k.out_features // self.head_dim
+
+    @property
+    def rep(self) -> int:
+        """Query heads per KV head (GQA group size); query head h reads KV head h // rep."""
+        return self.n_heads // max(self.n_kv, 1)
+
+    def group_params(self) -> int:
+        """Parameters owned by one KV group: its q/k/v rows and o columns (biases included)."""
+        d = self.q.in_features
+        n = self.head_dim * d * (2 * self.rep + 2)
+        n += self.head_dim * self.rep * (self.q.bias is not None)
+        n += self.head_dim * ((self.k.bias is not None) + (self.v.bias is not None))
+        return n
+
+
+def attention_parts(adapter, layer) -> AttnParts:
+    """q/k/v/o of a Llama-style attention block and its head geometry (read from the weights, so it also
+    holds for already-pruned layers)."""
+    attn = adapter.attention(layer)
+    head_dim = int(getattr(attn, "head_dim", 0) or attn.o_proj.in_features // attn.config.num_attention_heads)
+    return AttnParts(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, head_dim)
+
+
+def attention_heads(adapter, layer) -> tuple[int, int]:
+    p = attention_parts(adapter, layer)
+    return p.n_heads, p.n_kv
+
+
+def kv_group_channels(parts: AttnParts, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query/o channel indices, key/value channel indices) owned by KV heads `kv` (sorted indices)."""
+    hd, rep = parts.head_dim, parts.rep
+    kv = kv.to(torch.long)
+    qo = (kv[:, None] * rep * hd + torch.arange(rep * hd)[None, :]).flatten()
+    kvc = (kv[:, None] * hd + torch.arange(hd)[None, :]).flatten()
+    return qo, kvc
+
+
+@torch.no_grad()
+def prune_heads(adapter, layer, keep_kv: torch.Tensor, scales: torch.Tensor | None = None):
+    """GQA-aware head pruning: keep KV heads `keep_kv` (mask or indices) together with all their query heads
+    (q/k/v rows, o columns), so every kept KV head still serves the same number of query heads.
+    `scales` (one per kept query head) are folded into the o_proj columns."""
+    parts = attention_parts(adapter, layer)
+    idx = as_index(keep_kv)
+    if idx.numel() == 0:
+        raise ValueError("prune_heads: at least one KV head must be kept")
+    qo, kvc = kv_group_channels(parts, idx)
+    slice_rows(parts.q, qo)
+    slice_rows(parts.k, kvc)
+    slice_rows(parts.v, kvc)
+    col_scales = None if scales is None else scales.repeat_interleave(parts.head_dim)
+    slice_cols(parts.o, qo, col_scales)
+    attn = adapter.attention(layer)
+    n_heads, n_kv = int(idx.numel()) * parts.rep, int(idx.numel())
+    for name, val in (("num_heads", n_heads), ("num_attention_heads", n_heads), ("num_key_value_heads", n_kv)):
+        if hasattr(attn, name):
+            setattr(attn, name, val)
+    if hasattr(attn, "num_key_value_groups"):
+        attn.num_key_value_groups = parts.rep
+
+
+# Config flags that give a family's linear layers biases (FLAP's bias compensation needs them).
+BIAS_FLAGS = {"llama": {"attention": "attention_bias", "mlp": "mlp_bias"}}
+
+
+def supports_biases(model) -> bool:
+    from .models.adapters import base_model_type
+    return base_model_type(model.config) in BIAS_FLAGS
+
+
+@torch.no_grad()
+def enable_biases(model, adapter) -> bool:
+    """Turn on the family's bias flags and give every attention/MLP linear a (zero) bias where it has none, so
+    compensation biases can be stored and the saved model reloads with them. False if the family cannot."""
+    from .models.adapters import base_model_type
+    flags = BIAS_FLAGS.get(base_model_type(model.config))
+    if flags is None:
+        return False
+    for layer in adapter.layers(model):
+        parts = attention_parts(adapter, layer)
+        mlp = adapter.mlp(layer)
+        for lin in (parts.q, parts.k, parts.v, parts.o, mlp.gate, mlp.up, mlp.down):
+            if lin is not None and lin.bias is None:
+                _set_param(lin, "bias", torch.zeros(lin.out_features, dtype=lin.weight.dtype,
+                                                    device=lin.weight.device))
+    for flag in flags.values():
+        setattr(model.config, flag, True)
+    return True
+
+
+@torch.no_grad()
+def add_bias(lin: nn.Linear, value: torch.Tensor):
+    """lin.bias += value (creating the bias if needed)."""
+    value = value.to(device=lin.weight.device, dtype=lin.weight.dtype)
+    _set_param(lin, "bias", value.clone() if lin.bias is None else lin.bias + value)
+
+
+def drop_layers(model, adapter, remove) -> list[int]:
+    """Drop blocks `remove` (original indices), renumber the rest (KV-cache slots follow). Returns kept indices."""
+    remove = set(int(i) for i in remove)
+    layers = adapter.layers(model)
+    n = len(layers)
+    kept = [i for i in range(n) if i not in remove]
+    new_layers = [layers[i] for i in kept]
+    for new_idx, layer in enumerate(new_layers):
+        for m in layer.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = new_idx
+    adapter.set_layers(model, new_layers)
+    cfg = model.config
+    for key in PER_LAYER_KEYS:
+        val = getattr(cfg, key, None)
+        if isinstance(val, (list, tuple)) and len(val) == n:
+            setattr(cfg, key, [val[i] for i in kept])
+    cfg.num_hidden_layers = len(kept)
+    return kept
+
+
+def _replace_config(model, new_cfg):
+    old = model.config
+    try:  # keep the attention backend the model was built with
+        new_cfg._attn_implementation = old._attn_implementation
+    except (AttributeError, ValueError):
+        pass
+    for m in model.modules():
+        if getattr(m, "config", None) is old:
+            m.config = new_cfg
+
+
+def finalize_config(model, adapter) -> list[int]:
+    """Record the layers' MLP widths (and attention head counts) in the config: base config when uniform,
+    comprune's per-layer config when not."""
+    from .models.adapters import base_model_type
+    from transformers import AutoConfig, AutoModelForCausalLM
+    layers = adapter.layers(model)
+    widths = [mlp_width(adapter, layer) for layer in layers]
+    heads = [attention_heads(adapter, layer) for layer in layers]
+    cfg = model.config
+    attn = adapter.attention(layers[0]) if len(layers) else None
+    if attn is not None and getattr(attn, "head_dim", None):
+        cfg.head_dim = int(attn.head_dim)  # explicit: hidden/heads may no longer hold after pruning
+    base_type = base_model_type(cfg)
+    heads_uniform = len(set(heads)) <= 1
+    uniform = len(set(widths)) <= 1 and heads_uniform
+    fields = {k: v for k, v in cfg.to_dict().items()
+              if k not in ("model_type", "architectures", "transformers_version", "intermediate_sizes", "auto_map",
+                           *HEAD_KEYS)}
+    if widths:
+        fields["intermediate_size"] = max(widths) if len(set(widths)) > 1 else widths[0]
+    if heads and heads_uniform:
+        fields["num_attention_heads"], fields["num_key_value_heads"] = heads[0]
+    elif heads:
+        # the largest layer's geometry; each layer's own counts are in the per-layer lists
+        fields["num_attention_heads"], fields["num_key_value_heads"] = max(heads)
+    heads_changed = bool(heads) and (cfg.num_attention_heads, cfg.num_key_value_heads) != heads[0]
+    if uniform:
+        if cfg.model_type != base_type or (widths and cfg.intermediate_size != widths[0]) or heads_changed:
+            new_cfg = AutoConfig.for_model(base_type, **fields)
+            _replace_config(model, new_cfg)
+            model.__class__ = AutoModelForCausalLM._model_mapping[type(new_cfg)]
+    else:
+        config_cls, model_cls = CLASSES[base_type]
+        extra = {}
+        if not heads_uniform:
+            extra = {"num_attention_heads_per_layer": [h for h, _ in heads],
+                     "num_key_value_heads_per_layer": [kv for _, kv in heads]}
+        new_cfg = config_cls(**fields, intermediate_sizes=widths, **extra)
+        _replace_config(model, new_cfg)
+        # Same modules, comprune's class: save_pretrained then records the right architecture and config.
+        model.__class__ = model_cls
+    return widths

@@ -1,0 +1,213 @@
+"""COMP: exactness of surgery, ratio accounting, scores against their definitions, mask tuning, bad input."""
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from comprune import Calibration, PruneConfig, prune
+from comprune import scores as S
+from comprune.errors import CompruneError
+from comprune.masktune import reconstruction_error, tune_scales
+from comprune.models import get_adapter
+from conftest import tiny_model
+
+
+def calib(n=16, t=32, seed=0, vocab=256):
+    return Calibration(torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed)), "random", seed)
+
+
+def masked_dense_logits(dense, report, ids):
+    """The dense model with removed blocks skipped, pruned neurons zeroed and kept neurons scaled."""
+    adapter = get_adapter(dense)
+    handles = []
+    for i, layer in enumerate(adapter.layers(dense)):
+        if i in report.removed_layers:
+            handles.append(layer.register_forward_hook(lambda m, args, kwargs, out: args[0] if args else
+                                                       kwargs["hidden_states"], with_kwargs=True))
+            continue
+        rec = report.blocks[i]
+        down = adapter.mlp(layer).down
+        mask = torch.zeros(down.in_features)
+        keep = torch.tensor(rec["kept_neurons"], dtype=torch.long)
+        mask[keep] = torch.tensor(rec["scales"], dtype=torch.float32) if "scales" in rec else 1.0
+        handles.append(down.register_forward_pre_hook(lambda m, args, mask=mask: (args[0] * mask,)))
+    try:
+        with torch.no_grad():
+            return dense(ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("layer_share", [0.0, 0.7])
+def test_pruned_equals_masked_dense(family, layer_share):
+    dense = tiny_model(family, layers=6)
+    model = copy.deepcopy(dense)
+    model, report = prune(model, None, PruneConfig(ratio=0.3, layer_share=layer_share, batch_size=4),
+                          calibration=calib(), progress=False)
+    assert len(report.kept_layers) == model.config.num_hidden_layers
+    if layer_share:
+        assert report.removed_layers, "the budget split should remove at least one block"
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        got = model(ids).logits
+    expect = masked_dense_logits(dense, report, ids)
+    assert torch.allclose(got, expect, atol=1e-4, rtol=0), (got - expect).abs().max()
+    # the KV cache works with renumbered layers: cached greedy decoding equals uncached argmax steps
+    out = model.generate(ids[:1, :6], max_new_tokens=4, do_sample=False)
+    seq = ids[:1, :6]
+    for _ in range(4):
+        with torch.no_grad():
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3, 0.5])
+@pytest.mark.parametrize("layer_share", [0.0, 0.25, 0.5, 1.0])
+def test_achieved_ratio_matches_request(ratio, layer_share):
+    model = tiny_model("llama", layers=8, inter=256)
+    _, report = prune(model, None, PruneConfig(ratio=ratio, layer_share=layer_share, batch_size=8,
+                                               metric="activation", mask_tuning=False),
+                      calibration=calib(8, 16), progress=False)
+    assert abs(report.ratio_achieved - ratio) <= 0.005, report.ratio_achieved
+    assert report.params_after == sum(p.numel() for p in model.parameters())  # parameters() dedups tied weights
+
+
+def test_condition_score_equals_definition():
+    torch.manual_seed(0)
+    H = torch.randn(400, 12, dtype=torch.float64) @ torch.randn(12, 12, dtype=torch.float64)
+    W = torch.randn(8, 12, dtype=torch.float64)
+    G = H.T @ H
+    s = S.condition_scores((W ** 2).sum(0), torch.diagonal(torch.linalg.inv(G)))
+    for j in range(12):
+        others = [k for k in range(12) if k != j]
+        beta = torch.linalg.lstsq(H[:, others], H[:, j:j + 1]).solution
+        unexplained = ((H[:, j:j + 1] - H[:, others] @ beta) ** 2).sum()  # G_jj (1 - R_j^2)
+        assert s[j].item() == pytest.approx(((W[:, j] ** 2).sum() * unexplained).item(), rel=1e-8)
+
+
+def test_downdate_matches_recompute():
+    torch.manual_seed(1)
+    H = torch.randn(200, 10, dtype=torch.float64)
+    G = H.T @ H + torch.eye(10, dtype=torch.float64)
+    Ginv = torch.linalg.inv(G)
+    remove = torch.tensor([3, 7])
+    keep = torch.tensor([i for i in range(10) if i not in (3, 7)])
+    expect = torch.linalg.inv(G[keep][:, keep])
+    got = S.downdate_inverse(Ginv, remove)
+    assert torch.allclose(got[keep][:, keep], expect, atol=1e-10)
+    one = S.downdate_inverse(S.downdate_inverse(Ginv, remove[:1]), remove[1:])  # sequential rank-one
+    assert torch.allclose(one, got, atol=1e-10)
+
+
+def test_greedy_removes_collinear_neuron_first():
+    torch.manual_seed(2)
+    H = torch.randn(500, 6, dtype=torch.float64)
+    H = torch.cat([H, H[:, :1] * 1.01 + 0.01 * torch.randn(500, 1, dtype=torch.float64)], 1)  # 6 ~ copy of 0
+    W = torch.ones(4, 7, dtype=torch.float64)
+    keep, _ = S.greedy_condition_prune(H.T @ H, (W ** 2).sum(0), 1, damp=1e-6, chunk=1)
+    assert not keep[0] or not keep[6]
+
+
+def test_mask_tuning_never_increases_error():
+    torch.manual_seed(3)
+    for trial in range(5):
+        H = torch.randn(300, 16, dtype=torch.float64).relu() + 0.1 * torch.randn(300, 16, dtype=torch.float64)
+        W = torch.randn(8, 16, dtype=torch.float64)
+        G = H.T @ H
+        keep = torch.randperm(16)[:10].sort().values
+        for ridge in (0.0, 0.01, 1.0):
+            m = tune_scales(G, W, keep, ridge)
+            e0, e1 = reconstruction_error(G, W, keep), reconstruction_error(G, W, keep, m)
+            assert e1 <= e0 * (1 + 1e-12)
+            # the Gram formula equals the error measured on the actual outputs
+            direct = ((H @ W.T - (H[:, keep] * m) @ W[:, keep].T) ** 2).sum().item()
+            assert e1 == pytest.approx(direct, rel=1e-8)
+
+
+def test_mask_tuning_lowers_block_error_on_calibration():
+    dense = tiny_model("llama", layers=2)
+    errs = {}
+    for tuning in (False, True):
+        _, rep = prune(copy.deepcopy(dense), None, PruneConfig(ratio=0.3, layer_share=0, mask_tuning=tuning,
+                                                                batch_size=4), calibration=calib(), progress=False)
+        errs[tuning] = rep.blocks[0]["rel_error_tuned"]
+        assert rep.blocks[0]["rel_error_tuned"] <= rep.blocks[0]["rel_error_pruned"] + 1e-12
+    assert errs[True] < errs[False]
+
+
+def test_kappa_loo_metric_runs_on_small_layers():
+    _, rep = prune(tiny_model("llama", layers=2, inter=32), None,
+                   PruneConfig(ratio=0.1, layer_share=0, metric="kappa-loo", batch_size=8),
+                   calibration=calib(8, 16), progress=False)
+    assert rep.mlp_widths[0] < 32
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(ratio=0.0), "ratio"), (dict(ratio=0.95), "ratio"), (dict(ratio=float("nan")), "ratio"),
+    (dict(ratio=0.9, layer_share=1.0), "layers"), (dict(metric="nope"), "metric"),
+])
+def test_bad_config_is_a_clear_error(kw, needle):
+    with pytest.raises(CompruneError, match=needle):
+        prune(tiny_model("llama", layers=4), None, PruneConfig(**kw), calibration=calib(), progress=False)
+
+
+def test_nan_activations_are_a_clear_error():
+    model = tiny_model("llama", layers=3)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[0, 0] = float("nan")
+    with pytest.raises(CompruneError, match="NaN"):
+        prune(model, None, PruneConfig(ratio=0.2, layer_share=0), calibration=calib(), progress=False)
+
+
+def _tiny_dir(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    d = tmp_path / "tiny"
+    tiny_model("llama", layers=4).save_pretrained(d)
+    tk = Tokenizer(models.WordLevel({chr(32 + i): i for i in range(95)} | {"[UNK]": 95}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[UNK]").save_pretrained(d)
+    return d
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "comprune.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_prune_writes_model_and_manifest(tmp_path):
+    d = _tiny_dir(tmp_path)
+    out = tmp_path / "pruned"
+    r = _cli("prune", str(d), "--ratio", "0.2", "--nsamples", "8", "--seqlen", "32", "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    man = json.loads((out / "pruning.json").read_text())
+    for key in ("method", "ratio_requested", "ratio_achieved", "params_before", "params_after", "removed_layers",
+                "mlp_widths", "seconds", "peak_rss_mb", "config", "calibration", "kept_layers", "versions"):
+        assert key in man
+    assert man["calibration"]["source"] == "c4" and len(man["calibration"]["sha256"]) == 64
+    r = _cli("eval", str(out), "--seqlen", "32", "--max-tokens", "128", "--json")
+    assert r.returncode == 0, r.stderr
+    # refuses to overwrite
+    r = _cli("prune", str(d), "--ratio", "0.2", "--nsamples", "8", "--seqlen", "32", "--out", str(out))
+    assert r.returncode == 2 and "--force" in r.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--ratio", "1.5"], "ratio"),
+    (["--ratio", "0.9", "--layer-share", "1"], "layers"),
+    (["--seqlen", "1000", "--calib", "SHORT"], "fewer than seqlen"),
+])
+def test_cli_prune_bad_input_writes_nothing(tmp_path, args, needle):
+    d = _tiny_dir(tmp_path)
+    out = tmp_path / "never"
+    short = tmp_path / "short.txt"
+    short.write_text("a short calibration text " * 10)
+    args = [str(short) if a == "SHORT" else a for a in args]
+    r = _cli("prune", str(d), "--nsamples", "4", "--seqlen", "16", "--out", str(out), *args)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".never*"))

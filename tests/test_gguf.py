@@ -1,0 +1,183 @@
+"""GGUF export: tiny random models exported to GGUF must give transformers' next-token distribution in llama.cpp."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from comprune.errors import CompruneError
+from comprune.export.gguf import export_gguf, llamacpp_server, next_token_logprobs
+from conftest import tiny_model
+
+VOCAB = 300
+# Max |log p_llama.cpp - log p_transformers| over the whole vocab (logit std ~1 on these models).
+# f16: weights and llama.cpp's f16 KV cache round to f16; measured 1e-3..3e-3. q8_0 also quantizes activations.
+# f32 runs llama.cpp with an f32 KV cache and no flash attention: measured ~1.5e-6.
+TOL = {"f16": 0.02, "q8_0": 0.15, "f32": 1e-4}
+
+needs_llamacpp = pytest.mark.skipif(importlib.util.find_spec("xllamacpp") is None,
+                                    reason="xllamacpp (llama.cpp runtime) not installed: pip install xllamacpp")
+
+TEXT = ("The quick brown fox jumps over the lazy dog. Pruned models keep the layers that matter; "
+        "llama.cpp runs them on a laptop. 0123456789 (numbers), punctuation! and\nnew lines.\n") * 20
+
+
+def save_tokenizer(path, kind="bpe"):
+    """A small tokenizer trained here (no download): GPT-2 style byte-level BPE, or a Llama-2 style
+    SentencePiece BPE with byte fallback ("spm")."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=VOCAB - 20, special_tokens=["<|endoftext|>", "<s>", "</s>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator([TEXT], trainer)
+        config = {"bos_token": "<s>", "eos_token": "</s>"}
+    else:
+        # Train word pieces, then lay the vocab out as Llama 2 does: <unk> <s> </s>, 256 byte pieces, pieces.
+        trainer = trainers.BpeTrainer(vocab_size=VOCAB - 256, special_tokens=["<unk>", "<s>", "</s>"])
+        draft = Tokenizer(models.BPE(unk_token="<unk>"))
+        draft.pre_tokenizer = pre_tokenizers.Metaspace()
+        draft.train_from_iterator([TEXT], trainer)
+        trained = json.loads(draft.to_str())["model"]
+        vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+        for piece, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1])[:VOCAB - len(vocab)]:
+            vocab.setdefault(piece, len(vocab))
+        merges = [tuple(m) for m in trained["merges"] if m[0] in vocab and m[1] in vocab and "".join(m) in vocab]
+        tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+        tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def randomize(model, seed=0):
+    """Same spread as conftest.tiny_model: distinct layers, logits of order 1."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def nonuniform_llama(widths):
+    from comprune.models.modeling_comprune import CompruneLlamaConfig, CompruneLlamaForCausalLM
+    base = tiny_model("llama", layers=len(widths), vocab=VOCAB).config.to_dict()
+    base.pop("model_type", None)
+    return randomize(CompruneLlamaForCausalLM(CompruneLlamaConfig(**base, intermediate_sizes=widths)))
+
+
+def save(model, path, tokenizer="bpe"):
+    model.save_pretrained(path)
+    save_tokenizer(path, tokenizer)
+    return path
+
+
+def plain_token(src):
+    """An ASCII token id, for next_token_logprobs(force=...)."""
+    vocab = json.loads((src / "tokenizer.json").read_text())["model"]["vocab"]
+    return vocab.get("a", vocab.get("\u2581a"))
+
+
+def max_logprob_diff(model, src, gguf_path, prompts, exact=False):
+    """Max |log p_llama.cpp - log p_transformers| over the whole vocab, at the end of each prompt."""
+    plain = plain_token(src)
+    server = llamacpp_server(gguf_path, n_ctx=128, exact=exact)
+    worst = 0.0
+    for ids in prompts:
+        got = next_token_logprobs(server, ids, n_probs=VOCAB, force=plain)
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+        assert len(got) == VOCAB
+        worst = max(worst, max(abs(ref[i].item() - lp) for i, lp in got.items()))
+    del server
+    return worst
+
+
+def prompts(n=3):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, VOCAB, (length,), generator=g).tolist() for length in (1, 9, 40)[:n]]
+
+
+@pytest.mark.slow
+@needs_llamacpp
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+def test_uniform_llama_matches_transformers(tmp_path, qtype):
+    model = tiny_model("llama", vocab=VOCAB)
+    src = save(model, tmp_path / "m")
+    info = export_gguf(src, tmp_path / "m.gguf", qtype)
+    assert info["arch"] == "llama" and info["ffn_widths"] == [128] * 6 and info["bytes"] > 0
+    diff = max_logprob_diff(model, src, info["path"], prompts())
+    print(f"uniform llama {qtype}: max |dlogprob| = {diff:.2e}")
+    assert diff < TOL[qtype]
+
+
+@pytest.mark.slow
+@needs_llamacpp
+@pytest.mark.parametrize("qtype", ["f16", "f32", "q8_0"])
+def test_nonuniform_deci_matches_transformers(tmp_path, qtype):
+    widths = [128, 40, 0, 96, 7, 0]  # narrower, odd and removed MLPs, including the last layer's
+    model = nonuniform_llama(widths)
+    src = save(model, tmp_path / "m")
+    assert json.loads((src / "config.json").read_text())["model_type"] == "comprune_llama"
+    info = export_gguf(src, tmp_path / "m.gguf", qtype)
+    assert info["arch"] == "deci" and info["ffn_widths"] == widths
+    # zero neurons pad a removed MLP to width 1 (q8_0: every width to a multiple of 32), output unchanged
+    assert info["gguf_ffn_widths"] == ([128, 64, 32, 96, 32, 32] if qtype == "q8_0" else [128, 40, 1, 96, 7, 1])
+    diff = max_logprob_diff(model, src, info["path"], prompts(), exact=qtype == "f32")
+    print(f"non-uniform deci {qtype}: max |dlogprob| = {diff:.2e}")
+    assert diff < TOL[qtype]
+
+
+@pytest.mark.slow
+@needs_llamacpp
+def test_qwen2_matches_transformers(tmp_path):
+    """Qwen2 keeps llama.cpp's qwen2 arch (attention biases, no Q/K permutation)."""
+    model = tiny_model("qwen2", vocab=VOCAB)
+    src = save(model, tmp_path / "m")
+    info = export_gguf(src, tmp_path / "m.gguf", "f32")
+    assert info["arch"] == "qwen2"
+    diff = max_logprob_diff(model, src, info["path"], prompts(2), exact=True)
+    print(f"uniform qwen2 f32: max |dlogprob| = {diff:.2e}")
+    assert diff < TOL["f32"]
+
+
+@pytest.mark.slow
+@needs_llamacpp
+@pytest.mark.parametrize("kind", ["bpe", "spm"])
+def test_llamacpp_tokenizes_like_transformers(tmp_path, kind):
+    """Text tokenized by llama.cpp from the GGUF metadata gives the same next-token distribution as the
+    ids transformers' tokenizer makes (so the token lists, merges/scores, pre-tokenizer and BOS agree)."""
+    from transformers import PreTrainedTokenizerFast
+    src = save(tiny_model("llama", vocab=VOCAB), tmp_path / "m", kind)
+    info = export_gguf(src, tmp_path / "m.gguf", "f16")
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(src / "tokenizer.json"))
+    server = llamacpp_server(info["path"], n_ctx=256)
+    for text in ["The quick brown fox jumps over the lazy dog.", "Pruned models: 0123456789 (numbers)\nnew lines!"]:
+        ids = hf(text).input_ids
+        assert (ids[0] == 1) == (kind == "spm")  # Llama-2 style adds <s>
+        by_ids = next_token_logprobs(server, ids, VOCAB, force=plain_token(src))
+        by_text = next_token_logprobs(server, text, VOCAB, force=plain_token(src))
+        assert max(abs(by_ids[i] - by_text[i]) for i in by_ids) < 1e-4, f"{kind} tokenization differs: {text!r}"
+    del server
+
+
+def test_export_errors(tmp_path):
+    with pytest.raises(CompruneError, match="not found"):
+        export_gguf(tmp_path / "missing", tmp_path / "x.gguf")
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(CompruneError, match="model_type 'gpt2'"):
+        export_gguf(tmp_path / "gpt2", tmp_path / "x.gguf")
+    src = save(tiny_model("llama", vocab=VOCAB), tmp_path / "m")
+    with pytest.raises(CompruneError, match="unknown GGUF type"):
+        export_gguf(src, tmp_path / "x.gguf", "q4_k")
+    assert not (tmp_path / "x.gguf").exists()

@@ -1,0 +1,100 @@
+"""Zero-shot tasks through the real lm-evaluation-harness, offline, on a tiny random Llama."""
+import os
+
+import pytest
+
+os.environ["HF_DATASETS_OFFLINE"] = "1"  # the point of the module: nothing may be fetched
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+pytest.importorskip("lm_eval")
+
+from conftest import tiny_model  # noqa: E402
+
+from comprune.data import resolve_data_dir  # noqa: E402
+from comprune.errors import CompruneError  # noqa: E402
+from comprune.evaluate.zeroshot import (PAPER7, evaluate_zeroshot, format_zeroshot_table,  # noqa: E402
+                                        parse_tasks, subset_indices)
+
+try:
+    resolve_data_dir()
+except CompruneError:
+    pytest.skip("shared/data not found (set COMPRUNE_DATA)", allow_module_level=True)
+
+
+def _bytes_to_unicode():
+    """GPT-2's byte -> printable character map: byte-level BPE with no merges = one token per byte."""
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+@pytest.fixture(scope="module")
+def model_and_tok():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    b2u = _bytes_to_unicode()
+    tk = Tokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    # eos/pad reuse byte 0 so the vocabulary stays at the tiny model's 256
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=b2u[0], pad_token=b2u[0])
+    assert tok.decode(tok("héllo, world")["input_ids"]) == "héllo, world"
+    return tiny_model("llama"), tok
+
+
+def test_two_tasks_with_limit(model_and_tok):
+    model, tok = model_and_tok
+    r = evaluate_zeroshot(model, tok, "piqa,arc_challenge", limit=8, batch_size=8, progress=False)
+    assert {"harness_version", "tasks", "average", "average_metric_note", "subset", "limit", "seconds"} <= set(r)
+    assert list(r["tasks"]) == ["piqa", "arc_challenge"] and r["limit"] == 8 and r["subset"] is None
+    for name, t in r["tasks"].items():
+        assert t["n"] == 8 and t["approximate"] is False
+        for m in ("acc", "acc_norm"):
+            assert 0.0 <= t[m] <= 1.0 and t[m] * 8 == round(t[m] * 8)  # a count out of 8
+            assert t[f"{m}_stderr"] is not None and t[f"{m}_stderr"] >= 0
+    assert r["tasks"]["piqa"]["metric"] == "acc" and r["tasks"]["arc_challenge"]["metric"] == "acc_norm"
+    assert r["average"] == pytest.approx((r["tasks"]["piqa"]["acc"] + r["tasks"]["arc_challenge"]["acc_norm"]) / 2)
+    table = format_zeroshot_table(r)
+    assert "piqa" in table and "arc_challenge" in table and "average" in table and "≈" not in table
+
+
+def test_subset_is_a_fixed_draw_not_the_first_n(model_and_tok):
+    a, b = subset_indices(1267, 8), subset_indices(1267, 8)
+    assert a == b and a != list(range(8)) and len(set(a)) == 8 and all(0 <= i < 1267 for i in a)
+    assert subset_indices(1267, 8, seed=1) != a
+    assert subset_indices(5, 8) == list(range(5))  # asking for more than exists takes everything
+    model, tok = model_and_tok
+    r1 = evaluate_zeroshot(model, tok, ["winogrande"], subset=6, progress=False)
+    r2 = evaluate_zeroshot(model, tok, ["winogrande"], subset=6, progress=False)
+    assert r1["tasks"]["winogrande"]["n"] == 6 and r1["subset"] == 6
+    assert r1["tasks"] == r2["tasks"]
+    assert r1["tasks"]["winogrande"]["acc_norm"] is None  # winogrande reports acc only
+
+
+def test_hellaswag_is_marked_approximate_and_cache_is_reused(model_and_tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRUNE_CACHE", str(tmp_path))
+    model, tok = model_and_tok
+    r1 = evaluate_zeroshot(model, tok, "hellaswag", limit=4, progress=False, cache_key="tiny/llama",
+                           cache_dir=tmp_path / "lm")
+    assert r1["tasks"]["hellaswag"]["approximate"] is True and r1["tasks"]["hellaswag"]["n"] == 4
+    assert "≈hellaswag" in format_zeroshot_table(r1) and "approximate" in r1["average_metric_note"]
+    assert list((tmp_path / "lm").glob("tiny_llama*.db"))
+    r2 = evaluate_zeroshot(model, tok, "hellaswag", limit=4, progress=False, cache_key="tiny/llama",
+                           cache_dir=tmp_path / "lm")
+    assert r2["tasks"] == r1["tasks"]
+
+
+def test_errors_are_compruneerrors(model_and_tok, tmp_path):
+    assert parse_tasks("paper7") == PAPER7 and parse_tasks(["boolq", "paper7"])[0] == "boolq"
+    with pytest.raises(CompruneError, match="unknown zero-shot task 'sqaud'"):
+        parse_tasks("piqa,sqaud")
+    model, tok = model_and_tok
+    with pytest.raises(CompruneError, match="not found"):
+        evaluate_zeroshot(model, tok, "piqa", limit=2, data_dir=tmp_path, progress=False)
+    with pytest.raises(CompruneError, match="both"):
+        evaluate_zeroshot(model, tok, "piqa", limit=2, subset=2, progress=False)
