@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from .errors import CompruneError
@@ -27,10 +28,16 @@ def cmd_prune(args) -> int:
     cfg = _config_from_args(args)
     out = Path(args.out)
     _check_target(out, args.force)  # fail before any work, and never leave a half-written directory
+    ckpt_dir = out.parent / f".{out.name}.checkpoint"
+    if (ckpt_dir / "state.json").exists() and not (args.resume or args.force):
+        raise CompruneError(f"an interrupted run left a checkpoint in {ckpt_dir}: pass --resume to continue it "
+                            "or --force to start over")
     model, tok = load(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code)
     calib = get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=args.data_dir)
-    model, report = prune(model, tok, cfg, calibration=calib, progress=not args.json, base_model=args.model)
+    model, report = prune(model, tok, cfg, calibration=calib, progress=not args.json, base_model=args.model,
+                          checkpoint_dir=ckpt_dir, resume=args.resume)
     save_pretrained(model, tok, out, report, force=args.force)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     if args.json:
         print(json.dumps({"out": str(out), **{k: v for k, v in report.to_dict().items() if k != "blocks"}}, indent=2))
     else:
@@ -83,6 +90,7 @@ def add_commands(sub, add_common):
     p.add_argument("model", help="'smollm2', a model directory, a .gguf file or a hub id")
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
     p.add_argument("--ratio", type=float, default=d.ratio, help="fraction of all parameters to remove (default 0.2)")
     p.add_argument("--method", default=d.method, choices=METHODS)
     p.add_argument("--layer-share", type=float, default=None,

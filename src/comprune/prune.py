@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .checkpoint import Checkpoint, run_fingerprint
 from .config import PruneConfig
 from .data import Calibration, get_calibration
 from .errors import CompruneError
@@ -72,8 +73,11 @@ def _widths_text(widths):
 
 
 def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Calibration | None = None,
-          progress: bool = True, base_model: str | None = None):
-    """Prune `model` in place with `config` and return (model, PruneReport). Forward passes only for COMP."""
+          progress: bool = True, base_model: str | None = None, checkpoint_dir=None, resume: bool = False):
+    """Prune `model` in place with `config` and return (model, PruneReport). Forward passes only for COMP.
+
+    With `checkpoint_dir`, progress is saved after every block; `resume=True` continues an interrupted run
+    from its last finished block (same arguments required) with a bit-identical result."""
     cfg = (config or PruneConfig()).validate()
     if cfg.method not in METHODS:
         raise CompruneError(f"method '{cfg.method}' is not available in this build: use one of {', '.join(METHODS)}")
@@ -92,8 +96,18 @@ def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Cali
     # Forward-only methods get the block-0 inputs; gradient methods (llm-pruner) run their own passes.
     needs_grad = getattr(METHODS[cfg.method], "needs_gradients", False)
     acts = None if needs_grad else capture(model, adapter, calibration.input_ids, cfg.batch_size, device)
+    method = METHODS[cfg.method]
+    kwargs = {}
+    if checkpoint_dir is not None and getattr(method, "supports_checkpoint", False):
+        ckpt = Checkpoint(checkpoint_dir, run_fingerprint(cfg.to_dict(), calibration.sha256(), params_before))
+        if not resume:
+            ckpt.clear()
+            ckpt = Checkpoint(checkpoint_dir, ckpt.fingerprint)
+        kwargs["checkpoint"] = ckpt
+    elif resume:
+        raise CompruneError(f"method '{cfg.method}' cannot resume: rerun without --resume")
     with torch.set_grad_enabled(needs_grad):
-        details = METHODS[cfg.method](model, adapter, acts, calibration.input_ids, cfg, budget, progress)
+        details = method(model, adapter, acts, calibration.input_ids, cfg, budget, progress, **kwargs)
     n_layers = len(adapter.layers(model))
     kept = drop_layers(model, adapter, details["removed_layers"])
     widths = finalize_config(model, adapter)

@@ -81,16 +81,38 @@ def layer_stage(model, adapter, acts, input_ids, k: int, cfg, show=True) -> tupl
     return choose_layers(scores, k, cfg.protect_first, cfg.protect_last), scores
 
 
-def run(model, adapter, acts, input_ids, cfg, budget, show=True) -> dict:
-    removed, layer_scores = layer_stage(model, adapter, acts.clone(), input_ids, budget.layers_to_remove, cfg, show)
-    records = {}
+def replay(adapter, layers, records: dict):
+    """Re-apply recorded neuron surgery to finished blocks (resume): exact indices and float64 scales."""
+    for i, rec in records.items():
+        scales = torch.tensor(rec["scales"], dtype=torch.float64) if "scales" in rec else None
+        prune_mlp(adapter, layers[i], torch.tensor(rec["kept_neurons"], dtype=torch.long), scales)
+
+
+def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None) -> dict:
     layers = adapter.layers(model)
-    for i, layer in enumerate(progress(layers, "COMP neurons", show)):
+    state = checkpoint.load(acts) if checkpoint is not None else None
+    if state is None:
+        removed, layer_scores = layer_stage(model, adapter, acts.clone(), input_ids, budget.layers_to_remove, cfg,
+                                            show)
+        start, records = 0, {}
+        if checkpoint is not None:
+            checkpoint.save(0, None, {"removed_layers": removed, "layer_scores": layer_scores, "blocks": {}})
+    else:
+        start, acts, details = state
+        removed, layer_scores, records = details["removed_layers"], details["layer_scores"], details["blocks"]
+        replay(adapter, layers, records)
+    for i in progress(range(start, len(layers)), "COMP neurons", show):
         if i in removed:
             continue
+        layer = layers[i]
         width = adapter.mlp(layer).down.in_features
         n_remove = width - kept_width(width, budget.neurons_per_layer, cfg.round_to, cfg.min_width)
         with resident(layer, cfg.device):
             rec, acts = prune_block_mlp(layer, adapter, acts, n_remove, cfg)
         records[i] = rec
+        if checkpoint is not None:
+            checkpoint.save(i + 1, acts, {"removed_layers": removed, "layer_scores": layer_scores, "blocks": records})
     return {"removed_layers": removed, "layer_scores": layer_scores, "blocks": records}
+
+
+run.supports_checkpoint = True

@@ -1,0 +1,83 @@
+"""Checkpoint and resume for the block walk.
+
+After each finished block the walk persists what the rest of the run needs: the method's records so far
+(kept neuron indices and exact scales of every pruned block, removed layers, layer scores) and the
+activations that feed the next block. Both are written to temporary files and renamed, so a kill at any
+point leaves either the previous or the new checkpoint. Resuming re-applies the recorded surgery to the
+finished blocks (bit-identical: scales are stored as exact float64 values) and continues from the saved
+activations, so the result equals an uninterrupted run with the same seed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import CompruneError
+from .walk import Activations
+
+STATE = "state.json"
+ACTS = "acts.safetensors"
+
+
+def run_fingerprint(cfg_dict: dict, calib_sha: str, params_before: int) -> str:
+    keep = {k: v for k, v in cfg_dict.items() if k not in ("device",)}
+    blob = json.dumps([keep, calib_sha, params_before], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Checkpoint:
+    def __init__(self, directory, fingerprint: str):
+        self.dir = Path(directory)
+        self.fingerprint = fingerprint
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _atomic_json(self, name: str, obj):
+        tmp = self.dir / f".{name}.tmp"
+        tmp.write_text(json.dumps(obj))
+        os.replace(tmp, self.dir / name)
+
+    def save(self, next_block: int, acts: Activations | None, details: dict):
+        """Persist progress: `next_block` is the first block not yet done."""
+        if acts is not None:
+            tensors = {f"h{i}": h.detach().cpu().contiguous() for i, h in enumerate(acts.hidden)}
+            tmp = self.dir / f".{ACTS}.tmp"
+            save_file(tensors, str(tmp))
+            os.replace(tmp, self.dir / ACTS)
+        state = {"fingerprint": self.fingerprint, "next_block": next_block,
+                 "details": {**details, "blocks": {str(k): v for k, v in details.get("blocks", {}).items()}}}
+        self._atomic_json(STATE, state)
+        # Test hook: die by a signal right after this checkpoint (used by the resume test).
+        if os.environ.get("COMPRUNE_KILL_AFTER_BLOCK") == str(next_block):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def load(self, template: Activations) -> tuple[int, Activations, dict] | None:
+        """(next_block, activations, details) or None when there is nothing to resume."""
+        path = self.dir / STATE
+        if not path.is_file():
+            return None
+        state = json.loads(path.read_text())
+        if state.get("fingerprint") != self.fingerprint:
+            raise CompruneError(f"the checkpoint in {self.dir} belongs to a different run (config, calibration or "
+                                "model differ): rerun without --resume or with the same arguments")
+        details = state["details"]
+        details["blocks"] = {int(k): v for k, v in details["blocks"].items()}
+        if not (self.dir / ACTS).is_file():  # only the layer stage had finished: start from block 0's inputs
+            return state["next_block"], template, details
+        tensors = load_file(str(self.dir / ACTS))
+        device = template.hidden[0].device
+        hidden = [tensors[f"h{i}"].to(device) for i in range(len(template.hidden))]
+        return state["next_block"], Activations(hidden, template.kwargs), details
+
+    def clear(self):
+        for name in (STATE, ACTS):
+            (self.dir / name).unlink(missing_ok=True)
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass
