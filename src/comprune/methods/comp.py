@@ -74,7 +74,9 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
 def layer_stage(model, adapter, acts, input_ids, k: int, cfg, show=True) -> tuple[list[int], list[float]]:
     if k == 0 and cfg.layer_score == "bi":
         return [], []
-    if cfg.layer_score == "loss":
+    if cfg.extra.get("layer_scores") is not None:  # precomputed for this model + calibration (benchmarks)
+        scores = list(cfg.extra["layer_scores"])
+    elif cfg.layer_score == "loss":
         scores = layer_scores_loss(model, adapter, acts, input_ids, cfg.device, cfg.layer_score_nsamples, show)
     else:
         scores = layer_scores_bi(model, adapter, acts, cfg.device, show)

@@ -1,0 +1,130 @@
+"""COMP ablations on SmolLM2-135M (issue 3): ratios 0.1/0.2/0.3 and, at 0.2, mask tuning off, neuron metric
+variants, layer_share, BI vs loss layer score, calibration size.
+
+Every configuration runs in its own subprocess (so its peak RSS is its own) and writes
+benchmarks/results/comp_ablation/<name>.json as soon as it finishes; a rerun computes only what is missing.
+Calibration: C4 sample (never the evaluation text), seed 0. Evaluation: WikiText-2 test, first --tokens
+tokens, windows of 128 and 2048.
+
+    python benchmarks/comp_ablation.py                 # run everything missing, then write the table
+    python benchmarks/comp_ablation.py --table         # only rebuild the markdown table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "comp_ablation"
+BASE = dict(ratio=0.2)
+# (name, group, overrides) in priority order: the defaults first, so an interrupted run has the key rows.
+CONFIGS = [
+    ("dense", "reference", None),
+    ("comp-0.2", "ratio", {}),
+    ("comp-0.1", "ratio", {"ratio": 0.1}),
+    ("comp-0.3", "ratio", {"ratio": 0.3}),
+    ("no-mask-tuning", "recovery", {"mask_tuning": False}),
+    ("metric-weighted-norm", "metric", {"metric": "weighted-norm"}),
+    ("metric-activation", "metric", {"metric": "activation"}),
+    ("metric-magnitude", "metric", {"metric": "magnitude"}),
+    ("layer-share-0", "layer_share", {"layer_share": 0.0}),
+    ("layer-share-0.5", "layer_share", {"layer_share": 0.5}),
+    ("layer-share-0.75", "layer_share", {"layer_share": 0.75}),
+    ("layer-share-1", "layer_share", {"layer_share": 1.0}),
+    ("layer-score-loss", "layer_score", {"layer_score": "loss"}),
+    ("nsamples-32", "nsamples", {"nsamples": 32}),
+    ("nsamples-512", "nsamples", {"nsamples": 512}),
+]
+
+
+def run_one(name: str, tokens: int, threads: int):
+    import torch
+    torch.set_num_threads(threads)
+    import comprune
+    from comprune.prune import peak_rss_mb
+    overrides = dict(next(c for c in CONFIGS if c[0] == name)[2] or {})
+    model, tok = comprune.load("smollm2")
+    row = {"name": name, "overrides": overrides, "params": comprune.count_params(model)}
+    if name != "dense":
+        cfg = comprune.PruneConfig(**{**BASE, **overrides})
+        t0 = time.perf_counter()
+        calib = comprune.get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+        model, rep = comprune.prune(model, tok, cfg, calibration=calib, progress=False, base_model="smollm2")
+        row.update(params=rep.params_after, ratio_achieved=rep.ratio_achieved, removed_layers=rep.removed_layers,
+                   mlp_width=rep.mlp_widths[0], prune_seconds=round(time.perf_counter() - t0, 1),
+                   prune_peak_rss_mb=round(rep.peak_rss_mb), config=rep.config,
+                   mean_rel_error_tuned=sum(b["rel_error_tuned"] for b in rep.blocks.values()) / len(rep.blocks),
+                   mean_rel_error_pruned=sum(b["rel_error_pruned"] for b in rep.blocks.values()) / len(rep.blocks))
+    for seqlen in (128, 2048):
+        r = comprune.perplexity(model, tok, "wikitext2", seqlen=seqlen, max_tokens=tokens, progress=False)
+        row[f"ppl@{seqlen}"] = r["ppl"]
+        row[f"eval_tokens_per_s@{seqlen}"] = r["tokens_per_second"]
+    row.update(eval_tokens=tokens, threads=threads, loadavg=os.getloadavg()[0], peak_rss_mb=round(peak_rss_mb()),
+               finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(row, indent=2) + "\n")
+    os.replace(tmp, RESULTS / f"{name}.json")
+    print(json.dumps({k: row[k] for k in row if k != "config"}), flush=True)
+
+
+def fmt(v, nd=2):
+    return f"{v:.{nd}f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+def write_table(tokens: int):
+    rows = []
+    for name, group, _ in CONFIGS:
+        p = RESULTS / f"{name}.json"
+        rows.append((name, group, json.loads(p.read_text()) if p.exists() else None))
+    lines = ["# COMP ablations on SmolLM2-135M-Instruct", "",
+             f"Command: `python benchmarks/comp_ablation.py --tokens {tokens}`  ",
+             "Calibration: C4 sample, 128 x 128 tokens, seed 0 unless the row says otherwise. Evaluation: WikiText-2 "
+             f"test, first {tokens:,} tokens, non-overlapping windows. Base: ratio 0.2, layer_share 0.25, condition "
+             "metric, mask tuning on, BI layer score. Rows without numbers did not finish yet.", "",
+             "| config | group | params | ratio | removed layers | MLP width | PPL@128 | PPL@2048 | MLP rel. err (pruned → tuned) | prune s | peak RSS MB |",
+             "|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|"]
+    for name, group, r in rows:
+        if r is None:
+            lines.append(f"| {name} | {group} | | | | | | | | | |")
+            continue
+        err = (f"{r['mean_rel_error_pruned']:.4f} → {r['mean_rel_error_tuned']:.4f}"
+               if "mean_rel_error_tuned" in r else "")
+        lines.append(f"| {name} | {group} | {r['params']:,} | {fmt(r.get('ratio_achieved'), 4)} | "
+                     f"{r.get('removed_layers', '')} | {r.get('mlp_width', '')} | {fmt(r['ppl@128'])} | "
+                     f"{fmt(r['ppl@2048'])} | {err} | {fmt(r.get('prune_seconds'), 1)} | "
+                     f"{r.get('prune_peak_rss_mb', r.get('peak_rss_mb'))} |")
+    lines += ["", "Timings are wall-clock on a 2-core CPU that was shared with other jobs (see `loadavg` in each "
+              "JSON); quality numbers are unaffected by load."]
+    (HERE / "results" / "comp_ablation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--run", default=None, help="(internal) run one configuration in this process")
+    ap.add_argument("--only", default=None, help="comma-separated configuration names")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--table", action="store_true")
+    args = ap.parse_args()
+    if args.run:
+        return run_one(args.run, args.tokens, args.threads)
+    if not args.table:
+        names = args.only.split(",") if args.only else [c[0] for c in CONFIGS]
+        for name in names:
+            if (RESULTS / f"{name}.json").exists():
+                continue
+            print(f"== {name}", flush=True)
+            subprocess.run([sys.executable, __file__, "--run", name, "--tokens", str(args.tokens),
+                            "--threads", str(args.threads)], check=False)
+    write_table(args.tokens)
+
+
+if __name__ == "__main__":
+    main()
