@@ -51,7 +51,12 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
     """Score, tune and slice one block's MLP on its (already-pruned-upstream) inputs; returns the record and
     the block's new outputs."""
     parts = adapter.mlp(layer)
-    stats, _ = collect_stats(layer, acts, {"down": parts.down}, gram={"down"}, forward=True)
+    mlp_io = []  # (MLP input, MLP output) per batch: lets us redo only the MLP after pruning
+    hook = adapter.mlp_module(layer).register_forward_hook(lambda m, args, out: mlp_io.append((args[0], out)))
+    try:
+        stats, dense_out = collect_stats(layer, acts, {"down": parts.down}, gram={"down"}, forward=True)
+    finally:
+        hook.remove()
     G = stats["down"].gram
     keep = select_neurons(metric or cfg.metric, G, parts, n_remove, cfg)
     K = output_gram(G, parts.down.weight.detach())
@@ -61,7 +66,7 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
     energy = error_from_gram(K, torch.zeros_like(keep))  # ||dense MLP output||^2
     idx = as_index(keep)
     prune_mlp(adapter, layer, idx, scales)
-    out = forward_block(layer, acts)
+    out = _outputs_after_mlp_change(layer, adapter, acts, dense_out, mlp_io)
     rec = {"width": int(idx.numel()), "kept_neurons": idx.tolist(),
            "rel_error_pruned": err_before / max(energy, 1e-30), "rel_error_tuned": err_after / max(energy, 1e-30)}
     if scales is not None:
@@ -69,6 +74,16 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
         rec["scale_mean"] = float(scales.mean())
         rec["scale_std"] = float(scales.std()) if scales.numel() > 1 else 0.0
     return rec, out
+
+
+@torch.inference_mode()
+def _outputs_after_mlp_change(layer, adapter, acts, dense_out, mlp_io):
+    """Block outputs with the new MLP. Where the MLP output is the last residual add (block = r + mlp(x)),
+    only the MLP is recomputed: y' = (y - mlp_dense(x)) + mlp_pruned(x), sparing the attention pass."""
+    if not getattr(adapter, "mlp_output_is_residual", False):
+        return forward_block(layer, acts)
+    mlp = adapter.mlp_module(layer)
+    return type(acts)([y - o + mlp(x) for y, (x, o) in zip(dense_out.hidden, mlp_io)], acts.kwargs)
 
 
 def layer_stage(model, adapter, acts, input_ids, k: int, cfg, show=True) -> tuple[list[int], list[float]]:

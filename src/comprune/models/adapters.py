@@ -21,6 +21,8 @@ class MLPParts:
 class LlamaAdapter:
     """Llama (incl. GQA), and the families that share its module names: Mistral, Qwen2."""
     family = "llama"
+    # block(h) = r + mlp(norm(r)) with r = h + attn(norm(h)): the MLP's output is added last, unnormalised
+    mlp_output_is_residual = True
 
     def decoder(self, model) -> nn.Module:
         return model.model
