@@ -211,3 +211,23 @@ def test_cli_prune_bad_input_writes_nothing(tmp_path, args, needle):
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".never*"))
+
+
+def test_least_squares_recovery_is_at_least_as_good_as_scales():
+    from comprune.masktune import error_of_down, least_squares_down
+    torch.manual_seed(5)
+    H = torch.randn(400, 16, dtype=torch.float64).relu() + 0.1 * torch.randn(400, 16, dtype=torch.float64)
+    W = torch.randn(8, 16, dtype=torch.float64)
+    G = H.T @ H
+    keep = torch.arange(0, 16, 2)
+    Wn = least_squares_down(G, W, keep, damp=1e-10)
+    e_ls = error_of_down(G, W, keep, Wn)
+    e_sc = reconstruction_error(G, W, keep, tune_scales(G, W, keep, ridge=0.0))
+    assert e_ls <= e_sc * (1 + 1e-9)
+    direct = ((H @ W.T - H[:, keep] @ Wn.T) ** 2).sum().item()
+    assert e_ls == pytest.approx(direct, rel=1e-6)
+    # and end to end on a block
+    dense = tiny_model("llama", layers=2)
+    _, rep = prune(copy.deepcopy(dense), None, PruneConfig(ratio=0.3, layer_share=0, recovery="least-squares",
+                                                            batch_size=4), calibration=calib(), progress=False)
+    assert rep.blocks[0]["rel_error_tuned"] < rep.blocks[0]["rel_error_pruned"]

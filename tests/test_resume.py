@@ -19,26 +19,31 @@ def _strip(manifest):
     return {k: v for k, v in manifest.items() if k not in ("seconds", "peak_rss_mb")}
 
 
-def test_kill_and_resume_is_bit_identical(tmp_path):
+import pytest
+
+
+@pytest.mark.parametrize("recovery", ["scales", "least-squares"])
+def test_kill_and_resume_is_bit_identical(tmp_path, recovery):
     src = _tiny_dir(tmp_path)
     rng = random.Random(0)
     text = tmp_path / "calib.txt"
     text.write_text(" ".join("".join(rng.choice("abcdefghij klmnop") for _ in range(rng.randint(2, 9)))
                              for _ in range(3000)))
     ref, out = tmp_path / "ref", tmp_path / "out"
-    r = _prune(src, ref, text)
+    rec = ("--recovery", recovery)
+    r = _prune(src, ref, text, *rec)
     assert r.returncode == 0, r.stderr
 
-    r = _prune(src, out, text, env={"COMPRUNE_KILL_AFTER_BLOCK": "2"})
+    r = _prune(src, out, text, *rec, env={"COMPRUNE_KILL_AFTER_BLOCK": "2"})
     assert r.returncode == -9, (r.returncode, r.stderr[-500:])  # SIGKILL
     assert not out.exists(), "a killed run must not leave a directory that looks complete"
     state = json.loads((tmp_path / ".out.checkpoint" / "state.json").read_text())
     assert state["next_block"] == 2
 
-    r = _prune(src, out, text)
+    r = _prune(src, out, text, *rec)
     assert r.returncode == 2 and "--resume" in r.stderr  # refuses to silently discard the checkpoint
 
-    r = _prune(src, out, text, "--resume")
+    r = _prune(src, out, text, *rec, "--resume")
     assert r.returncode == 0, r.stderr
     assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
     assert (out / "config.json").read_bytes() == (ref / "config.json").read_bytes()

@@ -74,9 +74,21 @@ class Checkpoint:
         hidden = [tensors[f"h{i}"].to(device) for i in range(len(template.hidden))]
         return state["next_block"], Activations(hidden, template.kwargs), details
 
+    def save_block_tensors(self, block: int, tensors: dict):
+        """Weights a record alone cannot rebuild (e.g. least-squares refitted down_proj), one file per block."""
+        tmp = self.dir / f".block{block}.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, self.dir / f"block{block}.safetensors")
+
+    def load_block_tensors(self, block: int) -> dict | None:
+        path = self.dir / f"block{block}.safetensors"
+        return load_file(str(path)) if path.is_file() else None
+
     def clear(self):
         for name in (STATE, ACTS):
             (self.dir / name).unlink(missing_ok=True)
+        for path in self.dir.glob("block*.safetensors"):
+            path.unlink()
         try:
             self.dir.rmdir()
         except OSError:

@@ -13,13 +13,36 @@ def _config_from_args(args):
     cfg = PruneConfig(ratio=args.ratio, method=args.method, nsamples=args.nsamples, seqlen=args.seqlen,
                       calib=args.calib, seed=args.seed, device=args.device, batch_size=args.calib_batch_size,
                       metric=args.metric, layer_score=args.layer_score, mask_tuning=not args.no_mask_tuning,
-                      round_to=args.round_to, damp=args.damp, ridge=args.ridge)
+                      round_to=args.round_to, damp=args.damp, ridge=args.ridge, recovery=args.recovery)
     if args.layer_share is not None:
         cfg.layer_share = args.layer_share
     return cfg.validate()
 
 
+def cmd_prune_stream(args, cfg) -> int:
+    """comprune prune DIR --stream: the same prune, one decoder block in memory at a time (comprune.stream)."""
+    from .cli import _table
+    from .io import _check_target
+    from .stream import _checkpoint_dir, prune_streaming
+    out = Path(args.out)
+    _check_target(out, args.force)
+    if (_checkpoint_dir(out) / "state.json").exists() and not (args.resume or args.force):
+        raise CompruneError(f"an interrupted run left a checkpoint in {_checkpoint_dir(out)}: pass --resume to "
+                            "continue it or --force to start over")
+    report = prune_streaming(args.model, out, cfg, resume=args.resume, force=args.force, progress=not args.json,
+                             dtype=args.dtype, base_model=args.model, trust_remote_code=args.trust_remote_code,
+                             data_dir=args.data_dir)
+    if args.json:
+        print(json.dumps({"out": str(out), **{k: v for k, v in report.to_dict().items() if k != "blocks"}}, indent=2))
+    else:
+        print(_table(report.summary_rows(), list(report.summary_rows()[0])))
+        print(f"removed layers: {report.removed_layers or 'none'}; saved to {out} (streamed)")
+    return 0
+
+
 def cmd_prune(args) -> int:
+    if getattr(args, "stream", False):
+        return cmd_prune_stream(args, _config_from_args(args))
     from . import load
     from .cli import _table
     from .data import get_calibration
@@ -91,6 +114,9 @@ def add_commands(sub, add_common):
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
+    p.add_argument("--stream", action="store_true",
+                   help="prune from the safetensors shards one block at a time, never holding the whole model "
+                        "(model: a directory or 'smollm2'; docs/streaming.md)")
     p.add_argument("--ratio", type=float, default=d.ratio, help="fraction of all parameters to remove (default 0.2)")
     p.add_argument("--method", default=d.method, choices=METHODS)
     p.add_argument("--layer-share", type=float, default=None,
@@ -103,6 +129,8 @@ def add_commands(sub, add_common):
     p.add_argument("--metric", default=d.metric, choices=NEURON_METRICS, help="neuron importance (COMP: condition)")
     p.add_argument("--layer-score", default=d.layer_score, choices=LAYER_SCORES)
     p.add_argument("--no-mask-tuning", action="store_true", help="skip COMP's least-squares scale recovery")
+    p.add_argument("--recovery", default=d.recovery, choices=["scales", "least-squares"],
+                   help="scales: COMP's mask tuning (default); least-squares: refit the kept down_proj columns")
     p.add_argument("--round-to", type=int, default=d.round_to, help="round kept MLP widths to a multiple of N")
     p.add_argument("--damp", type=float, default=d.damp)
     p.add_argument("--ridge", type=float, default=d.ridge)

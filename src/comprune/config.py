@@ -35,6 +35,7 @@ class PruneConfig:
     min_width: int = 0                 # never narrow an MLP below this many neurons
     # Stage 3 (mask tuning)
     mask_tuning: bool = True
+    recovery: str = "scales"           # "scales" (COMP's mask tuning) or "least-squares" (refit kept down_proj columns)
     ridge: float = 0.01                # rho: ridge toward scale 1, relative to mean(diag A)
     # baselines
     flap_bias: bool = True
@@ -51,6 +52,8 @@ class PruneConfig:
             raise CompruneError(f"unknown metric '{self.metric}': use one of {', '.join(NEURON_METRICS)}")
         if self.layer_score not in LAYER_SCORES:
             raise CompruneError(f"unknown layer score '{self.layer_score}': use one of {', '.join(LAYER_SCORES)}")
+        if self.recovery not in ("scales", "least-squares"):
+            raise CompruneError(f"unknown recovery '{self.recovery}': use scales or least-squares")
         if self.seqlen <= 1:
             raise CompruneError(f"seqlen must be > 1 (got {self.seqlen})")
         if self.nsamples < 1 or self.batch_size < 1 or self.chunk < 0 or self.round_to < 1:

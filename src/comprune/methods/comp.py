@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import scores as S
-from ..masktune import error_from_gram, output_gram, solve_scales
+from ..masktune import error_from_gram, error_of_down, least_squares_down, output_gram, solve_scales
 from ..surgery import as_index, prune_mlp
 from ..walk import collect_stats, forward_block, progress, resident
 from .common import choose_layers, kept_width, layer_scores_bi, layer_scores_loss
@@ -61,11 +61,21 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
     keep = select_neurons(metric or cfg.metric, G, parts, n_remove, cfg)
     K = output_gram(G, parts.down.weight.detach())
     err_before = error_from_gram(K, keep)
-    scales = solve_scales(K, keep, cfg.ridge) if cfg.mask_tuning and n_remove > 0 else None
-    err_after = error_from_gram(K, keep, scales) if scales is not None else err_before
     energy = error_from_gram(K, torch.zeros_like(keep))  # ||dense MLP output||^2
     idx = as_index(keep)
+    scales, new_down = None, None
+    if cfg.mask_tuning and n_remove > 0 and cfg.recovery == "least-squares":
+        new_down = least_squares_down(G, parts.down.weight.detach(), idx, cfg.damp)
+        err_after = error_of_down(G, parts.down.weight.detach(), idx, new_down)
+    elif cfg.mask_tuning and n_remove > 0:
+        scales = solve_scales(K, keep, cfg.ridge)
+        err_after = error_from_gram(K, keep, scales)
+    else:
+        err_after = err_before
     prune_mlp(adapter, layer, idx, scales)
+    if new_down is not None:
+        with torch.no_grad():
+            parts.down.weight.copy_(new_down.to(parts.down.weight.dtype))
     out = _outputs_after_mlp_change(layer, adapter, acts, dense_out, mlp_io)
     rec = {"width": int(idx.numel()), "kept_neurons": idx.tolist(),
            "rel_error_pruned": err_before / max(energy, 1e-30), "rel_error_tuned": err_after / max(energy, 1e-30)}
@@ -98,11 +108,16 @@ def layer_stage(model, adapter, acts, input_ids, k: int, cfg, show=True) -> tupl
     return choose_layers(scores, k, cfg.protect_first, cfg.protect_last), scores
 
 
-def replay(adapter, layers, records: dict):
-    """Re-apply recorded neuron surgery to finished blocks (resume): exact indices and float64 scales."""
+def replay(adapter, layers, records: dict, checkpoint):
+    """Re-apply recorded neuron surgery to finished blocks (resume): exact indices and float64 scales, or the
+    saved refitted down_proj for least-squares recovery."""
     for i, rec in records.items():
         scales = torch.tensor(rec["scales"], dtype=torch.float64) if "scales" in rec else None
         prune_mlp(adapter, layers[i], torch.tensor(rec["kept_neurons"], dtype=torch.long), scales)
+        saved = checkpoint.load_block_tensors(i)
+        if saved is not None:
+            with torch.no_grad():
+                adapter.mlp(layers[i]).down.weight.copy_(saved["down"])
 
 
 def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None) -> dict:
@@ -117,7 +132,7 @@ def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None
     else:
         start, acts, details = state
         removed, layer_scores, records = details["removed_layers"], details["layer_scores"], details["blocks"]
-        replay(adapter, layers, records)
+        replay(adapter, layers, records, checkpoint)
     for i in progress(range(start, len(layers)), "COMP neurons", show):
         if i in removed:
             continue
@@ -127,6 +142,8 @@ def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None
         with resident(layer, cfg.device):
             rec, acts = prune_block_mlp(layer, adapter, acts, n_remove, cfg)
         records[i] = rec
+        if checkpoint is not None and cfg.recovery == "least-squares":
+            checkpoint.save_block_tensors(i, {"down": adapter.mlp(layer).down.weight})
         if checkpoint is not None:
             checkpoint.save(i + 1, acts, {"removed_layers": removed, "layer_scores": layer_scores, "blocks": records})
     return {"removed_layers": removed, "layer_scores": layer_scores, "blocks": records}
