@@ -190,7 +190,8 @@ def main(argv=None) -> None:
     rows = []
     for model_dir in args.model_dirs or default_dirs():
         rows += bench_dir(model_dir, args, args.gguf_dir)
-    result = {"command": "python benchmarks/gguf_speed.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+    command = " ".join(["python benchmarks/gguf_speed.py", shlex.join(argv if argv is not None else sys.argv[1:])])
+    result = {"command": command.strip(),
               "runtime_version": xllamacpp.__version__, "torch": torch.__version__,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "load_avg_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},

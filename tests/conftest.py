@@ -62,3 +62,68 @@ def byte_tokenizer():
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+# ---- shared pruning-test helpers (used by test_baselines; test_comp keeps its own copy of the COMP-only case)
+def calib(n=16, t=32, seed=0, vocab=256):
+    """Random calibration windows for tiny models."""
+    from comprune import Calibration
+    return Calibration(torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed)), "random", seed)
+
+
+def masked_dense_logits(dense, report, ids, pruned=None):
+    """Logits of the dense model with everything a pruning report says was cut masked instead: removed blocks
+    skipped, pruned MLP neurons zeroed (kept ones scaled by "scales" if any), query heads of removed KV groups
+    zeroed at the o_proj input, and, when `pruned` is given, the pruned model's extra o_proj/down_proj biases
+    (FLAP's compensation) added to the dense outputs."""
+    from comprune.models import get_adapter
+    from comprune.surgery import attention_parts, kv_group_channels
+    adapter = get_adapter(dense)
+    pruned_layers = adapter.layers(pruned) if pruned is not None else None
+    handles = []
+
+    def add_hook(module, fn, pre=False):
+        handles.append(module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn))
+
+    for i, layer in enumerate(adapter.layers(dense)):
+        if i in report.removed_layers:
+            handles.append(layer.register_forward_hook(lambda m, args, kwargs, out: args[0] if args else
+                                                       kwargs["hidden_states"], with_kwargs=True))
+            continue
+        rec = report.blocks[i]
+        down = adapter.mlp(layer).down
+        mask = torch.zeros(down.in_features)
+        keep = torch.tensor(rec["kept_neurons"], dtype=torch.long)
+        mask[keep] = torch.tensor(rec["scales"], dtype=torch.float32) if "scales" in rec else 1.0
+        add_hook(down, lambda m, args, mask=mask: (args[0] * mask,), pre=True)
+        parts = attention_parts(adapter, layer)
+        if "kept_kv_heads" in rec and len(rec["kept_kv_heads"]) < parts.n_kv:
+            removed = torch.tensor([g for g in range(parts.n_kv) if g not in rec["kept_kv_heads"]])
+            qo, _ = kv_group_channels(parts, removed)
+            hmask = torch.ones(parts.o.in_features)
+            hmask[qo] = 0
+            add_hook(parts.o, lambda m, args, hmask=hmask: (args[0] * hmask,), pre=True)
+        if pruned_layers is not None:
+            p = pruned_layers[report.kept_layers.index(i)]
+            pp = attention_parts(adapter, p)
+            for dl, pl in ((parts.o, pp.o), (down, adapter.mlp(p).down)):
+                if pl.bias is not None:
+                    extra = pl.bias.detach() - (dl.bias.detach() if dl.bias is not None else 0)
+                    add_hook(dl, lambda m, args, out, extra=extra: out + extra)
+    try:
+        with torch.no_grad():
+            return dense(ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def greedy_matches_uncached(model, ids, steps=4):
+    """Cached greedy decoding (KV cache, renumbered/narrowed layers) equals uncached argmax steps."""
+    out = model.generate(ids, max_new_tokens=steps, do_sample=False)
+    seq = ids
+    for _ in range(steps):
+        with torch.no_grad():
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    return torch.equal(out, seq)

@@ -152,6 +152,21 @@ def test_qwen2_matches_transformers(tmp_path):
 
 @pytest.mark.slow
 @needs_llamacpp
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    """Llama 3.x rope scaling travels as llama.cpp's rope_freqs tensor."""
+    from transformers import AutoModelForCausalLM
+    from conftest import tiny_config
+    cfg = tiny_config("llama", vocab=VOCAB)
+    cfg.rope_parameters = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    model = randomize(AutoModelForCausalLM.from_config(cfg))
+    src = save(model, tmp_path / "m")
+    info = export_gguf(src, tmp_path / "m.gguf", "f32")
+    assert max_logprob_diff(model, src, info["path"], prompts(), exact=True) < TOL["f32"]
+
+
+@pytest.mark.slow
+@needs_llamacpp
 @pytest.mark.parametrize("kind", ["bpe", "spm"])
 def test_llamacpp_tokenizes_like_transformers(tmp_path, kind):
     """Text tokenized by llama.cpp from the GGUF metadata gives the same next-token distribution as the

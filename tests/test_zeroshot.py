@@ -98,3 +98,28 @@ def test_errors_are_compruneerrors(model_and_tok, tmp_path):
         evaluate_zeroshot(model, tok, "piqa", limit=2, data_dir=tmp_path, progress=False)
     with pytest.raises(CompruneError, match="both"):
         evaluate_zeroshot(model, tok, "piqa", limit=2, subset=2, progress=False)
+
+
+def test_hellaswag_rows_rebuild_the_stock_query(tmp_path):
+    """A text-extract item converted back must give the stock process_docs query of the original item."""
+    import bz2
+
+    import datasets
+    from lm_eval.tasks.hellaswag.utils import process_docs
+
+    from comprune.evaluate.zeroshot import _hellaswag_rows
+    original = {"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+                "endings": ["is using wrap.", "starts pulling up roofing.", "holds a cube.", "is ripping tiles."],
+                "label": "3"}
+    wikihow = {"activity_label": "Health", "ctx_a": "[header] How to rest [title] Lie down.", "ctx_b": "",
+               "endings": ["a", "b", "c", "d"], "label": "0"}
+    # the extract's line 1 is preprocess(activity_label) + ": " + preprocess(ctx_a + " " + ctx_b)
+    lines = ["Roof shingle removal: A man is sitting on a roof. he", "3", *original["endings"],
+             "Health: How to rest. Lie down.", "0", *wikihow["endings"]]
+    src = tmp_path / "hs.txt.bz2"
+    src.write_bytes(bz2.compress("\n".join(lines).encode() + b"\n"))
+    ours = process_docs(datasets.Dataset.from_list(_hellaswag_rows(src)))
+    stock = process_docs(datasets.Dataset.from_list([original, wikihow]))
+    assert ours["query"] == stock["query"] and ours["choices"] == stock["choices"]
+    assert ours["query"][0] == "Roof shingle removal: A man is sitting on a roof. He"
+    assert [int(x) for x in ours["label"]] == [3, 0]

@@ -10,6 +10,7 @@ from .config import PruneConfig
 from .data import Calibration, get_calibration
 from .prune import PruneReport, prune
 from .io import save_pretrained, read_manifest
+from .stream import prune_streaming
 
 
 def from_pretrained(path, dtype="float32", device="cpu", trust_remote_code=False):
@@ -18,4 +19,4 @@ def from_pretrained(path, dtype="float32", device="cpu", trust_remote_code=False
 
 __version__ = "0.1.0"
 __all__ = ["CompruneError", "load", "from_pretrained", "count_params", "perplexity", "PruneConfig", "PruneReport",
-           "prune", "save_pretrained", "read_manifest", "Calibration", "get_calibration", "__version__"]
+           "prune", "save_pretrained", "read_manifest", "prune_streaming", "Calibration", "get_calibration", "__version__"]

@@ -12,7 +12,7 @@ source/seed (the manifests' calibration sha256 must agree; the comparison checks
 
 Resumable: each run's results live in `<out>/runs/<method>-r<ratio>.json`, written after every metric; a rerun
 skips what is there. Work is ordered so the most useful numbers come first: the `zeroshot_ratio` runs
-(prune, slice perplexity, speed), their zero-shot scores, the other ratios, then the full-test-set perplexity.
+(prune, slice perplexity, speed), the other ratios, the zero-shot scores, then the full-test-set perplexity.
 `<out>/results.json`, `results.md` and `results.png` are rewritten after every step.
 """
 from __future__ import annotations
@@ -165,14 +165,15 @@ class Comparison:
         return load(d, dtype=self.dtype)
 
     # -------------------------------------------------------------------------------------------- metrics
-    def eval_ppl(self, model, tok, full: bool) -> dict:
+    def eval_ppl(self, model, tok, full: bool, have=()):
+        """Yields (key, result) per window length not already in `have`."""
         from .evaluate.perplexity import perplexity
-        out = {}
         for s in self.ppl_seqlens:
-            r = perplexity(model, tok, "wikitext2", seqlen=s, max_tokens=None if full else self.ppl_max_tokens,
-                           ids=self.wikitext_ids(tok), progress=self.show)
-            out[self.ppl_key(s, full)] = r
-        return out
+            key = self.ppl_key(s, full)
+            if key in have:
+                continue
+            yield key, perplexity(model, tok, "wikitext2", seqlen=s, max_tokens=None if full else self.ppl_max_tokens,
+                                  ids=self.wikitext_ids(tok), progress=self.show)
 
     def eval_zeroshot(self, model, tok, cache_key: str) -> dict:
         from .evaluate.zeroshot import evaluate_zeroshot
@@ -220,7 +221,9 @@ class Comparison:
             t0 = time.perf_counter()
             _log(f"{stage} {name}", self.show)
             if stage in ("ppl", "full"):
-                rec.setdefault("ppl", {}).update(self.eval_ppl(model, tok, full=stage == "full"))
+                for key, r in self.eval_ppl(model, tok, full=stage == "full", have=rec.get("ppl", {})):
+                    rec.setdefault("ppl", {})[key] = r
+                    self._save(name, rec)  # each window length as it completes
             elif stage == "speed":
                 from .evaluate.speed import relative_speed
                 rec["speed"] = relative_speed(model, dense, tok, new_tokens=self.speed_tokens,
@@ -235,24 +238,23 @@ class Comparison:
                 del model
             rec.get("errors", {}).pop(stage, None)
             self._save(name, rec)
-        except CompruneError as e:
-            _log(f"{stage} {name} failed: {e}", True)
-            rec.setdefault("errors", {})[stage] = str(e)
+        except Exception as e:  # noqa: BLE001 - one failed run must not stop the others; it is recorded
+            msg = str(e) if isinstance(e, CompruneError) else f"{e.__class__.__name__}: {e}"
+            _log(f"{stage} {name} failed: {msg}", True)
+            rec.setdefault("errors", {})[stage] = msg
             self._save(name, rec)
 
     def plan(self) -> list[tuple[str, str]]:
-        """(run, stage) in the order the work is done."""
+        """(run, stage) in the order the work is done: the headline ratio first (prune, slice perplexity,
+        speed), then the other ratios, then zero-shot at the headline ratio, then full-test-set perplexity."""
         first = [r for r in self.ratios if self.zeroshot_ratio is not None and abs(r - self.zeroshot_ratio) < 1e-9]
         rest = [r for r in self.ratios if r not in first]
         steps = [("dense", "ppl")]
-        for r in first:
+        for r in first + rest:
             for m in self.methods:
                 steps += [(run_name(m, r), s) for s in ("prune", "ppl", "speed")]
         if first:
             steps += [("dense", "zeroshot")] + [(run_name(m, r), "zeroshot") for r in first for m in self.methods]
-        for r in rest:
-            for m in self.methods:
-                steps += [(run_name(m, r), s) for s in ("prune", "ppl", "speed")]
         if self.full_ratio is not None and any(abs(r - self.full_ratio) < 1e-9 for r in self.ratios):
             steps += [("dense", "full")] + [(run_name(m, self.full_ratio), "full") for m in self.methods]
         return steps
@@ -381,7 +383,8 @@ def plot(rows: list[dict], path: Path, settings: dict):
                    f"first {settings['ppl_max_tokens']} tokens)")
     ax1.set_title(f"Quality vs pruning ratio — {settings['model']}")
     ax1.grid(True, which="both", alpha=0.3)
-    ax1.legend()
+    if ax1.get_legend_handles_labels()[0]:
+        ax1.legend()
     for m in methods:
         pts = [(r["prune_seconds"], r["peak_rss_mb"], r["ratio"]) for r in rows
                if r["method"] == m and r["prune_seconds"] is not None]
@@ -393,7 +396,8 @@ def plot(rows: list[dict], path: Path, settings: dict):
     ax2.set_ylabel("pruning peak RSS (MB, whole process incl. model)")
     ax2.set_title("Pruning cost")
     ax2.grid(True, alpha=0.3)
-    ax2.legend()
+    if ax2.get_legend_handles_labels()[0]:
+        ax2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -186,8 +186,9 @@ def count_params(model) -> int:
     """Unique parameters (tied embeddings counted once), the convention of pruning papers' tables."""
     seen, total = set(), 0
     for p in model.parameters():
-        if p.data_ptr() in seen:
+        key = ("meta", id(p)) if p.device.type == "meta" else p.data_ptr()  # meta tensors all have data_ptr 0
+        if key in seen:
             continue
-        seen.add(p.data_ptr())
+        seen.add(key)
         total += p.numel()
     return total

@@ -174,14 +174,22 @@ class resident:
 
     def __init__(self, layer: nn.Module, device):
         self.layer, self.device = layer, torch.device(device)
+        # Streaming prune (comprune.stream): the block lives in shard files and only exists while resident.
+        self.stream = getattr(layer, "_comprune_stream", None)
         self.home = model_device(layer)
 
     def __enter__(self):
+        if self.stream is not None:
+            self.stream.materialize(self.device)
+            return self.layer
         if self.home != self.device:
             self.layer.to(self.device)
         return self.layer
 
     def __exit__(self, *exc):
+        if self.stream is not None:
+            self.stream.release(save=exc[0] is None)
+            return False
         if self.home != self.device:
             self.layer.to(self.home)
         return False

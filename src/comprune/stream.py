@@ -1,0 +1,596 @@
+"""Streaming prune: prune a model stored as safetensors shards without ever holding it whole.
+
+The model is built as a skeleton on the meta device from its config.json (accelerate's `init_empty_weights`,
+so buffers such as rotary `inv_freq` are computed for real on the CPU). The embeddings, the final norm and
+the LM head (tied or not) are read from the shards and stay resident; every decoder block gets a
+`BlockStream` as its `_comprune_stream` attribute, and `walk.resident` - the context manager every
+forward-only method uses to enter a block - calls `materialize` on enter (read only that block's tensors
+with `safetensors.safe_open`, on the compute device) and `release` on exit (back to meta tensors of the
+block's current shapes). A block that the method changed while resident is written to the partial output
+as `block-NNNNN.safetensors` before it is released; the next time it is entered it is read from there.
+
+So the usual `prune()` runs unchanged on the skeleton: its budget, layer stage, neuron stage, checkpoints,
+block dropping and config rewrite only read shapes. Afterwards the kept blocks are renumbered
+(`model.layers.{new_idx}.*`: the staged file's header is rewritten in place, the tensor data is not copied;
+blocks the method never changed are copied from the source shards one at a time), the non-block tensors,
+`model.safetensors.index.json`, config (+ modeling file when MLP widths differ), generation config,
+tokenizer and `pruning.json` are written, and the partial directory is renamed to the output: a killed run
+never leaves a directory that looks complete. With `resume=True` an interrupted run continues from its
+checkpoint; blocks finished before the kill are re-read from the partial output.
+
+Peak memory: embeddings + head + one block (+ its pruned copy and the scores' f x f Gram matrices) +
+the calibration activations, instead of the whole model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import CompruneError
+
+INDEX = "model.safetensors.index.json"
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+STREAM_ATTR = "_comprune_stream"
+STAGED = "block-{:05d}.safetensors"
+# Methods whose surgery touches blocks outside walk.resident (a run function's `streams = True` overrides).
+NOT_STREAMING = {"magnitude", "flap"}
+
+
+# ------------------------------------------------------------------------------------------- shard access
+class ShardIndex:
+    """Tensor name -> shard file of a safetensors model directory (index.json, or the files' headers)."""
+
+    def __init__(self, model_dir: Path):
+        self.dir = Path(model_dir)
+        index = self.dir / INDEX
+        if index.is_file():
+            wm = json.loads(index.read_text())["weight_map"]
+            self.files = {k: self.dir / v for k, v in wm.items()}
+        else:
+            self.files = {}
+            for f in sorted(self.dir.glob("*.safetensors")):
+                for k in read_header(f):
+                    if k != "__metadata__":
+                        self.files[k] = f
+        if not self.files:
+            raise CompruneError(f"{self.dir} has no safetensors weights: --stream needs a model directory saved "
+                                "as safetensors (transformers' save_pretrained writes them)")
+
+    def __contains__(self, name):
+        return name in self.files
+
+    def read(self, names, dtype=None, device="cpu") -> dict[str, torch.Tensor]:
+        """Read only `names`, one shard file at a time (each opened, read and closed: no lingering mmaps)."""
+        missing = [n for n in names if n not in self.files]
+        if missing:
+            raise CompruneError(f"tensor {missing[0]} is not in the shards of {self.dir}: the checkpoint does not "
+                                "match its config.json")
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[n], []).append(n)
+        out = {}
+        for f, keys in by_file.items():
+            out.update(read_tensors(f, keys, dtype, device))
+        return out
+
+
+def read_tensors(path, keys=None, dtype=None, device="cpu") -> dict[str, torch.Tensor]:
+    """Tensors `keys` (all when None) of one safetensors file, as owned tensors on `device`.
+
+    Plain reads into freshly allocated (aligned) tensors: no mmap, so the file's pages never count in this
+    process's RSS and a tensor costs its own size once (safetensors' mmap-backed tensors are also misaligned,
+    which makes CPU matmuls several times slower, so they would need a copy anyway)."""
+    device = torch.device(device)
+    with open(path, "rb", buffering=0) as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        base = 8 + n
+        out = {}
+        for k in (header.keys() - {"__metadata__"} if keys is None else keys):
+            info = header[k]
+            if info["dtype"] not in _ST_NAMES:
+                return _read_tensors_safe_open(path, keys, dtype, device)
+            t = torch.empty(info["shape"], dtype=_ST_NAMES[info["dtype"]])
+            start, end = info["data_offsets"]
+            if end > start:
+                buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                f.seek(base + start)
+                done = 0
+                while done < end - start:
+                    got = f.readinto(buf[done:])
+                    if not got:
+                        raise CompruneError(f"{path} is truncated: re-download or re-save the model")
+                    done += got
+            out[k] = _own(t, dtype, device)
+    return out
+
+
+def _read_tensors_safe_open(path, keys, dtype, device):
+    from safetensors import safe_open
+    out = {}
+    with safe_open(str(path), framework="pt", device="cpu") as h:
+        for k in (h.keys() if keys is None else keys):
+            out[k] = _own(h.get_tensor(k), dtype, device)
+    return out
+
+
+def _own(t: torch.Tensor, dtype, device: torch.device) -> torch.Tensor:
+    """Cast and move; on the CPU also make sure the storage is 64-byte aligned (misaligned weights make
+    matmuls several times slower)."""
+    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+        t = t.to(dtype)
+    if device.type != "cpu":
+        return t.to(device)
+    if t.data_ptr() % 64:
+        t = torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
+    return t
+
+
+def read_header(path) -> dict:
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(n))
+
+
+def rename_tensors(src: Path, dst: Path, rename) -> dict:
+    """Move a safetensors file to `dst` with its tensors renamed by `rename(name)`. The header is rewritten in
+    place (padded with spaces, as the format allows) when the new one is not longer; otherwise the data bytes
+    are copied behind a new header. Never loads a tensor. Returns the new header."""
+    with open(src, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    new = {k if k == "__metadata__" else rename(k): v for k, v in header.items()}
+    blob = json.dumps(new, separators=(",", ":")).encode()
+    if len(blob) <= n:
+        with open(src, "r+b") as f:
+            f.seek(8)
+            f.write(blob + b" " * (n - len(blob)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(src, dst)
+    else:
+        blob += b" " * (-len(blob) % 8)
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+            fi.seek(8 + n)
+            fo.write(struct.pack("<Q", len(blob)) + blob)
+            shutil.copyfileobj(fi, fo, 16 << 20)
+        os.replace(tmp, dst)
+        src.unlink()
+    return new
+
+
+
+
+def _save(tensors: dict, path: Path):
+    """Atomic safetensors write (temporary name, then rename), streaming each tensor's bytes to the file:
+    unlike safetensors.torch.save_file it never holds a serialized copy of the tensors in memory."""
+    items = sorted(tensors.items())
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for k, v in items:
+        n = v.numel() * v.element_size()
+        header[k] = {"dtype": _ST_DTYPES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for _, v in items:
+            t = v.detach().to("cpu").contiguous().reshape(-1)
+            if t.numel():
+                f.write(memoryview(t.view(torch.uint8).numpy()))
+    os.replace(tmp, path)
+
+
+def release_memory():
+    """Give freed heap memory back to the OS (glibc's malloc_trim). Blocks are tens to hundreds of MB of
+    mid-sized allocations; without this the process's RSS creeps up by ~20 MB per block read."""
+    global _LIBC
+    try:
+        if _LIBC is None:
+            import ctypes
+            _LIBC = ctypes.CDLL("libc.so.6")
+        if _LIBC:
+            _LIBC.malloc_trim(0)
+    except (OSError, AttributeError):
+        _LIBC = False
+
+
+_LIBC = None
+
+
+def _assign(root: nn.Module, name: str, value: torch.Tensor):
+    """Put `value` in place of the parameter or buffer `name` of `root` (whatever device it is on now)."""
+    mod_name, _, leaf = name.rpartition(".")
+    mod = root.get_submodule(mod_name) if mod_name else root
+    if leaf in mod._parameters:
+        mod._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    elif leaf in mod._buffers:
+        mod._buffers[leaf] = value
+    else:
+        raise KeyError(name)
+
+
+def _module_prefix(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return f"{name}." if name else ""
+    raise KeyError("module not in model")
+
+
+# ------------------------------------------------------------------------------------------- one block
+class BlockStream:
+    """One decoder block that lives on disk: real tensors only between materialize() and release()."""
+
+    def __init__(self, run: "StreamRun", layer: nn.Module, index: int, prefix: str):
+        self.run, self.layer, self.index, self.prefix = run, layer, index, prefix
+        self.staged: Path | None = None     # this block's current (changed) tensors, in the partial output
+        self.depth = 0
+        self._snapshot = None
+
+    @property
+    def staged_path(self) -> Path:
+        return self.run.partial / STAGED.format(self.index)
+
+    def _state_names(self) -> dict[str, torch.Size]:
+        return {k: v.shape for k, v in self.layer.state_dict().items()}
+
+    def _fingerprint(self):
+        """Identity and version of every tensor: any surgery (new parameter, in-place op) changes it."""
+        fp = {}
+        for kind, items in (("p", self.layer.named_parameters(remove_duplicate=False)),
+                            ("b", self.layer.named_buffers(remove_duplicate=False))):
+            for name, t in items:
+                try:
+                    version = t._version
+                except RuntimeError:  # inference tensor: only created by a change
+                    version = None
+                fp[(kind, name)] = (id(t), version, t.data_ptr(), tuple(t.shape))
+        return fp
+
+    @torch.inference_mode(False)
+    def materialize(self, device):
+        self.depth += 1
+        if self.depth > 1:
+            return
+        t0 = time.perf_counter()
+        want = self._state_names()
+        if self.staged is not None:
+            tensors = {k.removeprefix(self.prefix): v for k, v in read_tensors(self.staged, None, None, device).items()}
+        else:
+            missing = [k for k in want if self.prefix + k not in self.run.shards]
+            if missing:
+                raise CompruneError(f"{self.prefix + missing[0]} is not in the shards of {self.run.shards.dir}: the "
+                                    "checkpoint does not match config.json, or the method changed the block outside "
+                                    "walk.resident (then it cannot stream)")
+            src = self.run.shards.read([self.prefix + k for k in want], self.run.dtype, device)
+            tensors = {k.removeprefix(self.prefix): v for k, v in src.items()}
+        if set(tensors) != set(want):
+            raise CompruneError(f"block {self.index}: its tensors on disk do not match the model's modules "
+                                f"({sorted(set(tensors) ^ set(want))[:3]}...)")
+        for k, v in tensors.items():
+            if tuple(v.shape) != tuple(want[k]):
+                raise CompruneError(f"block {self.index}: {k} has shape {tuple(v.shape)} on disk but "
+                                    f"{tuple(want[k])} in the model: the method changed the block outside "
+                                    "walk.resident, so it cannot stream")
+            _assign(self.layer, k, v)
+        persistent = set(want)
+        for name, buf in list(self.layer.named_buffers()):
+            if name not in persistent and buf.device != torch.device(device):
+                _assign(self.layer, name, buf.to(device))
+        self._snapshot = self._fingerprint()
+        self.run.stats["block_loads"] += 1
+        self.run.stats["read_seconds"] += time.perf_counter() - t0
+
+    @torch.inference_mode(False)
+    def release(self, save: bool = True):
+        self.depth -= 1
+        if self.depth > 0:
+            return
+        if save and self._fingerprint() != self._snapshot:
+            t0 = time.perf_counter()
+            _save({self.prefix + k: v for k, v in self.layer.state_dict().items()}, self.staged_path)
+            self.staged = self.staged_path
+            self.run.stats["block_writes"] += 1
+            self.run.stats["write_seconds"] += time.perf_counter() - t0
+        persistent = set(self.layer.state_dict())
+        for name, p in list(self.layer.named_parameters()):
+            _assign(self.layer, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+        for name, b in list(self.layer.named_buffers()):
+            _assign(self.layer, name, torch.empty(b.shape, dtype=b.dtype, device="meta") if name in persistent
+                    else b.to("cpu"))
+        self._snapshot = None
+        release_memory()
+
+
+class StreamRun:
+    def __init__(self, shards: ShardIndex, dtype: torch.dtype, partial: Path):
+        self.shards, self.dtype, self.partial = shards, dtype, partial
+        self.stats = {"block_loads": 0, "block_writes": 0, "read_seconds": 0.0, "write_seconds": 0.0}
+
+
+# ------------------------------------------------------------------------------------------- skeleton
+def build_skeleton(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The model on the meta device (buffers real, on the CPU), with config and generation config."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from . import models  # noqa: F401 - comprune's per-layer-width classes
+    from .loading import _quiet_transformers
+    _quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, KeyError) as e:
+        raise CompruneError(f"cannot build the model of {model_dir} from its config.json ({e.__class__.__name__}: "
+                            f"{str(e).splitlines()[0][:200]})") from None
+    if (model_dir / "generation_config.json").is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(model_dir)
+        except (ValueError, OSError):
+            pass
+    # Buffers were built on the CPU; any that still ended up on meta (e.g. created in __init__ via
+    # torch.empty(device=...)) are rebuilt by re-running the owning module's constructor from the config.
+    for name, mod in list(model.named_modules()):
+        if any(b.device.type == "meta" for b in mod._buffers.values() if b is not None) and hasattr(mod, "rope_init_fn"):
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, leaf, type(mod)(config=model.config))
+    return model.eval()
+
+
+def _load_resident_tensors(model, adapter, shards: ShardIndex, dtype):
+    """Materialise everything outside the decoder blocks (embeddings, final norm, LM head)."""
+    layers_prefix = _module_prefix(model, adapter.layers(model))
+    names = [k for k in model.state_dict() if not k.startswith(layers_prefix)]
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    out_emb = model.get_output_embeddings()
+    head_names = set()
+    if tied and out_emb is not None:
+        head_prefix = _module_prefix(model, out_emb)
+        head_names = {n for n in names if n.startswith(head_prefix) and n not in shards}
+    tensors = shards.read([n for n in names if n not in head_names], dtype)
+    for k, v in tensors.items():
+        _assign(model, k, v)
+    if head_names:
+        model.tie_weights()
+    left = [k for k, v in model.state_dict().items() if not k.startswith(layers_prefix) and v.device.type == "meta"]
+    if left:
+        raise CompruneError(f"tensor {left[0]} is missing from the shards of {shards.dir}")
+    return layers_prefix
+
+
+# ------------------------------------------------------------------------------------------- devices
+def pick_device(device: str | None) -> str:
+    """'auto' with several GPUs: the one with the most free memory (accelerate's get_max_memory)."""
+    if device in (None, "auto") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        from accelerate.utils import get_max_memory
+        free = {k: v for k, v in get_max_memory().items() if isinstance(k, int)}
+        return f"cuda:{max(free, key=free.get)}"
+    return device or "cpu"
+
+
+def check_device_memory(device: torch.device, block_bytes: int, act_bytes: int):
+    """One block, its pruned copy, two activation buffers and the scores' workspace must fit on the GPU."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    need = 2 * block_bytes + 2 * act_bytes
+    if need > free:
+        raise CompruneError(f"{device} has {free / 2**30:.1f} GiB free but one block needs ~{need / 2**30:.1f} GiB "
+                            "(block, its pruned copy, activations): lower --nsamples or --calib-batch-size, or use "
+                            "--device cpu")
+
+
+# ------------------------------------------------------------------------------------------- the run
+def _partial_dir(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.partial-stream"
+
+
+def _checkpoint_dir(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.checkpoint"
+
+
+def _finished_blocks(ckpt_dir: Path) -> int:
+    state = ckpt_dir / "state.json"
+    if not state.is_file():
+        return 0
+    try:
+        return int(json.loads(state.read_text()).get("next_block", 0))
+    except (ValueError, OSError):
+        return 0
+
+
+def resolve_stream_source(spec) -> Path:
+    """A model directory of safetensors (or an embedded alias, via its cached safetensors)."""
+    from .loading import _EMBEDDED, _embedded_cached_dir
+    s = str(spec)
+    if s.lower() in _EMBEDDED:
+        return _embedded_cached_dir(s.lower())
+    p = Path(s)
+    if not p.is_dir():
+        raise CompruneError(f"--stream needs a model directory of safetensors shards (or 'smollm2'), not '{spec}': "
+                            "convert it first (e.g. comprune.load(...) then save_pretrained) or drop --stream")
+    if not (p / "config.json").is_file():
+        raise CompruneError(f"{p} has no config.json: pass a model directory saved by comprune or transformers")
+    return p
+
+
+def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer=None, resume: bool = False,
+                    force: bool = False, progress: bool = True, dtype="float32", base_model: str | None = None,
+                    trust_remote_code: bool = False, data_dir=None):
+    """Prune the safetensors model in `model_dir` into `out_dir` holding one decoder block at a time.
+
+    Same result as `prune(load(model_dir)); save_pretrained(...)` with the same config and calibration (same
+    logits and manifest), but peak memory is the embeddings + head + one block + activations. Progress is
+    checkpointed after every block (next to `out_dir`); `resume=True` continues a killed run. Returns the
+    PruneReport (also written as pruning.json)."""
+    from .config import PruneConfig
+    from .data import get_calibration
+    from .io import MANIFEST, _add_auto_map, _check_target, write_manifest
+    from .loading import resolve_dtype
+    from .methods import METHODS
+    from .models import get_adapter
+    from .models.adapters import base_model_type
+    from .prune import peak_rss_mb, prune
+
+    t0 = time.perf_counter()
+    model_dir = resolve_stream_source(model_dir)
+    out_dir = Path(out_dir)
+    cfg = (config or PruneConfig()).validate()
+    method = METHODS.get(cfg.method)
+    if method is None:
+        raise CompruneError(f"method '{cfg.method}' is not available in this build: use one of {', '.join(METHODS)}")
+    if getattr(method, "needs_gradients", False):
+        raise CompruneError(f"{cfg.method} needs gradients through the whole model (a backward pass), so it cannot "
+                            "stream one block at a time: drop --stream or use a forward-only method (comp, "
+                            "layer-drop, wanda-sp)")
+    if not getattr(method, "streams", cfg.method not in NOT_STREAMING):
+        raise CompruneError(f"{cfg.method} changes blocks outside the one-block walk, so it cannot stream: drop "
+                            "--stream or use comp, layer-drop or wanda-sp")
+    _check_target(out_dir, force)
+    cfg.device = pick_device(cfg.device)
+    dtype = resolve_dtype(dtype)
+    shards = ShardIndex(model_dir)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except (ValueError, OSError) as e:
+            if calibration is None:
+                raise CompruneError(f"cannot load the tokenizer of {model_dir} ({e.__class__.__name__}): pass "
+                                    "calibration token ids or a tokenizer") from None
+            tokenizer = None
+        if tokenizer is not None and tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    if calibration is None:
+        calibration = get_calibration(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=data_dir)
+
+    partial, ckpt_dir = _partial_dir(out_dir), _checkpoint_dir(out_dir)
+    if not resume:
+        shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True, exist_ok=True)
+
+    model = build_skeleton(model_dir, dtype, trust_remote_code)
+    adapter = get_adapter(model)
+    layers_prefix = _load_resident_tensors(model, adapter, shards, dtype)
+    run = StreamRun(shards, dtype, partial)
+    layers = adapter.layers(model)
+    done = _finished_blocks(ckpt_dir) if resume else 0
+    for i, layer in enumerate(layers):
+        stream = BlockStream(run, layer, i, _module_prefix(model, layer))
+        setattr(layer, STREAM_ATTR, stream)
+        if stream.staged_path.is_file():
+            # Blocks finished before the checkpoint are valid; later ones were written after it: redo them.
+            if i < done:
+                stream.staged = stream.staged_path
+            else:
+                stream.staged_path.unlink()
+    block_bytes = max(sum(t.numel() * t.element_size() for t in layer.state_dict().values()) for layer in layers)
+    act_bytes = calibration.input_ids.numel() * model.config.hidden_size * torch.finfo(dtype).bits // 8
+    from .loading import resolve_device
+    check_device_memory(resolve_device(cfg.device), block_bytes, act_bytes)
+
+    release_memory()  # the calibration text's tokenisation is the largest transient so far
+    run.stats["peak_rss_mb_setup"] = peak_rss_mb()  # imports, tokenizer, calibration, embeddings + head
+    try:
+        model, report = prune(model, tokenizer, cfg, calibration=calibration, progress=progress,
+                              base_model=base_model or str(model_dir), checkpoint_dir=ckpt_dir, resume=resume)
+    except NotImplementedError as e:
+        if "meta" in str(e):
+            raise CompruneError(f"{cfg.method} reads block weights outside the one-block walk (walk.resident), so it "
+                                "cannot stream: drop --stream or use comp, layer-drop or wanda-sp") from None
+        raise
+
+    run.stats["peak_rss_mb_walk"] = peak_rss_mb()
+    # ---- write the output: kept blocks renumbered, then the rest, all in the partial directory
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    kept_layers = adapter.layers(model)
+    kept_index = {getattr(layer, STREAM_ATTR).index for layer in kept_layers}
+    for new_idx, layer in enumerate(kept_layers):
+        stream: BlockStream = getattr(layer, STREAM_ATTR)
+        new_prefix = _module_prefix(model, layer)
+        fname = f"model-block-{new_idx:05d}.safetensors"
+        want = {new_prefix + k: tuple(v.shape) for k, v in layer.state_dict().items()}
+        if stream.staged is not None:
+            header = rename_tensors(stream.staged, partial / fname, lambda k: new_prefix + k.removeprefix(stream.prefix))
+            stream.staged = None
+            got = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        else:
+            with torch.inference_mode(False):
+                src = shards.read([stream.prefix + k for k in layer.state_dict()], dtype)
+            tensors = {new_prefix + k.removeprefix(stream.prefix): v for k, v in src.items()}
+            got = {k: tuple(v.shape) for k, v in tensors.items()}
+            _save(tensors, partial / fname)
+            del src, tensors
+        if got != want:
+            raise CompruneError(f"block {stream.index}: the written tensors do not match the pruned model "
+                                f"({cfg.method} changed the block outside walk.resident, so it cannot stream)")
+        for k, shape in want.items():
+            weight_map[k] = fname
+        total_size += (partial / fname).stat().st_size
+        delattr(layer, STREAM_ATTR)
+    for i in range(len(layers)):
+        if i not in kept_index:
+            (partial / STAGED.format(i)).unlink(missing_ok=True)
+    rest = _non_block_state(model, layers_prefix)
+    _save(rest, partial / "model-rest.safetensors")
+    for k in rest:
+        weight_map[k] = "model-rest.safetensors"
+    total_size += sum(v.numel() * v.element_size() for v in rest.values())
+    index = {"metadata": {"total_size": total_size, "total_parameters": report.params_after},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (partial / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    model.config.dtype = str(dtype).split(".")[1]
+    model.config.architectures = [model.__class__.__name__]
+    model.config.save_pretrained(partial)
+    if model.can_generate():
+        model.generation_config.save_pretrained(partial)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(partial)
+    _add_auto_map(partial, model)
+    report.seconds = time.perf_counter() - t0
+    report.peak_rss_mb = peak_rss_mb()
+    manifest = report.to_dict()
+    manifest["base_model_type"] = base_model_type(model.config)
+    manifest["streaming"] = {**run.stats, "source_bytes": sum(f.stat().st_size for f in set(shards.files.values())),
+                             "output_bytes": total_size}
+    write_manifest(partial / MANIFEST, manifest)
+    model.comprune_report = report
+
+    # ---- publish atomically
+    if out_dir.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, trash / "old")
+        os.replace(partial, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(partial, out_dir)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return report
+
+
+def _non_block_state(model, layers_prefix: str) -> dict[str, torch.Tensor]:
+    """State dict outside the blocks, tied weights written once under their first name (model.embed_tokens,
+    as transformers' save_pretrained does)."""
+    out, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if k.startswith(layers_prefix) or v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        out[k] = v
+    return out

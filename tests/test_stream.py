@@ -1,0 +1,148 @@
+"""Streaming prune (one block in memory, read from safetensors shards) equals the in-memory prune."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from comprune import Calibration, PruneConfig, load, prune, prune_streaming, save_pretrained
+from comprune.errors import CompruneError
+from comprune.models import get_adapter
+from comprune.surgery import finalize_config, prune_mlp
+from conftest import tiny_model
+
+VOLATILE = ("seconds", "peak_rss_mb", "streaming")
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.WordLevel({chr(32 + i): i for i in range(95)} | {"[UNK]": 95}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[UNK]")
+
+
+def _sharded(path, model):
+    model.save_pretrained(path, max_shard_size="50KB")
+    _tokenizer().save_pretrained(path)
+    assert (path / "model.safetensors.index.json").is_file() and len(list(path.glob("*.safetensors"))) > 5
+    return path
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    out = {"llama": _sharded(root / "llama", tiny_model("llama", layers=6))}  # tied lm_head
+    # untied lm_head, and MLP widths that already differ per layer (comprune's config + modeling file)
+    m = tiny_model("mistral", layers=5)
+    adapter = get_adapter(m)
+    for i, layer in enumerate(adapter.layers(m)):
+        prune_mlp(adapter, layer, torch.arange(128 - 8 * i))
+    finalize_config(m, adapter)
+    out["uneven"] = _sharded(root / "uneven", m)
+    return out
+
+
+def calib(n=4, t=32):
+    return Calibration(torch.randint(0, 96, (n, t), generator=torch.Generator().manual_seed(0)), "random", 0)
+
+
+def _strip(manifest):
+    return {k: v for k, v in manifest.items() if k not in VOLATILE}
+
+
+def _weights(d):
+    index = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"] \
+        if (d / "model.safetensors.index.json").is_file() else None
+    files = sorted(set(index.values())) if index else ["model.safetensors"]
+    out = {}
+    for f in files:
+        with safe_open(str(d / f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+@pytest.mark.parametrize("name,cfg", [
+    ("llama", dict(ratio=0.3, layer_share=0.7)),                    # blocks removed + neurons, tied head
+    ("uneven", dict(ratio=0.2, layer_share=0.3)),                   # untied head, per-layer widths in and out
+    ("llama", dict(ratio=0.3, method="wanda-sp")),                  # a forward-only baseline streams unchanged
+])
+def test_stream_equals_in_memory(shards, tmp_path, name, cfg):
+    src = shards[name]
+    config = dict(batch_size=4, **cfg)
+    model, tok = load(src)
+    model, report = prune(model, tok, PruneConfig(**config), calibration=calib(), progress=False, base_model="m")
+    save_pretrained(model, tok, tmp_path / "mem", report)
+
+    out = tmp_path / "stream"
+    rep = prune_streaming(src, out, PruneConfig(**config), calibration=calib(), progress=False, base_model="m")
+    assert rep.removed_layers == report.removed_layers and rep.params_after == report.params_after
+    assert not list(tmp_path.glob(".stream*")), "partial directory or checkpoint left behind"
+
+    # same tensors, same config, same manifest (minus timing and memory)
+    a, b = _weights(out), _weights(tmp_path / "mem")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / "config.json").read_text()) == json.loads((tmp_path / "mem/config.json").read_text())
+    assert (out / "modeling_comprune.py").is_file() == (name == "uneven")
+    ma, mb = (json.loads((d / "pruning.json").read_text()) for d in (out, tmp_path / "mem"))
+    assert _strip(ma) == _strip(mb)
+    assert ma["streaming"]["block_loads"] >= len(rep.kept_layers)
+
+    # the output loads and gives the in-memory prune's logits
+    streamed, _ = load(out)
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, model(ids).logits)
+
+
+def test_llm_pruner_refuses_to_stream(shards, tmp_path):
+    with pytest.raises(CompruneError, match="gradients") as e:
+        prune_streaming(shards["llama"], tmp_path / "out", PruneConfig(ratio=0.2, method="llm-pruner"),
+                        calibration=calib(), progress=False)
+    assert "\n" not in str(e.value)
+    assert not list(tmp_path.iterdir())
+
+
+def _cli_args(src, out, text, *extra):
+    return ["prune", str(src), "--stream", "--ratio", "0.3", "--layer-share", "0.5", "--nsamples", "4", "--seqlen",
+            "32", "--calib", str(text), "--out", str(out), "--json", *extra]
+
+
+def test_stream_kill_and_resume(shards, tmp_path, capsys):
+    from comprune.cli import main
+    src = shards["llama"]
+    rng = random.Random(0)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join("".join(rng.choice("abcdefghij klmnop") for _ in range(rng.randint(2, 9)))
+                             for _ in range(1000)))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "comprune.cli", *_cli_args(src, out, text)], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "COMPRUNE_KILL_AFTER_BLOCK": "3"})
+    assert r.returncode == -9, (r.returncode, r.stderr[-500:])  # SIGKILL after block 2 was checkpointed
+    assert not out.exists(), "a killed run must not leave a directory that looks complete"
+    partial = tmp_path / ".out.partial-stream"
+    assert json.loads((tmp_path / ".out.checkpoint" / "state.json").read_text())["next_block"] == 3
+    assert {p.name for p in partial.glob("block-*")} <= {f"block-{i:05d}.safetensors" for i in range(3)}
+    assert not (partial / "config.json").exists()
+
+    assert main(_cli_args(src, out, text)) == 2 and "--resume" in capsys.readouterr().err
+    assert main(_cli_args(src, out, text, "--resume")) == 0
+    assert not partial.exists() and not (tmp_path / ".out.checkpoint").exists()
+
+    # equals an uninterrupted run (same calibration text)
+    from comprune.data import get_calibration
+    tok = load(src)[1]
+    cfg = PruneConfig(ratio=0.3, layer_share=0.5, nsamples=4, seqlen=32, calib=str(text))
+    ref = tmp_path / "ref"
+    prune_streaming(src, ref, cfg, calibration=get_calibration(tok, str(text), 4, 32, 0), progress=False,
+                    base_model=str(src))
+    a, b = _weights(out), _weights(ref)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((d / "pruning.json").read_text()) for d in (out, ref))
+    assert _strip(ma) == _strip(mb)
+    assert ma["streaming"]["block_loads"] < mb["streaming"]["block_loads"]  # finished blocks were not redone
