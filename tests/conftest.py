@@ -64,7 +64,7 @@ def family(request):
     return request.param
 
 
-# ---- shared pruning-test helpers (used by test_baselines; test_comp keeps its own copy of the COMP-only case)
+# ---- shared pruning-test helpers (test_comp, test_baselines)
 def calib(n=16, t=32, seed=0, vocab=256):
     """Random calibration windows for tiny models."""
     from comprune import Calibration

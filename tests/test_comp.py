@@ -7,39 +7,11 @@ import sys
 import pytest
 import torch
 
-from comprune import Calibration, PruneConfig, prune
+from comprune import PruneConfig, prune
 from comprune import scores as S
 from comprune.errors import CompruneError
 from comprune.masktune import reconstruction_error, tune_scales
-from comprune.models import get_adapter
-from conftest import tiny_model
-
-
-def calib(n=16, t=32, seed=0, vocab=256):
-    return Calibration(torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed)), "random", seed)
-
-
-def masked_dense_logits(dense, report, ids):
-    """The dense model with removed blocks skipped, pruned neurons zeroed and kept neurons scaled."""
-    adapter = get_adapter(dense)
-    handles = []
-    for i, layer in enumerate(adapter.layers(dense)):
-        if i in report.removed_layers:
-            handles.append(layer.register_forward_hook(lambda m, args, kwargs, out: args[0] if args else
-                                                       kwargs["hidden_states"], with_kwargs=True))
-            continue
-        rec = report.blocks[i]
-        down = adapter.mlp(layer).down
-        mask = torch.zeros(down.in_features)
-        keep = torch.tensor(rec["kept_neurons"], dtype=torch.long)
-        mask[keep] = torch.tensor(rec["scales"], dtype=torch.float32) if "scales" in rec else 1.0
-        handles.append(down.register_forward_pre_hook(lambda m, args, mask=mask: (args[0] * mask,)))
-    try:
-        with torch.no_grad():
-            return dense(ids).logits
-    finally:
-        for h in handles:
-            h.remove()
+from conftest import calib, masked_dense_logits, tiny_model
 
 
 @pytest.mark.parametrize("layer_share", [0.0, 0.7])
