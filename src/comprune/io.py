@@ -40,6 +40,17 @@ def write_manifest(path: Path, manifest: dict):
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
+def publish(tmp: Path, out_dir: Path):
+    """Rename a finished temporary directory to its final name, replacing an old one (checked by the caller)."""
+    if out_dir.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, trash / "old")
+        os.replace(tmp, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
 def save_pretrained(model, tokenizer, out_dir, report=None, force: bool = False, _crash_after_weights=False) -> Path:
     """Atomically write a loadable model directory; `report` (PruneReport or dict) becomes pruning.json."""
     out_dir = Path(out_dir)
@@ -57,13 +68,7 @@ def save_pretrained(model, tokenizer, out_dir, report=None, force: bool = False,
             manifest = report.to_dict() if hasattr(report, "to_dict") else dict(report)
             manifest["base_model_type"] = base_model_type(model.config)
             write_manifest(tmp / MANIFEST, manifest)
-        if out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, trash / "old")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

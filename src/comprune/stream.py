@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import time
 from pathlib import Path
 
@@ -439,7 +438,7 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     PruneReport (also written as pruning.json)."""
     from .config import PruneConfig
     from .data import get_calibration
-    from .io import MANIFEST, _add_auto_map, _check_target, write_manifest
+    from .io import MANIFEST, _add_auto_map, _check_target, publish, write_manifest
     from .loading import resolve_dtype
     from .methods import METHODS
     from .models import get_adapter
@@ -573,13 +572,7 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     model.comprune_report = report
 
     # ---- publish atomically
-    if out_dir.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, trash / "old")
-        os.replace(partial, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(partial, out_dir)
+    publish(partial, out_dir)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return report
 
