@@ -28,7 +28,13 @@ def tiny_model(family: str = "llama", seed: int = 0, **kw):
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **kw), dtype=torch.float32)
-    # Random init gives near-identical blocks; spread the weights so scores and layers differ.
+    return randomize(model)
+
+
+def randomize(model, seed=None):
+    """Random init gives near-identical blocks; spread the weights so scores and layers differ."""
+    if seed is not None:
+        torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:

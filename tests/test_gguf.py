@@ -7,7 +7,7 @@ import torch
 
 from comprune.errors import CompruneError
 from comprune.export.gguf import export_gguf, llamacpp_server, next_token_logprobs
-from conftest import tiny_model
+from conftest import randomize, tiny_model
 
 VOCAB = 300
 # Max |log p_llama.cpp - log p_transformers| over the whole vocab (logit std ~1 on these models).
@@ -56,23 +56,11 @@ def save_tokenizer(path, kind="bpe"):
     (path / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-def randomize(model, seed=0):
-    """Same spread as conftest.tiny_model: distinct layers, logits of order 1."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-            elif "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model.eval()
-
-
 def nonuniform_llama(widths):
     from comprune.models.modeling_comprune import CompruneLlamaConfig, CompruneLlamaForCausalLM
     base = tiny_model("llama", layers=len(widths), vocab=VOCAB).config.to_dict()
     base.pop("model_type", None)
-    return randomize(CompruneLlamaForCausalLM(CompruneLlamaConfig(**base, intermediate_sizes=widths)))
+    return randomize(CompruneLlamaForCausalLM(CompruneLlamaConfig(**base, intermediate_sizes=widths)), seed=0)
 
 
 def save(model, path, tokenizer="bpe"):
@@ -159,7 +147,7 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
     cfg = tiny_config("llama", vocab=VOCAB)
     cfg.rope_parameters = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-    model = randomize(AutoModelForCausalLM.from_config(cfg))
+    model = randomize(AutoModelForCausalLM.from_config(cfg), seed=0)
     src = save(model, tmp_path / "m")
     info = export_gguf(src, tmp_path / "m.gguf", "f32")
     assert max_logprob_diff(model, src, info["path"], prompts(), exact=True) < TOL["f32"]
