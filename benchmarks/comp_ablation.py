@@ -30,6 +30,7 @@ CONFIGS = [
     ("comp-0.3", "ratio", {"ratio": 0.3}),
     ("no-mask-tuning", "recovery", {"mask_tuning": False}),
     ("recovery-least-squares", "recovery", {"recovery": "least-squares"}),
+    ("metric-kappa-loo", "metric", {"metric": "kappa-loo"}),
     ("metric-weighted-norm", "metric", {"metric": "weighted-norm"}),
     ("metric-activation", "metric", {"metric": "activation"}),
     ("metric-magnitude", "metric", {"metric": "magnitude"}),

@@ -124,6 +124,43 @@ def write_doc(args):
     print(f"wrote {DOC}")
 
 
+def reuse_dense_results(out: Path, model: str, subset: int):
+    """The dense model's full-test-set perplexity and zero-shot subset scores are the same measurements that
+    benchmarks/ppl_dense.py and benchmarks/zeroshot_dense.py make (same evaluator, data, subset rule, dtype):
+    copy them into the dense run instead of spending ~45 min recomputing them. Each copied entry names its
+    source."""
+    if model != "smollm2":
+        return
+    path = out / "runs" / "dense.json"
+    rec = json.loads(path.read_text()) if path.is_file() else {"method": "dense", "ratio": 0.0}
+    changed = False
+    ppl_src = HERE / "results" / "ppl_dense.json"
+    if ppl_src.is_file():
+        for key, r in json.loads(ppl_src.read_text()).items():
+            if key.startswith("seqlen_") and r.get("max_tokens") is None and \
+                    f"wikitext2@{r['seqlen']}/full" not in rec.get("ppl", {}):
+                keep = ("dataset", "seqlen", "max_tokens", "windows", "tokens", "ppl", "seconds", "tokens_per_second")
+                rec.setdefault("ppl", {})[f"wikitext2@{r['seqlen']}/full"] = {
+                    **{k: r[k] for k in keep}, "source": "benchmarks/results/ppl_dense.json"}
+                changed = True
+    zs_src = HERE / "results" / "zeroshot_dense.json"
+    if zs_src.is_file() and "zeroshot" not in rec:
+        zs = json.loads(zs_src.read_text())
+        tasks = zs.get("runs", {}).get(f"subset{subset}", {})
+        if zs.get("subset") == subset and len(tasks) == 7:
+            from comprune.evaluate.zeroshot import _average_note, paper_average
+            names = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+            rec["zeroshot"] = {"harness_version": zs["harness_version"], "tasks": {t: tasks[t] for t in names},
+                               "average": paper_average(tasks), "average_metric_note": _average_note(names),
+                               "subset": subset, "subset_rule": zs["subset_rule"], "limit": None,
+                               "seconds": round(sum(t.get("seconds", 0) for t in tasks.values()), 1),
+                               "source": "benchmarks/results/zeroshot_dense.json"}
+            changed = True
+    if changed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -139,6 +176,7 @@ def main(argv=None):
     if not args.doc_only:
         sys.path.insert(0, str(ROOT / "src"))
         from comprune.compare import compare
+        reuse_dense_results(Path(args.out), args.model, args.subset)
         compare(args.model, [float(x) for x in args.ratios.split(",")], args.methods.split(","), args.out,
                 ppl_max_tokens=args.max_tokens, zeroshot_subset=args.subset, speed_tokens=args.speed_tokens,
                 zeroshot_cache_dir=str(HERE / "cache" / "lm_eval"),

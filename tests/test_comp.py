@@ -70,9 +70,9 @@ def test_downdate_matches_recompute():
     remove = torch.tensor([3, 7])
     keep = torch.tensor([i for i in range(10) if i not in (3, 7)])
     expect = torch.linalg.inv(G[keep][:, keep])
-    got = S.downdate_inverse(Ginv, remove)
+    got = S.downdate_inverse(Ginv.clone(), remove)
     assert torch.allclose(got[keep][:, keep], expect, atol=1e-10)
-    one = S.downdate_inverse(S.downdate_inverse(Ginv, remove[:1]), remove[1:])  # sequential rank-one
+    one = S.downdate_inverse(S.downdate_inverse(Ginv.clone(), remove[:1]), remove[1:])  # sequential rank-one
     assert torch.allclose(one, got, atol=1e-10)
 
 
@@ -110,6 +110,15 @@ def test_mask_tuning_lowers_block_error_on_calibration():
         errs[tuning] = rep.blocks[0]["rel_error_tuned"]
         assert rep.blocks[0]["rel_error_tuned"] <= rep.blocks[0]["rel_error_pruned"] + 1e-12
     assert errs[True] < errs[False]
+
+
+def test_kappa_loo_equals_leave_one_out_eigendecompositions():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(60, 24, generator=g, dtype=torch.float64) * torch.rand(24, generator=g, dtype=torch.float64)
+    X[:, 1] = 0.999 * X[:, 2] + 0.001 * X[:, 1]  # a near-collinear pair: the case the metric is for
+    G = X.T @ X
+    fast, direct = S.kappa_loo_scores(G, 0.01), S.kappa_loo_scores_direct(G, 0.01)
+    torch.testing.assert_close(fast, direct, rtol=1e-9, atol=0)
 
 
 def test_kappa_loo_metric_runs_on_small_layers():

@@ -78,3 +78,21 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
 def test_shared_wikitext_is_found():
     rows = load_rows("wikitext2")
     assert len(rows) == 4358 and rows[1] == " = Robert Boulter = \n"
+
+
+@pytest.mark.parametrize("source", ["wikitext2", "c4"])
+def test_tokenizing_in_pieces_equals_tokenizing_the_whole_text(source):
+    """load_ids cuts the corpus into pieces to bound memory; a byte-level BPE (SmolLM2's kind) must give the
+    very same ids as one call on the joined text, including around WikiText's empty rows and headings."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from comprune.data import JOIN, tokenize_rows
+    rows = load_rows(source)[:3000]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(rows[:300], trainers.BpeTrainer(vocab_size=600, show_progress=False,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    whole = tokenize_stream(tok, JOIN.join(rows))
+    for chunk_chars in (2000, 50_000):
+        assert torch.equal(tokenize_rows(tok, rows, chunk_chars), whole)

@@ -118,8 +118,8 @@ class Comparison:
 
     def wikitext_ids(self, tok):
         if self._ids is None:
-            from .data import load_text, tokenize_stream
-            self._ids = tokenize_stream(tok, load_text("wikitext2", self.data_dir))
+            from .data import load_ids
+            self._ids = load_ids(tok, "wikitext2", self.data_dir)
         return self._ids
 
     def prune_run(self, method: str, ratio: float) -> dict:

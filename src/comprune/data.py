@@ -122,6 +122,39 @@ def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
     return ids
 
 
+def _safe_cut(prev: str, row: str) -> bool:
+    """A cut between two rows leaves the tokenisation of their join unchanged: pre-tokenisers split at every
+    change between a non-space and a space character, so cutting right after a row that ends in a non-space
+    character, before a separator followed by a non-space character, cuts at a word boundary."""
+    return bool(prev) and bool(row) and not prev[-1].isspace() and not row[0].isspace()
+
+
+def tokenize_rows(tokenizer, rows: list[str], chunk_chars: int = 1 << 18) -> torch.Tensor:
+    """Token ids of JOIN.join(rows), identical to tokenize_stream of that text, computed in pieces of about
+    `chunk_chars` characters cut only where the join cannot change (see _safe_cut). The fast tokenizers'
+    per-token bookkeeping costs ~50x the text's size, so tokenising a corpus at once would cost hundreds of MB
+    for a moment: more than a streamed prune of a small model needs in total."""
+    pieces, start, size = [], 0, 0
+    for i, row in enumerate(rows):
+        if i > start and size >= chunk_chars and _safe_cut(rows[i - 1], row):
+            pieces.append(_piece(tokenizer, rows, start, i))
+            start, size = i, 0
+        size += len(row) + len(JOIN)
+    if rows:
+        pieces.append(_piece(tokenizer, rows, start, len(rows)))
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+
+
+def _piece(tokenizer, rows, start, end) -> torch.Tensor:
+    text = (JOIN if start else "") + JOIN.join(rows[start:end])
+    return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False).input_ids, dtype=torch.long)
+
+
+def load_ids(tokenizer, source: str, data_dir=None) -> torch.Tensor:
+    """The token stream of a named source or text file (rows joined with JOIN), tokenised in bounded pieces."""
+    return tokenize_rows(tokenizer, load_rows(source, data_dir))
+
+
 @dataclass
 class Calibration:
     """N windows of T tokens plus where they came from (recorded in pruning.json)."""
@@ -161,5 +194,5 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> 
 
 def get_calibration(tokenizer, source: str = "c4", nsamples: int = 128, seqlen: int = 128, seed: int = 0,
                     data_dir=None) -> Calibration:
-    ids = tokenize_stream(tokenizer, load_text(source, data_dir))
+    ids = load_ids(tokenizer, source, data_dir)
     return Calibration(sample_windows(ids, nsamples, seqlen, seed), source, seed)

@@ -24,6 +24,7 @@ the calibration activations, instead of the whole model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -142,6 +143,25 @@ def read_header(path) -> dict:
         return json.loads(f.read(n))
 
 
+def read_rows(path, name: str, rows: list[int], dtype=None) -> torch.Tensor:
+    """Rows `rows` of the 2-D tensor `name` in a safetensors file, read one by one (no mmap, no full table)."""
+    header = read_header(path)
+    info = header[name]
+    src_dtype = _ST_NAMES[info["dtype"]]
+    width = info["shape"][1]
+    out = torch.empty(len(rows), width, dtype=src_dtype)
+    row_bytes = width * out.element_size()
+    with open(path, "rb", buffering=0) as f:
+        base = 8 + struct.unpack("<Q", f.read(8))[0] + info["data_offsets"][0]
+        buf = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        for k, r in enumerate(rows):
+            got = os.pread(f.fileno(), row_bytes, base + r * row_bytes)
+            if len(got) != row_bytes:
+                raise CompruneError(f"{path} is truncated: re-download or re-save the model")
+            buf[k * row_bytes:(k + 1) * row_bytes] = got
+    return out if dtype is None or out.dtype == dtype else out.to(dtype)
+
+
 def rename_tensors(src: Path, dst: Path, rename) -> dict:
     """Move a safetensors file to `dst` with its tensors renamed by `rename(name)`. The header is rewritten in
     place (padded with spaces, as the format allows) when the new one is not longer; otherwise the data bytes
@@ -178,7 +198,7 @@ def _save(tensors: dict, path: Path):
     items = sorted(tensors.items())
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for k, v in items:
-        n = v.numel() * v.element_size()
+        n = v.nbytes() if isinstance(v, SourceTensor) else v.numel() * v.element_size()
         header[k] = {"dtype": _ST_DTYPES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + n]}
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -187,6 +207,9 @@ def _save(tensors: dict, path: Path):
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for _, v in items:
+            if isinstance(v, SourceTensor):
+                v.write_to(f)
+                continue
             t = v.detach().to("cpu").contiguous().reshape(-1)
             if t.numel():
                 f.write(memoryview(t.view(torch.uint8).numpy()))
@@ -208,6 +231,25 @@ def release_memory():
 
 
 _LIBC = None
+
+
+def lean_allocator():
+    """Make glibc return large freed blocks to the OS at once. By default its mmap threshold grows after
+    each large free until tensors of tens of MB come from the heap, which is then kept: a streamed prune's
+    resident memory creeps up by the size of several activation buffers. Costs some page faults per large
+    allocation, which is why only --stream does it."""
+    global _LIBC
+    try:
+        if _LIBC is None:
+            import ctypes
+            _LIBC = ctypes.CDLL("libc.so.6")
+        if _LIBC:
+            M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+            _LIBC.mallopt(M_MMAP_THRESHOLD, 256 << 10)
+            _LIBC.mallopt(M_TRIM_THRESHOLD, 1 << 20)
+            _LIBC.mallopt(M_ARENA_MAX, 2)
+    except (OSError, AttributeError):
+        _LIBC = False
 
 
 def _assign(root: nn.Module, name: str, value: torch.Tensor):
@@ -314,6 +356,61 @@ class BlockStream:
         release_memory()
 
 
+class EmbeddingRows:
+    """The input embedding of a streamed model: rows are read from the shard only for the tokens asked for.
+    `embed` runs the module's own forward (so scaled embeddings, e.g. Gemma's, stay right) on a table of just
+    those rows."""
+
+    def __init__(self, run: "StreamRun", module: nn.Module, name: str):
+        self.run, self.module, self.name = run, module, name
+
+    @torch.inference_mode(False)
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        uniq, inverse = torch.unique(ids.cpu(), return_inverse=True)
+        table = read_rows(self.run.shards.files[self.name], self.name, uniq.tolist(), self.run.dtype)
+        weight, padding = self.module._parameters["weight"], getattr(self.module, "padding_idx", None)
+        self.module._parameters["weight"] = nn.Parameter(table.to(ids.device), requires_grad=False)
+        if padding is not None:
+            self.module.padding_idx = None  # an index into the full table; padding only matters for gradients
+        try:
+            with torch.inference_mode():
+                return self.module(inverse.reshape(ids.shape).to(ids.device))
+        finally:
+            self.module._parameters["weight"] = weight
+            if padding is not None:
+                self.module.padding_idx = padding
+
+
+class TensorStream:
+    """A module outside the blocks (e.g. the LM head for the loss-based layer score) read from the shards only
+    while resident; it is never changed, so releasing it just drops the tensors."""
+
+    def __init__(self, run: "StreamRun", module: nn.Module, names: dict[str, str]):
+        self.run, self.module, self.names = run, module, names  # local name -> shard tensor name
+        self.depth = 0
+        self.saved = {}
+
+    @torch.inference_mode(False)
+    def materialize(self, device):
+        self.depth += 1
+        if self.depth == 1:
+            # keep the meta objects themselves: restoring them on release keeps weight tying (same Parameter)
+            self.saved = {k: (self.module._parameters if k in self.module._parameters else self.module._buffers)[k]
+                          for k in self.names}
+            src = self.run.shards.read(list(self.names.values()), self.run.dtype, device)
+            for local, shard_name in self.names.items():
+                _assign(self.module, local, src[shard_name])
+
+    @torch.inference_mode(False)
+    def release(self, save: bool = True):
+        self.depth -= 1
+        if self.depth == 0:
+            for local, t in self.saved.items():
+                (self.module._parameters if local in self.module._parameters else self.module._buffers)[local] = t
+            self.saved = {}
+            release_memory()
+
+
 class StreamRun:
     def __init__(self, shards: ShardIndex, dtype: torch.dtype, partial: Path):
         self.shards, self.dtype, self.partial = shards, dtype, partial
@@ -350,22 +447,35 @@ def build_skeleton(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool 
     return model.eval()
 
 
-def _load_resident_tensors(model, adapter, shards: ShardIndex, dtype):
-    """Materialise everything outside the decoder blocks (embeddings, final norm, LM head)."""
+def _load_resident_tensors(model, adapter, shards: ShardIndex, dtype, run: "StreamRun"):
+    """Materialise what lives outside the decoder blocks and is small (final norm, ...). The input embedding
+    and the LM head - together as large as many blocks - stay on disk: the embedding gets an EmbeddingRows
+    (calibration tokens' rows only) and the head a TensorStream (read while resident, e.g. for the loss-based
+    layer score). Returns the blocks' name prefix."""
     layers_prefix = _module_prefix(model, adapter.layers(model))
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # one (meta) Parameter for both, so parameter counts see the tie
     names = [k for k in model.state_dict() if not k.startswith(layers_prefix)]
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    out_emb = model.get_output_embeddings()
-    head_names = set()
-    if tied and out_emb is not None:
-        head_prefix = _module_prefix(model, out_emb)
-        head_names = {n for n in names if n.startswith(head_prefix) and n not in shards}
-    tensors = shards.read([n for n in names if n not in head_names], dtype)
+    streamed = set()
+    emb = model.get_input_embeddings()
+    emb_name = _module_prefix(model, emb) + "weight"
+    if emb_name in shards and getattr(emb, "weight", None) is not None and emb.weight.dim() == 2:
+        emb._comprune_rows = EmbeddingRows(run, emb, emb_name)
+        streamed.add(emb_name)
+    head = model.get_output_embeddings()
+    if head is not None:
+        head_prefix = _module_prefix(model, head)
+        local = {k: head_prefix + k for k in head.state_dict()}
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        local = {k: n if n in shards or not (tied and k == "weight") else emb_name for k, n in local.items()}
+        if all(n in shards for n in local.values()):
+            setattr(head, STREAM_ATTR, TensorStream(run, head, local))
+            streamed.update(head_prefix + k for k in local)
+    tensors = shards.read([n for n in names if n not in streamed], dtype)
     for k, v in tensors.items():
         _assign(model, k, v)
-    if head_names:
-        model.tie_weights()
-    left = [k for k, v in model.state_dict().items() if not k.startswith(layers_prefix) and v.device.type == "meta"]
+    left = [k for k, v in model.state_dict().items()
+            if not k.startswith(layers_prefix) and k not in streamed and v.device.type == "meta"]
     if left:
         raise CompruneError(f"tensor {left[0]} is missing from the shards of {shards.dir}")
     return layers_prefix
@@ -463,19 +573,14 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     cfg.device = pick_device(cfg.device)
     dtype = resolve_dtype(dtype)
     shards = ShardIndex(model_dir)
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        except (ValueError, OSError) as e:
-            if calibration is None:
-                raise CompruneError(f"cannot load the tokenizer of {model_dir} ({e.__class__.__name__}): pass "
-                                    "calibration token ids or a tokenizer") from None
-            tokenizer = None
-        if tokenizer is not None and tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+    lean_allocator()
+    own_tokenizer = tokenizer is None
+    if own_tokenizer:
+        tokenizer = _load_tokenizer(model_dir, required=calibration is None)
     if calibration is None:
         calibration = get_calibration(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=data_dir)
+    if own_tokenizer:
+        tokenizer = None  # ~40 MB of vocabulary not needed during the walk: reloaded to save it with the model
 
     partial, ckpt_dir = _partial_dir(out_dir), _checkpoint_dir(out_dir)
     if not resume:
@@ -484,8 +589,8 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
 
     model = build_skeleton(model_dir, dtype, trust_remote_code)
     adapter = get_adapter(model)
-    layers_prefix = _load_resident_tensors(model, adapter, shards, dtype)
     run = StreamRun(shards, dtype, partial)
+    layers_prefix = _load_resident_tensors(model, adapter, shards, dtype, run)
     layers = adapter.layers(model)
     done = _finished_blocks(ckpt_dir) if resume else 0
     for i, layer in enumerate(layers):
@@ -545,11 +650,12 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     for i in range(len(layers)):
         if i not in kept_index:
             (partial / STAGED.format(i)).unlink(missing_ok=True)
-    rest = _non_block_state(model, layers_prefix)
+    rest = _non_block_state(model, layers_prefix, shards, dtype)
     _save(rest, partial / "model-rest.safetensors")
     for k in rest:
         weight_map[k] = "model-rest.safetensors"
-    total_size += sum(v.numel() * v.element_size() for v in rest.values())
+    total_size += sum(v.nbytes() if isinstance(v, SourceTensor) else v.numel() * v.element_size()
+                      for v in rest.values())
     index = {"metadata": {"total_size": total_size, "total_parameters": report.params_after},
              "weight_map": dict(sorted(weight_map.items()))}
     (partial / INDEX).write_text(json.dumps(index, indent=2) + "\n")
@@ -559,6 +665,8 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     model.config.save_pretrained(partial)
     if model.can_generate():
         model.generation_config.save_pretrained(partial)
+    if own_tokenizer:
+        tokenizer = _load_tokenizer(model_dir, required=False)
     if tokenizer is not None:
         tokenizer.save_pretrained(partial)
     _add_auto_map(partial, model)
@@ -577,13 +685,67 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     return report
 
 
-def _non_block_state(model, layers_prefix: str) -> dict[str, torch.Tensor]:
-    """State dict outside the blocks, tied weights written once under their first name (model.embed_tokens,
-    as transformers' save_pretrained does)."""
+def _load_tokenizer(model_dir: Path, required: bool):
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (ValueError, OSError) as e:
+        if required:
+            raise CompruneError(f"cannot load the tokenizer of {model_dir} ({e.__class__.__name__}): pass "
+                                "calibration token ids or a tokenizer") from None
+        return None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _non_block_state(model, layers_prefix: str, shards: ShardIndex, dtype) -> dict:
+    """State dict outside the blocks: resident tensors as they are, streamed ones (embedding, head) as
+    SourceTensor references copied from the shards when written. Tied weights are written once under their
+    first name (model.embed_tokens, as transformers' save_pretrained does)."""
     out, seen = {}, set()
+    head = model.get_output_embeddings()
+    tied_head = None
+    if head is not None and getattr(model.config, "tie_word_embeddings", False):
+        tied_head = _module_prefix(model, head) + "weight"
     for k, v in model.state_dict().items():
-        if k.startswith(layers_prefix) or v.data_ptr() in seen:
+        if k.startswith(layers_prefix) or k == tied_head:
+            continue
+        if v.device.type == "meta":
+            src = k if k in shards else None
+            if src is None:
+                raise CompruneError(f"tensor {k} is missing from the shards of {shards.dir}")
+            out[k] = SourceTensor(shards.files[src], src, dtype)
+            continue
+        if v.data_ptr() in seen:
             continue
         seen.add(v.data_ptr())
         out[k] = v
     return out
+
+
+class SourceTensor:
+    """A tensor of a source shard, copied into an output file in bounded chunks (cast on the way if needed)."""
+
+    def __init__(self, path: Path, name: str, dtype=None):
+        info = read_header(path)[name]
+        self.path, self.name, self.info = path, name, info
+        self.src_dtype = _ST_NAMES[info["dtype"]]
+        self.dtype = dtype if dtype is not None and self.src_dtype.is_floating_point else self.src_dtype
+        self.shape = list(info["shape"])
+
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+    def write_to(self, f, chunk_bytes: int = 16 << 20):
+        src_size = torch.empty((), dtype=self.src_dtype).element_size()
+        chunk = max(1, chunk_bytes // src_size) * src_size
+        with open(self.path, "rb", buffering=0) as fi:
+            base = 8 + struct.unpack("<Q", fi.read(8))[0]
+            start, end = self.info["data_offsets"]
+            for pos in range(base + start, base + end, chunk):
+                data = os.pread(fi.fileno(), min(chunk, base + end - pos), pos)
+                if self.dtype != self.src_dtype:
+                    data = torch.frombuffer(bytearray(data), dtype=self.src_dtype).to(self.dtype).view(
+                        torch.uint8).numpy().tobytes()
+                f.write(data)

@@ -30,6 +30,13 @@ class Activations:
     def clone(self) -> "Activations":
         return Activations([h.clone() for h in self.hidden], self.kwargs)
 
+    def take(self) -> "Activations":
+        """Move the buffers into a new object and leave this one empty, so the callee holds the only reference
+        and each buffer is freed as soon as the callee moves past it."""
+        moved = Activations(self.hidden, self.kwargs)
+        self.hidden, self.kwargs = [], []
+        return moved
+
     @property
     def ntokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
@@ -71,10 +78,14 @@ def capture(model, adapter, input_ids: torch.Tensor, batch_size: int, device) ->
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     src = model_device(model)
+    # Streaming prune: the embedding table stays on disk and only the calibration tokens' rows are read.
+    rows = getattr(model.get_input_embeddings(), "_comprune_rows", None)
     try:
         for i in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[i:i + batch_size].to(src)
+            inputs = {"input_ids": ids} if rows is None else {"inputs_embeds": rows.embed(ids)}
             try:
-                model.base_model(input_ids=input_ids[i:i + batch_size].to(src), use_cache=False)
+                model.base_model(**inputs, use_cache=False)
             except _StopForward:
                 pass
     finally:
@@ -87,16 +98,17 @@ def _block_output(out):
 
 
 @torch.inference_mode()
-def forward_block(layer: nn.Module, acts: Activations, check: bool = True) -> Activations:
-    """Run one block on every batch: returns the next block's inputs."""
+def forward_block(layer: nn.Module, acts: Activations, check: bool = True, keep: bool = True) -> Activations | None:
+    """Run one block on every batch: returns the next block's inputs (None with keep=False: run for hooks)."""
     outs = []
     for h, kw in zip(acts.hidden, acts.kwargs):
         y = _block_output(layer(h, **kw))
         if check and not torch.isfinite(y).all():
             raise CompruneError("non-finite activations (NaN/Inf) after a block: the model or calibration data is "
                                 "broken; try --dtype float32 or other calibration text")
-        outs.append(y)
-    return Activations(outs, acts.kwargs)
+        if keep:
+            outs.append(y)
+    return Activations(outs, acts.kwargs) if keep else None
 
 
 @dataclass
@@ -122,8 +134,9 @@ class InputStats:
 
 @torch.inference_mode()
 def collect_stats(layer: nn.Module, acts: Activations, linears: dict[str, nn.Linear], gram: set[str] = frozenset(),
-                  forward: bool = True) -> tuple[dict[str, InputStats], Activations | None]:
-    """Hook the inputs of `linears` while running the block; returns their stats and the block's outputs."""
+                  forward: bool = True, keep_outputs: bool = True) -> tuple[dict[str, InputStats], Activations | None]:
+    """Hook the inputs of `linears` while running the block; returns their stats and the block's outputs
+    (None with keep_outputs=False, when the caller takes what it needs from its own hooks)."""
     stats = {name: InputStats(n=lin.in_features) for name, lin in linears.items()}
 
     def make_hook(name):
@@ -133,20 +146,23 @@ def collect_stats(layer: nn.Module, acts: Activations, linears: dict[str, nn.Lin
                 raise CompruneError(f"non-finite activations (NaN/Inf) entering {name}: the model or calibration "
                                     "data is broken; check the model loads and evaluates correctly first")
             s = stats[name]
-            xd = x.double()
-            s.col_sum = xd.sum(0) if s.col_sum is None else s.col_sum + xd.sum(0)
-            sq = (xd * xd).sum(0)
-            s.col_sqsum = sq if s.col_sqsum is None else s.col_sqsum + sq
+            if s.col_sum is None:
+                s.col_sum = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
+                s.col_sqsum = torch.zeros_like(s.col_sum)
+            for xc in x.split(256):  # float64 sums over row chunks: a bounded float64 copy, not the whole batch
+                xd = xc.double()
+                s.col_sum += xd.sum(0)
+                s.col_sqsum += (xd * xd).sum(0)
             s.count += x.shape[0]
             if name in gram:
-                # float32 matmul (fast), accumulated in float64 across batches.
-                g = (x.float().T @ x.float()).double()
-                s.gram = g if s.gram is None else s.gram + g
+                # float32 matmul (fast), accumulated in float64 across batches, in place (no float64 temporary)
+                g = x.float().T @ x.float()
+                s.gram = g.double() if s.gram is None else s.gram.add_(g)
         return hook
 
     handles = [lin.register_forward_pre_hook(make_hook(name)) for name, lin in linears.items()]
     try:
-        outs = forward_block(layer, acts) if forward else None
+        outs = forward_block(layer, acts, keep=keep_outputs) if forward else None
     finally:
         for h in handles:
             h.remove()

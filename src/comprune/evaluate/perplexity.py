@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import load_text, tokenize_stream
+from ..data import load_ids
 from ..errors import CompruneError
 
 HEAD_CHUNK = 1024  # positions per head/cross-entropy chunk
@@ -79,7 +79,7 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 128, 
                batch_size: int | None = None, data_dir=None, progress: bool = True, ids: torch.Tensor | None = None):
     """Perplexity on a named dataset (or a pre-tokenised stream `ids`). Returns a JSON-ready dict."""
     if ids is None:
-        ids = tokenize_stream(tokenizer, load_text(dataset, data_dir))
+        ids = load_ids(tokenizer, dataset, data_dir)
     windows = token_windows(ids, seqlen, max_tokens)
     # ~2k tokens per forward keeps the matmuls large (near the CPU's peak) with bounded activations.
     batch_size = batch_size or max(1, 2048 // seqlen)

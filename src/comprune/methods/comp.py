@@ -16,7 +16,7 @@ import torch
 from .. import scores as S
 from ..masktune import error_from_gram, error_of_down, least_squares_down, output_gram, solve_scales
 from ..surgery import as_index, prune_mlp
-from ..walk import collect_stats, forward_block, progress, resident
+from ..walk import _block_output, capture, collect_stats, forward_block, progress, resident
 from .common import choose_layers, kept_width, layer_scores_bi, layer_scores_loss
 
 
@@ -51,12 +51,20 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
     """Score, tune and slice one block's MLP on its (already-pruned-upstream) inputs; returns the record and
     the block's new outputs."""
     parts = adapter.mlp(layer)
-    mlp_io = []  # (MLP input, MLP output) per batch: lets us redo only the MLP after pruning
-    hook = adapter.mlp_module(layer).register_forward_hook(lambda m, args, out: mlp_io.append((args[0], out)))
+    # Where the block ends with `y = r + mlp(x)`, keep (x, r = y - mlp(x)) per batch, so only the MLP is redone
+    # after pruning; the dense outputs themselves are never stored (one activation buffer less at the peak).
+    residual = getattr(adapter, "mlp_output_is_residual", False)
+    mlp_io, last = [], []
+    hooks = []
+    if residual:
+        hooks.append(adapter.mlp_module(layer).register_forward_hook(lambda m, args, out: last.append((args[0], out))))
+        hooks.append(layer.register_forward_hook(
+            lambda m, args, out: mlp_io.append((last[-1][0], _block_output(out) - last.pop()[1]))))
     try:
-        stats, dense_out = collect_stats(layer, acts, {"down": parts.down}, gram={"down"}, forward=True)
+        stats, _ = collect_stats(layer, acts, {"down": parts.down}, gram={"down"}, forward=True, keep_outputs=False)
     finally:
-        hook.remove()
+        for h in hooks:
+            h.remove()
     G = stats["down"].gram
     keep = select_neurons(metric or cfg.metric, G, parts, n_remove, cfg)
     K = output_gram(G, parts.down.weight.detach())
@@ -76,7 +84,7 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
     if new_down is not None:
         with torch.no_grad():
             parts.down.weight.copy_(new_down.to(parts.down.weight.dtype))
-    out = _outputs_after_mlp_change(layer, adapter, acts, dense_out, mlp_io)
+    out = _outputs_after_mlp_change(layer, adapter, acts, mlp_io)
     rec = {"width": int(idx.numel()), "kept_neurons": idx.tolist(),
            "rel_error_pruned": err_before / max(energy, 1e-30), "rel_error_tuned": err_after / max(energy, 1e-30)}
     if scales is not None:
@@ -87,13 +95,17 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
 
 
 @torch.inference_mode()
-def _outputs_after_mlp_change(layer, adapter, acts, dense_out, mlp_io):
+def _outputs_after_mlp_change(layer, adapter, acts, mlp_io):
     """Block outputs with the new MLP. Where the MLP output is the last residual add (block = r + mlp(x)),
     only the MLP is recomputed: y' = (y - mlp_dense(x)) + mlp_pruned(x), sparing the attention pass."""
     if not getattr(adapter, "mlp_output_is_residual", False):
         return forward_block(layer, acts)
     mlp = adapter.mlp_module(layer)
-    return type(acts)([y - o + mlp(x) for y, (x, o) in zip(dense_out.hidden, mlp_io)], acts.kwargs)
+    outs = []
+    while mlp_io:  # consumed in order, each input freed as soon as its output exists
+        x, r = mlp_io.pop(0)
+        outs.append(r.add_(mlp(x)))
+    return type(acts)(outs, acts.kwargs)
 
 
 def layer_stage(model, adapter, acts, input_ids, k: int, cfg, show=True) -> tuple[list[int], list[float]]:
@@ -124,8 +136,12 @@ def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None
     layers = adapter.layers(model)
     state = checkpoint.load(acts) if checkpoint is not None else None
     if state is None:
-        removed, layer_scores = layer_stage(model, adapter, acts.clone(), input_ids, budget.layers_to_remove, cfg,
+        # The layer stage consumes the block-0 inputs; recapturing them (embeddings only) is cheaper in memory
+        # than keeping a copy through the dense pass (a third activation buffer).
+        device = acts.hidden[0].device
+        removed, layer_scores = layer_stage(model, adapter, acts.take(), input_ids, budget.layers_to_remove, cfg,
                                             show)
+        acts = capture(model, adapter, input_ids, cfg.batch_size, device)
         start, records = 0, {}
         if checkpoint is not None:
             checkpoint.save(0, None, {"removed_layers": removed, "layer_scores": layer_scores, "blocks": {}})
