@@ -138,21 +138,26 @@ def _own(t: torch.Tensor, dtype, device: torch.device) -> torch.Tensor:
 
 
 def read_header(path) -> dict:
+    return read_header_and_base(path)[0]
+
+
+def read_header_and_base(path) -> tuple[dict, int]:
+    """The header of a safetensors file and the file offset where its tensor data starts."""
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
-        return json.loads(f.read(n))
+        return json.loads(f.read(n)), 8 + n
 
 
 def read_rows(path, name: str, rows: list[int], dtype=None) -> torch.Tensor:
     """Rows `rows` of the 2-D tensor `name` in a safetensors file, read one by one (no mmap, no full table)."""
-    header = read_header(path)
+    header, data = read_header_and_base(path)
     info = header[name]
     src_dtype = _ST_NAMES[info["dtype"]]
     width = info["shape"][1]
     out = torch.empty(len(rows), width, dtype=src_dtype)
     row_bytes = width * out.element_size()
+    base = data + info["data_offsets"][0]
     with open(path, "rb", buffering=0) as f:
-        base = 8 + struct.unpack("<Q", f.read(8))[0] + info["data_offsets"][0]
         buf = memoryview(out.view(torch.uint8).numpy()).cast("B")
         for k, r in enumerate(rows):
             got = os.pread(f.fileno(), row_bytes, base + r * row_bytes)
@@ -216,21 +221,27 @@ def _save(tensors: dict, path: Path):
     os.replace(tmp, path)
 
 
-def release_memory():
-    """Give freed heap memory back to the OS (glibc's malloc_trim). Blocks are tens to hundreds of MB of
-    mid-sized allocations; without this the process's RSS creeps up by ~20 MB per block read."""
+def _libc():
+    """glibc through ctypes, or None where it is not available (other libcs, other systems)."""
     global _LIBC
-    try:
-        if _LIBC is None:
+    if _LIBC is None:
+        try:
             import ctypes
             _LIBC = ctypes.CDLL("libc.so.6")
-        if _LIBC:
-            _LIBC.malloc_trim(0)
-    except (OSError, AttributeError):
-        _LIBC = False
+            _LIBC.malloc_trim, _LIBC.mallopt  # noqa: B018 - glibc-only symbols: fail here, not at the call
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC or None
 
 
 _LIBC = None
+
+
+def release_memory():
+    """Give freed heap memory back to the OS (glibc's malloc_trim). Blocks are tens to hundreds of MB of
+    mid-sized allocations; without this the process's RSS creeps up by ~20 MB per block read."""
+    if _libc():
+        _libc().malloc_trim(0)
 
 
 def lean_allocator():
@@ -238,18 +249,11 @@ def lean_allocator():
     each large free until tensors of tens of MB come from the heap, which is then kept: a streamed prune's
     resident memory creeps up by the size of several activation buffers. Costs some page faults per large
     allocation, which is why only --stream does it."""
-    global _LIBC
-    try:
-        if _LIBC is None:
-            import ctypes
-            _LIBC = ctypes.CDLL("libc.so.6")
-        if _LIBC:
-            M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
-            _LIBC.mallopt(M_MMAP_THRESHOLD, 256 << 10)
-            _LIBC.mallopt(M_TRIM_THRESHOLD, 1 << 20)
-            _LIBC.mallopt(M_ARENA_MAX, 2)
-    except (OSError, AttributeError):
-        _LIBC = False
+    if _libc():
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+        _libc().mallopt(M_MMAP_THRESHOLD, 256 << 10)
+        _libc().mallopt(M_TRIM_THRESHOLD, 1 << 20)
+        _libc().mallopt(M_ARENA_MAX, 2)
 
 
 def _assign(root: nn.Module, name: str, value: torch.Tensor):
@@ -728,7 +732,8 @@ class SourceTensor:
     """A tensor of a source shard, copied into an output file in bounded chunks (cast on the way if needed)."""
 
     def __init__(self, path: Path, name: str, dtype=None):
-        info = read_header(path)[name]
+        header, self.data = read_header_and_base(path)
+        info = header[name]
         self.path, self.name, self.info = path, name, info
         self.src_dtype = _ST_NAMES[info["dtype"]]
         self.dtype = dtype if dtype is not None and self.src_dtype.is_floating_point else self.src_dtype
@@ -740,8 +745,8 @@ class SourceTensor:
     def write_to(self, f, chunk_bytes: int = 16 << 20):
         src_size = torch.empty((), dtype=self.src_dtype).element_size()
         chunk = max(1, chunk_bytes // src_size) * src_size
+        base = self.data
         with open(self.path, "rb", buffering=0) as fi:
-            base = 8 + struct.unpack("<Q", fi.read(8))[0]
             start, end = self.info["data_offsets"]
             for pos in range(base + start, base + end, chunk):
                 data = os.pread(fi.fileno(), min(chunk, base + end - pos), pos)
