@@ -5,7 +5,7 @@
              tied embeddings, one shard per block) is written shard by shard - never materialised - then
              pruned 20 % with COMP from disk in a child process whose address space is capped well below the
              model's size (`prlimit --as`; the cap also covers safetensors' mmap of the shard being read). Its
-             peak RSS (ru_maxrss from wait4) is compared with the weights' size. The MLP is narrow on purpose:
+             peak RSS (its VmHWM) is compared with the weights' size. The MLP is narrow on purpose:
              COMP's per-block workspace is a few f x f float64 matrices (f = MLP width) and its greedy
              selection is O(f^3) per block, so a narrow MLP keeps the run at ~20-30 min on 2 shared cores.
 2. smollm2:  SmolLM2-135M (538 MB float32) pruned 20 % with and without --stream: peak RSS of both.
@@ -101,8 +101,10 @@ def write_random_llama(out: Path, layers: int, hidden: int, inter: int, heads: i
 
 
 def run_measured(cmd: list[str], as_limit: int | None = None, log: Path | None = None) -> dict:
-    """Run `cmd` (optionally under `prlimit --as`), returning its exit code, wall time and peak RSS
-    (ru_maxrss from wait4: exact, whole lifetime) plus the VmHWM/VmPeak last seen in /proc."""
+    """Run `cmd` (optionally under `prlimit --as`), returning its exit code, wall time and peak RSS: the child's
+    VmHWM polled from /proc every 0.5 s (its own address space's high-water mark, monotone, so only the last
+    half second could be missed; the child's self-reported VmHWM in its JSON closes that gap). wait4's ru_maxrss
+    is kept only as an upper bound: Linux carries it across exec, so it can be the launcher's peak."""
     if as_limit:
         cmd = ["prlimit", f"--as={as_limit}", "--", *cmd]
     t0 = time.perf_counter()
@@ -132,7 +134,7 @@ def run_measured(cmd: list[str], as_limit: int | None = None, log: Path | None =
     if log:
         f.close()
     return {"returncode": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
-            "peak_rss_bytes": ru.ru_maxrss * 1024, "vm_hwm_bytes": seen["VmHWM"], "vm_peak_bytes": seen["VmPeak"],
+            "peak_rss_bytes": seen["VmHWM"], "ru_maxrss_bytes": ru.ru_maxrss * 1024, "vm_hwm_bytes": seen["VmHWM"], "vm_peak_bytes": seen["VmPeak"],
             "as_limit_bytes": as_limit, "command": shlex.join(cmd)}
 
 
@@ -157,6 +159,13 @@ def manifest(out: Path) -> dict:
     return {"ratio_achieved": m["ratio_achieved"], "params_before": m["params_before"], "params_after": m["params_after"],
             "removed_layers": m["removed_layers"], "mlp_widths": sorted(set(m["mlp_widths"])),
             "self_reported_peak_rss_mb": m["peak_rss_mb"], "streaming": m.get("streaming")}
+
+
+def merge_manifest(r: dict, m: dict):
+    """Add the child's manifest to its measurement; its self-reported VmHWM covers the last unpolled moments."""
+    r.update(m)
+    if m.get("self_reported_peak_rss_mb"):
+        r["peak_rss_bytes"] = max(r["peak_rss_bytes"], int(m["self_reported_peak_rss_mb"] * 2**20))
 
 
 def main():
@@ -202,7 +211,7 @@ def main():
                   f"prlimit --as={limit}", flush=True)
             out = work / "random-llama-comp20"
             r = run_measured(prune_cmd(src, out, True, args.nsamples, args.seqlen), limit, work / "big.log")
-            r.update(manifest(out))
+            merge_manifest(r, manifest(out))
             r["output_bytes"] = dir_bytes(out) if out.is_dir() else None
             results["big"] = {"model": info, "stream": r, "command": command, "calibration": calibration,
                               "peak_rss_over_weights": round(r["peak_rss_bytes"] / info["weights_bytes"], 3)}
@@ -222,7 +231,7 @@ def main():
                 out = work / f"smollm2-comp20-{mode}"
                 r = run_measured(prune_cmd("smollm2", out, mode == "stream", args.nsamples, args.seqlen), None,
                                  work / f"smollm2-{mode}.log")
-                r.update(manifest(out))
+                merge_manifest(r, manifest(out))
                 sm[mode] = r
                 print(mode, json.dumps(r, indent=1), flush=True)
                 if not args.keep:
@@ -282,8 +291,9 @@ def write(new: dict):
              "noisy).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join("-" if v is None else str(v) for v in r) + " |" for r in rows]
-    lines += ["", "Peak RSS is the child process's ru_maxrss (wait4), i.e. its whole-lifetime resident peak "
-              "(file pages of safetensors' mmaps included while mapped). The address-space cap (`prlimit --as`) "
+    lines += ["", "Peak RSS is the pruning process's own VmHWM (its resident high-water mark, file pages of any "
+              "mmaps included while mapped), the larger of the value polled from /proc and the one it reports itself. "
+              "Not wait4's ru_maxrss, which Linux carries across exec from the launcher. The address-space cap (`prlimit --as`) "
               "bounds virtual memory, which is always above RSS, so the run could not have held the model.", "",
               "Commands:", "", "```"]
     for key in ("big", "smollm2"):

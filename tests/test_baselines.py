@@ -278,8 +278,24 @@ def test_compare_runs_resumes_and_writes_reports(tmp_path):
     for m in ("flap", "layer-drop"):
         assert rows[m]["ppl32"] > 0 and rows[m]["ppl64"] > 0 and rows[m]["speed_relative"] > 0
         assert rows[m]["peak_rss_mb"] > 0 and rows[m]["prune_seconds"] >= 0
+    # layer-drop streams: pruned again from disk in its own process, to the very same weights; flap does not
+    assert rows["layer-drop"]["stream_identical"] is True and rows["layer-drop"]["stream_peak_rss_mb"] > 0
+    assert rows["flap"]["stream_peak_rss_mb"] is None
+    assert res["runtime_floor_mb"] > 0
     assert (out / "results.md").read_text().count("\n| ") >= 3 and (out / "results.png").stat().st_size > 1000
     assert not (out / "models" / "flap-r0.25").exists()  # finished runs drop their model directory
     before = (out / "runs" / "flap-r0.25.json").read_text()
     Comparison(str(d), [0.25], ["flap", "layer-drop"], out, **kw).run()  # resumes: nothing redone
     assert (out / "runs" / "flap-r0.25.json").read_text() == before
+
+
+def test_peak_rss_is_the_pruning_process_own():
+    """A prune launched from a large process (compare, a notebook) must not report the launcher's peak:
+    Linux carries getrusage's ru_maxrss across exec, so peak_rss_mb reads the process's own VmHWM."""
+    ballast = bytearray(1500 * 2**20)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page: 1.5 GB resident in this process
+    code = "from comprune.prune import peak_rss_mb; print(peak_rss_mb())"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-500:]
+    assert 0 < float(r.stdout) < 1000, r.stdout  # the child itself: python + torch, not this test's 1.5 GB
+    del ballast

@@ -7,8 +7,12 @@ source/seed (the manifests' calibration sha256 must agree; the comparison checks
 - WikiText-2 perplexity at 128 and 2048 tokens on a fixed slice (the first `ppl_max_tokens` tokens of the test
   stream) for every run; the full test set for the runs at `full_ratio` (and dense);
 - the seven-task zero-shot average (`evaluate_zeroshot(..., "paper7", subset=200)`) at `zeroshot_ratio`;
-- parameters, pruning seconds, pruning peak RSS; greedy generation tokens/s relative to the dense model
-  (`evaluate.speed.relative_speed`, measured alternately with the dense model).
+- parameters, pruning seconds, pruning peak RSS (the pruning process's own VmHWM); greedy generation tokens/s
+  relative to the dense model (`evaluate.speed.relative_speed`, measured alternately with the dense model);
+- for methods that stream (`comprune prune --stream`), a second prune from disk one block at a time in its own
+  process: its seconds and peak RSS, and a check that its weights equal the in-memory prune's (sha256);
+- once, the runtime floor: the peak RSS of a process that imports comprune and builds the model's skeleton
+  without weights, which every pruning process pays before its own work.
 
 Resumable: each run's results live in `<out>/runs/<method>-r<ratio>.json`, written after every metric; a rerun
 skips what is there. Work is ordered so the most useful numbers come first: the `zeroshot_ratio` runs
@@ -29,7 +33,10 @@ from .errors import CompruneError
 
 DEFAULT_METHODS = ("comp", "llm-pruner", "flap", "layer-drop", "wanda-sp")
 DEFAULT_OUT = "benchmarks/results/compare"
-STAGES = ("prune", "ppl", "speed", "zeroshot", "full")
+STAGES = ("prune", "ppl", "speed", "stream", "zeroshot", "full")
+# How prune records measured peak memory. Records without it used getrusage's ru_maxrss, which Linux carries
+# across exec from the launching process: they are re-pruned (same model, checked) to measure again.
+RSS_PROBE = "VmHWM"
 
 
 def run_name(method: str, ratio: float) -> str:
@@ -50,6 +57,15 @@ def _write(path: Path, obj: dict):
 def _log(msg: str, show: bool):
     if show:
         print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _check_same_model(name: str, old: dict, new: dict):
+    """A re-pruned run must give the model its evaluations were made on (pruning is deterministic)."""
+    keys = ["params_after", "removed_layers", "mlp_widths"] + (["weights_sha256"] if old.get("weights_sha256") else [])
+    diff = [k for k in keys if old.get(k) != new.get(k)]
+    if diff:
+        raise CompruneError(f"re-pruning {name} gave a different model ({', '.join(diff)} changed): its evaluations "
+                            "no longer apply; delete its runs/{name}.json to evaluate the new model")
 
 
 class Comparison:
@@ -122,10 +138,11 @@ class Comparison:
             self._ids = load_ids(tok, "wikitext2", self.data_dir)
         return self._ids
 
-    def prune_run(self, method: str, ratio: float) -> dict:
+    def prune_run(self, method: str, ratio: float, stream: bool = False) -> dict:
+        from .io import weights_digest
         name = run_name(method, ratio)
-        out = self.model_dir(name)
-        log = self.out / "logs" / f"{name}.prune.log"
+        out = self.model_dir(name + ("-stream" if stream else ""))
+        log = self.out / "logs" / f"{name}.prune{'-stream' if stream else ''}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         cmd = [self.python, "-m", "comprune.cli", "prune", self.model_spec, "--method", method, "--ratio", str(ratio),
                "--calib", self.calib, "--nsamples", str(self.nsamples), "--seqlen", str(self.seqlen),
@@ -133,8 +150,10 @@ class Comparison:
         if self.data_dir:
             cmd += ["--data-dir", str(self.data_dir)]
         for k, v in self.prune_args.get(method, {}).items():
-            cmd += [f"--{k}", str(v)]
-        _log(f"prune {name}: {' '.join(cmd[1:])}", self.show)
+            cmd += [f"--{k}"] if v is True else [f"--{k}", str(v)]
+        if stream:
+            cmd += ["--stream"]
+        _log(f"prune {name}{' (streamed)' if stream else ''}: {' '.join(cmd[1:])}", self.show)
         t0 = time.perf_counter()
         with open(log, "w") as err:
             r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
@@ -150,7 +169,11 @@ class Comparison:
         rec = {k: rep.get(k) for k in keep}
         rec["wall_seconds"] = round(wall, 2)
         rec["command"] = " ".join(["python"] + cmd[1:])
+        rec["rss_probe"] = RSS_PROBE
+        rec["weights_sha256"] = weights_digest(out)
         man = _read(out / "pruning.json")
+        if stream:
+            rec["streaming"] = man.get("streaming")
         rec["attention_heads"] = [b.get("heads") for _, b in sorted(man.get("blocks", {}).items(),
                                                                      key=lambda kv: int(kv[0]))]
         return rec
@@ -186,8 +209,14 @@ class Comparison:
             return False
         if stage in ("ppl", "full"):
             return any(self.ppl_key(s, stage == "full") not in rec.get("ppl", {}) for s in self.ppl_seqlens)
-        if stage in ("prune", "speed"):
+        if stage == "prune":
+            return name != "dense" and rec.get("prune", {}).get("rss_probe") != RSS_PROBE
+        if stage == "speed":
             return name != "dense" and stage not in rec
+        if stage == "stream":
+            from .stream import can_stream
+            return name != "dense" and can_stream(rec["method"]) and \
+                rec.get("stream", {}).get("rss_probe") != RSS_PROBE
         return stage not in rec
 
     def step(self, name: str, stage: str):
@@ -207,7 +236,22 @@ class Comparison:
             return  # its pruning failed (see errors): nothing to evaluate
         try:
             if stage == "prune":
-                rec["prune"] = self.prune_run(rec["method"], rec["ratio"])
+                new = self.prune_run(rec["method"], rec["ratio"])
+                if "prune" in rec:  # measured again: evaluations stay valid only for the very same model
+                    _check_same_model(name, rec["prune"], new)
+                    new["superseded"] = {k: rec["prune"].get(k) for k in ("seconds", "peak_rss_mb", "wall_seconds")}
+                rec["prune"] = new
+                rec.get("errors", {}).pop(stage, None)
+                self._save(name, rec)
+                return
+            if stage == "stream":
+                st = self.prune_run(rec["method"], rec["ratio"], stream=True)
+                shutil.rmtree(self.model_dir(name + "-stream"), ignore_errors=True)
+                st["identical_to_in_memory"] = st["weights_sha256"] == rec["prune"].get("weights_sha256")
+                rec["stream"] = {k: st.get(k) for k in ("seconds", "wall_seconds", "peak_rss_mb", "rss_probe",
+                                                        "weights_sha256", "identical_to_in_memory", "streaming",
+                                                        "command")}
+                rec.get("errors", {}).pop(stage, None)
                 self._save(name, rec)
                 return
             dense, tok = self.dense()
@@ -245,14 +289,14 @@ class Comparison:
             self._save(name, rec)
 
     def plan(self) -> list[tuple[str, str]]:
-        """(run, stage) in the order the work is done: the headline ratio first (prune, slice perplexity,
-        speed), then the other ratios, then zero-shot at the headline ratio, then full-test-set perplexity."""
+        """(run, stage) in the order the work is done: the headline ratio first (prune, streamed prune, slice
+        perplexity, speed), then the other ratios, then zero-shot at the headline ratio, then full-test-set perplexity."""
         first = [r for r in self.ratios if self.zeroshot_ratio is not None and abs(r - self.zeroshot_ratio) < 1e-9]
         rest = [r for r in self.ratios if r not in first]
         steps = [("dense", "ppl")]
         for r in first + rest:
             for m in self.methods:
-                steps += [(run_name(m, r), s) for s in ("prune", "ppl", "speed")]
+                steps += [(run_name(m, r), s) for s in ("prune", "stream", "ppl", "speed")]
         if first:
             steps += [("dense", "zeroshot")] + [(run_name(m, r), "zeroshot") for r in first for m in self.methods]
         if self.full_ratio is not None and any(abs(r - self.full_ratio) < 1e-9 for r in self.ratios):
@@ -273,11 +317,38 @@ class Comparison:
             raise CompruneError(f"{self.out} holds a comparison with other model/calibration settings: "
                                 "use another --out (results of different calibrations must not be mixed)")
         _write(settings_path, {**old, **self.settings()})
+        self.runtime_floor()
         for name, stage in self.plan():
             self.step(name, stage)
             if name != "dense" and not self.keep_models and self.finished(name):
                 shutil.rmtree(self.model_dir(name), ignore_errors=True)
         return self.write_reports()
+
+    def runtime_floor(self) -> dict:
+        """Peak RSS of a process that imports comprune (torch, transformers, the model family's modeling code)
+        and builds the model's skeleton without weights: what every pruning process pays before its own work.
+        Measured once per comparison, in its own process."""
+        path = self.out / "runtime_floor.json"
+        rec = _read(path)
+        if rec.get("rss_probe") == RSS_PROBE:
+            return rec
+        from .stream import resolve_stream_source
+        resolve_stream_source(self.model_spec)  # a first use builds the cached safetensors here, not in the probe
+        code = ("import json, sys; from comprune.stream import build_skeleton, resolve_stream_source; "
+                "from comprune.loading import resolve_dtype; from comprune.prune import peak_rss_mb; "
+                "build_skeleton(resolve_stream_source(sys.argv[1]), resolve_dtype(sys.argv[2])); "
+                "print(json.dumps({'peak_rss_mb': peak_rss_mb()}))")
+        try:
+            r = subprocess.run([self.python, "-c", code, self.model_spec, self.dtype], capture_output=True, text=True,
+                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            rec = {**json.loads(r.stdout.strip().splitlines()[-1]), "rss_probe": RSS_PROBE,
+                   "what": "python + torch + transformers + comprune imported, model skeleton built on the meta "
+                           "device, no weights, no data"}
+        except (ValueError, IndexError):
+            _log(f"runtime floor not measured: {(r.stderr or '').strip().splitlines()[-1:]}", True)
+            return {}
+        _write(path, rec)
+        return rec
 
     # -------------------------------------------------------------------------------------------- reports
     def rows(self) -> list[dict]:
@@ -301,7 +372,10 @@ class Comparison:
                 **{f"ppl{s}_full": get(self.ppl_key(s, True)) for s in self.ppl_seqlens},
                 "avg7": zs.get("average"), "zeroshot_tasks": {t: v.get(v.get("metric", "acc")) for t, v in zs.get("tasks", {}).items()} or None,
                 "prune_seconds": p.get("seconds"), "prune_wall_seconds": p.get("wall_seconds"),
-                "peak_rss_mb": p.get("peak_rss_mb"),
+                "peak_rss_mb": p.get("peak_rss_mb") if p.get("rss_probe") == RSS_PROBE else None,
+                "stream_seconds": rec.get("stream", {}).get("seconds"),
+                "stream_peak_rss_mb": rec.get("stream", {}).get("peak_rss_mb"),
+                "stream_identical": rec.get("stream", {}).get("identical_to_in_memory"),
                 "speed_relative": rec.get("speed", {}).get("relative", 1.0 if name == "dense" else None),
                 "tokens_per_second": rec.get("speed", {}).get("tokens_per_second"),
                 "calibration_sha256": p.get("calibration", {}).get("sha256"),
@@ -311,12 +385,13 @@ class Comparison:
     def write_reports(self) -> dict:
         rows = self.rows()
         shas = {r["calibration_sha256"] for r in rows if r["calibration_sha256"]}
+        floor = _read(self.out / "runtime_floor.json").get("peak_rss_mb")
         result = {"settings": self.settings(), "calibration_sha256": sorted(shas), "rows": rows,
-                  "calibration_identical": len(shas) <= 1}
+                  "calibration_identical": len(shas) <= 1, "runtime_floor_mb": floor}
         _write(self.out / "results.json", result)
-        (self.out / "results.md").write_text(markdown_table(rows, self.settings(), shas) + "\n")
+        (self.out / "results.md").write_text(markdown_table(rows, self.settings(), shas, floor) + "\n")
         try:
-            plot(rows, self.out / "results.png", self.settings())
+            plot(rows, self.out / "results.png", {**self.settings(), "runtime_floor_mb": floor})
         except ImportError:
             pass
         return result
@@ -326,19 +401,21 @@ def _f(v, fmt="{:.2f}"):
     return "-" if v is None else fmt.format(v)
 
 
-def markdown_table(rows: list[dict], settings: dict, shas=()) -> str:
+def markdown_table(rows: list[dict], settings: dict, shas=(), floor_mb: float | None = None) -> str:
     seqlens = settings["ppl_seqlens"]
     mt = settings["ppl_max_tokens"]
     head = ["method", "ratio (req → got)", "params (M)", "layers"]
     head += [f"PPL@{s} ({mt // 1024}k tok)" for s in seqlens] + [f"PPL@{s} full" for s in seqlens]
-    head += ["7-task avg (%)", "prune s", "peak RSS (MB)", "gen tok/s vs dense"]
+    head += ["7-task avg (%)", "prune s", "peak RSS (MB)", "streamed: s / peak RSS (MB)", "gen tok/s vs dense"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
         ratio = "0" if r["method"] == "dense" else f"{r['ratio']:.2f} → {_f(r['ratio_achieved'], '{:.4f}')}"
         cells = [r["method"], ratio, _f(r["params"] / 1e6 if r["params"] else None, "{:.2f}"), r["layers"] or "-"]
         cells += [_f(r[f"ppl{s}"]) for s in seqlens] + [_f(r[f"ppl{s}_full"]) for s in seqlens]
+        streamed = "-" if r.get("stream_peak_rss_mb") is None else \
+            f"{r['stream_seconds']:.0f} / {r['stream_peak_rss_mb']:.0f}" + ("" if r["stream_identical"] else " (≠!)")
         cells += [_f(100 * r["avg7"] if r["avg7"] is not None else None), _f(r["prune_seconds"], "{:.0f}"),
-                  _f(r["peak_rss_mb"], "{:.0f}"), _f(r["speed_relative"], "{:.2f}×")]
+                  _f(r["peak_rss_mb"], "{:.0f}"), streamed, _f(r["speed_relative"], "{:.2f}×")]
         if r.get("errors"):
             cells[0] += " (error: " + "; ".join(f"{k}" for k in r["errors"]) + ")"
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -346,7 +423,23 @@ def markdown_table(rows: list[dict], settings: dict, shas=()) -> str:
             f"{settings['seed']}; sha256 " + (", ".join(s[:16] + "…" for s in sorted(shas)) or "-") +
             (" (identical for every method)" if len(shas) == 1 else " (DIFFERS between runs!)" if shas else "") +
             f". Zero-shot: {settings['zeroshot_tasks']}, subset {settings['zeroshot_subset']} per task, at ratio "
-            f"{settings['zeroshot_ratio']}; full-test-set perplexity at ratio {settings['full_ratio']}.")
+            f"{settings['zeroshot_ratio']}; full-test-set perplexity at ratio {settings['full_ratio']}. "
+            "Peak RSS: the pruning process's own high-water mark (VmHWM). Streamed: the same prune with "
+            "`--stream` (one block in memory) in its own process; its weights equal the in-memory prune's "
+            "(sha256) unless marked ≠.")
+    if floor_mb:
+        note += (f" Runtime floor: {floor_mb:.0f} MB is the peak RSS of a process that only imports comprune "
+                 "(python, torch, transformers) and builds the model's skeleton without weights; every pruning "
+                 "process pays it before its own work.")
+    tasks = next((list(r["zeroshot_tasks"]) for r in rows if r.get("zeroshot_tasks")), None)
+    if tasks:
+        zs = [r for r in rows if r.get("zeroshot_tasks")]
+        note += "\n\nZero-shot per task (%; acc_norm for hellaswag, arc_challenge, openbookqa, acc otherwise):\n\n"
+        note += "| method | ratio | " + " | ".join(tasks) + " | average |\n|---|---:|" + "---:|" * (len(tasks) + 1)
+        for r in zs:
+            vals = [_f(100 * r["zeroshot_tasks"][t] if r["zeroshot_tasks"].get(t) is not None else None)
+                    for t in tasks]
+            note += f"\n| {r['method']} | {r['ratio']:.2f} | " + " | ".join(vals) + f" | {_f(100 * r['avg7'])} |"
     return "\n".join(lines) + "\n" + note
 
 
@@ -386,14 +479,24 @@ def plot(rows: list[dict], path: Path, settings: dict):
     if ax1.get_legend_handles_labels()[0]:
         ax1.legend()
     for m in methods:
-        pts = [(r["prune_seconds"], r["peak_rss_mb"], r["ratio"]) for r in rows
-               if r["method"] == m and r["prune_seconds"] is not None]
-        if pts:
-            ax2.scatter([p[0] for p in pts], [p[1] for p in pts], color=COLORS.get(m), label=m, s=50)
+        for key_s, key_m, stream in (("prune_seconds", "peak_rss_mb", False), ("stream_seconds", "stream_peak_rss_mb", True)):
+            pts = [(r[key_s], r[key_m], r["ratio"]) for r in rows
+                   if r["method"] == m and r.get(key_s) is not None and r.get(key_m) is not None]
+            if not pts:
+                continue
+            ax2.scatter([p[0] for p in pts], [p[1] for p in pts], s=50, label=m + (" --stream" if stream else ""),
+                        **({"facecolors": "none", "edgecolors": COLORS.get(m), "marker": "D"} if stream else
+                           {"color": COLORS.get(m)}))
             for x, y, rr in pts:
                 ax2.annotate(f"{100 * rr:.0f}%", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    floor = settings.get("runtime_floor_mb")
+    if floor:
+        ax2.axhline(floor, color="gray", ls=":", lw=1)
+        ax2.annotate("runtime floor (imports + skeleton, no weights)", (0, floor), xycoords=("axes fraction", "data"),
+                     textcoords="offset points", xytext=(4, -10), fontsize=8, color="gray")
     ax2.set_xlabel("pruning time (s, in its own process)")
-    ax2.set_ylabel("pruning peak RSS (MB, whole process incl. model)")
+    ax2.set_ylabel("pruning peak RSS (MB, the process's own VmHWM)")
+    ax2.set_ylim(bottom=0)
     ax2.set_title("Pruning cost")
     ax2.grid(True, alpha=0.3)
     if ax2.get_legend_handles_labels()[0]:

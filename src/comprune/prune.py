@@ -20,9 +20,26 @@ from .surgery import drop_layers, finalize_config
 from .walk import capture
 
 
+def rss_mb(field: str = "VmHWM") -> float:
+    """Resident memory of this process in MiB: its peak so far (VmHWM) or now (VmRSS).
+
+    Read from /proc/self/status, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a prune
+    started as a subprocess of a large process (comprune compare, a notebook) would report the launcher's
+    peak instead of its own. VmHWM belongs to this process's own address space."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no procfs: KiB on Linux, bytes on macOS
+    return peak / 1024 / (1024 if platform.system() == "Darwin" else 1)
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far, in MiB (see rss_mb)."""
+    return rss_mb("VmHWM")
 
 
 def versions() -> dict:

@@ -47,6 +47,14 @@ STAGED = "block-{:05d}.safetensors"
 NOT_STREAMING = {"magnitude", "flap"}
 
 
+def can_stream(method_name: str) -> bool:
+    """Whether `comprune prune --stream` accepts this method (forward-only and block-local)."""
+    from .methods import METHODS
+    run = METHODS.get(method_name)
+    return run is not None and not getattr(run, "needs_gradients", False) and \
+        getattr(run, "streams", method_name not in NOT_STREAMING)
+
+
 # ------------------------------------------------------------------------------------------- shard access
 class ShardIndex:
     """Tensor name -> shard file of a safetensors model directory (index.json, or the files' headers)."""
