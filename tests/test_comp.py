@@ -38,6 +38,21 @@ def test_pruned_equals_masked_dense(family, layer_share):
     assert torch.equal(out, seq)
 
 
+@pytest.mark.parametrize("recovery", ["scales", "least-squares"])
+def test_mlp_rebuild_from_residual_equals_stored_inputs(family, recovery):
+    """After pruning a block's MLP, its outputs are rebuilt either from the stored residual r plus a copy of the
+    dense MLP (less memory on small models) or from stored (x, y - mlp(x)): the same bits either way."""
+    results = []
+    for rebuild in ("r", "x"):
+        model = tiny_model(family, layers=4)
+        cfg = PruneConfig(ratio=0.3, layer_share=0.3, batch_size=4, recovery=recovery, extra={"mlp_rebuild": rebuild})
+        model, report = prune(model, None, cfg, calibration=calib(), progress=False)
+        results.append((model.state_dict(), report.blocks))
+    (a, ra), (b, rb) = results
+    assert ra == rb and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3, 0.5])
 @pytest.mark.parametrize("layer_share", [0.0, 0.25, 0.5, 1.0])
 def test_achieved_ratio_matches_request(ratio, layer_share):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import CompruneError
-from .walk import Activations
+from .walk import Activations, SpilledBatches, batch_shape, new_buffer
 
 STATE = "state.json"
 ACTS = "acts.safetensors"
@@ -29,6 +30,24 @@ def run_fingerprint(cfg_dict: dict, calib_sha: str, params_before: int) -> str:
     keep = {k: v for k, v in cfg_dict.items() if k not in ("device",)}
     blob = json.dumps([keep, calib_sha, params_before], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class _Batch:
+    """One activation batch for stream._save, read (from memory or its spill file) only when written."""
+
+    def __init__(self, hidden, i: int):
+        self.hidden, self.i = hidden, i
+        t = hidden[i] if not isinstance(hidden, SpilledBatches) else None
+        self.shape = list(batch_shape(hidden, i))
+        self.dtype = t.dtype if t is not None else hidden.items[i][2]
+
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+    def write_to(self, f):
+        t = self.hidden[self.i].detach().to("cpu").contiguous().reshape(-1)
+        if t.numel():
+            f.write(memoryview(t.view(torch.uint8).numpy()))
 
 
 class Checkpoint:
@@ -45,10 +64,8 @@ class Checkpoint:
     def save(self, next_block: int, acts: Activations | None, details: dict):
         """Persist progress: `next_block` is the first block not yet done."""
         if acts is not None:
-            tensors = {f"h{i}": h.detach().cpu().contiguous() for i, h in enumerate(acts.hidden)}
-            tmp = self.dir / f".{ACTS}.tmp"
-            save_file(tensors, str(tmp))
-            os.replace(tmp, self.dir / ACTS)
+            from .stream import _save  # writes tensor by tensor: no serialized copy of the activations in memory
+            _save({f"h{i}": _Batch(acts.hidden, i) for i in range(len(acts.hidden))}, self.dir / ACTS)
         state = {"fingerprint": self.fingerprint, "next_block": next_block,
                  "details": {**details, "blocks": {str(k): v for k, v in details.get("blocks", {}).items()}}}
         self._atomic_json(STATE, state)
@@ -69,9 +86,12 @@ class Checkpoint:
         details["blocks"] = {int(k): v for k, v in details["blocks"].items()}
         if not (self.dir / ACTS).is_file():  # only the layer stage had finished: start from block 0's inputs
             return state["next_block"], template, details
-        tensors = load_file(str(self.dir / ACTS))
+        from safetensors import safe_open
         device = template.hidden[0].device
-        hidden = [tensors[f"h{i}"].to(device) for i in range(len(template.hidden))]
+        hidden = new_buffer()  # one batch at a time: into files when the walk spills activations
+        with safe_open(str(self.dir / ACTS), "pt") as f:
+            for i in range(len(template.hidden)):
+                hidden.append(f.get_tensor(f"h{i}").to(device))
         return state["next_block"], Activations(hidden, template.kwargs), details
 
     def save_block_tensors(self, block: int, tensors: dict):

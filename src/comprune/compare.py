@@ -178,6 +178,27 @@ class Comparison:
                                                                      key=lambda kv: int(kv[0]))]
         return rec
 
+    def same_evaluations(self, name: str, rec: dict, new: dict) -> bool:
+        """A re-pruned run whose old record has no weight digest (older records) is checked by its first slice
+        perplexity: the re-pruned model must reproduce it (to float rounding), else its evaluations are dropped.
+        With digests on both sides the digest decides."""
+        if rec["prune"].get("weights_sha256"):
+            return rec["prune"]["weights_sha256"] == new["weights_sha256"]
+        key = self.ppl_key(self.ppl_seqlens[0], False)
+        old = rec.get("ppl", {}).get(key, {}).get("ppl")
+        if old is None:
+            return True
+        from .evaluate.perplexity import perplexity
+        from .loading import load
+        model, tok = load(self.model_dir(name), dtype=self.dtype)
+        got = perplexity(model, tok, "wikitext2", seqlen=self.ppl_seqlens[0], max_tokens=self.ppl_max_tokens,
+                         ids=self.wikitext_ids(tok), progress=self.show)["ppl"]
+        same = abs(got - old) <= 1e-5 * old
+        new["reverified"] = {"key": key, "recorded": old, "recomputed": got, "same": same}
+        _log(f"{name}: {key} recorded {old:.4f}, re-pruned model gives {got:.4f}" +
+             ("" if same else ": a different model, its evaluations are redone"), True)
+        return same
+
     def ensure_model(self, name: str, rec: dict):
         """The pruned model of a run, re-pruned (deterministically) if its directory was deleted."""
         from .loading import load
@@ -240,6 +261,9 @@ class Comparison:
                 if "prune" in rec:  # measured again: evaluations stay valid only for the very same model
                     _check_same_model(name, rec["prune"], new)
                     new["superseded"] = {k: rec["prune"].get(k) for k in ("seconds", "peak_rss_mb", "wall_seconds")}
+                    if not self.same_evaluations(name, rec, new):
+                        for stage_result in ("ppl", "speed", "zeroshot", "eval_seconds"):
+                            rec.pop(stage_result, None)  # a different model: everything is measured again
                 rec["prune"] = new
                 rec.get("errors", {}).pop(stage, None)
                 self._save(name, rec)

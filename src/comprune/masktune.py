@@ -13,15 +13,15 @@ import torch
 def output_gram(G: torch.Tensor, W_down: torch.Tensor) -> torch.Tensor:
     """K_jk = G_jk (w_j . w_k): the Gram of the neurons' output contributions h_j w_j over tokens."""
     Wd = W_down.double().to(G.device)
-    return (Wd.T @ Wd) * G.double()
+    return (Wd.T @ Wd).mul_(G)  # in place: one f x f temporary fewer
 
 
 def solve_scales(K: torch.Tensor, keep: torch.Tensor, ridge: float = 0.01) -> torch.Tensor:
     A = K[keep][:, keep]
     b = K[keep].sum(1)
     mu = torch.diagonal(A).mean().clamp_min(1e-30)
-    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    return torch.linalg.solve(A + ridge * mu * eye, b + ridge * mu)
+    torch.diagonal(A).add_(ridge * mu)  # A is a fresh copy (advanced indexing): no identity temporary
+    return torch.linalg.solve(A, b + ridge * mu)
 
 
 def error_from_gram(K: torch.Tensor, keep: torch.Tensor, scales: torch.Tensor | None = None) -> float:

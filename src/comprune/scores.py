@@ -14,18 +14,22 @@ from .errors import CompruneError
 
 def damped(G: torch.Tensor, damp: float) -> torch.Tensor:
     """G + damp * mean(diag G) * I: keeps the inverse defined for dead or collinear neurons."""
-    G = G.double()
-    mu = torch.diagonal(G).mean().clamp_min(1e-12)
-    return G + damp * mu * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    mu = torch.diagonal(G).double().mean().clamp_min(1e-12)
+    out = G.to(torch.float64, copy=True)
+    torch.diagonal(out).add_(damp * mu)  # the diagonal alone: no f x f identity temporary
+    return out
 
 
-def spd_inverse(G: torch.Tensor) -> torch.Tensor:
+def spd_inverse(G: torch.Tensor, damp: float | None = None) -> torch.Tensor:
+    """Inverse of the symmetric positive definite G (damped first when `damp` is given). At most three f x f
+    matrices are alive at once, G included: the damped copy is freed before the inverse is allocated."""
+    D = damped(G, damp) if damp is not None else G
     try:
-        L = torch.linalg.cholesky(G)
+        L = torch.linalg.cholesky(D)
     except RuntimeError:
         raise CompruneError("the calibration Gram matrix is not positive definite even after damping: "
                             "raise --damp or use more calibration samples") from None
-    del G  # a temporary (damped copy) in the usual call: free it before the inverse is allocated
+    del D
     return torch.cholesky_inverse(L)
 
 
@@ -53,7 +57,7 @@ def greedy_condition_prune(G: torch.Tensor, w_sqnorm: torch.Tensor, n_remove: in
     """Remove n_remove neurons greedily, lowest condition score first, in chunks, downdating G^-1 after each
     chunk because scores change as neighbours go. Returns (keep mask [f], score of each neuron when removed/kept)."""
     f = G.shape[0]
-    Ginv = spd_inverse(damped(G, damp))
+    Ginv = spd_inverse(G, damp)
     alive = torch.ones(f, dtype=torch.bool, device=G.device)
     final = torch.zeros(f, dtype=torch.float64, device=G.device)
     chunk = chunk or max(1, math.ceil(n_remove / 32))  # auto: ~32 rescoring steps per layer

@@ -29,6 +29,7 @@ import os
 import shutil
 import struct
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -211,7 +212,7 @@ def _save(tensors: dict, path: Path):
     items = sorted(tensors.items())
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for k, v in items:
-        n = v.nbytes() if isinstance(v, SourceTensor) else v.numel() * v.element_size()
+        n = v.nbytes() if hasattr(v, "write_to") else v.numel() * v.element_size()
         header[k] = {"dtype": _ST_DTYPES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + n]}
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -220,7 +221,7 @@ def _save(tensors: dict, path: Path):
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for _, v in items:
-            if isinstance(v, SourceTensor):
+            if hasattr(v, "write_to"):  # SourceTensor, a checkpoint's activation batch: written piece by piece
                 v.write_to(f)
                 continue
             t = v.detach().to("cpu").contiguous().reshape(-1)
@@ -520,6 +521,10 @@ def _partial_dir(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.partial-stream"
 
 
+def _spill_dir(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.activations"
+
+
 def _checkpoint_dir(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.checkpoint"
 
@@ -566,6 +571,7 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     from .models import get_adapter
     from .models.adapters import base_model_type
     from .prune import peak_rss_mb, prune
+    from .walk import spill_activations
 
     t0 = time.perf_counter()
     model_dir = resolve_stream_source(model_dir)
@@ -587,12 +593,12 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     shards = ShardIndex(model_dir)
     lean_allocator()
     own_tokenizer = tokenizer is None
-    if own_tokenizer:
-        tokenizer = _load_tokenizer(model_dir, required=calibration is None)
-    if calibration is None:
+    if calibration is None and own_tokenizer:
+        calibration = calibration_in_child(model_dir, cfg, data_dir)
+    elif calibration is None:
         calibration = get_calibration(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=data_dir)
-    if own_tokenizer:
-        tokenizer = None  # ~40 MB of vocabulary not needed during the walk: reloaded to save it with the model
+    # The tokenizer (~40 MB with its vocabulary) is not needed during the walk: loaded again to save it.
+    tokenizer = None if own_tokenizer else tokenizer
 
     partial, ckpt_dir = _partial_dir(out_dir), _checkpoint_dir(out_dir)
     if not resume:
@@ -621,9 +627,12 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
 
     release_memory()  # the calibration text's tokenisation is the largest transient so far
     run.stats["peak_rss_mb_setup"] = peak_rss_mb()  # imports, tokenizer, calibration, embeddings + head
+    # On the CPU, activation buffers go to files beside the output: RAM then holds one batch, not N x T x d.
+    spill = spill_activations(_spill_dir(out_dir)) if resolve_device(cfg.device).type == "cpu" else nullcontext()
     try:
-        model, report = prune(model, tokenizer, cfg, calibration=calibration, progress=progress,
-                              base_model=base_model or str(model_dir), checkpoint_dir=ckpt_dir, resume=resume)
+        with spill:
+            model, report = prune(model, tokenizer, cfg, calibration=calibration, progress=progress,
+                                  base_model=base_model or str(model_dir), checkpoint_dir=ckpt_dir, resume=resume)
     except NotImplementedError as e:
         if "meta" in str(e):
             raise CompruneError(f"{cfg.method} reads block weights outside the one-block walk (walk.resident), so it "
@@ -695,6 +704,43 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     publish(partial, out_dir)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return report
+
+
+def calibration_in_child(model_dir: Path, cfg, data_dir=None):
+    """The calibration windows, tokenised in a child process. Loading a tokenizer and tokenising a text
+    sample leaves ~30 MB of heap behind in the process that did it (more than a block of a small model);
+    the child takes that with it. Same ids as in-process tokenisation (same tokenizer, text and seed)."""
+    import subprocess
+    import sys
+    import tempfile
+    from safetensors.torch import load_file
+    from .data import Calibration
+    with tempfile.TemporaryDirectory(prefix="comprune-calib-") as tmp:
+        out = Path(tmp) / "ids.safetensors"
+        args = [str(model_dir), cfg.calib, str(cfg.nsamples), str(cfg.seqlen), str(cfg.seed), str(data_dir or ""),
+                str(out)]
+        code = "import sys; from comprune.stream import _calibration_child; _calibration_child(*sys.argv[1:])"
+        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        if r.returncode != 0:
+            lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+            msg = next((ln.removeprefix("comprune: error: ") for ln in reversed(lines)
+                        if ln.startswith("comprune: error: ")), None)
+            raise CompruneError(msg or f"tokenising the calibration text failed: {lines[-1] if lines else r.returncode}")
+        ids = load_file(str(out))["input_ids"]
+    return Calibration(ids, cfg.calib, cfg.seed)
+
+
+def _calibration_child(model_dir, source, nsamples, seqlen, seed, data_dir, out):
+    import sys
+    from safetensors.torch import save_file
+    from .data import get_calibration
+    try:
+        tokenizer = _load_tokenizer(Path(model_dir), required=True)
+        calib = get_calibration(tokenizer, source, int(nsamples), int(seqlen), int(seed), data_dir=data_dir or None)
+    except CompruneError as e:
+        print(f"comprune: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    save_file({"input_ids": calib.input_ids.contiguous()}, out)
 
 
 def _load_tokenizer(model_dir: Path, required: bool):

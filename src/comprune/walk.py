@@ -8,7 +8,11 @@ accumulate the statistics the importance scores need (Gram matrix, column means 
 """
 from __future__ import annotations
 
+import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -19,6 +23,104 @@ from .errors import CompruneError
 
 class _StopForward(Exception):
     pass
+
+
+class SpilledBatches:
+    """Activation batches kept in one file each instead of in memory (a streamed prune on the CPU), so a block's
+    inputs and outputs cost about one batch of RAM instead of N x T x d floats each. Exact (raw bytes, read into
+    fresh tensors: no mmap, so file pages never count as the process's memory). A drop-in for the list of
+    batches in Activations.hidden: append, index (read back), set to None (deleted), pop, len, iter, slice."""
+    _serial = 0
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.items: list = []   # (path, shape, dtype), None once consumed
+
+    def append(self, t: torch.Tensor):
+        t = t.detach().to("cpu").contiguous()
+        SpilledBatches._serial += 1
+        path = self.dir / f"batch-{os.getpid()}-{SpilledBatches._serial}.bin"
+        with open(path, "wb") as f:
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self.items.append((path, tuple(t.shape), t.dtype))
+
+    def _load(self, item) -> torch.Tensor:
+        if item is None:
+            raise IndexError("this activation batch was already consumed")
+        path, shape, dtype = item
+        t = torch.empty(shape, dtype=dtype)
+        view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        with open(path, "rb", buffering=0) as f:
+            done = 0
+            while done < len(view):
+                done += f.readinto(view[done:])
+        return t
+
+    def shape(self, i: int) -> tuple:
+        return self.items[i][1]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._load(item) for item in self.items[i]]
+        return self._load(self.items[i])
+
+    def __setitem__(self, i, value):
+        if value is not None:
+            raise TypeError("spilled batches are only appended, read and dropped (set to None)")
+        if self.items[i] is not None:
+            self.items[i][0].unlink(missing_ok=True)
+        self.items[i] = None
+
+    def __iter__(self):
+        for i in range(len(self.items)):
+            yield self[i]
+
+    def pop(self, i: int = 0) -> torch.Tensor:
+        t = self[i]
+        self[i] = None
+        del self.items[i]
+        return t
+
+    def __del__(self):
+        try:
+            for item in self.items:
+                if item is not None:
+                    item[0].unlink(missing_ok=True)
+        except Exception:  # noqa: BLE001 - interpreter shutdown; spill_activations removes the directory anyway
+            pass
+
+
+_SPILL_DIR: Path | None = None
+
+
+@contextmanager
+def spill_activations(directory):
+    """Within this block, new activation buffers live in files under `directory` (removed at the end)."""
+    global _SPILL_DIR
+    shutil.rmtree(directory, ignore_errors=True)  # what a killed run left
+    previous, _SPILL_DIR = _SPILL_DIR, Path(directory)
+    try:
+        yield
+    finally:
+        _SPILL_DIR = previous
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def spilling() -> bool:
+    return _SPILL_DIR is not None
+
+
+def new_buffer():
+    """An empty list of activation batches: in memory, or in files inside spill_activations()."""
+    return SpilledBatches(_SPILL_DIR) if _SPILL_DIR is not None else []
+
+
+def batch_shape(hidden, i: int) -> tuple:
+    return hidden.shape(i) if isinstance(hidden, SpilledBatches) else tuple(hidden[i].shape)
 
 
 @dataclass
@@ -39,7 +141,7 @@ class Activations:
 
     @property
     def ntokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+        return sum(batch_shape(self.hidden, i)[0] * batch_shape(self.hidden, i)[1] for i in range(len(self.hidden)))
 
 
 def _to(obj, device):
@@ -65,7 +167,7 @@ def model_device(model) -> torch.device:
 def capture(model, adapter, input_ids: torch.Tensor, batch_size: int, device) -> Activations:
     """Inputs of block 0 for all calibration windows, without running any block."""
     layers = adapter.layers(model)
-    store_hidden, store_kwargs = [], []
+    store_hidden, store_kwargs = new_buffer(), []
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -98,16 +200,30 @@ def _block_output(out):
 
 
 @torch.inference_mode()
-def forward_block(layer: nn.Module, acts: Activations, check: bool = True, keep: bool = True) -> Activations | None:
-    """Run one block on every batch: returns the next block's inputs (None with keep=False: run for hooks)."""
-    outs = []
-    for h, kw in zip(acts.hidden, acts.kwargs):
+def forward_block(layer: nn.Module, acts: Activations, check: bool = True, keep: bool = True, consume: bool = False,
+                  on_batch=None) -> Activations | None:
+    """Run one block on every batch: returns the next block's inputs (None with keep=False: run for hooks).
+
+    consume=True frees each input batch as soon as its output exists (acts is left empty), so the inputs and
+    outputs are never both whole: about one activation buffer at the peak instead of two. on_batch(h, y)
+    sees every input batch with its output (e.g. block influence) before the input goes."""
+    outs = new_buffer()
+    hidden = acts.hidden
+    for i, kw in enumerate(acts.kwargs):
+        h = hidden[i]
+        if consume:
+            hidden[i] = None
         y = _block_output(layer(h, **kw))
         if check and not torch.isfinite(y).all():
             raise CompruneError("non-finite activations (NaN/Inf) after a block: the model or calibration data is "
                                 "broken; try --dtype float32 or other calibration text")
+        if on_batch is not None:
+            on_batch(h, y)
+        del h
         if keep:
             outs.append(y)
+    if consume:
+        acts.hidden = []
     return Activations(outs, acts.kwargs) if keep else None
 
 
@@ -134,9 +250,11 @@ class InputStats:
 
 @torch.inference_mode()
 def collect_stats(layer: nn.Module, acts: Activations, linears: dict[str, nn.Linear], gram: set[str] = frozenset(),
-                  forward: bool = True, keep_outputs: bool = True) -> tuple[dict[str, InputStats], Activations | None]:
+                  forward: bool = True, keep_outputs: bool = True,
+                  consume: bool = False) -> tuple[dict[str, InputStats], Activations | None]:
     """Hook the inputs of `linears` while running the block; returns their stats and the block's outputs
-    (None with keep_outputs=False, when the caller takes what it needs from its own hooks)."""
+    (None with keep_outputs=False, when the caller takes what it needs from its own hooks). consume=True
+    frees the inputs batch by batch (see forward_block)."""
     stats = {name: InputStats(n=lin.in_features) for name, lin in linears.items()}
 
     def make_hook(name):
@@ -162,23 +280,37 @@ def collect_stats(layer: nn.Module, acts: Activations, linears: dict[str, nn.Lin
 
     handles = [lin.register_forward_pre_hook(make_hook(name)) for name, lin in linears.items()]
     try:
-        outs = forward_block(layer, acts, keep=keep_outputs) if forward else None
+        outs = forward_block(layer, acts, keep=keep_outputs, consume=consume) if forward else None
     finally:
         for h in handles:
             h.remove()
     return stats, outs
 
 
-@torch.inference_mode()
-def block_influence(x_in: Activations, x_out: Activations) -> float:
-    """BI = 1 - mean over tokens of cos(X_i, X_{i+1}) (ShortGPT): low means the block barely changes the stream."""
-    total, count = 0.0, 0
-    for a, b in zip(x_in.hidden, x_out.hidden):
+class BlockInfluence:
+    """BI = 1 - mean over tokens of cos(X_i, X_{i+1}) (ShortGPT): low means the block barely changes the stream.
+    Accumulated batch by batch (forward_block's on_batch), so a block's inputs can go as its outputs come."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor):
         cos = torch.nn.functional.cosine_similarity(a.float().reshape(-1, a.shape[-1]),
                                                     b.float().reshape(-1, b.shape[-1]), dim=-1)
-        total += cos.double().sum().item()
-        count += cos.numel()
-    return 1.0 - total / count
+        self.total += cos.double().sum().item()
+        self.count += cos.numel()
+
+    def value(self) -> float:
+        return 1.0 - self.total / self.count
+
+
+@torch.inference_mode()
+def block_influence(x_in: Activations, x_out: Activations) -> float:
+    """BI of a block from its whole input and output buffers."""
+    bi = BlockInfluence()
+    for a, b in zip(x_in.hidden, x_out.hidden):
+        bi(a, b)
+    return bi.value()
 
 
 def progress(iterable, desc, enabled=True, total=None):

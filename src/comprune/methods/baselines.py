@@ -57,12 +57,12 @@ def run_wanda_sp(model, adapter, acts, input_ids, cfg, budget, show=True) -> dic
     for i, layer in enumerate(progress(adapter.layers(model), "wanda-sp", show)):
         with resident(layer, cfg.device):
             parts = adapter.mlp(layer)
-            stats, _ = collect_stats(layer, acts, {"down": parts.down}, forward=True)
+            stats, _ = collect_stats(layer, acts, {"down": parts.down}, forward=True, keep_outputs=False)
             score = S.wanda_sp_scores(parts.down.weight.detach(), stats["down"].sqnorm())
             keep = keep_lowest_removed(score, _uniform_n_remove(adapter, layer, budget, cfg))
             idx = as_index(keep)
             prune_mlp(adapter, layer, idx)
-            acts = forward_block(layer, acts)
+            acts = forward_block(layer, acts, consume=True)
         blocks[i] = _record(adapter, layer, kept_neurons=idx.tolist(), width=int(idx.numel()))
     return {"removed_layers": [], "blocks": blocks}
 

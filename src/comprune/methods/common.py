@@ -8,7 +8,7 @@ import torch
 
 from ..errors import CompruneError
 from ..loading import count_params
-from ..walk import Activations, block_influence, forward_block, progress, resident
+from ..walk import Activations, BlockInfluence, forward_block, progress, resident
 
 
 @dataclass
@@ -70,14 +70,15 @@ def kept_width(width: int, n_remove: int, round_to: int, min_width: int = 0) -> 
 
 @torch.inference_mode()
 def layer_scores_bi(model, adapter, acts: Activations, device, show=True) -> tuple[list[float], list[Activations]]:
-    """Block influence of every block from one dense pass (two activation buffers alive at a time)."""
+    """Block influence of every block from one dense pass (`acts` is consumed: about one activation buffer
+    alive at a time)."""
     scores = []
     layers = adapter.layers(model)
     for layer in progress(layers, "layer scores (BI)", show):
+        bi = BlockInfluence()
         with resident(layer, device):
-            out = forward_block(layer, acts)
-        scores.append(block_influence(acts, out))
-        acts = out
+            acts = forward_block(layer, acts, consume=True, on_batch=bi)  # inputs freed as outputs come
+        scores.append(bi.value())
     return scores
 
 

@@ -11,12 +11,15 @@ Forward passes only: no autograd anywhere.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .. import scores as S
 from ..masktune import error_from_gram, error_of_down, least_squares_down, output_gram, solve_scales
 from ..surgery import as_index, prune_mlp
-from ..walk import _block_output, capture, collect_stats, forward_block, progress, resident
+from ..walk import (_block_output, batch_shape, capture, collect_stats, forward_block, new_buffer, progress,
+                    resident, spilling)
 from .common import choose_layers, kept_width, layer_scores_bi, layer_scores_loss
 
 
@@ -51,17 +54,30 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
     """Score, tune and slice one block's MLP on its (already-pruned-upstream) inputs; returns the record and
     the block's new outputs."""
     parts = adapter.mlp(layer)
-    # Where the block ends with `y = r + mlp(x)`, keep (x, r = y - mlp(x)) per batch, so only the MLP is redone
-    # after pruning; the dense outputs themselves are never stored (one activation buffer less at the peak).
+    # Where the block ends with `y = r + mlp(norm(r))`, only the MLP is redone after pruning, and the block's
+    # inputs are freed as the forward goes. What is kept per batch to rebuild y: either the MLP input x = norm(r)
+    # and y - mlp(x), or r alone plus a copy of the dense MLP (less memory when the MLP's weights are smaller
+    # than an activation buffer held in RAM). Both give the forward's own values bit for bit.
     residual = getattr(adapter, "mlp_output_is_residual", False)
-    mlp_io, last = [], []
-    hooks = []
-    if residual:
-        hooks.append(adapter.mlp_module(layer).register_forward_hook(lambda m, args, out: last.append((args[0], out))))
-        hooks.append(layer.register_forward_hook(
-            lambda m, args, out: mlp_io.append((last[-1][0], _block_output(out) - last.pop()[1]))))
+    mlp = adapter.mlp_module(layer)
+    mlp_bytes = sum(p.numel() * p.element_size() for p in mlp.parameters())
+    act_bytes = acts.ntokens * batch_shape(acts.hidden, 0)[-1] * next(mlp.parameters()).element_size()
+    rebuild = cfg.extra.get("mlp_rebuild", "auto")  # "r" / "x" force one way (tests: both give the same bits)
+    keep_r_only = residual and (rebuild == "r" or (rebuild == "auto" and not spilling() and mlp_bytes < act_bytes))
+    mlp_x, mlp_r, last, hooks = new_buffer(), new_buffer(), [], []
+    if keep_r_only:
+        hooks.append(adapter.mlp_input_norm(layer).register_forward_pre_hook(lambda m, args: mlp_r.append(args[0])))
+    elif residual:
+        hooks.append(mlp.register_forward_hook(lambda m, args, out: last.append((args[0], out))))
+
+        def keep_x_and_rest(module, args, out):
+            x, m = last.pop()
+            mlp_x.append(x)
+            mlp_r.append(_block_output(out) - m)
+        hooks.append(layer.register_forward_hook(keep_x_and_rest))
     try:
-        stats, _ = collect_stats(layer, acts, {"down": parts.down}, gram={"down"}, forward=True, keep_outputs=False)
+        stats, _ = collect_stats(layer, acts, {"down": parts.down}, gram={"down"}, forward=True, keep_outputs=False,
+                                 consume=residual)
     finally:
         for h in hooks:
             h.remove()
@@ -80,11 +96,13 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
         err_after = error_from_gram(K, keep, scales)
     else:
         err_after = err_before
+    dense_mlp = copy.deepcopy(mlp) if keep_r_only else None
     prune_mlp(adapter, layer, idx, scales)
     if new_down is not None:
         with torch.no_grad():
             parts.down.weight.copy_(new_down.to(parts.down.weight.dtype))
-    out = _outputs_after_mlp_change(layer, adapter, acts, mlp_io)
+    del G, K, stats  # the f x f matrices are done with: free them before the outputs are rebuilt
+    out = _outputs_after_mlp_change(layer, adapter, acts, mlp_x, mlp_r, dense_mlp)
     rec = {"width": int(idx.numel()), "kept_neurons": idx.tolist(),
            "rel_error_pruned": err_before / max(energy, 1e-30), "rel_error_tuned": err_after / max(energy, 1e-30)}
     if scales is not None:
@@ -95,16 +113,28 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
 
 
 @torch.inference_mode()
-def _outputs_after_mlp_change(layer, adapter, acts, mlp_io):
+def _outputs_after_mlp_change(layer, adapter, acts, mlp_x, mlp_r, dense_mlp=None):
     """Block outputs with the new MLP. Where the MLP output is the last residual add (block = r + mlp(x)),
-    only the MLP is recomputed: y' = (y - mlp_dense(x)) + mlp_pruned(x), sparing the attention pass."""
+    only the MLP is recomputed: y' = (y - mlp_dense(x)) + mlp_pruned(x), sparing the attention pass. mlp_x and
+    mlp_r hold x and y - mlp_dense(x) per batch; or, with `dense_mlp`, mlp_r holds r and x, mlp_dense(x) and
+    y = r + mlp_dense(x) are recomputed exactly as the forward computed them."""
     if not getattr(adapter, "mlp_output_is_residual", False):
         return forward_block(layer, acts)
     mlp = adapter.mlp_module(layer)
-    outs = []
-    while mlp_io:  # consumed in order, each input freed as soon as its output exists
-        x, r = mlp_io.pop(0)
+    norm = adapter.mlp_input_norm(layer)
+    outs = new_buffer()
+    while mlp_r:  # consumed in order, each input freed as soon as its output exists
+        r = mlp_r.pop(0)
+        if dense_mlp is not None:
+            x = norm(r)
+            m = dense_mlp(x)
+            y = r + m
+            r = y - m
+            del y, m
+        else:
+            x = mlp_x.pop(0)
         outs.append(r.add_(mlp(x)))
+        del x, r
     return type(acts)(outs, acts.kwargs)
 
 
