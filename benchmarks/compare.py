@@ -85,13 +85,17 @@ def write_doc(args):
     if missing:
         lines += [f"Not measured yet (the run is resumable; rerun the command above): "
                   + ", ".join(f"{m} {100 * r:.0f} %" for m, r in missing) + ".", ""]
+    lines += standing(res)
     lines += [
-        "Caveats of this run: the machine's 2 cores were shared with other benchmarks (load average 5–10), so "
-        "throughput was 35–120 tokens/s instead of ~400; the perplexity slice was therefore cut to the first "
-        f"{res['settings']['ppl_max_tokens']:,} test tokens (128 windows of 128, 8 windows of 2048), pruning seconds "
-        "depend on what else ran at the time (COMP's prune overlapped the heaviest load), and the generation-speed "
-        "ratios (1–3 tokens/s absolute) are within noise. Peak RSS is the whole pruning process (model, "
-        "calibration text and activations).",
+        "Caveats of this run: the machine's 2 cores were shared with other benchmarks (load average 3–10), so "
+        "evaluation throughput was 35–120 tokens/s instead of ~400; the perplexity slice was therefore cut to the "
+        f"first {res['settings']['ppl_max_tokens']:,} test tokens (128 windows of 128, 8 windows of 2048), pruning "
+        "seconds depend on what else ran at the time, and the generation-speed ratios (1–3 tokens/s absolute) are "
+        "within noise. Peak RSS is each pruning process's own high-water mark (VmHWM from /proc). Records made "
+        "before 2026-11-25 used getrusage's ru_maxrss, which Linux carries across exec from the launching process "
+        "(here the comparison driver, holding the dense model and the evaluation): those figures (up to 4.9 GB) "
+        "were the driver's, not the methods'. Every run was pruned again to measure it; its weights were checked "
+        "against the evaluated model (the first slice perplexity reproduced, or the sha256 of the weights).",
         "",
         "## How each baseline is run (same harness as COMP)",
         "",
@@ -122,6 +126,67 @@ def write_doc(args):
     ]
     DOC.write_text("\n".join(lines))
     print(f"wrote {DOC}")
+
+
+def standing(res) -> list[str]:
+    """Where COMP stands against each baseline at the headline ratio: quality deltas and pruning memory,
+    computed from the results (nothing typed in by hand)."""
+    ratio = res["settings"].get("zeroshot_ratio")
+    rows = {r["method"]: r for r in res["rows"] if r["method"] != "dense" and abs(r["ratio"] - (ratio or -1)) < 1e-9}
+    comp = rows.get("comp")
+    if comp is None:
+        return []
+    metrics = [("ppl128", "PPL@128 (slice)", True), ("ppl2048", "PPL@2048 (slice)", True),
+               ("ppl128_full", "PPL@128 (full test)", True), ("ppl2048_full", "PPL@2048 (full test)", True),
+               ("avg7", "7-task average", False)]
+    out = [f"## Where COMP stands at {100 * ratio:.0f} %", "",
+           "| baseline | " + " | ".join(m[1] for m in metrics) + " | pruning peak RSS |",
+           "|---|" + "---:|" * (len(metrics) + 1)]
+    for name, r in rows.items():
+        if name == "comp":
+            continue
+        cells = []
+        for key, _, lower_better in metrics:
+            a, b = comp.get(key), r.get(key)
+            if a is None or b is None:
+                cells.append("-")
+                continue
+            if lower_better:
+                rel = 100 * (a / b - 1)
+                cells.append(f"{'**ahead**' if a < b else 'behind'} ({rel:+.1f} %)")
+            else:
+                cells.append(f"{'**ahead**' if a > b else 'behind'} ({100 * (a - b):+.2f} pts)")
+        mem = [comp.get("peak_rss_mb"), comp.get("stream_peak_rss_mb"), r.get("peak_rss_mb")]
+        cells.append("-" if mem[2] is None or mem[0] is None else
+                     f"COMP {mem[0] / mem[2]:.2f}× in memory" + ("" if mem[1] is None else f", {mem[1] / mem[2]:.2f}× streamed"))
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    se = avg_stderr(Path(res.get("out", OUT)) / "runs" / f"comp-r{ratio:.2f}.json")
+    if se:
+        out += ["", f"The 7-task averages come from 200 examples per task: the standard error of one average is "
+                f"about {100 * se:.1f} points (from lm-eval's per-task stderr), so differences of a point or two "
+                "in that column are not resolved by this subset. Perplexity is deterministic on fixed tokens, but a "
+                "difference of a few percent on the 16k-token slice can move with the choice of text: the full-test "
+                "columns settle those."]
+    floor = res.get("runtime_floor_mb")
+    lp = rows.get("llm-pruner", {}).get("peak_rss_mb")
+    if floor and lp and comp.get("stream_peak_rss_mb"):
+        out += ["", f"Pruning memory above the runtime floor ({floor:.0f} MB: python, torch and transformers "
+                "imported, the model's skeleton built, no weights), which is what a GPU memory figure such as the "
+                f"paper's would count: COMP streamed {comp['stream_peak_rss_mb'] - floor:.0f} MB, COMP in memory "
+                f"{comp['peak_rss_mb'] - floor:.0f} MB, LLM-Pruner {lp - floor:.0f} MB "
+                f"(COMP streamed / LLM-Pruner = {(comp['stream_peak_rss_mb'] - floor) / (lp - floor):.2f})."]
+    return out + [""]
+
+
+def avg_stderr(run_path: Path) -> float | None:
+    """Standard error of the seven-task average: sqrt(sum of the tasks' squared stderrs) / 7."""
+    if not run_path.is_file():
+        return None
+    tasks = json.loads(run_path.read_text()).get("zeroshot", {}).get("tasks", {})
+    errs = [t.get(f"{t.get('metric', 'acc')}_stderr") for t in tasks.values()]
+    if not errs or any(e is None for e in errs):
+        return None
+    return sum(e * e for e in errs) ** 0.5 / len(errs)
 
 
 def reuse_dense_results(out: Path, model: str, subset: int):

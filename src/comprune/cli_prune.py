@@ -97,7 +97,8 @@ def cmd_compare(args) -> int:
                      zeroshot_ratio=None if args.zeroshot_ratio < 0 else args.zeroshot_ratio,
                      zeroshot_subset=args.subset, speed_tokens=args.speed_tokens, data_dir=args.data_dir,
                      dtype=args.dtype, keep_models=args.keep_models, skip=skip, progress=not args.json,
-                     zeroshot_cache_dir=args.zeroshot_cache_dir)
+                     zeroshot_cache_dir=args.zeroshot_cache_dir,
+                     stream_ratios=_floats(args.stream_ratios) if args.stream_ratios else None)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -154,6 +155,9 @@ def add_commands(sub, add_common):
     p.add_argument("--subset", type=int, default=200, help="zero-shot examples per task (fixed-seed draw)")
     p.add_argument("--zeroshot-cache-dir", default=None, help="lm_eval response cache (default: comprune's cache)")
     p.add_argument("--speed-tokens", type=int, default=64, help="new tokens per generation-speed run")
+    p.add_argument("--stream-ratios", default=None,
+                   help="ratios at which methods that can stream are also pruned with --stream, for its time and "
+                        "memory (default: the zero-shot ratio)")
     p.add_argument("--skip", default=None, help=f"stages to skip, comma-separated: {', '.join(STAGES)}")
     p.add_argument("--keep-models", action="store_true", help="keep the pruned model directories")
     add_common(p)

@@ -74,7 +74,7 @@ class Comparison:
                  full_ratio: float | None = 0.2, zeroshot_ratio: float | None = 0.2, zeroshot_tasks="paper7",
                  zeroshot_subset: int | None = 200, zeroshot_batch_size=16, speed_tokens=64, speed_repeats=3,
                  data_dir=None, dtype="float32", keep_models=False, skip=(), prune_args=None, progress=True,
-                 dense_cache_key=None, zeroshot_cache_dir=None, python=None):
+                 dense_cache_key=None, zeroshot_cache_dir=None, python=None, stream_ratios=None):
         from .config import METHODS
         for m in methods:
             if m not in METHODS:
@@ -99,6 +99,12 @@ class Comparison:
         self.dense_cache_key = dense_cache_key
         self.zeroshot_cache_dir = zeroshot_cache_dir
         self.python = python or sys.executable
+        # Streamed prunes (memory and time only: the weights are checked equal) at these ratios; default: the
+        # zero-shot ratio when it is compared, else every ratio.
+        if stream_ratios is None:
+            headline = [r for r in self.ratios if zeroshot_ratio is not None and abs(r - zeroshot_ratio) < 1e-9]
+            stream_ratios = headline or self.ratios
+        self.stream_ratios = [float(r) for r in stream_ratios]
         self._dense = None
         self._ids = None
 
@@ -110,6 +116,7 @@ class Comparison:
                 "full_ratio": self.full_ratio, "zeroshot_ratio": self.zeroshot_ratio,
                 "zeroshot_tasks": self.zeroshot_tasks, "zeroshot_subset": self.zeroshot_subset,
                 "speed_tokens": self.speed_tokens, "speed_repeats": self.speed_repeats, "dtype": self.dtype,
+                "stream_ratios": self.stream_ratios,
                 "prune_args": self.prune_args}
 
     def run_path(self, name: str) -> Path:
@@ -237,6 +244,7 @@ class Comparison:
         if stage == "stream":
             from .stream import can_stream
             return name != "dense" and can_stream(rec["method"]) and \
+                any(abs(rec["ratio"] - r) < 1e-9 for r in self.stream_ratios) and \
                 rec.get("stream", {}).get("rss_probe") != RSS_PROBE
         return stage not in rec
 
