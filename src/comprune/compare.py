@@ -36,7 +36,31 @@ DEFAULT_OUT = "benchmarks/results/compare"
 STAGES = ("prune", "ppl", "speed", "stream", "zeroshot", "full")
 # How prune records measured peak memory. Records without it used getrusage's ru_maxrss, which Linux carries
 # across exec from the launching process: they are re-pruned (same model, checked) to measure again.
-RSS_PROBE = "VmHWM"
+RSS_PROBE = "wait4"
+
+# Runs a command as a grandchild and prints its peak RSS (KiB) from wait4 as the last stderr line. Through
+# this small process the prune's ru_maxrss starts from the launcher's ~10 MB, not from the comparison
+# driver's GBs (Linux carries ru_maxrss across exec), and wait4 sees the kernel's final high-water mark,
+# which can exceed the VmHWM a process reads of itself while running.
+_LAUNCHER = ("import os, sys\n"
+             "pid = os.fork()\n"
+             "if pid == 0:\n"
+             "    os.execvp(sys.argv[1], sys.argv[1:])\n"
+             "_, status, ru = os.wait4(pid, 0)\n"
+             "print(f'comprune-peak-rss-kib {ru.ru_maxrss}', file=sys.stderr, flush=True)\n"
+             "sys.exit(os.waitstatus_to_exitcode(status) % 256)\n")
+
+
+def run_with_peak_rss(cmd: list[str], stdout, stderr_path: Path, env=None) -> tuple[int, str, float | None]:
+    """(exit code, stdout text, peak RSS in MiB of the command's own process or None)."""
+    with open(stderr_path, "w") as err:
+        r = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], stdout=stdout, stderr=err, text=True, env=env)
+    peak = None
+    for line in reversed(stderr_path.read_text().splitlines()):
+        if line.startswith("comprune-peak-rss-kib "):
+            peak = int(line.split()[1]) / 1024
+            break
+    return r.returncode, r.stdout, peak
 
 
 def run_name(method: str, ratio: float) -> str:
@@ -162,14 +186,13 @@ class Comparison:
             cmd += ["--stream"]
         _log(f"prune {name}{' (streamed)' if stream else ''}: {' '.join(cmd[1:])}", self.show)
         t0 = time.perf_counter()
-        with open(log, "w") as err:
-            r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        code, stdout, peak = run_with_peak_rss(cmd, subprocess.PIPE, log,
+                                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         wall = time.perf_counter() - t0
-        if r.returncode != 0:
+        if code != 0:
             tail = log.read_text().strip().splitlines()[-3:]
-            raise CompruneError(f"pruning {name} failed (exit {r.returncode}): {' | '.join(tail)}; log: {log}")
-        rep = json.loads(r.stdout)
+            raise CompruneError(f"pruning {name} failed (exit {code}): {' | '.join(tail)}; log: {log}")
+        rep = json.loads(stdout)
         keep = ("method", "ratio_requested", "ratio_achieved", "params_before", "params_after", "removed_layers",
                 "kept_layers", "mlp_widths", "seconds", "peak_rss_mb", "calibration", "budget", "config", "details",
                 "versions")
@@ -177,6 +200,9 @@ class Comparison:
         rec["wall_seconds"] = round(wall, 2)
         rec["command"] = " ".join(["python"] + cmd[1:])
         rec["rss_probe"] = RSS_PROBE
+        rec["self_reported_peak_rss_mb"] = rec.get("peak_rss_mb")
+        if peak is not None:  # the larger of the two: the process's own VmHWM at its end, wait4's ru_maxrss
+            rec["peak_rss_mb"] = max(peak, rec.get("peak_rss_mb") or 0)
         rec["weights_sha256"] = weights_digest(out)
         man = _read(out / "pruning.json")
         if stream:
@@ -370,15 +396,19 @@ class Comparison:
                 "from comprune.loading import resolve_dtype; from comprune.prune import peak_rss_mb; "
                 "build_skeleton(resolve_stream_source(sys.argv[1]), resolve_dtype(sys.argv[2])); "
                 "print(json.dumps({'peak_rss_mb': peak_rss_mb()}))")
+        log = self.out / "logs" / "runtime_floor.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        code_, stdout, peak = run_with_peak_rss([self.python, "-c", code, self.model_spec, self.dtype],
+                                                subprocess.PIPE, log,
+                                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         try:
-            r = subprocess.run([self.python, "-c", code, self.model_spec, self.dtype], capture_output=True, text=True,
-                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-            rec = {**json.loads(r.stdout.strip().splitlines()[-1]), "rss_probe": RSS_PROBE,
-                   "what": "python + torch + transformers + comprune imported, model skeleton built on the meta "
-                           "device, no weights, no data"}
-        except (ValueError, IndexError):
-            _log(f"runtime floor not measured: {(r.stderr or '').strip().splitlines()[-1:]}", True)
+            own = json.loads(stdout.strip().splitlines()[-1])["peak_rss_mb"]
+        except (ValueError, IndexError, KeyError):
+            _log(f"runtime floor not measured (exit {code_}); see {log}", True)
             return {}
+        rec = {"peak_rss_mb": max(own, peak or 0), "self_reported_peak_rss_mb": own, "rss_probe": RSS_PROBE,
+               "what": "python + torch + transformers + comprune imported, model skeleton built on the meta "
+                       "device, no weights, no data"}
         _write(path, rec)
         return rec
 
@@ -456,7 +486,8 @@ def markdown_table(rows: list[dict], settings: dict, shas=(), floor_mb: float | 
             (" (identical for every method)" if len(shas) == 1 else " (DIFFERS between runs!)" if shas else "") +
             f". Zero-shot: {settings['zeroshot_tasks']}, subset {settings['zeroshot_subset']} per task, at ratio "
             f"{settings['zeroshot_ratio']}; full-test-set perplexity at ratio {settings['full_ratio']}. "
-            "Peak RSS: the pruning process's own high-water mark (VmHWM). Streamed: the same prune with "
+            "Peak RSS: the pruning process's own high-water mark (wait4's ru_maxrss through a small launcher, or its "
+            "VmHWM if larger). Streamed: the same prune with "
             "`--stream` (one block in memory) in its own process; its weights equal the in-memory prune's "
             "(sha256) unless marked ≠.")
     if floor_mb:
