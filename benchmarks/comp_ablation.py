@@ -8,6 +8,12 @@ tokens, windows of 128 and 2048.
 
     python benchmarks/comp_ablation.py                 # run everything missing, then write the table
     python benchmarks/comp_ablation.py --table         # only rebuild the markdown table
+
+Held-out selection (issue 6: defaults must not be chosen on the test text): the same rows evaluated on the
+WikiText-2 *validation* split, written to results/comp_ablation_validation/ and comp_ablation_validation.md:
+
+    python benchmarks/comp_ablation.py --eval wikitext2-validation \
+        --only dense,comp-0.2,recovery-least-squares,metric-activation,metric-activation-ls,metric-weighted-norm
 """
 from __future__ import annotations
 
@@ -41,10 +47,17 @@ CONFIGS = [
     ("layer-share-1", "layer_share", {"layer_share": 1.0}),
     ("layer-score-loss", "layer_score", {"layer_score": "loss"}),
     ("nsamples-512", "nsamples", {"nsamples": 512}),
+    ("metric-activation-ls", "metric", {"metric": "activation", "recovery": "least-squares"}),
 ]
+EVAL_SETS = {"wikitext2": ("comp_ablation", "WikiText-2 test"),
+             "wikitext2-validation": ("comp_ablation_validation", "WikiText-2 validation (held out)")}
 
 
-def run_one(name: str, tokens: int, threads: int):
+def results_dir(eval_set: str) -> Path:
+    return HERE / "results" / EVAL_SETS[eval_set][0]
+
+
+def run_one(name: str, tokens: int, threads: int, eval_set: str = "wikitext2"):
     import torch
     torch.set_num_threads(threads)
     import comprune
@@ -75,15 +88,16 @@ def run_one(name: str, tokens: int, threads: int):
             RESULTS.mkdir(parents=True, exist_ok=True)
             bi_file.write_text(json.dumps(rep.layer_scores))
     for seqlen in (128, 2048):
-        r = comprune.perplexity(model, tok, "wikitext2", seqlen=seqlen, max_tokens=tokens, progress=False)
+        r = comprune.perplexity(model, tok, eval_set, seqlen=seqlen, max_tokens=tokens, progress=False)
         row[f"ppl@{seqlen}"] = r["ppl"]
         row[f"eval_tokens_per_s@{seqlen}"] = r["tokens_per_second"]
-    row.update(eval_tokens=tokens, threads=threads, loadavg=os.getloadavg()[0], peak_rss_mb=round(peak_rss_mb()),
+    row.update(eval_set=eval_set, eval_tokens=tokens, threads=threads, loadavg=os.getloadavg()[0], peak_rss_mb=round(peak_rss_mb()),
                finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS / f".{name}.json.tmp"
+    out = results_dir(eval_set)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{name}.json.tmp"
     tmp.write_text(json.dumps(row, indent=2) + "\n")
-    os.replace(tmp, RESULTS / f"{name}.json")
+    os.replace(tmp, out / f"{name}.json")
     print(json.dumps({k: row[k] for k in row if k != "config"}), flush=True)
 
 
@@ -91,15 +105,19 @@ def fmt(v, nd=2):
     return f"{v:.{nd}f}" if isinstance(v, float) else ("" if v is None else str(v))
 
 
-def write_table(tokens: int):
+def write_table(tokens: int, eval_set: str = "wikitext2", only=None):
     rows = []
     for name, group, _ in CONFIGS:
-        p = RESULTS / f"{name}.json"
+        if only and name not in only:
+            continue
+        p = results_dir(eval_set) / f"{name}.json"
         rows.append((name, group, json.loads(p.read_text()) if p.exists() else None))
-    lines = ["# COMP ablations on SmolLM2-135M-Instruct", "",
-             f"Command: `python benchmarks/comp_ablation.py --tokens {tokens}`  ",
-             "Calibration: C4 sample, 128 x 128 tokens, seed 0 unless the row says otherwise. Evaluation: WikiText-2 "
-             f"test, first {tokens:,} tokens, non-overlapping windows. Base: ratio 0.2, layer_share 0.25, condition "
+    flag = "" if eval_set == "wikitext2" else f" --eval {eval_set}" + (f" --only {','.join(only)}" if only else "")
+    lines = ["# COMP ablations on SmolLM2-135M-Instruct" + ("" if eval_set == "wikitext2" else " (held-out validation)"),
+             "",
+             f"Command: `python benchmarks/comp_ablation.py --tokens {tokens}{flag}`  ",
+             "Calibration: C4 sample, 128 x 128 tokens, seed 0 unless the row says otherwise. Evaluation: "
+             f"{EVAL_SETS[eval_set][1]}, first {tokens:,} tokens, non-overlapping windows. Base: ratio 0.2, layer_share 0.25, condition "
              "metric, mask tuning on, BI layer score. Rows without numbers did not finish yet.", "",
              "| config | group | params | ratio | removed layers | MLP width | PPL@128 | PPL@2048 | MLP rel. err (pruned → tuned) | prune s | peak RSS MB |",
              "|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|"]
@@ -116,7 +134,7 @@ def write_table(tokens: int):
     lines += ["", "\\* BI layer scores reused from an earlier run with the same calibration (prune seconds exclude "
               "that dense pass).", "", "Timings are wall-clock on a 2-core CPU that was shared with other jobs (see `loadavg` in each "
               "JSON); quality numbers are unaffected by load."]
-    (HERE / "results" / "comp_ablation.md").write_text("\n".join(lines) + "\n")
+    (HERE / "results" / f"{EVAL_SETS[eval_set][0]}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -127,18 +145,19 @@ def main():
     ap.add_argument("--only", default=None, help="comma-separated configuration names")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--eval", default="wikitext2", choices=sorted(EVAL_SETS), help="evaluation text")
     args = ap.parse_args()
     if args.run:
-        return run_one(args.run, args.tokens, args.threads)
+        return run_one(args.run, args.tokens, args.threads, args.eval)
+    only = args.only.split(",") if args.only else None
     if not args.table:
-        names = args.only.split(",") if args.only else [c[0] for c in CONFIGS]
-        for name in names:
-            if (RESULTS / f"{name}.json").exists():
+        for name in only or [c[0] for c in CONFIGS]:
+            if (results_dir(args.eval) / f"{name}.json").exists():
                 continue
             print(f"== {name}", flush=True)
             subprocess.run([sys.executable, __file__, "--run", name, "--tokens", str(args.tokens),
-                            "--threads", str(args.threads)], check=False)
-    write_table(args.tokens)
+                            "--threads", str(args.threads), "--eval", args.eval], check=False)
+    write_table(args.tokens, args.eval, only)
 
 
 if __name__ == "__main__":

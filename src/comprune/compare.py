@@ -558,7 +558,7 @@ def plot(rows: list[dict], path: Path, settings: dict):
         ax2.annotate("runtime floor (imports + skeleton, no weights)", (0, floor), xycoords=("axes fraction", "data"),
                      textcoords="offset points", xytext=(4, -10), fontsize=8, color="gray")
     ax2.set_xlabel("pruning time (s, in its own process)")
-    ax2.set_ylabel("pruning peak RSS (MB, the process's own VmHWM)")
+    ax2.set_ylabel("pruning peak RSS (MB, the process's own high-water mark)")
     ax2.set_ylim(bottom=0)
     ax2.set_title("Pruning cost")
     ax2.grid(True, alpha=0.3)
