@@ -13,7 +13,7 @@ Held-out selection (issue 6: defaults must not be chosen on the test text): the 
 WikiText-2 *validation* split, written to results/comp_ablation_validation/ and comp_ablation_validation.md:
 
     python benchmarks/comp_ablation.py --eval wikitext2-validation \
-        --only dense,comp-0.2,recovery-least-squares,metric-activation,metric-activation-ls,metric-weighted-norm
+        --only dense,comp-0.2,recovery-least-squares,metric-activation,metric-activation-ls,metric-weighted-norm,baseline-wanda-sp
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ CONFIGS = [
     ("layer-score-loss", "layer_score", {"layer_score": "loss"}),
     ("nsamples-512", "nsamples", {"nsamples": 512}),
     ("metric-activation-ls", "metric", {"metric": "activation", "recovery": "least-squares"}),
+    ("baseline-wanda-sp", "baseline", {"method": "wanda-sp"}),   # the strongest baseline at 20 %, same harness
 ]
 EVAL_SETS = {"wikitext2": ("comp_ablation", "WikiText-2 test"),
              "wikitext2-validation": ("comp_ablation_validation", "WikiText-2 validation (held out)")}
@@ -72,7 +73,7 @@ def run_one(name: str, tokens: int, threads: int, eval_set: str = "wikitext2"):
         bi_file = RESULTS / "_bi_scores_c4_128x128_seed0.json"
         default_calib = (cfg.nsamples, cfg.seqlen, cfg.seed, cfg.calib, cfg.layer_score) == (128, 128, 0, "c4", "bi")
         group = next(c[1] for c in CONFIGS if c[0] == name)
-        if default_calib and group != "ratio" and bi_file.exists():
+        if default_calib and group != "ratio" and cfg.method == "comp" and bi_file.exists():
             cfg.extra["layer_scores"] = json.loads(bi_file.read_text())
             row["bi_cached"] = True
         t0 = time.perf_counter()
@@ -80,10 +81,11 @@ def run_one(name: str, tokens: int, threads: int, eval_set: str = "wikitext2"):
         model, rep = comprune.prune(model, tok, cfg, calibration=calib, progress=False, base_model="smollm2")
         row.update(params=rep.params_after, ratio_achieved=rep.ratio_achieved, removed_layers=rep.removed_layers,
                    mlp_width=rep.mlp_widths[0], prune_seconds=round(time.perf_counter() - t0, 1),
-                   prune_peak_rss_mb=round(rep.peak_rss_mb), config=rep.config,
-                   mean_rel_error_tuned=sum(b["rel_error_tuned"] for b in rep.blocks.values()) / len(rep.blocks),
-                   mean_rel_error_pruned=sum(b["rel_error_pruned"] for b in rep.blocks.values()) / len(rep.blocks),
-                   layer_scores=rep.layer_scores)
+                   prune_peak_rss_mb=round(rep.peak_rss_mb), config=rep.config, layer_scores=rep.layer_scores)
+        if all("rel_error_tuned" in b for b in rep.blocks.values()):  # COMP rows (baselines keep no MLP error)
+            n = len(rep.blocks)
+            row.update(mean_rel_error_tuned=sum(b["rel_error_tuned"] for b in rep.blocks.values()) / n,
+                       mean_rel_error_pruned=sum(b["rel_error_pruned"] for b in rep.blocks.values()) / n)
         if default_calib and rep.layer_scores and not bi_file.exists():
             RESULTS.mkdir(parents=True, exist_ok=True)
             bi_file.write_text(json.dumps(rep.layer_scores))
