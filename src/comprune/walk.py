@@ -54,7 +54,11 @@ class SpilledBatches:
         with open(path, "rb", buffering=0) as f:
             done = 0
             while done < len(view):
-                done += f.readinto(view[done:])
+                n = f.readinto(view[done:])
+                if not n:
+                    raise CompruneError(f"activation file {path} is truncated: the disk may be full; free space "
+                                        "or prune without --stream")
+                done += n
         return t
 
     def shape(self, i: int) -> tuple:
