@@ -37,9 +37,8 @@ class _Batch:
 
     def __init__(self, hidden, i: int):
         self.hidden, self.i = hidden, i
-        t = hidden[i] if not isinstance(hidden, SpilledBatches) else None
         self.shape = list(batch_shape(hidden, i))
-        self.dtype = t.dtype if t is not None else hidden.items[i][2]
+        self.dtype = hidden.dtype(i) if isinstance(hidden, SpilledBatches) else hidden[i].dtype
 
     def nbytes(self) -> int:
         return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()

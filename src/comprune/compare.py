@@ -7,7 +7,8 @@ source/seed (the manifests' calibration sha256 must agree; the comparison checks
 - WikiText-2 perplexity at 128 and 2048 tokens on a fixed slice (the first `ppl_max_tokens` tokens of the test
   stream) for every run; the full test set for the runs at `full_ratio` (and dense);
 - the seven-task zero-shot average (`evaluate_zeroshot(..., "paper7", subset=200)`) at `zeroshot_ratio`;
-- parameters, pruning seconds, pruning peak RSS (the pruning process's own VmHWM); greedy generation tokens/s
+- parameters, pruning seconds, pruning peak RSS (the pruning process's own, from wait4 through a small
+  launcher: `run_with_peak_rss`); greedy generation tokens/s
   relative to the dense model (`evaluate.speed.relative_speed`, measured alternately with the dense model);
 - for methods that stream (`comprune prune --stream`), a second prune from disk one block at a time in its own
   process: its seconds and peak RSS, and a check that its weights equal the in-memory prune's (sha256);
@@ -34,8 +35,9 @@ from .errors import CompruneError
 DEFAULT_METHODS = ("comp", "llm-pruner", "flap", "layer-drop", "wanda-sp")
 DEFAULT_OUT = "benchmarks/results/compare"
 STAGES = ("prune", "ppl", "speed", "stream", "zeroshot", "full")
-# How prune records measured peak memory. Records without it used getrusage's ru_maxrss, which Linux carries
-# across exec from the launching process: they are re-pruned (same model, checked) to measure again.
+# How prune records measured peak memory. Records with another probe (or none: getrusage's ru_maxrss in the
+# prune itself, which Linux carries across exec from the launching process) are re-pruned (same model,
+# checked) to measure again.
 RSS_PROBE = "wait4"
 
 # Runs a command as a grandchild and prints its peak RSS (KiB) from wait4 as the last stderr line. Through
@@ -89,7 +91,7 @@ def _check_same_model(name: str, old: dict, new: dict):
     diff = [k for k in keys if old.get(k) != new.get(k)]
     if diff:
         raise CompruneError(f"re-pruning {name} gave a different model ({', '.join(diff)} changed): its evaluations "
-                            "no longer apply; delete its runs/{name}.json to evaluate the new model")
+                            f"no longer apply; delete its runs/{name}.json to evaluate the new model")
 
 
 class Comparison:

@@ -84,6 +84,7 @@ def weights_digest(model_dir) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes, in name order, whatever the shard layout:
     equal digests mean the same weights (used to check that a streamed prune equals the in-memory one)."""
     import hashlib
+    from contextlib import ExitStack
 
     import torch
     from safetensors import safe_open
@@ -91,14 +92,12 @@ def weights_digest(model_dir) -> str:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise CompruneError(f"{model_dir} has no .safetensors files: pass a model directory saved by comprune")
-    where = {}
-    for f in files:
-        with safe_open(str(f), "pt") as h:
-            where.update({k: f for k in h.keys()})
     digest = hashlib.sha256()
-    for name in sorted(where):
-        with safe_open(str(where[name]), "pt") as h:
-            t = h.get_tensor(name).contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    with ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(f), "pt")) for f in files]
+        where = {k: h for h in handles for k in h.keys()}
+        for name in sorted(where):
+            t = where[name].get_tensor(name).contiguous()
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -64,6 +64,9 @@ class SpilledBatches:
     def shape(self, i: int) -> tuple:
         return self.items[i][1]
 
+    def dtype(self, i: int) -> torch.dtype:
+        return self.items[i][2]
+
     def __len__(self):
         return len(self.items)
 
