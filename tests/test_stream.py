@@ -94,12 +94,40 @@ def test_stream_equals_in_memory(shards, tmp_path, name, cfg):
     ma, mb = (json.loads((d / "pruning.json").read_text()) for d in (out, tmp_path / "mem"))
     assert _strip(ma) == _strip(mb)
     assert ma["streaming"]["block_loads"] >= len(rep.kept_layers)
+    assert ma["streaming"]["modules"] == "comprune-lite"
 
     # the output loads and gives the in-memory prune's logits
     streamed, _ = load(out)
     ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(streamed(ids).logits, model(ids).logits)
+
+
+def test_stream_with_transformers_modules_equals_lite(shards, tmp_path):
+    """lite=False (transformers' classes, the fallback for other families) gives the same checkpoint."""
+    cfg = PruneConfig(ratio=0.2, layer_share=0.3, batch_size=4)
+    reps = {}
+    for lite in (True, False):
+        reps[lite] = prune_streaming(shards["uneven"], tmp_path / str(lite), cfg, calibration=calib(), progress=False,
+                                     base_model="m", lite=lite)
+    a, b = _weights(tmp_path / "True"), _weights(tmp_path / "False")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for f in ("config.json", "generation_config.json", "modeling_comprune.py"):
+        assert (tmp_path / "True" / f).read_text() == (tmp_path / "False" / f).read_text()
+    assert json.loads((tmp_path / "False" / "pruning.json").read_text())["streaming"]["modules"] == "transformers"
+
+
+def test_stream_cli_never_imports_transformers_modeling(shards, tmp_path):
+    """The memory floor of a streamed prune: transformers' modeling stack (~130 MB) is never imported."""
+    out, text = tmp_path / "out", tmp_path / "calib.txt"
+    rng = random.Random(0)
+    text.write_text(" ".join("".join(rng.choice("abcdefghij klmnop") for _ in range(6)) for _ in range(300)))
+    r = subprocess.run([sys.executable, "-m", "comprune.cli", "prune", str(shards["llama"]), "--stream", "--ratio",
+                        "0.2", "--nsamples", "4", "--seqlen", "16", "--calib", str(text), "--out", str(out), "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-1000:]
+    stats = json.loads((out / "pruning.json").read_text())["streaming"]
+    assert stats["modules"] == "comprune-lite" and stats["transformers_modeling_imported"] is False
 
 
 def test_llm_pruner_refuses_to_stream(shards, tmp_path):

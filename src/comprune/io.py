@@ -32,8 +32,15 @@ def _add_auto_map(tmp: Path, model):
     cfg_path = tmp / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["auto_map"] = {"AutoConfig": f"modeling_comprune.{type(model.config).__name__}",
-                       "AutoModelForCausalLM": f"modeling_comprune.{type(model).__name__}"}
+                       "AutoModelForCausalLM": f"modeling_comprune.{architecture(model)}"}
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def architecture(model) -> str:
+    """The transformers class name a model's checkpoint is for (a streamed prune's plain-PyTorch modules
+    carry it as `architecture`)."""
+    from .models.lite import CausalLM
+    return model.architecture if isinstance(model, CausalLM) else type(model).__name__
 
 
 def write_manifest(path: Path, manifest: dict):

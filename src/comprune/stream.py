@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import struct
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -431,15 +432,32 @@ class StreamRun:
 
 
 # ------------------------------------------------------------------------------------------- skeleton
-def build_skeleton(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool = False):
-    """The model on the meta device (buffers real, on the CPU), with config and generation config."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-    from . import models  # noqa: F401 - comprune's per-layer-width classes
+def build_skeleton(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool = False, seqlen: int | None = None,
+                   lite: bool = True):
+    """The model on the meta device (buffers real, on the CPU), with config and generation config.
+
+    Llama-family models get comprune's plain-PyTorch modules (models/lite.py: same names, same arithmetic)
+    when they cover the model and `seqlen`-token calibration windows, so transformers' modeling code - about
+    130 MB of resident memory for its imports alone - is never loaded; other models get transformers' classes."""
+    from transformers import AutoConfig, GenerationConfig
+    from . import models  # noqa: F401 - comprune's per-layer-width configs
     from .loading import _quiet_transformers
+    from .models import lite as lite_models
     _quiet_transformers()
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, KeyError) as e:
+        raise CompruneError(f"cannot read the config of {model_dir} ({e.__class__.__name__}: "
+                            f"{str(e).splitlines()[0][:200]})") from None
+    if lite and not trust_remote_code and lite_models.supports(config, seqlen or 2) is None:
+        model = lite_models.build(config, dtype)
+        gen = model_dir / "generation_config.json"
+        model.generation_config = GenerationConfig.from_pretrained(model_dir) if gen.is_file() else \
+            GenerationConfig.from_model_config(config)
+        return model
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    try:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError) as e:
@@ -556,19 +574,21 @@ def resolve_stream_source(spec) -> Path:
 
 def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer=None, resume: bool = False,
                     force: bool = False, progress: bool = True, dtype="float32", base_model: str | None = None,
-                    trust_remote_code: bool = False, data_dir=None):
+                    trust_remote_code: bool = False, data_dir=None, lite: bool = True):
     """Prune the safetensors model in `model_dir` into `out_dir` holding one decoder block at a time.
 
     Same result as `prune(load(model_dir)); save_pretrained(...)` with the same config and calibration (same
     logits and manifest), but peak memory is the embeddings + head + one block + activations. Progress is
-    checkpointed after every block (next to `out_dir`); `resume=True` continues a killed run. Returns the
-    PruneReport (also written as pruning.json)."""
+    checkpointed after every block (next to `out_dir`); `resume=True` continues a killed run. `lite=False`
+    uses transformers' model classes even where comprune's plain-PyTorch ones (same results, less memory)
+    apply. Returns the PruneReport (also written as pruning.json)."""
     from .config import PruneConfig
     from .data import get_calibration
-    from .io import MANIFEST, _add_auto_map, _check_target, publish, write_manifest
+    from .io import MANIFEST, _add_auto_map, _check_target, architecture, publish, write_manifest
     from .loading import resolve_dtype
     from .methods import METHODS
     from .models import get_adapter
+    from .models import lite as lite_models
     from .models.adapters import base_model_type
     from .prune import peak_rss_mb, prune
     from .walk import spill_activations
@@ -605,9 +625,11 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
         shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True, exist_ok=True)
 
-    model = build_skeleton(model_dir, dtype, trust_remote_code)
+    model = build_skeleton(model_dir, dtype, trust_remote_code, seqlen=calibration.seqlen,
+                           lite=lite)
     adapter = get_adapter(model)
     run = StreamRun(shards, dtype, partial)
+    run.stats["modules"] = "comprune-lite" if isinstance(model, lite_models.CausalLM) else "transformers"
     layers_prefix = _load_resident_tensors(model, adapter, shards, dtype, run)
     layers = adapter.layers(model)
     done = _finished_blocks(ckpt_dir) if resume else 0
@@ -640,6 +662,7 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
         raise
 
     run.stats["peak_rss_mb_walk"] = peak_rss_mb()
+    run.stats["transformers_modeling_imported"] = "transformers.modeling_utils" in sys.modules
     # ---- write the output: kept blocks renumbered, then the rest, all in the partial directory
     weight_map: dict[str, str] = {}
     total_size = 0
@@ -682,7 +705,7 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     (partial / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
     model.config.dtype = str(dtype).split(".")[1]
-    model.config.architectures = [model.__class__.__name__]
+    model.config.architectures = [architecture(model)]
     model.config.save_pretrained(partial)
     if model.can_generate():
         model.generation_config.save_pretrained(partial)

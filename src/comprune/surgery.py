@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .models.modeling_comprune import CLASSES
 
 # Per-layer config lists that must follow the layers when blocks are dropped.
 PER_LAYER_KEYS = ("layer_types", "intermediate_sizes", "num_attention_heads_per_layer",
@@ -215,8 +214,9 @@ def _replace_config(model, new_cfg):
 def finalize_config(model, adapter) -> list[int]:
     """Record the layers' MLP widths (and attention head counts) in the config: base config when uniform,
     comprune's per-layer config when not."""
+    from transformers import AutoConfig
     from .models.adapters import base_model_type
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from .models.modeling_comprune import CONFIGS, MODEL_NAMES, model_class
     layers = adapter.layers(model)
     widths = [mlp_width(adapter, layer) for layer in layers]
     heads = [attention_heads(adapter, layer) for layer in layers]
@@ -242,9 +242,9 @@ def finalize_config(model, adapter) -> list[int]:
         if cfg.model_type != base_type or (widths and cfg.intermediate_size != widths[0]) or heads_changed:
             new_cfg = AutoConfig.for_model(base_type, **fields)
             _replace_config(model, new_cfg)
-            model.__class__ = AutoModelForCausalLM._model_mapping[type(new_cfg)]
+            _become(model, lambda: _stock_class(new_cfg), _stock_name(base_type))
     else:
-        config_cls, model_cls = CLASSES[base_type]
+        config_cls = CONFIGS[base_type]
         extra = {}
         if not heads_uniform:
             extra = {"num_attention_heads_per_layer": [h for h, _ in heads],
@@ -252,5 +252,26 @@ def finalize_config(model, adapter) -> list[int]:
         new_cfg = config_cls(**fields, intermediate_sizes=widths, **extra)
         _replace_config(model, new_cfg)
         # Same modules, comprune's class: save_pretrained then records the right architecture and config.
-        model.__class__ = model_cls
+        _become(model, lambda: model_class(base_type), MODEL_NAMES[base_type])
     return widths
+
+
+def _stock_class(config):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM._model_mapping[type(config)]
+
+
+def _stock_name(base_type: str) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base_type]
+
+
+def _become(model, cls, name: str):
+    """Make `model` an instance of the transformers class for its new config. comprune's plain-PyTorch modules
+    (models/lite.py, streamed prunes) only record the name: their checkpoint is written for that class, and
+    loading transformers' modeling code for it would cost the memory streaming saves."""
+    from .models.lite import CausalLM
+    if isinstance(model, CausalLM):
+        model.architecture = name
+    else:
+        model.__class__ = cls()

@@ -180,7 +180,9 @@ def capture(model, adapter, input_ids: torch.Tensor, batch_size: int, device) ->
         hidden = args[0] if args else kwargs["hidden_states"]
         kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         kw["use_cache"] = False
-        kw["past_key_values"] = None
+        for key in ("cache", "past_key_values"):  # transformers 5 calls it cache, 4 past_key_values
+            if key in kw:
+                kw[key] = None
         store_hidden.append(hidden.detach().to(device))
         store_kwargs.append(_to(kw, device))
         raise _StopForward

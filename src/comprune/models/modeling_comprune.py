@@ -9,16 +9,17 @@ The config is the base architecture's own config plus `intermediate_sizes` (one 
 0 = MLP removed) and `comprune_base_model_type`; when attention heads were pruned unevenly, also
 `num_attention_heads_per_layer` and `num_key_value_heads_per_layer` (query and KV heads of each layer;
 `head_dim` is then explicit in the config).
+
+The model classes (CompruneLlamaForCausalLM, ...) are built on first access (module `__getattr__`): the
+configs alone do not import transformers' modeling code, which costs ~130 MB of memory that a streamed
+prune should not pay.
 """
 import copy
 
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.llama.configuration_llama import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaForCausalLM
 from transformers.models.mistral.configuration_mistral import MistralConfig
-from transformers.models.mistral.modeling_mistral import MistralForCausalLM
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
-from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 
 
 def narrow_mlps(layers, config):
@@ -57,9 +58,27 @@ def narrow_attention(layers, config):
         layer.self_attn = attn
 
 
-def _make(base_config, base_model, base_type):
-    model_type = f"comprune_{base_type}"
-    config_cls = type(f"Comprune{base_config.__name__}", (base_config,), {"model_type": model_type})
+def _config(base_config, base_type):
+    cls = type(f"Comprune{base_config.__name__}", (base_config,), {"model_type": f"comprune_{base_type}"})
+    cls.__module__ = __name__
+    return cls
+
+
+CompruneLlamaConfig = _config(LlamaConfig, "llama")
+CompruneMistralConfig = _config(MistralConfig, "mistral")
+CompruneQwen2Config = _config(Qwen2Config, "qwen2")
+CONFIGS = {"llama": CompruneLlamaConfig, "mistral": CompruneMistralConfig, "qwen2": CompruneQwen2Config}
+# base model type -> (transformers module, base model class); the class names are Comprune + the base name
+BASE_MODELS = {"llama": ("llama", "LlamaForCausalLM"), "mistral": ("mistral", "MistralForCausalLM"),
+               "qwen2": ("qwen2", "Qwen2ForCausalLM")}
+MODEL_NAMES = {t: f"Comprune{name}" for t, (_, name) in BASE_MODELS.items()}
+_built = {}
+
+
+def _make_model(base_type):
+    import importlib
+    module, name = BASE_MODELS[base_type]
+    base_model = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
 
     def __init__(self, config):
         base_model.__init__(self, config)
@@ -67,27 +86,46 @@ def _make(base_config, base_model, base_type):
         narrow_attention(self.model.layers, config)
         self.post_init()
 
-    model_cls = type(f"Comprune{base_model.__name__}", (base_model,),
-                     {"config_class": config_cls, "__init__": __init__, "__module__": __name__})
-    config_cls.__module__ = __name__
-    return config_cls, model_cls
+    return type(MODEL_NAMES[base_type], (base_model,),
+                {"config_class": CONFIGS[base_type], "__init__": __init__, "__module__": __name__})
 
 
-CompruneLlamaConfig, CompruneLlamaForCausalLM = _make(LlamaConfig, LlamaForCausalLM, "llama")
-CompruneMistralConfig, CompruneMistralForCausalLM = _make(MistralConfig, MistralForCausalLM, "mistral")
-CompruneQwen2Config, CompruneQwen2ForCausalLM = _make(Qwen2Config, Qwen2ForCausalLM, "qwen2")
+def model_class(base_type):
+    """The per-layer-width model class of a base family (built, and registered with AutoModelForCausalLM, on
+    first use)."""
+    if base_type not in _built:
+        _built[base_type] = _make_model(base_type)
+        AutoModelForCausalLM.register(CONFIGS[base_type], _built[base_type], exist_ok=True)
+    return _built[base_type]
 
-CLASSES = {
-    "llama": (CompruneLlamaConfig, CompruneLlamaForCausalLM),
-    "mistral": (CompruneMistralConfig, CompruneMistralForCausalLM),
-    "qwen2": (CompruneQwen2Config, CompruneQwen2ForCausalLM),
-}
+
+def __getattr__(name):
+    for base_type, model_name in MODEL_NAMES.items():
+        if name == model_name:
+            return model_class(base_type)
+    if name == "CLASSES":
+        return {t: (CONFIGS[t], model_class(t)) for t in CONFIGS}
+    raise AttributeError(f"module {__name__} has no attribute {name}")
+
+
+def _deferred(base_type):
+    """A stand-in for the model class in AutoModelForCausalLM's registry: the first from_pretrained/from_config
+    builds the real class (which then replaces it in the registry) and hands over."""
+    def from_pretrained(cls, *args, **kwargs):
+        return model_class(base_type).from_pretrained(*args, **kwargs)
+
+    def _from_config(cls, *args, **kwargs):
+        return model_class(base_type)._from_config(*args, **kwargs)
+
+    return type(MODEL_NAMES[base_type], (), {"config_class": CONFIGS[base_type], "__module__": __name__,
+                                             "from_pretrained": classmethod(from_pretrained),
+                                             "_from_config": classmethod(_from_config)})
 
 
 def register():
-    for config_cls, model_cls in CLASSES.values():
+    for base_type, config_cls in CONFIGS.items():
         try:
             AutoConfig.register(config_cls.model_type, config_cls)
-            AutoModelForCausalLM.register(config_cls, model_cls)
         except ValueError:  # already registered
             pass
+        AutoModelForCausalLM.register(config_cls, _built.get(base_type) or _deferred(base_type), exist_ok=True)
