@@ -128,6 +128,7 @@ def test_stream_cli_never_imports_transformers_modeling(shards, tmp_path):
     assert r.returncode == 0, r.stderr[-1000:]
     stats = json.loads((out / "pruning.json").read_text())["streaming"]
     assert stats["modules"] == "comprune-lite" and stats["transformers_modeling_imported"] is False
+    assert load(out)[1] is not None  # the tokenizer, written by the calibration child
 
 
 def test_llm_pruner_refuses_to_stream(shards, tmp_path):

@@ -39,6 +39,8 @@ STAGES = ("prune", "ppl", "speed", "stream", "zeroshot", "full")
 # prune itself, which Linux carries across exec from the launching process) are re-pruned (same model,
 # checked) to measure again.
 RSS_PROBE = "wait4"
+# Streamed prunes recorded before this version ran on transformers' modules (a heavier runtime): measure again.
+STREAM_RECORD = 2
 
 # Runs a command as a grandchild and prints its peak RSS (KiB) from wait4 as the last stderr line. Through
 # this small process the prune's ru_maxrss starts from the launcher's ~10 MB, not from the comparison
@@ -273,7 +275,8 @@ class Comparison:
             from .stream import can_stream
             return name != "dense" and can_stream(rec["method"]) and \
                 any(abs(rec["ratio"] - r) < 1e-9 for r in self.stream_ratios) and \
-                rec.get("stream", {}).get("rss_probe") != RSS_PROBE
+                (rec.get("stream", {}).get("rss_probe") != RSS_PROBE or
+                 rec.get("stream", {}).get("record_version") != STREAM_RECORD)
         return stage not in rec
 
     def step(self, name: str, stage: str):
@@ -311,6 +314,7 @@ class Comparison:
                 rec["stream"] = {k: st.get(k) for k in ("seconds", "wall_seconds", "peak_rss_mb", "rss_probe",
                                                         "weights_sha256", "identical_to_in_memory", "streaming",
                                                         "command")}
+                rec["stream"]["record_version"] = STREAM_RECORD
                 rec.get("errors", {}).pop(stage, None)
                 self._save(name, rec)
                 return
@@ -385,32 +389,36 @@ class Comparison:
         return self.write_reports()
 
     def runtime_floor(self) -> dict:
-        """Peak RSS of a process that imports comprune (torch, transformers, the model family's modeling code)
-        and builds the model's skeleton without weights: what every pruning process pays before its own work.
-        Measured once per comparison, in its own process."""
+        """Peak RSS of a process that imports comprune and builds the model's skeleton without weights: what
+        every pruning process pays before its own work. Two floors: with transformers' model classes (their
+        modeling code imported: an in-memory prune) and with comprune's plain-PyTorch modules (a streamed
+        prune). Measured once per comparison, each in its own process."""
         path = self.out / "runtime_floor.json"
         rec = _read(path)
-        if rec.get("rss_probe") == RSS_PROBE:
+        if rec.get("rss_probe") == RSS_PROBE and "stream_peak_rss_mb" in rec:
             return rec
         from .stream import resolve_stream_source
         resolve_stream_source(self.model_spec)  # a first use builds the cached safetensors here, not in the probe
         code = ("import json, sys; from comprune.stream import build_skeleton, resolve_stream_source; "
                 "from comprune.loading import resolve_dtype; from comprune.prune import peak_rss_mb; "
-                "build_skeleton(resolve_stream_source(sys.argv[1]), resolve_dtype(sys.argv[2])); "
-                "print(json.dumps({'peak_rss_mb': peak_rss_mb()}))")
-        log = self.out / "logs" / "runtime_floor.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        code_, stdout, peak = run_with_peak_rss([self.python, "-c", code, self.model_spec, self.dtype],
-                                                subprocess.PIPE, log,
-                                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        try:
-            own = json.loads(stdout.strip().splitlines()[-1])["peak_rss_mb"]
-        except (ValueError, IndexError, KeyError):
-            _log(f"runtime floor not measured (exit {code_}); see {log}", True)
-            return {}
-        rec = {"peak_rss_mb": max(own, peak or 0), "self_reported_peak_rss_mb": own, "rss_probe": RSS_PROBE,
-               "what": "python + torch + transformers + comprune imported, model skeleton built on the meta "
-                       "device, no weights, no data"}
+                "build_skeleton(resolve_stream_source(sys.argv[1]), resolve_dtype(sys.argv[2]), "
+                "lite=sys.argv[3] == 'lite'); print(json.dumps({'peak_rss_mb': peak_rss_mb()}))")
+        rec = {"rss_probe": RSS_PROBE}
+        for modules, key in (("transformers", "peak_rss_mb"), ("lite", "stream_peak_rss_mb")):
+            log = self.out / "logs" / f"runtime_floor-{modules}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            code_, stdout, peak = run_with_peak_rss([self.python, "-c", code, self.model_spec, self.dtype, modules],
+                                                    subprocess.PIPE, log,
+                                                    env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            try:
+                own = json.loads(stdout.strip().splitlines()[-1])["peak_rss_mb"]
+            except (ValueError, IndexError, KeyError):
+                _log(f"runtime floor not measured (exit {code_}); see {log}", True)
+                return {}
+            rec[key] = max(own, peak or 0)
+        rec["what"] = ("python + torch + transformers + comprune imported, model skeleton built on the meta device, "
+                       "no weights, no data; peak_rss_mb with transformers' model classes (in-memory prunes), "
+                       "stream_peak_rss_mb with comprune's plain-PyTorch modules (streamed prunes)")
         _write(path, rec)
         return rec
 
@@ -449,9 +457,11 @@ class Comparison:
     def write_reports(self) -> dict:
         rows = self.rows()
         shas = {r["calibration_sha256"] for r in rows if r["calibration_sha256"]}
-        floor = _read(self.out / "runtime_floor.json").get("peak_rss_mb")
+        floors = _read(self.out / "runtime_floor.json")
+        floor = floors.get("peak_rss_mb")
         result = {"settings": self.settings(), "calibration_sha256": sorted(shas), "rows": rows,
-                  "calibration_identical": len(shas) <= 1, "runtime_floor_mb": floor}
+                  "calibration_identical": len(shas) <= 1, "runtime_floor_mb": floor,
+                  "stream_runtime_floor_mb": floors.get("stream_peak_rss_mb")}
         _write(self.out / "results.json", result)
         (self.out / "results.md").write_text(markdown_table(rows, self.settings(), shas, floor) + "\n")
         try:
@@ -494,8 +504,9 @@ def markdown_table(rows: list[dict], settings: dict, shas=(), floor_mb: float | 
             "(sha256) unless marked ≠.")
     if floor_mb:
         note += (f" Runtime floor: {floor_mb:.0f} MB is the peak RSS of a process that only imports comprune "
-                 "(python, torch, transformers) and builds the model's skeleton without weights; every pruning "
-                 "process pays it before its own work.")
+                 "(python, torch, transformers' modeling code) and builds the model's skeleton without weights; "
+                 "every in-memory pruning process pays it before its own work (a streamed prune uses comprune's "
+                 "plain-PyTorch modules instead of transformers' modeling code: a lower floor).")
     tasks = next((list(r["zeroshot_tasks"]) for r in rows if r.get("zeroshot_tasks")), None)
     if tasks:
         zs = [r for r in rows if r.get("zeroshot_tasks")]

@@ -612,18 +612,25 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     dtype = resolve_dtype(dtype)
     shards = ShardIndex(model_dir)
     lean_allocator()
-    own_tokenizer = tokenizer is None
-    if calibration is None and own_tokenizer:
-        calibration = calibration_in_child(model_dir, cfg, data_dir)
-    elif calibration is None:
-        calibration = get_calibration(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=data_dir)
-    # The tokenizer (~40 MB with its vocabulary) is not needed during the walk: loaded again to save it.
-    tokenizer = None if own_tokenizer else tokenizer
-
     partial, ckpt_dir = _partial_dir(out_dir), _checkpoint_dir(out_dir)
     if not resume:
         shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True, exist_ok=True)
+    own_tokenizer, tokenizer_saved = tokenizer is None, False
+    if calibration is None and own_tokenizer:
+        # the child also writes the tokenizer into the output: loading it costs ~60 MB of heap (more than the
+        # walk's own work on a small model) that this process never has to hold
+        try:
+            calibration = calibration_in_child(model_dir, cfg, data_dir, tokenizer_out=partial)
+        except CompruneError:
+            if not resume:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+        tokenizer_saved = True
+    elif calibration is None:
+        calibration = get_calibration(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=data_dir)
+    # The tokenizer (~40 MB with its vocabulary) is not needed during the walk: loaded again to save it.
+    tokenizer = None if own_tokenizer else tokenizer
 
     model = build_skeleton(model_dir, dtype, trust_remote_code, seqlen=calibration.seqlen,
                            lite=lite)
@@ -709,7 +716,7 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     model.config.save_pretrained(partial)
     if model.can_generate():
         model.generation_config.save_pretrained(partial)
-    if own_tokenizer:
+    if own_tokenizer and not tokenizer_saved:
         tokenizer = _load_tokenizer(model_dir, required=False)
     if tokenizer is not None:
         tokenizer.save_pretrained(partial)
@@ -729,10 +736,11 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     return report
 
 
-def calibration_in_child(model_dir: Path, cfg, data_dir=None):
+def calibration_in_child(model_dir: Path, cfg, data_dir=None, tokenizer_out: Path | None = None):
     """The calibration windows, tokenised in a child process. Loading a tokenizer and tokenising a text
     sample leaves ~30 MB of heap behind in the process that did it (more than a block of a small model);
-    the child takes that with it. Same ids as in-process tokenisation (same tokenizer, text and seed)."""
+    the child takes that with it. Same ids as in-process tokenisation (same tokenizer, text and seed).
+    With `tokenizer_out`, the child also saves the tokenizer there (save_pretrained)."""
     import subprocess
     import sys
     import tempfile
@@ -741,7 +749,7 @@ def calibration_in_child(model_dir: Path, cfg, data_dir=None):
     with tempfile.TemporaryDirectory(prefix="comprune-calib-") as tmp:
         out = Path(tmp) / "ids.safetensors"
         args = [str(model_dir), cfg.calib, str(cfg.nsamples), str(cfg.seqlen), str(cfg.seed), str(data_dir or ""),
-                str(out)]
+                str(out), str(tokenizer_out or "")]
         code = "import sys; from comprune.stream import _calibration_child; _calibration_child(*sys.argv[1:])"
         r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
         if r.returncode != 0:
@@ -753,7 +761,7 @@ def calibration_in_child(model_dir: Path, cfg, data_dir=None):
     return Calibration(ids, cfg.calib, cfg.seed)
 
 
-def _calibration_child(model_dir, source, nsamples, seqlen, seed, data_dir, out):
+def _calibration_child(model_dir, source, nsamples, seqlen, seed, data_dir, out, tokenizer_out=""):
     import sys
     from safetensors.torch import save_file
     from .data import get_calibration
@@ -764,6 +772,8 @@ def _calibration_child(model_dir, source, nsamples, seqlen, seed, data_dir, out)
         print(f"comprune: error: {e}", file=sys.stderr)
         sys.exit(2)
     save_file({"input_ids": calib.input_ids.contiguous()}, out)
+    if tokenizer_out:
+        tokenizer.save_pretrained(tokenizer_out)
 
 
 def _load_tokenizer(model_dir: Path, required: bool):
