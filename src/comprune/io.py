@@ -44,7 +44,11 @@ def architecture(model) -> str:
 
 
 def write_manifest(path: Path, manifest: dict):
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    # json.dump streams its pieces to the file: dumps would first hold them all (an indented manifest of a
+    # few thousand kept neurons per block is ~10 MB of small strings, more than a streamed prune's block)
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def publish(tmp: Path, out_dir: Path):
