@@ -1,20 +1,20 @@
 """Streaming prune memory: peak RSS of `comprune prune --stream` against the size of the model it prunes.
 
-1. big:      a random Llama-architecture model (default 1.33 B parameters, 5.3 GB of float32 safetensors:
-             56 blocks of hidden 2048, MLP 2048, 32 query / 4 KV heads, SmolLM2's 49152-token vocabulary,
+1. big:      a random Llama-architecture model (default 2.62 B parameters, 10.5 GB of float32 safetensors:
+             56 blocks of hidden 3072, MLP 2048, 24 query / 8 KV heads, SmolLM2's 49152-token vocabulary,
              tied embeddings, one shard per block) is written shard by shard - never materialised - then
-             pruned 20 % with COMP from disk in a child process whose address space is capped well below the
-             model's size (`prlimit --as`; the cap also covers safetensors' mmap of the shard being read). Its
-             peak RSS (its VmHWM) is compared with the weights' size. The MLP is narrow on purpose:
-             COMP's per-block workspace is a few f x f float64 matrices (f = MLP width) and its greedy
-             selection is O(f^3) per block, so a narrow MLP keeps the run at ~20-30 min on 2 shared cores.
+             pruned 20 % with COMP from disk in a child process whose address space is capped far below the
+             model's size (`prlimit --as`, 2 GiB by default: the weights are 5x that). Its peak RSS (its VmHWM)
+             is compared with the weights' size. The MLP is narrow on purpose: COMP's per-block workspace is
+             a few f x f float64 matrices (f = MLP width) and its greedy selection is O(f^3) per block, so a
+             narrow MLP keeps the run at a few minutes on 2 cores.
 2. smollm2:  SmolLM2-135M (538 MB float32) pruned 20 % with and without --stream: peak RSS of both.
 
-The calibration is small (4 x 128 c4 tokens by default; 16 x 128 for SmolLM2 in the recorded results).
-The random model is deleted afterwards (its weights are noise: this only measures memory).
+The calibration is small for the random model (4 x 128 c4 tokens); SmolLM2 uses the default 128 x 128 in the
+recorded results. The random model is deleted afterwards (its weights are noise: this only measures memory).
 
     .venv/bin/python benchmarks/stream_memory.py --parts big
-    .venv/bin/python benchmarks/stream_memory.py --parts smollm2 --nsamples 16        # or smollm2-stream
+    .venv/bin/python benchmarks/stream_memory.py --parts smollm2 --nsamples 128       # or smollm2-stream
     .venv/bin/python benchmarks/stream_memory.py --layers 24 --as-limit-gb 3
 
 Writes (merges into) benchmarks/results/stream_memory.json and rewrites .md with the commands.
@@ -173,13 +173,13 @@ def main():
     ap.add_argument("--parts", default="big,smollm2")
     ap.add_argument("--work", default=str(ROOT / "out" / "stream_memory"), help="scratch directory (deleted)")
     ap.add_argument("--layers", type=int, default=56)
-    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--hidden", type=int, default=3072)
     ap.add_argument("--intermediate", type=int, default=2048)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=24)
+    ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--nsamples", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=128)
-    ap.add_argument("--as-limit-gb", type=float, default=3.5, help="address-space cap of the big streaming run")
+    ap.add_argument("--as-limit-gb", type=float, default=2.0, help="address-space cap of the big streaming run (GiB)")
     ap.add_argument("--keep", action="store_true", help="keep the random model and outputs")
     ap.add_argument("--reuse", action="store_true", help="reuse a random model left by --keep (or a killed run)")
     args = ap.parse_args()

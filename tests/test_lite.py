@@ -41,7 +41,9 @@ def test_lite_blocks_equal_transformers(family):
                 layer.self_attn.q_proj.bias.normal_(0, 0.1)
                 layer.self_attn.k_proj.bias.normal_(0, 0.1)
     assert lite.supports(hf.config, 24) is None
-    _check_same(hf, _lite_twin(hf))
+    twin = _lite_twin(hf)
+    assert twin.architecture == type(hf).__name__
+    _check_same(hf, twin)
 
 
 def test_lite_pruned_widths_and_heads_equal_transformers():
@@ -54,6 +56,7 @@ def test_lite_pruned_widths_and_heads_equal_transformers():
     finalize_config(hf, adapter)
     assert hf.config.model_type == "comprune_llama"
     twin = _lite_twin(hf)
+    assert twin.architecture == type(hf).__name__ == "CompruneLlamaForCausalLM"
     assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in hf.state_dict().items()}
     _check_same(hf, twin)
 

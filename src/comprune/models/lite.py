@@ -209,7 +209,7 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = DecoderModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.architecture = (getattr(config, "architectures", None) or [None])[0]
+        self.architecture = class_name(config)
         self.generation_config = None
 
     @property
@@ -231,6 +231,15 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids=None, inputs_embeds=None, **kwargs):
         return self.lm_head(self.model(input_ids=input_ids, inputs_embeds=inputs_embeds))
+
+
+def class_name(config) -> str:
+    """The transformers class AutoModelForCausalLM would build for `config` (what the in-memory path saves)."""
+    if config.model_type.startswith("comprune_"):
+        from .modeling_comprune import MODEL_NAMES
+        return MODEL_NAMES[base_type(config)]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]
 
 
 def build(config, dtype: torch.dtype) -> CausalLM:
