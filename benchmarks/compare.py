@@ -243,6 +243,8 @@ def main(argv=None):
     ap.add_argument("--speed-tokens", type=int, default=32)
     ap.add_argument("--subset", type=int, default=200)
     ap.add_argument("--skip", default="")
+    ap.add_argument("--redo", default="", help="stages to measure again: prune (time, memory), speed")
+    ap.add_argument("--redo-tag", default=None, help="name of the --redo pass (resume it with the same tag)")
     ap.add_argument("--doc-only", action="store_true", help="only rewrite docs/comparison.md from the results")
     args = ap.parse_args(argv)
     if not args.doc_only:
@@ -252,7 +254,8 @@ def main(argv=None):
         compare(args.model, [float(x) for x in args.ratios.split(",")], args.methods.split(","), args.out,
                 ppl_max_tokens=args.max_tokens, zeroshot_subset=args.subset, speed_tokens=args.speed_tokens,
                 zeroshot_cache_dir=str(HERE / "cache" / "lm_eval"),
-                skip=[s for s in args.skip.split(",") if s])
+                skip=[s for s in args.skip.split(",") if s], redo=[s for s in args.redo.split(",") if s],
+                redo_tag=args.redo_tag)
     write_doc(args)
 
 

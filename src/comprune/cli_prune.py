@@ -98,7 +98,8 @@ def cmd_compare(args) -> int:
                      zeroshot_subset=args.subset, speed_tokens=args.speed_tokens, data_dir=args.data_dir,
                      dtype=args.dtype, keep_models=args.keep_models, skip=skip, progress=not args.json,
                      zeroshot_cache_dir=args.zeroshot_cache_dir,
-                     stream_ratios=_floats(args.stream_ratios) if args.stream_ratios else None)
+                     stream_ratios=_floats(args.stream_ratios) if args.stream_ratios else None,
+                     redo=[x.strip() for x in (args.redo or "").split(",") if x.strip()], redo_tag=args.redo_tag)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -159,6 +160,10 @@ def add_commands(sub, add_common):
                    help="ratios at which methods that can stream are also pruned with --stream, for its time and "
                         "memory (default: the zero-shot ratio)")
     p.add_argument("--skip", default=None, help=f"stages to skip, comma-separated: {', '.join(STAGES)}")
+    p.add_argument("--redo", default=None, help="measure these stages again for every run (prune: re-pruned, "
+                   "time and memory re-measured, the model checked identical; speed): e.g. on a quiet machine")
+    p.add_argument("--redo-tag", default=None, help="a name for the --redo pass: results carrying it count as "
+                   "redone, so an interrupted --redo resumes when given the same tag")
     p.add_argument("--keep-models", action="store_true", help="keep the pruned model directories")
     add_common(p)
     p.set_defaults(func=cmd_compare)

@@ -35,6 +35,7 @@ from .errors import CompruneError
 DEFAULT_METHODS = ("comp", "llm-pruner", "flap", "layer-drop", "wanda-sp")
 DEFAULT_OUT = "benchmarks/results/compare"
 STAGES = ("prune", "ppl", "speed", "stream", "zeroshot", "full")
+REDOABLE = ("prune", "speed")  # measurements of time and memory; the others are deterministic
 # How prune records measured peak memory. Records with another probe (or none: getrusage's ru_maxrss in the
 # prune itself, which Linux carries across exec from the launching process) are re-pruned (same model,
 # checked) to measure again.
@@ -102,7 +103,8 @@ class Comparison:
                  full_ratio: float | None = 0.2, zeroshot_ratio: float | None = 0.2, zeroshot_tasks="paper7",
                  zeroshot_subset: int | None = 200, zeroshot_batch_size=16, speed_tokens=64, speed_repeats=3,
                  data_dir=None, dtype="float32", keep_models=False, skip=(), prune_args=None, progress=True,
-                 dense_cache_key=None, zeroshot_cache_dir=None, python=None, stream_ratios=None):
+                 dense_cache_key=None, zeroshot_cache_dir=None, python=None, stream_ratios=None, redo=(),
+                 redo_tag=None):
         from .config import METHODS
         for m in methods:
             if m not in METHODS:
@@ -113,6 +115,13 @@ class Comparison:
         bad = set(skip) - set(STAGES)
         if bad:
             raise CompruneError(f"unknown stage(s) {', '.join(sorted(bad))} in --skip: use some of {', '.join(STAGES)}")
+        bad = set(redo) - set(REDOABLE)
+        if bad:
+            raise CompruneError(f"--redo {', '.join(sorted(bad))}: only {', '.join(REDOABLE)} can be measured again "
+                                "(the other stages' results are deterministic)")
+        # Stages measured again (e.g. on a quiet machine); a result carrying this tag is already redone, so an
+        # interrupted --redo resumes when run again with the same tag.
+        self.redo, self.redo_tag = set(redo), redo_tag or "redo"
         self.model_spec, self.ratios, self.methods = str(model_spec), [float(r) for r in ratios], list(methods)
         self.out = Path(out_dir)
         self.calib, self.nsamples, self.seqlen, self.seed = calib, nsamples, seqlen, seed
@@ -241,7 +250,11 @@ class Comparison:
         from .loading import load
         d = self.model_dir(name)
         if not (d / "pruning.json").is_file():
-            rec["prune"] = self.prune_run(rec["method"], rec["ratio"])
+            new = self.prune_run(rec["method"], rec["ratio"])
+            if "prune" in rec:  # the evaluations already recorded must still be of this very model
+                _check_same_model(name, rec["prune"], new)
+                new["superseded"] = {k: rec["prune"].get(k) for k in ("seconds", "peak_rss_mb", "wall_seconds")}
+            rec["prune"] = new
             self._save(name, rec)
         return load(d, dtype=self.dtype)
 
@@ -262,9 +275,15 @@ class Comparison:
                                  data_dir=self.data_dir, batch_size=self.zeroshot_batch_size, progress=self.show,
                                  cache_key=cache_key, cache_dir=self.zeroshot_cache_dir)
 
+    def redo_pending(self, name: str, stage: str, rec: dict) -> bool:
+        return stage in self.redo and name != "dense" and stage in rec and \
+            rec[stage].get("redo_tag") != self.redo_tag
+
     def needed(self, name: str, stage: str, rec: dict) -> bool:
         if stage in self.skip:
             return False
+        if self.redo_pending(name, stage, rec):
+            return True
         if stage in ("ppl", "full"):
             return any(self.ppl_key(s, stage == "full") not in rec.get("ppl", {}) for s in self.ppl_seqlens)
         if stage == "prune":
@@ -303,6 +322,8 @@ class Comparison:
                     if not self.same_evaluations(name, rec, new):
                         for stage_result in ("ppl", "speed", "zeroshot", "eval_seconds"):
                             rec.pop(stage_result, None)  # a different model: everything is measured again
+                if stage in self.redo:
+                    new["redo_tag"] = self.redo_tag
                 rec["prune"] = new
                 rec.get("errors", {}).pop(stage, None)
                 self._save(name, rec)
@@ -336,6 +357,8 @@ class Comparison:
                 from .evaluate.speed import relative_speed
                 rec["speed"] = relative_speed(model, dense, tok, new_tokens=self.speed_tokens,
                                               repeats=self.speed_repeats)
+                if stage in self.redo:
+                    rec["speed"]["redo_tag"] = self.redo_tag
             elif stage == "zeroshot":
                 calib = rec.get("prune", {}).get("calibration", {}).get("sha256", "")[:12]
                 key = ((self.dense_cache_key or f"{self.model_spec}-dense-{self.dtype}") if is_dense else
