@@ -71,8 +71,9 @@ def write_doc(args):
         "--out benchmarks/results/compare`). Raw results: `benchmarks/results/compare/"
         "results.json`, one file per run in `benchmarks/results/compare/runs/`, prune logs in `.../logs/`.",
         "",
-        f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs while this ran (times "
-        f"and speeds are noisy; the relative speed is measured alternately with the dense model to cancel drift), "
+        f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores (pruning times, memory and speeds measured on "
+        f"the quiet machine, evaluations while it was shared: see the caveats; the relative speed is measured "
+        f"alternately with the dense model to cancel drift), "
         f"torch {torch.__version__}, transformers {transformers.__version__}, float32.",
         "",
         "## Results",
@@ -87,19 +88,22 @@ def write_doc(args):
                   + ", ".join(f"{m} {100 * r:.0f} %" for m, r in missing) + ".", ""]
     lines += standing(res)
     lines += [
-        "Caveats of this run: the machine's 2 cores were shared with other benchmarks (load average 3–10), so "
-        "evaluation throughput was 35–120 tokens/s instead of ~400; the perplexity slice was therefore cut to the "
-        f"first {res['settings']['ppl_max_tokens']:,} test tokens (128 windows of 128, 8 windows of 2048), pruning "
-        "seconds depend on what else ran at the time, and the generation-speed ratios (1–3 tokens/s absolute, "
-        "measured in an earlier session under load 5–10) are noise: COMP 10 % at 2.08× keeps all 30 blocks and "
-        "cannot be twice as fast. For speed, see the quiet-machine llama.cpp measurement in "
-        "`benchmarks/results/gguf_speed.md` (COMP 20 %: 1.35× generation tokens/s in f16, 1.33× in q8_0). Peak RSS "
-        "is each pruning process's own high-water mark (wait4's ru_maxrss through a small launcher process, or "
-        "the VmHWM it reads of itself if larger). Records made "
-        "before 2026-11-25 used getrusage's ru_maxrss, which Linux carries across exec from the launching process "
-        "(here the comparison driver, holding the dense model and the evaluation): those figures (up to 4.9 GB) "
-        "were the driver's, not the methods'. Every run was pruned again to measure it; its weights were checked "
-        "against the evaluated model (the first slice perplexity reproduced, or the sha256 of the weights).",
+        "Caveats of this run: evaluations ran while the machine's 2 cores were shared with other benchmarks (load "
+        "average 3–10), so evaluation throughput was 35–120 tokens/s instead of ~400 and the perplexity slice was "
+        f"cut to the first {res['settings']['ppl_max_tokens']:,} test tokens (128 windows of 128, 8 windows of "
+        "2048). Pruning seconds, pruning peak RSS and generation speed were measured again on a quiet machine "
+        "(`--redo prune,speed --redo-tag quiet-2026-11-25`; every re-pruned model was checked to be the evaluated "
+        "one by the sha256 of its weights). Generation speed is transformers' eager `generate` at batch 1 on 2 "
+        "threads: 15–20 tokens/s absolute, dominated by per-operation overhead rather than by the weights, so the "
+        "ratios say little about the compute saved (COMP 10 % keeps all 30 blocks and still shows ~1.2×; the "
+        "dense model against a save→reload copy of itself measures 0.96–1.0×). The deployment figure is the "
+        "llama.cpp measurement in `benchmarks/results/gguf_speed.md` (COMP 20 %: 1.35× generation tokens/s in "
+        "f16, 1.33× in q8_0). Peak RSS is each pruning process's own high-water mark (wait4's ru_maxrss through "
+        "a small launcher process, or the VmHWM it reads of itself if larger); an in-memory prune pays the "
+        f"runtime floor ({res.get('runtime_floor_mb') or 0:.0f} MB) before its own work. Records made before "
+        "2026-11-25 used getrusage's ru_maxrss, which Linux carries across exec from the launching process (here "
+        "the comparison driver, holding the dense model and the evaluation): those figures (up to 4.9 GB) were "
+        "the driver's, not the methods'.",
         "",
         "## How each baseline is run (same harness as COMP)",
         "",

@@ -46,6 +46,20 @@ def test_lite_blocks_equal_transformers(family):
     _check_same(hf, twin)
 
 
+def test_lite_llama_biases_equal_transformers():
+    """attention_bias / mlp_bias (FLAP's bias compensation turns them on) are honoured like transformers does."""
+    from transformers import AutoModelForCausalLM
+    from conftest import randomize, tiny_config
+    cfg = tiny_config("llama", layers=2)
+    cfg.attention_bias, cfg.mlp_bias = True, True
+    hf = randomize(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), seed=0)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    _check_same(hf, _lite_twin(hf))
+
+
 def test_lite_pruned_widths_and_heads_equal_transformers():
     """comprune's per-layer config (uneven MLP widths, GQA groups pruned per layer) builds the same shapes."""
     hf = tiny_model("llama", layers=3, heads=4, kv_heads=2)

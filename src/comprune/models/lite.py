@@ -104,8 +104,8 @@ class Attention(nn.Module):
         self.num_key_value_groups = n_heads // max(n_kv, 1)
         self.scaling = self.head_dim ** -0.5
         bt = base_type(config)
-        qkv_bias = True if bt == "qwen2" else bool(getattr(config, "attention_bias", False))
-        o_bias = bool(getattr(config, "attention_bias", False)) if bt == "llama" else False
+        llama_bias = bt == "llama" and bool(getattr(config, "attention_bias", False))
+        qkv_bias, o_bias = (bt == "qwen2") or llama_bias, llama_bias  # as each family's transformers class
         d = config.hidden_size
         self.q_proj = nn.Linear(d, n_heads * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(d, n_kv * self.head_dim, bias=qkv_bias)
