@@ -1,13 +1,15 @@
 """Streaming prune: prune a model stored as safetensors shards without ever holding it whole.
 
-The model is built as a skeleton on the meta device from its config.json (accelerate's `init_empty_weights`,
-so buffers such as rotary `inv_freq` are computed for real on the CPU). The embeddings, the final norm and
-the LM head (tied or not) are read from the shards and stay resident; every decoder block gets a
-`BlockStream` as its `_comprune_stream` attribute, and `walk.resident` - the context manager every
-forward-only method uses to enter a block - calls `materialize` on enter (read only that block's tensors
-with `safetensors.safe_open`, on the compute device) and `release` on exit (back to meta tensors of the
-block's current shapes). A block that the method changed while resident is written to the partial output
-as `block-NNNNN.safetensors` before it is released; the next time it is entered it is read from there.
+The model is built as a skeleton on the meta device from its config.json: comprune's plain-PyTorch modules
+for the Llama family (models/lite.py: same names and arithmetic, without transformers' ~130 MB modeling
+imports), transformers' classes otherwise (accelerate's `init_empty_weights`); buffers such as rotary
+`inv_freq` are real, on the CPU. The final norm is read from the shards; the input embedding stays on disk
+(only the calibration tokens' rows are read) and so does the LM head (read only while a method needs it).
+Every decoder block gets a `BlockStream` as its `_comprune_stream` attribute, and `walk.resident` - the
+context manager every forward-only method uses to enter a block - calls `materialize` on enter (read only
+that block's tensors, on the compute device) and `release` on exit (back to meta tensors of the block's
+current shapes). A block that the method changed while resident is written to the partial output as
+`block-NNNNN.safetensors` before it is released; the next time it is entered it is read from there.
 
 So the usual `prune()` runs unchanged on the skeleton: its budget, layer stage, neuron stage, checkpoints,
 block dropping and config rewrite only read shapes. Afterwards the kept blocks are renumbered
@@ -18,8 +20,8 @@ tokenizer and `pruning.json` are written, and the partial directory is renamed t
 never leaves a directory that looks complete. With `resume=True` an interrupted run continues from its
 checkpoint; blocks finished before the kill are re-read from the partial output.
 
-Peak memory: embeddings + head + one block (+ its pruned copy and the scores' f x f Gram matrices) +
-the calibration activations, instead of the whole model.
+Peak memory: the runtime + one block (+ its pruned copy and the scores' f x f Gram matrices) + one batch
+of activations (the rest are spilled to files), instead of the whole model.
 """
 from __future__ import annotations
 
