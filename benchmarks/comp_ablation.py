@@ -49,6 +49,8 @@ CONFIGS = [
     ("nsamples-512", "nsamples", {"nsamples": 512}),
     ("metric-activation-ls", "metric", {"metric": "activation", "recovery": "least-squares"}),
     ("baseline-wanda-sp", "baseline", {"method": "wanda-sp"}),   # the strongest baseline at 20 %, same harness
+    ("width-adaptive", "width", {"width_allocation": "adaptive"}),
+    ("metric-activation-adaptive", "width", {"metric": "activation", "width_allocation": "adaptive"}),
 ]
 EVAL_SETS = {"wikitext2": ("comp_ablation", "WikiText-2 test"),
              "wikitext2-validation": ("comp_ablation_validation", "WikiText-2 validation (held out)")}
@@ -80,7 +82,8 @@ def run_one(name: str, tokens: int, threads: int, eval_set: str = "wikitext2"):
         calib = comprune.get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
         model, rep = comprune.prune(model, tok, cfg, calibration=calib, progress=False, base_model="smollm2")
         row.update(params=rep.params_after, ratio_achieved=rep.ratio_achieved, removed_layers=rep.removed_layers,
-                   mlp_width=rep.mlp_widths[0], prune_seconds=round(time.perf_counter() - t0, 1),
+                   mlp_width=(rep.mlp_widths[0] if len(set(rep.mlp_widths)) == 1 else
+                              f"{min(rep.mlp_widths)}..{max(rep.mlp_widths)}"), prune_seconds=round(time.perf_counter() - t0, 1),
                    prune_peak_rss_mb=round(rep.peak_rss_mb), config=rep.config, layer_scores=rep.layer_scores)
         if all("rel_error_tuned" in b for b in rep.blocks.values()):  # COMP rows (baselines keep no MLP error)
             n = len(rep.blocks)

@@ -143,9 +143,32 @@ def test_kappa_loo_metric_runs_on_small_layers():
     assert rep.mlp_widths[0] < 32
 
 
+def test_adaptive_width_allocation():
+    """A global ranking of normalised scores: same parameter budget, exact surgery, uneven widths; a block whose
+    MLP barely touches the residual stream loses the most (down to its floor of a quarter of the width)."""
+    dense = tiny_model("llama", layers=5, inter=128)
+    with torch.no_grad():
+        dense.model.layers[2].mlp.down_proj.weight.mul_(0.01)
+    model = copy.deepcopy(dense)
+    cfg = PruneConfig(ratio=0.3, layer_share=0.0, batch_size=4, width_allocation="adaptive")
+    model, report = prune(model, None, cfg, calibration=calib(), progress=False)
+    alloc = report.details["neuron_allocation"]
+    uniform = prune(copy.deepcopy(dense), None, PruneConfig(ratio=0.3, layer_share=0.0, batch_size=4),
+                    calibration=calib(), progress=False)[1]
+    assert sum(alloc) == sum(128 - w for w in uniform.mlp_widths)
+    assert abs(report.ratio_achieved - uniform.ratio_achieved) < 1e-9
+    assert report.mlp_widths == [128 - n for n in alloc] and len(set(report.mlp_widths)) > 1
+    assert report.mlp_widths[2] == 32 == min(report.mlp_widths)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        got = model(ids).logits
+    assert torch.allclose(got, masked_dense_logits(dense, report, ids), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("kw,needle", [
     (dict(ratio=0.0), "ratio"), (dict(ratio=0.95), "ratio"), (dict(ratio=float("nan")), "ratio"),
     (dict(ratio=0.9, layer_share=1.0), "layers"), (dict(metric="nope"), "metric"),
+    (dict(width_allocation="adaptive", method="wanda-sp"), "COMP"), (dict(width_allocation="x"), "allocation"),
 ])
 def test_bad_config_is_a_clear_error(kw, needle):
     with pytest.raises(CompruneError, match=needle):

@@ -72,6 +72,7 @@ def _weights(d):
     ("llama", dict(ratio=0.3, method="wanda-sp")),                  # a forward-only baseline streams unchanged
     ("llama", dict(ratio=0.3, layer_share=0.3, extra={"mlp_rebuild": "r"})),  # residual + dense MLP copy, spilled
     ("uneven", dict(ratio=0.2, layer_share=0.5, layer_score="loss")),  # the LM head read from disk while needed
+    ("llama", dict(ratio=0.3, layer_share=0.3, width_allocation="adaptive")),  # an extra pass over the blocks
 ])
 def test_stream_equals_in_memory(shards, tmp_path, name, cfg):
     src = shards[name]
@@ -90,7 +91,7 @@ def test_stream_equals_in_memory(shards, tmp_path, name, cfg):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((out / "config.json").read_text()) == json.loads((tmp_path / "mem/config.json").read_text())
-    assert (out / "modeling_comprune.py").is_file() == (name == "uneven")
+    assert (out / "modeling_comprune.py").is_file() == (name == "uneven" or "width_allocation" in cfg)
     ma, mb = (json.loads((d / "pruning.json").read_text()) for d in (out, tmp_path / "mem"))
     assert _strip(ma) == _strip(mb)
     assert ma["streaming"]["block_loads"] >= len(rep.kept_layers)

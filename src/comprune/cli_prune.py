@@ -13,7 +13,8 @@ def _config_from_args(args):
     cfg = PruneConfig(ratio=args.ratio, method=args.method, nsamples=args.nsamples, seqlen=args.seqlen,
                       calib=args.calib, seed=args.seed, device=args.device, batch_size=args.calib_batch_size,
                       metric=args.metric, layer_score=args.layer_score, mask_tuning=not args.no_mask_tuning,
-                      round_to=args.round_to, damp=args.damp, ridge=args.ridge, recovery=args.recovery)
+                      round_to=args.round_to, damp=args.damp, ridge=args.ridge, recovery=args.recovery,
+                      width_allocation=args.width_allocation)
     if args.layer_share is not None:
         cfg.layer_share = args.layer_share
     return cfg.validate()
@@ -109,7 +110,7 @@ def cmd_compare(args) -> int:
 
 
 def add_commands(sub, add_common):
-    from .config import METHODS, NEURON_METRICS, LAYER_SCORES, PruneConfig
+    from .config import METHODS, NEURON_METRICS, LAYER_SCORES, WIDTH_ALLOCATIONS, PruneConfig
     d = PruneConfig()
     p = sub.add_parser("prune", help="prune a model and save it (safetensors + pruning.json)")
     p.add_argument("model", help="'smollm2', a model directory, a .gguf file or a hub id")
@@ -134,6 +135,9 @@ def add_commands(sub, add_common):
     p.add_argument("--recovery", default=d.recovery, choices=["scales", "least-squares"],
                    help="scales: COMP's mask tuning (default); least-squares: refit the kept down_proj columns")
     p.add_argument("--round-to", type=int, default=d.round_to, help="round kept MLP widths to a multiple of N")
+    p.add_argument("--width-allocation", default=d.width_allocation, choices=WIDTH_ALLOCATIONS,
+                   help="COMP: neurons removed per block, the same everywhere (uniform) or from a global ranking of "
+                        "normalised scores across blocks (adaptive)")
     p.add_argument("--damp", type=float, default=d.damp)
     p.add_argument("--ridge", type=float, default=d.ridge)
     add_common(p)

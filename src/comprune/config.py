@@ -9,6 +9,7 @@ from .errors import CompruneError
 METHODS = ("comp", "layer-drop", "wanda-sp", "magnitude", "flap", "llm-pruner")
 NEURON_METRICS = ("condition", "kappa-loo", "weighted-norm", "activation", "wanda-sp", "magnitude")
 LAYER_SCORES = ("bi", "loss")
+WIDTH_ALLOCATIONS = ("uniform", "adaptive")
 
 
 @dataclass
@@ -33,6 +34,7 @@ class PruneConfig:
     chunk: int = 0                     # neurons removed between downdates of G^-1 (0: auto, ~32 steps/layer)
     round_to: int = 1                  # kept MLP widths rounded to a multiple of this
     min_width: int = 0                 # never narrow an MLP below this many neurons
+    width_allocation: str = "uniform"  # neurons removed per block: "uniform", or "adaptive" (global ranking)
     # Stage 3 (mask tuning)
     mask_tuning: bool = True
     recovery: str = "scales"           # "scales" (COMP's mask tuning) or "least-squares" (refit kept down_proj columns)
@@ -52,6 +54,11 @@ class PruneConfig:
             raise CompruneError(f"unknown metric '{self.metric}': use one of {', '.join(NEURON_METRICS)}")
         if self.layer_score not in LAYER_SCORES:
             raise CompruneError(f"unknown layer score '{self.layer_score}': use one of {', '.join(LAYER_SCORES)}")
+        if self.width_allocation not in WIDTH_ALLOCATIONS:
+            raise CompruneError(f"unknown width allocation '{self.width_allocation}': use uniform or adaptive")
+        if self.width_allocation == "adaptive" and self.method != "comp":
+            raise CompruneError(f"--width-allocation adaptive is COMP's option; {self.method} removes the same "
+                                "number of neurons per block: drop it or use --method comp")
         if self.recovery not in ("scales", "least-squares"):
             raise CompruneError(f"unknown recovery '{self.recovery}': use scales or least-squares")
         if self.seqlen <= 1:

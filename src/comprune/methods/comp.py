@@ -4,6 +4,8 @@
 2. neurons: walk the kept blocks in order, each fed by the already-pruned blocks before it; in each MLP,
             remove neurons greedily by the condition score ||w_j||^2 / [G^-1]_jj with G^-1 downdated as
             neighbours go.
+            Each block loses the same number of neurons, or (width_allocation="adaptive") a number from a
+            global ranking of normalised scores across blocks.
 3. tuning:  least-squares scales of the kept neurons against the dense MLP on the same inputs, folded
             into down_proj.
 4. surgery: slice the MLP now (so later blocks see the pruned outputs); drop blocks at the end.
@@ -12,10 +14,12 @@ Forward passes only: no autograd anywhere.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
 from .. import scores as S
+from ..errors import CompruneError
 from ..masktune import error_from_gram, error_of_down, least_squares_down, output_gram, solve_scales
 from ..surgery import as_index, prune_mlp
 from ..walk import (_block_output, batch_shape, capture, collect_stats, forward_block, new_buffer, progress,
@@ -26,28 +30,35 @@ from .common import choose_layers, kept_width, layer_scores_bi, layer_scores_los
 def select_neurons(metric: str, G: torch.Tensor, parts, n_remove: int, cfg) -> torch.Tensor:
     """Boolean keep mask over the MLP's neurons for one of COMP's metric variants."""
     f = G.shape[0]
-    W = parts.down.weight.detach()
-    w_sq = (W.double() ** 2).sum(0)
     if n_remove <= 0:
         return torch.ones(f, dtype=torch.bool, device=G.device)
     if metric == "condition":
+        w_sq = (parts.down.weight.detach().double() ** 2).sum(0)
         keep, _ = S.greedy_condition_prune(G, w_sq.to(G.device), n_remove, cfg.damp, cfg.chunk)
         return keep
-    diag = torch.diagonal(G)
-    if metric == "kappa-loo":
-        score = S.kappa_loo_scores(G, cfg.damp)
-    elif metric == "weighted-norm":
-        score = S.weighted_norm_scores(w_sq.sqrt().to(G.device), diag)
-    elif metric == "activation":
-        score = S.activation_scores(diag)
-    elif metric == "wanda-sp":
-        score = S.wanda_sp_scores(W.to(G.device), diag)
-    else:  # magnitude
-        rows = [parts.up.weight, parts.down.weight.T] + ([parts.gate.weight] if parts.gate is not None else [])
-        score = S.magnitude_scores(*rows).to(G.device)
+    score = one_shot_scores(metric, G, parts, cfg)
     keep = torch.ones(f, dtype=torch.bool, device=G.device)
     keep[torch.topk(score, n_remove, largest=False).indices] = False
     return keep
+
+
+def one_shot_scores(metric: str, G: torch.Tensor, parts, cfg) -> torch.Tensor:
+    """Every neuron's score before any removal (higher = more important)."""
+    W = parts.down.weight.detach()
+    w_sq = (W.double() ** 2).sum(0).to(G.device)
+    diag = torch.diagonal(G)
+    if metric == "condition":
+        return S.condition_scores(w_sq, torch.diagonal(S.spd_inverse(G, cfg.damp)).clamp_min(1e-300))
+    if metric == "kappa-loo":
+        return S.kappa_loo_scores(G, cfg.damp)
+    if metric == "weighted-norm":
+        return S.weighted_norm_scores(w_sq.sqrt(), diag)
+    if metric == "activation":
+        return S.activation_scores(diag)
+    if metric == "wanda-sp":
+        return S.wanda_sp_scores(W.to(G.device), diag)
+    rows = [parts.up.weight, parts.down.weight.T] + ([parts.gate.weight] if parts.gate is not None else [])
+    return S.magnitude_scores(*rows).to(G.device)  # magnitude
 
 
 def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None = None) -> tuple[dict, object]:
@@ -150,6 +161,43 @@ def layer_stage(model, adapter, acts, input_ids, k: int, cfg, show=True) -> tupl
     return choose_layers(scores, k, cfg.protect_first, cfg.protect_last), scores
 
 
+@torch.inference_mode()
+def allocate_widths(model, adapter, acts, removed: list[int], neurons_per_layer: int, cfg, show=True) -> list[int]:
+    """Neurons to remove per block (0 for removed blocks) from a global ranking across blocks, instead of the
+    same number everywhere (`width_allocation="adaptive"`).
+
+    One dense pass over the kept blocks (fed through kept blocks only, as the walk will be) scores every
+    neuron by COMP's condition score - the squared output error of removing it after the best re-weighting of
+    the rest - normalised by the block's output energy (sum over tokens of ||h_out||^2), so a score is the
+    relative change of the residual stream that neuron's removal causes. The lowest normalised scores across
+    all blocks go, as many as the uniform plan removes in total (the same parameter budget); every block keeps
+    at least a quarter of its width (and cfg.min_width). The greedy per-block selection then runs as usual
+    with each block's own count, on the already-pruned upstream inputs. `acts` is consumed."""
+    layers = adapter.layers(model)
+    kept = [i for i in range(len(layers)) if i not in set(removed)]
+    candidates = []  # (normalised score, block) of the neurons each block may lose
+    for i in progress(kept, "COMP width allocation", show):
+        layer = layers[i]
+        with resident(layer, cfg.device):
+            parts = adapter.mlp(layer)
+            stats, acts = collect_stats(layer, acts, {"down": parts.down}, gram={"down"}, consume=True)
+            energy = sum(float(y.double().pow(2).sum()) for y in acts.hidden)
+            score = one_shot_scores("condition", stats["down"].gram, parts, cfg) / max(energy, 1e-30)
+            del stats
+        width = score.numel()
+        floor = max(cfg.min_width, math.ceil(width / 4))
+        lowest = torch.sort(score.cpu()).values[: max(width - floor, 0)]
+        candidates += [(v, i) for v in lowest.tolist()]
+    total = neurons_per_layer * len(kept)
+    if total > len(candidates):
+        raise CompruneError(f"the neuron budget ({total}) exceeds what adaptive allocation may take while every "
+                            "block keeps a quarter of its MLP: use the uniform allocation or raise --layer-share")
+    counts = [0] * len(layers)
+    for _, i in sorted(candidates)[:total]:
+        counts[i] += 1
+    return counts
+
+
 def replay(adapter, layers, records: dict, checkpoint):
     """Re-apply recorded neuron surgery to finished blocks (resume): exact indices and float64 scales, or the
     saved refitted down_proj for least-squares recovery."""
@@ -172,27 +220,38 @@ def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None
         removed, layer_scores = layer_stage(model, adapter, acts.take(), input_ids, budget.layers_to_remove, cfg,
                                             show)
         acts = capture(model, adapter, input_ids, cfg.batch_size, device)
+        allocation = None
+        if cfg.width_allocation == "adaptive":
+            allocation = allocate_widths(model, adapter, acts.take(), removed, budget.neurons_per_layer, cfg, show)
+            acts = capture(model, adapter, input_ids, cfg.batch_size, device)
         start, records = 0, {}
         if checkpoint is not None:
-            checkpoint.save(0, None, {"removed_layers": removed, "layer_scores": layer_scores, "blocks": {}})
+            checkpoint.save(0, None, {"removed_layers": removed, "layer_scores": layer_scores, "blocks": {},
+                                      "neuron_allocation": allocation})
     else:
         start, acts, details = state
         removed, layer_scores, records = details["removed_layers"], details["layer_scores"], details["blocks"]
+        allocation = details.get("neuron_allocation")
         replay(adapter, layers, records, checkpoint)
     for i in progress(range(start, len(layers)), "COMP neurons", show):
         if i in removed:
             continue
         layer = layers[i]
         width = adapter.mlp(layer).down.in_features
-        n_remove = width - kept_width(width, budget.neurons_per_layer, cfg.round_to, cfg.min_width)
+        n = budget.neurons_per_layer if allocation is None else allocation[i]
+        n_remove = width - kept_width(width, n, cfg.round_to, cfg.min_width)
         with resident(layer, cfg.device):
             rec, acts = prune_block_mlp(layer, adapter, acts, n_remove, cfg)
         records[i] = rec
         if checkpoint is not None and cfg.recovery == "least-squares":
             checkpoint.save_block_tensors(i, {"down": adapter.mlp(layer).down.weight})
         if checkpoint is not None:
-            checkpoint.save(i + 1, acts, {"removed_layers": removed, "layer_scores": layer_scores, "blocks": records})
-    return {"removed_layers": removed, "layer_scores": layer_scores, "blocks": records}
+            checkpoint.save(i + 1, acts, {"removed_layers": removed, "layer_scores": layer_scores, "blocks": records,
+                                          "neuron_allocation": allocation})
+    out = {"removed_layers": removed, "layer_scores": layer_scores, "blocks": records}
+    if allocation is not None:
+        out["neuron_allocation"] = allocation
+    return out
 
 
 run.supports_checkpoint = True
