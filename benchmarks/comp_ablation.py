@@ -51,6 +51,7 @@ CONFIGS = [
     ("baseline-wanda-sp", "baseline", {"method": "wanda-sp"}),   # the strongest baseline at 20 %, same harness
     ("width-adaptive", "width", {"width_allocation": "adaptive"}),
     ("metric-activation-adaptive", "width", {"metric": "activation", "width_allocation": "adaptive"}),
+    ("head-share-0.3", "heads", {"head_share": 0.3}),   # one of SmolLM2's 3 KV groups per kept block
 ]
 EVAL_SETS = {"wikitext2": ("comp_ablation", "WikiText-2 test"),
              "wikitext2-validation": ("comp_ablation_validation", "WikiText-2 validation (held out)")}

@@ -108,6 +108,9 @@ def masked_dense_logits(dense, report, ids, pruned=None):
             qo, _ = kv_group_channels(parts, removed)
             hmask = torch.ones(parts.o.in_features)
             hmask[qo] = 0
+            if "head_scales" in rec:  # COMP's per-query-head scales of the kept groups
+                kept_qo, _ = kv_group_channels(parts, torch.tensor(rec["kept_kv_heads"]))
+                hmask[kept_qo] = torch.tensor(rec["head_scales"]).float().repeat_interleave(parts.head_dim)
             add_hook(parts.o, lambda m, args, hmask=hmask: (args[0] * hmask,), pre=True)
         if pruned_layers is not None:
             p = pruned_layers[report.kept_layers.index(i)]

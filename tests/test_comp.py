@@ -143,6 +143,44 @@ def test_kappa_loo_metric_runs_on_small_layers():
     assert rep.mlp_widths[0] < 32
 
 
+def test_head_option_equals_masked_dense(family):
+    """COMP's attention option: whole KV groups go (GQA-aware) with per-head scales folded into o_proj; the
+    physically smaller model equals the dense one with those heads masked and scaled, and the ratio holds."""
+    dense = tiny_model(family, layers=4, heads=4, kv_heads=2)
+    model = copy.deepcopy(dense)
+    cfg = PruneConfig(ratio=0.3, layer_share=0.0, head_share=0.3, batch_size=4)
+    model, report = prune(model, None, cfg, calibration=calib(), progress=False)
+    assert report.budget["kv_groups_per_layer"] == 1
+    for rec in report.blocks.values():
+        assert len(rec["kept_kv_heads"]) == 1 and len(rec["head_scales"]) == 2
+        assert rec["head_rel_error_tuned"] <= rec["head_rel_error_pruned"] + 1e-12
+    assert model.config.num_key_value_heads == 1 and model.config.num_attention_heads == 2
+    assert abs(report.ratio_achieved - 0.3) <= 0.005, report.ratio_achieved
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        got = model(ids).logits
+    expect = masked_dense_logits(dense, report, ids)
+    assert torch.allclose(got, expect, atol=1e-4, rtol=0), (got - expect).abs().max()
+
+
+def test_group_score_is_the_channel_score_summed_exactly():
+    """For a group of one channel the block score tr(W_C [G^-1]_CC^-1 W_C^T) is ||w_j||^2 / [G^-1]_jj."""
+    g = torch.Generator().manual_seed(0)
+    H = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    W = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    Ginv = torch.linalg.inv(H.T @ H)
+    C = torch.tensor([2])
+    block = float((torch.linalg.solve(Ginv[C][:, C], W[:, C].T) * W[:, C].T).sum())
+    assert abs(block - float((W[:, 2] ** 2).sum() / Ginv[2, 2])) < 1e-9
+    # and for two channels it is the least-squares error of dropping both (others re-weighted)
+    C = torch.tensor([1, 4])
+    block = float((torch.linalg.solve(Ginv[C][:, C], W[:, C].T) * W[:, C].T).sum())
+    rest = torch.tensor([0, 2, 3, 5])
+    Y = H @ W.T
+    coef = torch.linalg.lstsq(H[:, rest], Y).solution
+    assert abs(block - float(((Y - H[:, rest] @ coef) ** 2).sum())) < 1e-6 * block
+
+
 def test_adaptive_width_allocation():
     """A global ranking of normalised scores: same parameter budget, exact surgery, uneven widths; a block whose
     MLP barely touches the residual stream loses the most (down to its floor of a quarter of the width)."""
@@ -169,6 +207,8 @@ def test_adaptive_width_allocation():
     (dict(ratio=0.0), "ratio"), (dict(ratio=0.95), "ratio"), (dict(ratio=float("nan")), "ratio"),
     (dict(ratio=0.9, layer_share=1.0), "layers"), (dict(metric="nope"), "metric"),
     (dict(width_allocation="adaptive", method="wanda-sp"), "COMP"), (dict(width_allocation="x"), "allocation"),
+    (dict(head_share=1.0), "head_share"), (dict(head_share=0.3, method="flap"), "COMP"),
+    (dict(ratio=0.5, layer_share=0.0, head_share=0.9), "KV groups"),
 ])
 def test_bad_config_is_a_clear_error(kw, needle):
     with pytest.raises(CompruneError, match=needle):

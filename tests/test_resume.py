@@ -22,15 +22,16 @@ def _strip(manifest):
 import pytest
 
 
-@pytest.mark.parametrize("recovery", ["scales", "least-squares"])
-def test_kill_and_resume_is_bit_identical(tmp_path, recovery):
+@pytest.mark.parametrize("recovery,extra", [("scales", ()), ("least-squares", ()),
+                                            ("scales", ("--head-share", "0.3", "--width-allocation", "adaptive"))])
+def test_kill_and_resume_is_bit_identical(tmp_path, recovery, extra):
     src = _tiny_dir(tmp_path)
     rng = random.Random(0)
     text = tmp_path / "calib.txt"
     text.write_text(" ".join("".join(rng.choice("abcdefghij klmnop") for _ in range(rng.randint(2, 9)))
                              for _ in range(3000)))
     ref, out = tmp_path / "ref", tmp_path / "out"
-    rec = ("--recovery", recovery)
+    rec = ("--recovery", recovery, *extra)
     r = _prune(src, ref, text, *rec)
     assert r.returncode == 0, r.stderr
 

@@ -14,7 +14,7 @@ def _config_from_args(args):
                       calib=args.calib, seed=args.seed, device=args.device, batch_size=args.calib_batch_size,
                       metric=args.metric, layer_score=args.layer_score, mask_tuning=not args.no_mask_tuning,
                       round_to=args.round_to, damp=args.damp, ridge=args.ridge, recovery=args.recovery,
-                      width_allocation=args.width_allocation)
+                      width_allocation=args.width_allocation, head_share=args.head_share)
     if args.layer_share is not None:
         cfg.layer_share = args.layer_share
     return cfg.validate()
@@ -135,6 +135,9 @@ def add_commands(sub, add_common):
     p.add_argument("--recovery", default=d.recovery, choices=["scales", "least-squares"],
                    help="scales: COMP's mask tuning (default); least-squares: refit the kept down_proj columns")
     p.add_argument("--round-to", type=int, default=d.round_to, help="round kept MLP widths to a multiple of N")
+    p.add_argument("--head-share", type=float, default=d.head_share,
+                   help="COMP: fraction of the non-layer budget taken as whole attention KV groups (GQA-aware, "
+                        "per-head scales into o_proj); 0 = MLP neurons only")
     p.add_argument("--width-allocation", default=d.width_allocation, choices=WIDTH_ALLOCATIONS,
                    help="COMP: neurons removed per block, the same everywhere (uniform) or from a global ranking of "
                         "normalised scores across blocks (adaptive)")

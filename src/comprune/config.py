@@ -35,6 +35,7 @@ class PruneConfig:
     round_to: int = 1                  # kept MLP widths rounded to a multiple of this
     min_width: int = 0                 # never narrow an MLP below this many neurons
     width_allocation: str = "uniform"  # neurons removed per block: "uniform", or "adaptive" (global ranking)
+    head_share: float = 0.0            # fraction of the non-layer budget taken as whole KV groups (0: MLPs only)
     # Stage 3 (mask tuning)
     mask_tuning: bool = True
     recovery: str = "scales"           # "scales" (COMP's mask tuning) or "least-squares" (refit kept down_proj columns)
@@ -59,6 +60,11 @@ class PruneConfig:
         if self.width_allocation == "adaptive" and self.method != "comp":
             raise CompruneError(f"--width-allocation adaptive is COMP's option; {self.method} removes the same "
                                 "number of neurons per block: drop it or use --method comp")
+        if not 0 <= self.head_share < 1:
+            raise CompruneError(f"head_share must be in [0, 1) (got {self.head_share})")
+        if self.head_share and self.method != "comp":
+            raise CompruneError(f"--head-share is COMP's option; {self.method} plans its own budget: drop it or "
+                                "use --method comp")
         if self.recovery not in ("scales", "least-squares"):
             raise CompruneError(f"unknown recovery '{self.recovery}': use scales or least-squares")
         if self.seqlen <= 1:

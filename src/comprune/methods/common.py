@@ -20,6 +20,8 @@ class Budget:
     layers_to_remove: int
     neurons_per_layer: int          # neurons removed from every kept block's MLP
     params_per_neuron: int
+    kv_groups_per_layer: int = 0    # COMP's head option: KV groups (with their query heads) removed per kept block
+    params_per_kv_group: int = 0
 
     def to_dict(self):
         return dict(self.__dict__)
@@ -52,12 +54,22 @@ def plan_budget(model, adapter, cfg, layer_share: float | None = None) -> Budget
     per = params_per_neuron(adapter, layers[0])
     rest = target - k * block
     kept = L - k
+    groups, group_params = 0, 0
+    if getattr(cfg, "head_share", 0.0) > 0 and kept:
+        from ..surgery import attention_parts
+        attn = attention_parts(adapter, layers[0])
+        group_params = attn.group_params()
+        groups = int(round(cfg.head_share * rest / kept / group_params))
+        if groups >= attn.n_kv:
+            raise CompruneError(f"--head-share {cfg.head_share} asks for {groups} of {attn.n_kv} KV groups per block: "
+                                "every block must keep one; lower --head-share")
+        rest -= groups * kept * group_params
     n = int(round(rest / per / kept)) if kept else 0
     widths = [adapter.mlp(layer).down.in_features for layer in layers]
     if n > min(widths) - cfg.min_width:
         raise CompruneError(f"ratio {cfg.ratio} needs {n} neurons removed per MLP but layers have only "
                             f"{min(widths)}: raise --layer-share (remove whole layers) or lower --ratio")
-    return Budget(total, int(round(target)), L, block, k, n, per)
+    return Budget(total, int(round(target)), L, block, k, n, per, groups, group_params)
 
 
 def kept_width(width: int, n_remove: int, round_to: int, min_width: int = 0) -> int:

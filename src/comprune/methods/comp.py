@@ -5,7 +5,8 @@
             remove neurons greedily by the condition score ||w_j||^2 / [G^-1]_jj with G^-1 downdated as
             neighbours go.
             Each block loses the same number of neurons, or (width_allocation="adaptive") a number from a
-            global ranking of normalised scores across blocks.
+            global ranking of normalised scores across blocks. Optionally (head_share > 0) whole KV groups of
+            attention first, by the block form of the same score, with per-head scales.
 3. tuning:  least-squares scales of the kept neurons against the dense MLP on the same inputs, folded
             into down_proj.
 4. surgery: slice the MLP now (so later blocks see the pruned outputs); drop blocks at the end.
@@ -21,7 +22,7 @@ import torch
 from .. import scores as S
 from ..errors import CompruneError
 from ..masktune import error_from_gram, error_of_down, least_squares_down, output_gram, solve_scales
-from ..surgery import as_index, prune_mlp
+from ..surgery import as_index, attention_parts, kv_group_channels, prune_heads, prune_mlp
 from ..walk import (_block_output, batch_shape, capture, collect_stats, forward_block, new_buffer, progress,
                     resident, spilling)
 from .common import choose_layers, kept_width, layer_scores_bi, layer_scores_loss
@@ -124,6 +125,46 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
 
 
 @torch.inference_mode()
+def prune_block_heads(layer, adapter, acts, n_groups: int, cfg) -> dict:
+    """COMP's attention option: remove `n_groups` KV groups (each with its query heads, GQA-aware) by the block
+    form of the condition score, then fit one scale per kept query head against the dense attention output
+    and fold it into o_proj. `acts` is only read (the MLP stage runs the block again on the same inputs).
+
+    With G the Gram of o_proj's input channels and C a group's channels, removing the group after the best
+    re-weighting of the other channels costs tr(W_C ([G^-1]_CC)^-1 W_C^T) of output energy - for one channel
+    this is ||w_j||^2 / [G^-1]_jj, the MLP score. Groups go one at a time with the block Schur downdate."""
+    parts = attention_parts(adapter, layer)
+    stats, _ = collect_stats(layer, acts, {"o": parts.o}, gram={"o"}, keep_outputs=False)
+    G = stats["o"].gram
+    W = parts.o.weight.detach().double().to(G.device)
+    Ginv = S.spd_inverse(G, cfg.damp)
+    alive = list(range(parts.n_kv))
+    for _ in range(n_groups):
+        cost = []
+        for g in alive:
+            C = kv_group_channels(parts, torch.tensor([g]))[0].to(G.device)
+            WC = W[:, C]
+            cost.append(float((torch.linalg.solve(Ginv[C][:, C], WC.T) * WC.T).sum()))
+        g = alive[min(range(len(alive)), key=cost.__getitem__)]
+        Ginv = S.downdate_inverse(Ginv, kv_group_channels(parts, torch.tensor([g]))[0].to(G.device))
+        alive.remove(g)
+    del Ginv
+    keep_kv = torch.tensor(alive, dtype=torch.long)
+    hd, nh = parts.head_dim, parts.n_heads
+    K = (W.T @ W).mul_(G).reshape(nh, hd, nh, hd).sum((1, 3))  # Gram of the query heads' output contributions
+    keep = torch.zeros(nh, dtype=torch.bool, device=K.device)
+    keep[kv_group_channels(parts, keep_kv)[0][::hd].to(K.device) // hd] = True
+    scales = solve_scales(K, keep, cfg.ridge) if cfg.mask_tuning else None
+    energy = error_from_gram(K, torch.zeros_like(keep))
+    rec = {"kept_kv_heads": alive, "head_rel_error_pruned": error_from_gram(K, keep) / max(energy, 1e-30),
+           "head_rel_error_tuned": error_from_gram(K, keep, scales) / max(energy, 1e-30)}
+    if scales is not None:
+        rec["head_scales"] = [float(x) for x in scales]
+    prune_heads(adapter, layer, keep_kv, scales)
+    return rec
+
+
+@torch.inference_mode()
 def _outputs_after_mlp_change(layer, adapter, acts, mlp_x, mlp_r, dense_mlp=None):
     """Block outputs with the new MLP. Where the MLP output is the last residual add (block = r + mlp(x)),
     only the MLP is recomputed: y' = (y - mlp_dense(x)) + mlp_pruned(x), sparing the attention pass. mlp_x and
@@ -202,6 +243,9 @@ def replay(adapter, layers, records: dict, checkpoint):
     """Re-apply recorded neuron surgery to finished blocks (resume): exact indices and float64 scales, or the
     saved refitted down_proj for least-squares recovery."""
     for i, rec in records.items():
+        if "kept_kv_heads" in rec:
+            head_scales = torch.tensor(rec["head_scales"], dtype=torch.float64) if "head_scales" in rec else None
+            prune_heads(adapter, layers[i], torch.tensor(rec["kept_kv_heads"], dtype=torch.long), head_scales)
         scales = torch.tensor(rec["scales"], dtype=torch.float64) if "scales" in rec else None
         prune_mlp(adapter, layers[i], torch.tensor(rec["kept_neurons"], dtype=torch.long), scales)
         saved = checkpoint.load_block_tensors(i)
@@ -241,8 +285,10 @@ def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None
         n = budget.neurons_per_layer if allocation is None else allocation[i]
         n_remove = width - kept_width(width, n, cfg.round_to, cfg.min_width)
         with resident(layer, cfg.device):
+            head_rec = prune_block_heads(layer, adapter, acts, budget.kv_groups_per_layer, cfg) \
+                if budget.kv_groups_per_layer else {}
             rec, acts = prune_block_mlp(layer, adapter, acts, n_remove, cfg)
-        records[i] = rec
+        records[i] = {**rec, **head_rec}
         if checkpoint is not None and cfg.recovery == "least-squares":
             checkpoint.save_block_tensors(i, {"down": adapter.mlp(layer).down.weight})
         if checkpoint is not None:
