@@ -52,6 +52,7 @@ CONFIGS = [
     ("width-adaptive", "width", {"width_allocation": "adaptive"}),
     ("metric-activation-adaptive", "width", {"metric": "activation", "width_allocation": "adaptive"}),
     ("head-share-0.3", "heads", {"head_share": 0.3}),   # one of SmolLM2's 3 KV groups per kept block
+    ("width-adaptive-mlp-norm", "width", {"width_allocation": "adaptive", "extra": {"allocation_norm": "mlp"}}),
 ]
 EVAL_SETS = {"wikitext2": ("comp_ablation", "WikiText-2 test"),
              "wikitext2-validation": ("comp_ablation_validation", "WikiText-2 validation (held out)")}

@@ -216,15 +216,21 @@ def allocate_widths(model, adapter, acts, removed: list[int], neurons_per_layer:
     with each block's own count, on the already-pruned upstream inputs. `acts` is consumed."""
     layers = adapter.layers(model)
     kept = [i for i in range(len(layers)) if i not in set(removed)]
+    norm = cfg.extra.get("allocation_norm", "output")  # ablation knob: "output" (residual stream) or "mlp"
     candidates = []  # (normalised score, block) of the neurons each block may lose
     for i in progress(kept, "COMP width allocation", show):
         layer = layers[i]
         with resident(layer, cfg.device):
             parts = adapter.mlp(layer)
             stats, acts = collect_stats(layer, acts, {"down": parts.down}, gram={"down"}, consume=True)
-            energy = sum(float(y.double().pow(2).sum()) for y in acts.hidden)
-            score = one_shot_scores("condition", stats["down"].gram, parts, cfg) / max(energy, 1e-30)
-            del stats
+            G = stats["down"].gram
+            if norm == "mlp":  # the MLP's own output energy tr(W G W^T): scores become relative MLP errors
+                W = parts.down.weight.detach().double().to(G.device)
+                energy = float(((W @ G) * W).sum())
+            else:  # the block's output (residual stream) energy
+                energy = sum(float(y.double().pow(2).sum()) for y in acts.hidden)
+            score = one_shot_scores("condition", G, parts, cfg) / max(energy, 1e-30)
+            del stats, G
         width = score.numel()
         floor = max(cfg.min_width, math.ceil(width / 4))
         lowest = torch.sort(score.cpu()).values[: max(width - floor, 0)]
