@@ -117,6 +117,14 @@ def test_stream_with_transformers_modules_equals_lite(shards, tmp_path):
     for f in ("config.json", "generation_config.json", "modeling_comprune.py"):
         assert (tmp_path / "True" / f).read_text() == (tmp_path / "False" / f).read_text()
     assert json.loads((tmp_path / "False" / "pruning.json").read_text())["streaming"]["modules"] == "transformers"
+    # the CLI's escape hatch
+    from comprune.cli import main
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join("abcde fghij klmno"[i % 17: i % 17 + 5] for i in range(400)))
+    assert main(["prune", str(shards["llama"]), "--stream", "--stream-transformers-modules", "--ratio", "0.2",
+                 "--nsamples", "2", "--seqlen", "16", "--calib", str(text), "--out", str(tmp_path / "cli"),
+                 "--json"]) == 0
+    assert json.loads((tmp_path / "cli" / "pruning.json").read_text())["streaming"]["modules"] == "transformers"
 
 
 def test_stream_cli_never_imports_transformers_modeling(shards, tmp_path):

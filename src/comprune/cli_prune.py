@@ -32,7 +32,7 @@ def cmd_prune_stream(args, cfg) -> int:
                             "continue it or --force to start over")
     report = prune_streaming(args.model, out, cfg, resume=args.resume, force=args.force, progress=not args.json,
                              dtype=args.dtype, base_model=args.model, trust_remote_code=args.trust_remote_code,
-                             data_dir=args.data_dir)
+                             data_dir=args.data_dir, lite=not getattr(args, "stream_transformers_modules", False))
     if args.json:
         print(json.dumps({"out": str(out), **{k: v for k, v in report.to_dict().items() if k != "blocks"}}, indent=2))
     else:
@@ -120,6 +120,9 @@ def add_commands(sub, add_common):
     p.add_argument("--stream", action="store_true",
                    help="prune from the safetensors shards one block at a time, never holding the whole model "
                         "(model: a directory or 'smollm2'; docs/streaming.md)")
+    p.add_argument("--stream-transformers-modules", action="store_true",
+                   help="with --stream: use transformers' model classes instead of comprune's plain-PyTorch "
+                        "Llama-family modules (same result, ~0.05-0.1 GB more memory)")
     p.add_argument("--ratio", type=float, default=d.ratio, help="fraction of all parameters to remove (default 0.2)")
     p.add_argument("--method", default=d.method, choices=METHODS)
     p.add_argument("--layer-share", type=float, default=None,
