@@ -216,7 +216,7 @@ def finalize_config(model, adapter) -> list[int]:
     comprune's per-layer config when not."""
     from transformers import AutoConfig
     from .models.adapters import base_model_type
-    from .models.modeling_comprune import CONFIGS, MODEL_NAMES, model_class
+    from .models.modeling_comprune import CONFIGS, model_class
     layers = adapter.layers(model)
     widths = [mlp_width(adapter, layer) for layer in layers]
     heads = [attention_heads(adapter, layer) for layer in layers]
@@ -242,7 +242,7 @@ def finalize_config(model, adapter) -> list[int]:
         if cfg.model_type != base_type or (widths and cfg.intermediate_size != widths[0]) or heads_changed:
             new_cfg = AutoConfig.for_model(base_type, **fields)
             _replace_config(model, new_cfg)
-            _become(model, lambda: _stock_class(new_cfg), _stock_name(base_type))
+            _become(model, lambda: _stock_class(new_cfg))
     else:
         config_cls = CONFIGS[base_type]
         extra = {}
@@ -252,7 +252,7 @@ def finalize_config(model, adapter) -> list[int]:
         new_cfg = config_cls(**fields, intermediate_sizes=widths, **extra)
         _replace_config(model, new_cfg)
         # Same modules, comprune's class: save_pretrained then records the right architecture and config.
-        _become(model, lambda: model_class(base_type), MODEL_NAMES[base_type])
+        _become(model, lambda: model_class(base_type))
     return widths
 
 
@@ -261,17 +261,12 @@ def _stock_class(config):
     return AutoModelForCausalLM._model_mapping[type(config)]
 
 
-def _stock_name(base_type: str) -> str:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base_type]
-
-
-def _become(model, cls, name: str):
-    """Make `model` an instance of the transformers class for its new config. comprune's plain-PyTorch modules
-    (models/lite.py, streamed prunes) only record the name: their checkpoint is written for that class, and
-    loading transformers' modeling code for it would cost the memory streaming saves."""
-    from .models.lite import CausalLM
+def _become(model, cls):
+    """Make `model` an instance of the transformers class for its (new) config. comprune's plain-PyTorch modules
+    (models/lite.py, streamed prunes) only record that class's name: their checkpoint is written for it, and
+    loading transformers' modeling code would cost the memory streaming saves."""
+    from .models.lite import CausalLM, class_name
     if isinstance(model, CausalLM):
-        model.architecture = name
+        model.architecture = class_name(model.config)
     else:
         model.__class__ = cls()

@@ -313,15 +313,6 @@ class BlockInfluence:
         return 1.0 - self.total / self.count
 
 
-@torch.inference_mode()
-def block_influence(x_in: Activations, x_out: Activations) -> float:
-    """BI of a block from its whole input and output buffers."""
-    bi = BlockInfluence()
-    for a, b in zip(x_in.hidden, x_out.hidden):
-        bi(a, b)
-    return bi.value()
-
-
 def progress(iterable, desc, enabled=True, total=None):
     return tqdm(iterable, desc=desc, disable=not enabled, total=total, dynamic_ncols=True, leave=False)
 

@@ -55,7 +55,7 @@ def plan_budget(model, adapter, cfg, layer_share: float | None = None) -> Budget
     rest = target - k * block
     kept = L - k
     groups, group_params = 0, 0
-    if getattr(cfg, "head_share", 0.0) > 0 and kept:
+    if cfg.head_share > 0 and kept:
         from ..surgery import attention_parts
         attn = attention_parts(adapter, layers[0])
         group_params = attn.group_params()
