@@ -148,7 +148,7 @@ def test_head_option_equals_masked_dense(family):
     physically smaller model equals the dense one with those heads masked and scaled, and the ratio holds."""
     dense = tiny_model(family, layers=4, heads=4, kv_heads=2)
     model = copy.deepcopy(dense)
-    cfg = PruneConfig(ratio=0.3, layer_share=0.0, head_share=0.3, batch_size=4)
+    cfg = PruneConfig(ratio=0.3, layer_share=0.0, head_share=0.3, head_unit="kv", batch_size=4)
     model, report = prune(model, None, cfg, calibration=calib(), progress=False)
     assert report.budget["kv_groups_per_layer"] == 1
     for rec in report.blocks.values():
@@ -208,7 +208,7 @@ def test_adaptive_width_allocation():
     (dict(ratio=0.9, layer_share=1.0), "layers"), (dict(metric="nope"), "metric"),
     (dict(width_allocation="adaptive", method="wanda-sp"), "COMP"), (dict(width_allocation="x"), "allocation"),
     (dict(head_share=1.0), "head_share"), (dict(head_share=0.3, method="flap"), "COMP"),
-    (dict(ratio=0.5, layer_share=0.0, head_share=0.9), "KV groups"),
+    (dict(ratio=0.5, layer_share=0.0, head_share=0.9, head_unit="kv"), "KV groups"),
 ])
 def test_bad_config_is_a_clear_error(kw, needle):
     with pytest.raises(CompruneError, match=needle):

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from .errors import CompruneError
 
 METHODS = ("comp", "layer-drop", "wanda-sp", "magnitude", "flap", "llm-pruner")
-NEURON_METRICS = ("condition", "kappa-loo", "weighted-norm", "activation", "wanda-sp", "magnitude")
+NEURON_METRICS = ("obs", "condition", "kappa-loo", "weighted-norm", "activation", "wanda-sp", "magnitude")
 LAYER_SCORES = ("bi", "loss")
 WIDTH_ALLOCATIONS = ("uniform", "adaptive")
 
@@ -35,10 +35,14 @@ class PruneConfig:
     round_to: int = 1                  # kept MLP widths rounded to a multiple of this
     min_width: int = 0                 # never narrow an MLP below this many neurons
     width_allocation: str = "uniform"  # neurons removed per block: "uniform", or "adaptive" (global ranking)
-    head_share: float = 0.0            # fraction of the non-layer budget taken as whole KV groups (0: MLPs only)
+    head_share: float = 0.0            # fraction of the non-layer budget taken from attention (0: MLPs only)
+    head_unit: str = "query"           # what attention loses: "query" heads (as many per KV group) or whole "kv" groups
     # Stage 3 (mask tuning)
     mask_tuning: bool = True
     recovery: str = "scales"           # "scales" (COMP's mask tuning) or "least-squares" (refit kept down_proj columns)
+    target_mix: float = 0.0            # least squares' target: 0 = the dense block on the pruned inputs, 1 = the dense
+                                       # model's own trajectory (corrects upstream drift), or a mix
+    layer_compensation: bool = False   # the kept block before a removed span refits its down_proj onto the span's output
     ridge: float = 0.01                # rho: ridge toward scale 1, relative to mean(diag A)
     # baselines
     flap_bias: bool = True
@@ -65,6 +69,13 @@ class PruneConfig:
         if self.head_share and self.method != "comp":
             raise CompruneError(f"--head-share is COMP's option; {self.method} plans its own budget: drop it or "
                                 "use --method comp")
+        if self.head_unit not in ("query", "kv"):
+            raise CompruneError(f"unknown head unit '{self.head_unit}': use query or kv")
+        if not 0 <= self.target_mix <= 1:
+            raise CompruneError(f"target_mix must be in [0, 1] (got {self.target_mix})")
+        if (self.target_mix or self.layer_compensation) and (self.recovery != "least-squares" or not self.mask_tuning):
+            raise CompruneError("--target-mix and --layer-compensation refit by least squares: add "
+                                "--recovery least-squares (and keep mask tuning on)")
         if self.recovery not in ("scales", "least-squares"):
             raise CompruneError(f"unknown recovery '{self.recovery}': use scales or least-squares")
         if self.seqlen <= 1:

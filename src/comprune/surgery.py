@@ -96,6 +96,11 @@ class AttnParts:
         n += self.head_dim * ((self.k.bias is not None) + (self.v.bias is not None))
         return n
 
+    def query_head_params(self) -> int:
+        """Parameters owned by one query head: its q rows (and bias) and o columns."""
+        d = self.q.in_features
+        return self.head_dim * (2 * d + (self.q.bias is not None))
+
 
 def attention_parts(adapter, layer) -> AttnParts:
     """q/k/v/o of a Llama-style attention block and its head geometry (read from the weights, so it also
@@ -141,6 +146,30 @@ def prune_heads(adapter, layer, keep_kv: torch.Tensor, scales: torch.Tensor | No
             setattr(attn, name, val)
     if hasattr(attn, "num_key_value_groups"):
         attn.num_key_value_groups = parts.rep
+
+
+@torch.no_grad()
+def prune_query_heads(adapter, layer, keep_heads: torch.Tensor, o_weight: torch.Tensor | None = None):
+    """Keep query heads `keep_heads` (mask or indices; the same number in every KV group, so query head h still
+    reads KV head h // rep): their q rows and o columns go, k/v stay. `o_weight` [d, kept channels] replaces the
+    kept o_proj columns (a least-squares refit)."""
+    parts = attention_parts(adapter, layer)
+    idx = as_index(keep_heads)
+    per_group = torch.bincount(idx // parts.rep, minlength=parts.n_kv)
+    if idx.numel() == 0 or int(per_group.min()) != int(per_group.max()):
+        raise ValueError("prune_query_heads: every KV group must keep the same, non-zero number of query heads")
+    ch = (idx[:, None] * parts.head_dim + torch.arange(parts.head_dim)[None, :]).flatten()
+    slice_rows(parts.q, ch)
+    slice_cols(parts.o, ch)
+    if o_weight is not None:
+        parts.o.weight.copy_(o_weight.to(parts.o.weight.dtype))
+    attn = adapter.attention(layer)
+    n_heads = int(idx.numel())
+    for name in ("num_heads", "num_attention_heads"):
+        if hasattr(attn, name):
+            setattr(attn, name, n_heads)
+    if hasattr(attn, "num_key_value_groups"):
+        attn.num_key_value_groups = n_heads // parts.n_kv
 
 
 # Config flags that give a family's linear layers biases (FLAP's bias compensation needs them).
