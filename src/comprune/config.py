@@ -12,6 +12,15 @@ LAYER_SCORES = ("bi", "loss")
 WIDTH_ALLOCATIONS = ("uniform", "adaptive")
 
 
+# Named starting points; explicit arguments override them. "comp-spec" is the literal reading of docs/method.md
+# before the ablations moved the defaults (condition score, per-neuron scales, 128 x 128 calibration), kept so
+# the paper's reading stays comparable.
+PRESETS = {
+    "comp-spec": dict(method="comp", metric="condition", recovery="scales", target_mix=0.0, layer_compensation=False,
+                      head_share=0.0, nsamples=128, seqlen=128, layer_share=0.25, damp=0.01),
+}
+
+
 @dataclass
 class PruneConfig:
     ratio: float = 0.2                 # fraction of all parameters to remove (embeddings included, tied once)
@@ -88,3 +97,10 @@ class PruneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "PruneConfig":
+        """A preset's settings, then `overrides` on top."""
+        if name not in PRESETS:
+            raise CompruneError(f"unknown preset '{name}': use one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
