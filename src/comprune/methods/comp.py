@@ -387,7 +387,7 @@ def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None
     layers = adapter.layers(model)
     n_batches = len(acts.hidden)
     uses_dense = cfg.target_mix > 0
-    template = type(acts)(acts.hidden + acts.hidden, acts.kwargs) if uses_dense else acts
+    template = type(acts)(_joined(acts.hidden, acts.hidden), acts.kwargs) if uses_dense else acts
     state = checkpoint.load(template) if checkpoint is not None else None
     dense, dense_next = None, 0  # the dense model's trajectory, and the first block it has not run yet
     if state is None:
@@ -413,8 +413,10 @@ def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None
         allocation = details.get("neuron_allocation")
         dense_next = details.get("dense_next", 0)
         if uses_dense and len(saved.hidden) == 2 * n_batches:
-            acts = type(acts)(saved.hidden[:n_batches], acts.kwargs)
-            dense = type(acts)(saved.hidden[n_batches:], acts.kwargs)
+            pruned_h, dense_h = new_buffer(), new_buffer()
+            while len(saved.hidden):  # moved batch by batch (files stay files when the walk spills)
+                (pruned_h if len(pruned_h) < n_batches else dense_h).append(saved.hidden.pop(0))
+            acts, dense = type(acts)(pruned_h, acts.kwargs), type(acts)(dense_h, acts.kwargs)
         elif uses_dense:  # only the layer stage had finished: both streams start at block 0
             acts, dense = saved, copy_acts(saved)
         else:
@@ -442,13 +444,13 @@ def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None
         target = _target(layers, i, acts, dense, span, cfg)
         with resident(layer, cfg.device):
             rec, acts = prune_block_mlp(layer, adapter, acts, n_remove, cfg, target=target)
+            if checkpoint is not None and cfg.recovery == "least-squares":  # while the block is resident
+                tensors = {"down": adapter.mlp(layer).down.weight}
+                if "kept_query_heads" in head_rec:
+                    tensors["o"] = attention_parts(adapter, layer).o.weight
+                checkpoint.save_block_tensors(i, tensors)
         del target
         records[i] = {**rec, **head_rec}
-        if checkpoint is not None and cfg.recovery == "least-squares":
-            tensors = {"down": adapter.mlp(layer).down.weight}
-            if "kept_query_heads" in head_rec:
-                tensors["o"] = attention_parts(adapter, layer).o.weight
-            checkpoint.save_block_tensors(i, tensors)
         if checkpoint is not None:
             saved = acts if dense is None else type(acts)(_joined(acts.hidden, dense.hidden), acts.kwargs)
             checkpoint.save(i + 1, saved, {"removed_layers": removed, "layer_scores": layer_scores,
