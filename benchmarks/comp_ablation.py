@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "comp_ablation"
 BASE = dict(ratio=0.2)
 # The literal spec (comp.md's fill-ins; `--preset comp-spec`), and its least-squares/OBS variant.
-SPEC = {"metric": "condition", "recovery": "scales", "target_mix": 0.0, "layer_compensation": False,
+SPEC = {"metric": "condition", "recovery": "scales", "target_mix": 0.0, "layer_compensation": False, "token_weight": "none",
         "head_share": 0.0, "nsamples": 128, "seqlen": 128, "layer_share": 0.25, "damp": 0.01}
 LSOBS = {"recovery": "least-squares", "metric": "obs"}
 # (name, group, overrides) in priority order: the defaults first, so an interrupted run has the key rows.
@@ -70,6 +70,9 @@ CONFIGS = [
     ("obs-layer-comp", "layers", SPEC | LSOBS | {"layer_compensation": True}),
     ("obs-heads-0.1", "heads", SPEC | LSOBS | {"head_share": 0.1}),
     ("obs-heads-0.25", "heads", SPEC | LSOBS | {"head_share": 0.25}),
+    ("obs-tokw", "token-weight", SPEC | LSOBS | {"token_weight": "output"}),
+    ("act-ls-tokw", "token-weight", SPEC | {"recovery": "least-squares", "metric": "activation", "token_weight": "output"}),
+    ("obs-tokw-128x512", "token-weight", SPEC | LSOBS | {"token_weight": "output", "nsamples": 128, "seqlen": 512}),
     ("obs-calib-128x512", "calibration", SPEC | LSOBS | {"nsamples": 128, "seqlen": 512}),
     ("obs-calib-256x512", "calibration", SPEC | LSOBS | {"nsamples": 256, "seqlen": 512}),
     ("obs-calib-64x2048", "calibration", SPEC | LSOBS | {"nsamples": 64, "seqlen": 2048}),

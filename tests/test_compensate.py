@@ -105,7 +105,7 @@ def _logits(model, ids):
 @pytest.mark.parametrize("cfg", [
     dict(recovery="least-squares", metric="obs"),
     dict(recovery="least-squares", metric="obs", head_share=0.3),
-    dict(recovery="least-squares", metric="obs", target_mix=0.5, head_share=0.3),
+    dict(recovery="least-squares", metric="obs", target_mix=0.5, head_share=0.3, token_weight="output"),
     dict(recovery="least-squares", metric="activation", layer_compensation=True, layer_share=0.7),
     dict(recovery="least-squares", metric="obs", target_mix=1.0, layer_compensation=True, layer_share=0.7),
 ])

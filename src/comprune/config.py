@@ -17,7 +17,7 @@ WIDTH_ALLOCATIONS = ("uniform", "adaptive")
 # the paper's reading stays comparable.
 PRESETS = {
     "comp-spec": dict(method="comp", metric="condition", recovery="scales", target_mix=0.0, layer_compensation=False,
-                      head_share=0.0, nsamples=128, seqlen=128, layer_share=0.25, damp=0.01),
+                      head_share=0.0, nsamples=128, seqlen=128, layer_share=0.25, damp=0.01, token_weight="none"),
 }
 
 
@@ -51,6 +51,7 @@ class PruneConfig:
     recovery: str = "scales"           # "scales" (COMP's mask tuning) or "least-squares" (refit kept down_proj columns)
     target_mix: float = 0.0            # least squares' target: 0 = the dense block on the pruned inputs, 1 = the dense
                                        # model's own trajectory (corrects upstream drift), or a mix
+    token_weight: str = "none"         # "output": each token's error relative to the block output's mean square
     layer_compensation: bool = False   # the kept block before a removed span refits its down_proj onto the span's output
     ridge: float = 0.01                # rho: ridge toward scale 1, relative to mean(diag A)
     # baselines
@@ -78,6 +79,8 @@ class PruneConfig:
         if self.head_share and self.method != "comp":
             raise CompruneError(f"--head-share is COMP's option; {self.method} plans its own budget: drop it or "
                                 "use --method comp")
+        if self.token_weight not in ("none", "output"):
+            raise CompruneError(f"unknown token weight '{self.token_weight}': use none or output")
         if self.head_unit not in ("query", "kv"):
             raise CompruneError(f"unknown head unit '{self.head_unit}': use query or kv")
         if not 0 <= self.target_mix <= 1:

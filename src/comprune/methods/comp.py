@@ -97,19 +97,21 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
             mlp_x.append(x)
             mlp_r.append(_block_output(out) - m)
         hooks.append(layer.register_forward_hook(keep_x_and_rest))
-    drift = _DriftStats(parts.down, target) if target is not None else None
-    if drift is not None:
-        hooks += drift.attach(layer)
+    own = _BlockStats(parts.down, cfg.token_weight, target) \
+        if target is not None or cfg.token_weight != "none" else None
+    if own is not None:
+        hooks += own.attach(layer)
     try:
-        stats, _ = collect_stats(layer, acts, {"down": parts.down}, gram={"down"}, forward=True, keep_outputs=False,
-                                 consume=residual)
+        stats, _ = collect_stats(layer, acts, {"down": parts.down}, gram=set() if own else {"down"}, forward=True,
+                                 keep_outputs=False, consume=residual)
     finally:
         for h in hooks:
             h.remove()
-    G = stats["down"].gram
+    G = own.G if own is not None else stats["down"].gram
     W = parts.down.weight.detach()
     refit = cfg.mask_tuning and cfg.recovery == "least-squares"
     C = LS.dense_cross(G, W) if refit else None
+    drift = own if target is not None else None
     if drift is not None:
         C += drift.D
     keep = select_neurons(metric or cfg.metric, G, parts, n_remove, cfg, C)
@@ -120,7 +122,7 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
     scales, new_down = None, None
     if refit and (n_remove > 0 or drift is not None):
         new_down = LS.refit(G, C, idx, cfg.damp)
-        t_energy = drift.t_energy if drift is not None else energy
+        t_energy = own.t_energy if own is not None else energy
         err_before = LS.residual(G, C, t_energy, idx, W.double().to(G.device)[:, idx])
         err_after = LS.residual(G, C, t_energy, idx, new_down)
         energy = t_energy
@@ -146,32 +148,45 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
     return rec, out
 
 
-class _DriftStats:
-    """What moving the MLP's least-squares target adds, accumulated batch by batch during the stats pass:
-    D = Σ Hᵀ · w(T − y) (f x d; y the dense block's output on the pruned inputs, T the target batch) and the new
-    target's energy Σ ‖H Wᵀ + w(T − y)‖². The refit's cross term becomes G Wᵀ + D."""
+class _BlockStats:
+    """The refit's statistics of one projection, accumulated batch by batch while the block runs, for what
+    collect_stats' plain Gram cannot express:
+    - token weights (weight="output"): each token's squared error counts relative to the block output's mean
+      square there, w_t = 1 / mean(y_t²), as the next RMSNorm sees it. Without them a few tokens with massive
+      activations (the attention sink at position 0: ~100x the median residual norm in SmolLM2) own most of G
+      and the fit serves them alone;
+    - a moved target (target=(batches, weight)): D = Σ Hᵀ W_t · w(T − y) (f x d; y the dense block's output
+      on the pruned inputs, T the target batch) and the target's energy Σ w_t ‖H Wᵀ + w(T − y)‖².
+    G = Σ Hᵀ W_t H; the refit's cross term becomes G Wᵀ + D."""
 
-    def __init__(self, down, target):
-        self.down = down
-        self.batches, self.weight = target
-        self.D, self.t_energy, self.i, self.h = None, 0.0, 0, None
+    def __init__(self, lin, weight: str = "none", target=None):
+        self.lin, self.weighted = lin, weight == "output"
+        self.batches, self.mix = target if target is not None else (None, 0.0)
+        self.G, self.D, self.t_energy, self.i, self.h = None, None, 0.0, 0, None
 
     def attach(self, layer):
-        return [self.down.register_forward_pre_hook(self._keep_h), layer.register_forward_hook(self._accumulate)]
+        return [self.lin.register_forward_pre_hook(self._keep_h), layer.register_forward_hook(self._accumulate)]
 
     def _keep_h(self, module, args):
         self.h = args[0].reshape(-1, args[0].shape[-1])
 
     def _accumulate(self, module, args, out):
-        y = _block_output(out)
-        t = self.batches[self.i].to(y.device)
-        self.i += 1
-        diff = (t.float() - y.float()).reshape(-1, y.shape[-1]).mul_(self.weight)
+        y = _block_output(out).float().reshape(-1, self.lin.out_features)
         h, self.h = self.h.float(), None
-        d = (h.T @ diff).double()
-        self.D = d if self.D is None else self.D.add_(d)
-        m = h @ self.down.weight.detach().float().T
-        self.t_energy += float(m.add_(diff).double().pow(2).sum())
+        w = 1.0 / y.pow(2).mean(1).clamp_min(1e-12) if self.weighted else None
+        hw = h * w[:, None] if w is not None else h
+        g = (hw.T @ h).double()
+        self.G = g if self.G is None else self.G.add_(g)
+        m = h @ self.lin.weight.detach().float().T
+        if self.batches is not None:
+            t = self.batches[self.i].to(y.device).float().reshape(-1, y.shape[-1])
+            diff = (t - y).mul_(self.mix)
+            d = (hw.T @ diff).double()
+            self.D = d if self.D is None else self.D.add_(d)
+            m.add_(diff)
+        self.i += 1
+        e = m.pow(2).sum(1)
+        self.t_energy += float((e * w).sum() if w is not None else e.sum())
 
 
 @torch.inference_mode()
@@ -180,8 +195,14 @@ def prune_block_query_heads(layer, adapter, acts, per_group: int, cfg) -> dict:
     head's o_proj channels, then refit the kept o_proj columns by least squares against the dense attention
     output on the same inputs. `acts` is only read (the MLP stage runs the block again on the same inputs)."""
     parts = attention_parts(adapter, layer)
-    stats, _ = collect_stats(layer, acts, {"o": parts.o}, gram={"o"}, keep_outputs=False)
-    G = stats["o"].gram
+    own = _BlockStats(parts.o, cfg.token_weight) if cfg.token_weight != "none" else None
+    hooks = own.attach(layer) if own is not None else []
+    try:
+        stats, _ = collect_stats(layer, acts, {"o": parts.o}, gram=set() if own else {"o"}, keep_outputs=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    G = own.G if own is not None else stats["o"].gram
     W = parts.o.weight.detach()
     hd, nh = parts.head_dim, parts.n_heads
     C = LS.dense_cross(G, W)
