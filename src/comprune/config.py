@@ -38,7 +38,7 @@ class PruneConfig:
     protect_first: int = 1             # never remove the first/last blocks
     protect_last: int = 1
     # Stage 2 (neurons)
-    metric: str = "condition"
+    metric: str = "obs"                # structured OBS (the condition score with the columns kept up to date)
     damp: float = 0.01                 # delta in G + delta * mean(diag G) * I
     chunk: int = 0                     # neurons removed between downdates of G^-1 (0: auto, ~32 steps/layer)
     round_to: int = 1                  # kept MLP widths rounded to a multiple of this
@@ -48,10 +48,10 @@ class PruneConfig:
     head_unit: str = "query"           # what attention loses: "query" heads (as many per KV group) or whole "kv" groups
     # Stage 3 (mask tuning)
     mask_tuning: bool = True
-    recovery: str = "scales"           # "scales" (COMP's mask tuning) or "least-squares" (refit kept down_proj columns)
+    recovery: str = "least-squares"    # refit the kept down_proj columns; "scales": COMP's per-neuron mask tuning
     target_mix: float = 0.0            # least squares' target: 0 = the dense block on the pruned inputs, 1 = the dense
                                        # model's own trajectory (corrects upstream drift), or a mix
-    token_weight: str = "none"         # "output": each token's error relative to the block output's mean square
+    token_weight: str = "output"       # "none", or "output": each token's error relative to the block output's mean square
     layer_compensation: bool = False   # the kept block before a removed span refits its down_proj onto the span's output
     ridge: float = 0.01                # rho: ridge toward scale 1, relative to mean(diag A)
     # baselines
