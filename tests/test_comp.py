@@ -26,7 +26,7 @@ def test_pruned_equals_masked_dense(family, layer_share):
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         got = model(ids).logits
-    expect = masked_dense_logits(dense, report, ids)
+    expect = masked_dense_logits(dense, report, ids, pruned=model)
     assert torch.allclose(got, expect, atol=1e-4, rtol=0), (got - expect).abs().max()
     # the KV cache works with renumbered layers: cached greedy decoding equals uncached argmax steps
     out = model.generate(ids[:1, :6], max_new_tokens=4, do_sample=False)
@@ -159,7 +159,7 @@ def test_head_option_equals_masked_dense(family):
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         got = model(ids).logits
-    expect = masked_dense_logits(dense, report, ids)
+    expect = masked_dense_logits(dense, report, ids, pruned=model)
     assert torch.allclose(got, expect, atol=1e-4, rtol=0), (got - expect).abs().max()
 
 
@@ -200,7 +200,7 @@ def test_adaptive_width_allocation():
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         got = model(ids).logits
-    assert torch.allclose(got, masked_dense_logits(dense, report, ids), atol=1e-4, rtol=0)
+    assert torch.allclose(got, masked_dense_logits(dense, report, ids, pruned=model), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("kw,needle", [
