@@ -26,7 +26,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from safetensors import safe_open
 
+from .. import deferred
 from ..errors import CompruneError, require
 
 log = logging.getLogger(__name__)
@@ -184,7 +186,6 @@ class _Lazy:
 
 
 def _open_safetensors(model_dir: Path) -> dict:
-    from safetensors import safe_open
     files = sorted(model_dir.glob("*.safetensors"))
     require(bool(files), f"{model_dir} has no *.safetensors weights (save the model with safetensors)")
     tensors = {}
@@ -357,7 +358,7 @@ def llamacpp_server(gguf_path, n_ctx: int = 512, threads: int = 2, exact: bool =
     K and V to f16), so an f32 GGUF reproduces transformers to ~1e-6. `quiet` silences llama.cpp's log.
     """
     try:
-        import xllamacpp
+        xllamacpp = deferred.xllamacpp()
     except ImportError:
         raise CompruneError("running GGUF files needs llama.cpp bindings: pip install xllamacpp") from None
     params = xllamacpp.CommonParams()

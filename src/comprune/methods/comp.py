@@ -23,7 +23,7 @@ from .. import scores as S
 from ..errors import CompruneError
 from ..masktune import error_from_gram, error_of_down, least_squares_down, output_gram, solve_scales
 from ..surgery import as_index, attention_parts, kv_group_channels, prune_heads, prune_mlp
-from ..walk import (_block_output, batch_shape, capture, collect_stats, forward_block, new_buffer, progress,
+from ..walk import (block_output, batch_shape, capture, collect_stats, forward_block, new_buffer, progress,
                     resident, spilling)
 from .common import choose_layers, kept_width, layer_scores_bi, layer_scores_loss
 
@@ -85,7 +85,7 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
         def keep_x_and_rest(module, args, out):
             x, m = last.pop()
             mlp_x.append(x)
-            mlp_r.append(_block_output(out) - m)
+            mlp_r.append(block_output(out) - m)
         hooks.append(layer.register_forward_hook(keep_x_and_rest))
     try:
         stats, _ = collect_stats(layer, acts, {"down": parts.down}, gram={"down"}, forward=True, keep_outputs=False,
