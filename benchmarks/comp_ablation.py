@@ -95,7 +95,7 @@ def run_one(name: str, tokens: int, threads: int, eval_sets=("wikitext2",)):
     import torch
     torch.set_num_threads(threads)
     import comprune
-    from comprune.prune import peak_rss_mb
+    from comprune.memory import peak_rss_mb
     overrides = dict(next(c for c in CONFIGS if c[0] == name)[2] or {})
     model, tok = comprune.load("smollm2")
     row = {"name": name, "overrides": overrides, "params": comprune.count_params(model)}

@@ -17,13 +17,20 @@ import signal
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CompruneError
+from .shards import save_tensors
 from .walk import Activations, SpilledBatches, batch_shape, new_buffer
 
 STATE = "state.json"
 ACTS = "acts.safetensors"
+
+
+def checkpoint_dir(out_dir: Path) -> Path:
+    """Where a prune into `out_dir` keeps its resume state (beside the output, removed when it is published)."""
+    return out_dir.parent / f".{out_dir.name}.checkpoint"
 
 
 def run_fingerprint(cfg_dict: dict, calib_sha: str, params_before: int) -> str:
@@ -33,7 +40,7 @@ def run_fingerprint(cfg_dict: dict, calib_sha: str, params_before: int) -> str:
 
 
 class _Batch:
-    """One activation batch for stream._save, read (from memory or its spill file) only when written."""
+    """One activation batch for shards.save_tensors, read (from memory or its spill file) only when written."""
 
     def __init__(self, hidden, i: int):
         self.hidden, self.i = hidden, i
@@ -63,8 +70,8 @@ class Checkpoint:
     def save(self, next_block: int, acts: Activations | None, details: dict):
         """Persist progress: `next_block` is the first block not yet done."""
         if acts is not None:
-            from .stream import _save  # writes tensor by tensor: no serialized copy of the activations in memory
-            _save({f"h{i}": _Batch(acts.hidden, i) for i in range(len(acts.hidden))}, self.dir / ACTS)
+            # tensor by tensor: no serialized copy of the activations in memory
+            save_tensors({f"h{i}": _Batch(acts.hidden, i) for i in range(len(acts.hidden))}, self.dir / ACTS)
         state = {"fingerprint": self.fingerprint, "next_block": next_block,
                  "details": {**details, "blocks": {str(k): v for k, v in details.get("blocks", {}).items()}}}
         self._atomic_json(STATE, state)
@@ -85,7 +92,6 @@ class Checkpoint:
         details["blocks"] = {int(k): v for k, v in details["blocks"].items()}
         if not (self.dir / ACTS).is_file():  # only the layer stage had finished: start from block 0's inputs
             return state["next_block"], template, details
-        from safetensors import safe_open
         device = template.hidden[0].device
         hidden = new_buffer()  # one batch at a time: into files when the walk spills activations
         with safe_open(str(self.dir / ACTS), "pt") as f:

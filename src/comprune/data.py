@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import deferred
 from .errors import CompruneError
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -89,7 +90,7 @@ def _read_rows(path: Path, field: str) -> list[str]:
 def _hub_rows(spec) -> list[str]:
     path, name, split, field = spec
     try:
-        import datasets  # optional: only used when online without a local copy
+        datasets = deferred.datasets()  # optional: only used when online without a local copy
     except ImportError:
         raise CompruneError("no local data and the `datasets` package is missing: set COMPRUNE_DATA "
                             "to shared/data or `pip install datasets`") from None

@@ -5,10 +5,13 @@ from __future__ import annotations
 import sys
 import time
 
-from . import PruneConfig, count_params, load, prune, save_pretrained
-from .cli import _table
+from .cli.format import table
+from .config import PruneConfig
 from .evaluate.chat import PROMPTS, chat_answers
 from .evaluate.perplexity import perplexity
+from .io import save_pretrained
+from .loading import count_params, load
+from .prune import prune
 
 DEMO_TOKENS = 32768  # the first 32,768 WikiText-2 test tokens: 256 windows @128, 16 windows @2048
 OUT = "out/smollm2-comp-20"
@@ -34,7 +37,7 @@ def main() -> int:
                                                    "peak RSS MB": round(report.peak_rss_mb)}))
     print(f"\nWikiText-2 test perplexity, first {DEMO_TOKENS:,} tokens (calibration: {report.config['nsamples']}"
           f" x {report.config['seqlen']} C4 tokens)")
-    print(_table(rows, ["model", "params", "layers", "ppl@128", "ppl@2048", "prune s", "peak RSS MB"]))
+    print(table(rows, ["model", "params", "layers", "ppl@128", "ppl@2048", "prune s", "peak RSS MB"]))
     print(f"removed layers {report.removed_layers}, MLP width {report.mlp_widths[0]} of 1536, "
           f"achieved ratio {report.ratio_achieved:.4f}; model saved in {OUT}")
     print("\nGreedy chat answers (dense | COMP 20 %):")

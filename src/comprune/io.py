@@ -2,20 +2,26 @@
 and renamed, so a crash never leaves a directory that looks complete."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
+
+import torch
+from safetensors import safe_open
 
 from .errors import CompruneError
 from .models.adapters import base_model_type
+from .models.lite import CausalLM
 
 MANIFEST = "pruning.json"
 MODELING_FILE = Path(__file__).parent / "models" / "modeling_comprune.py"
 
 
-def _check_target(out_dir: Path, force: bool):
+def check_target(out_dir: Path, force: bool):
     if out_dir.exists() and not force:
         raise CompruneError(f"{out_dir} already exists: choose another --out or pass --force to replace it")
     if out_dir.exists() and not out_dir.is_dir():
@@ -23,7 +29,7 @@ def _check_target(out_dir: Path, force: bool):
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _add_auto_map(tmp: Path, model):
+def add_auto_map(tmp: Path, model):
     """Non-uniform models: ship the self-contained modeling file so stock transformers can load them
     with trust_remote_code=True (import comprune makes that unnecessary)."""
     if "intermediate_sizes" not in model.config.to_dict():
@@ -39,7 +45,6 @@ def _add_auto_map(tmp: Path, model):
 def architecture(model) -> str:
     """The transformers class name a model's checkpoint is for (a streamed prune's plain-PyTorch modules
     carry it as `architecture`)."""
-    from .models.lite import CausalLM
     return model.architecture if isinstance(model, CausalLM) else type(model).__name__
 
 
@@ -65,7 +70,7 @@ def publish(tmp: Path, out_dir: Path):
 def save_pretrained(model, tokenizer, out_dir, report=None, force: bool = False, _crash_after_weights=False) -> Path:
     """Atomically write a loadable model directory; `report` (PruneReport or dict) becomes pruning.json."""
     out_dir = Path(out_dir)
-    _check_target(out_dir, force)
+    check_target(out_dir, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -73,7 +78,7 @@ def save_pretrained(model, tokenizer, out_dir, report=None, force: bool = False,
             raise KeyboardInterrupt("simulated crash")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _add_auto_map(tmp, model)
+        add_auto_map(tmp, model)
         report = report if report is not None else getattr(model, "comprune_report", None)
         if report is not None:
             manifest = report.to_dict() if hasattr(report, "to_dict") else dict(report)
@@ -94,11 +99,6 @@ def read_manifest(model_dir) -> dict | None:
 def weights_digest(model_dir) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes, in name order, whatever the shard layout:
     equal digests mean the same weights (used to check that a streamed prune equals the in-memory one)."""
-    import hashlib
-    from contextlib import ExitStack
-
-    import torch
-    from safetensors import safe_open
     model_dir = Path(model_dir)
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:

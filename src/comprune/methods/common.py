@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CompruneError
+from ..evaluate.perplexity import chunked_nll
 from ..loading import count_params
+from ..surgery import attention_heads, attention_parts
 from ..walk import Activations, BlockInfluence, forward_block, progress, resident
 
 
@@ -58,7 +60,6 @@ def plan_budget(model, adapter, cfg, layer_share: float | None = None) -> Budget
     kept = L - k
     groups, group_params, qheads, qhead_params = 0, 0, 0, 0
     if cfg.head_share > 0 and kept and cfg.head_unit == "kv":
-        from ..surgery import attention_parts
         attn = attention_parts(adapter, layers[0])
         group_params = attn.group_params()
         groups = int(round(cfg.head_share * rest / kept / group_params))
@@ -67,7 +68,6 @@ def plan_budget(model, adapter, cfg, layer_share: float | None = None) -> Budget
                                 "every block must keep one; lower --head-share")
         rest -= groups * kept * group_params
     elif cfg.head_share > 0 and kept:
-        from ..surgery import attention_parts
         attn = attention_parts(adapter, layers[0])
         qhead_params = attn.query_head_params()
         qheads = int(round(cfg.head_share * rest / kept / (qhead_params * attn.n_kv)))
@@ -110,7 +110,6 @@ def layer_scores_loss(model, adapter, acts: Activations, input_ids: torch.Tensor
                       show=True) -> list[float]:
     """Calibration loss increase when block i alone is skipped, on the first `nsamples` windows.
     Keeps every block's inputs for those windows (small), then reruns the tail once per block."""
-    from ..evaluate.perplexity import chunked_nll
     nb = max(1, math.ceil(nsamples / acts.hidden[0].shape[0]))
     sub = Activations([h for h in acts.hidden[:nb]], acts.kwargs[:nb])
     layers = adapter.layers(model)
@@ -182,7 +181,6 @@ def keep_lowest_removed(score: torch.Tensor, n_remove: int) -> torch.Tensor:
 
 def full_record(adapter, layer) -> dict:
     """Per-block record of an untouched block."""
-    from ..surgery import attention_heads
     width = adapter.mlp(layer).down.in_features
     h, kv = attention_heads(adapter, layer)
     return {"width": width, "kept_neurons": list(range(width)), "heads": h, "kv_heads": kv,

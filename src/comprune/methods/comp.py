@@ -24,7 +24,7 @@ from .. import scores as S
 from ..errors import CompruneError
 from ..masktune import error_from_gram, output_gram, solve_scales
 from ..surgery import as_index, attention_parts, kv_group_channels, prune_heads, prune_mlp, prune_query_heads
-from ..walk import (_block_output, batch_shape, capture, collect_stats, forward_block, new_buffer, progress,
+from ..walk import (block_output, batch_shape, capture, collect_stats, forward_block, new_buffer, progress,
                     resident, spilling)
 from .common import choose_layers, kept_width, layer_scores_bi, layer_scores_loss
 
@@ -95,7 +95,7 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
         def keep_x_and_rest(module, args, out):
             x, m = last.pop()
             mlp_x.append(x)
-            mlp_r.append(_block_output(out) - m)
+            mlp_r.append(block_output(out) - m)
         hooks.append(layer.register_forward_hook(keep_x_and_rest))
     own = _BlockStats(parts.down, cfg.token_weight, target) \
         if target is not None or cfg.token_weight != "none" else None
@@ -171,7 +171,7 @@ class _BlockStats:
         self.h = args[0].reshape(-1, args[0].shape[-1])
 
     def _accumulate(self, module, args, out):
-        y = _block_output(out).float().reshape(-1, self.lin.out_features)
+        y = block_output(out).float().reshape(-1, self.lin.out_features)
         h, self.h = self.h.float(), None
         w = 1.0 / y.pow(2).mean(1).clamp_min(1e-12) if self.weighted else None
         hw = h * w[:, None] if w is not None else h
