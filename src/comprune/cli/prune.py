@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from ..checkpoint import checkpoint_dir
-from ..config import LAYER_SCORES, METHODS, NEURON_METRICS, WIDTH_ALLOCATIONS, PruneConfig
+from ..config import LAYER_SCORES, METHODS, NEURON_METRICS, PRESETS, WIDTH_ALLOCATIONS, PruneConfig
 from ..data import get_calibration
 from ..errors import CompruneError
 from ..io import check_target, save_pretrained
@@ -16,14 +16,22 @@ from ..stream import prune_streaming
 from .format import add_common, table
 
 
+# argparse dest -> PruneConfig field, for the options a preset can set (None = not given on the command line)
+_FIELDS = {"ratio": "ratio", "method": "method", "nsamples": "nsamples", "seqlen": "seqlen", "calib": "calib",
+           "seed": "seed", "calib_batch_size": "batch_size", "metric": "metric", "layer_score": "layer_score",
+           "round_to": "round_to", "damp": "damp", "ridge": "ridge", "recovery": "recovery",
+           "width_allocation": "width_allocation", "head_share": "head_share", "head_unit": "head_unit",
+           "layer_share": "layer_share", "target_mix": "target_mix", "token_weight": "token_weight"}
+
+
 def _config_from_args(args):
-    cfg = PruneConfig(ratio=args.ratio, method=args.method, nsamples=args.nsamples, seqlen=args.seqlen,
-                      calib=args.calib, seed=args.seed, device=args.device, batch_size=args.calib_batch_size,
-                      metric=args.metric, layer_score=args.layer_score, mask_tuning=not args.no_mask_tuning,
-                      round_to=args.round_to, damp=args.damp, ridge=args.ridge, recovery=args.recovery,
-                      width_allocation=args.width_allocation, head_share=args.head_share)
-    if args.layer_share is not None:
-        cfg.layer_share = args.layer_share
+    given = {field: getattr(args, dest) for dest, field in _FIELDS.items() if getattr(args, dest, None) is not None}
+    given["device"] = args.device
+    if args.no_mask_tuning:
+        given["mask_tuning"] = False
+    if args.layer_compensation:
+        given["layer_compensation"] = True
+    cfg = PruneConfig.from_preset(args.preset, **given) if args.preset else PruneConfig(**given)
     return cfg.validate()
 
 
@@ -82,28 +90,43 @@ def add_command(sub):
     p.add_argument("--stream-transformers-modules", action="store_true",
                    help="with --stream: use transformers' model classes instead of comprune's plain-PyTorch "
                         "Llama-family modules (same result, ~0.05-0.1 GB more memory)")
-    p.add_argument("--ratio", type=float, default=d.ratio, help="fraction of all parameters to remove (default 0.2)")
-    p.add_argument("--method", default=d.method, choices=METHODS)
+    p.add_argument("--ratio", type=float, default=None, help="fraction of all parameters to remove (default 0.2)")
+    p.add_argument("--method", default=None, choices=METHODS, help=f"default {d.method}")
     p.add_argument("--layer-share", type=float, default=None,
                    help=f"fraction of the removed parameters taken by whole layers (default {d.layer_share})")
-    p.add_argument("--calib", default=d.calib, help="calibration text: c4 (default), wikitext2-validation, or a file")
-    p.add_argument("--nsamples", type=int, default=d.nsamples)
-    p.add_argument("--seqlen", type=int, default=d.seqlen)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--calib-batch-size", type=int, default=d.batch_size)
-    p.add_argument("--metric", default=d.metric, choices=NEURON_METRICS, help="neuron importance (COMP: condition)")
-    p.add_argument("--layer-score", default=d.layer_score, choices=LAYER_SCORES)
+    p.add_argument("--calib", default=None, help="calibration text: c4 (default), wikitext2-validation, or a file")
+    p.add_argument("--nsamples", type=int, default=None, help=f"calibration windows (default {d.nsamples})")
+    p.add_argument("--seqlen", type=int, default=None, help=f"tokens per window (default {d.seqlen})")
+    p.add_argument("--seed", type=int, default=None, help=f"default {d.seed}")
+    p.add_argument("--calib-batch-size", type=int, default=None, help=f"default {d.batch_size}")
+    p.add_argument("--metric", default=None, choices=NEURON_METRICS,
+                   help=f"neuron importance (default {d.metric}: structured OBS; comp-spec: condition)")
+    p.add_argument("--layer-score", default=None, choices=LAYER_SCORES, help=f"default {d.layer_score}")
     p.add_argument("--no-mask-tuning", action="store_true", help="skip COMP's least-squares scale recovery")
-    p.add_argument("--recovery", default=d.recovery, choices=["scales", "least-squares"],
-                   help="scales: COMP's mask tuning (default); least-squares: refit the kept down_proj columns")
-    p.add_argument("--round-to", type=int, default=d.round_to, help="round kept MLP widths to a multiple of N")
-    p.add_argument("--head-share", type=float, default=d.head_share,
-                   help="COMP: fraction of the non-layer budget taken as whole attention KV groups (GQA-aware, "
-                        "per-head scales into o_proj); 0 = MLP neurons only")
-    p.add_argument("--width-allocation", default=d.width_allocation, choices=WIDTH_ALLOCATIONS,
+    p.add_argument("--recovery", default=None, choices=["scales", "least-squares"],
+                   help="least-squares: refit the kept down_proj/o_proj columns (default); scales: COMP's per-neuron "
+                        "mask tuning (comp-spec)")
+    p.add_argument("--round-to", type=int, default=None, help="round kept MLP widths to a multiple of N")
+    p.add_argument("--head-share", type=float, default=None,
+                   help="COMP: fraction of the non-layer budget taken from attention (query heads, as many from every "
+                        "KV group, o_proj refitted; or whole KV groups with --head-unit kv); 0 = MLP neurons only")
+    p.add_argument("--head-unit", default=None, choices=["query", "kv"], help=f"default {d.head_unit}")
+    p.add_argument("--target-mix", type=float, default=None,
+                   help="least squares' target: 0 = the dense block on the pruned inputs (default), 1 = the dense "
+                        "model's own trajectory (corrects upstream drift), or between")
+    p.add_argument("--token-weight", default=None, choices=["none", "output"],
+                   help="output (default): each token's error relative to the block output's mean square, so the "
+                        "attention sink's massive activations do not own the fit; none: plain squared error")
+    p.add_argument("--layer-compensation", action="store_true",
+                   help="the kept block before a removed span refits its down_proj onto the span's output "
+                        "(ReplaceMe-style, folded in: no new parameters)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="start from a named configuration; explicit options override it (comp-spec: the literal "
+                        "method spec: condition score, per-neuron scales)")
+    p.add_argument("--width-allocation", default=None, choices=WIDTH_ALLOCATIONS,
                    help="COMP: neurons removed per block, the same everywhere (uniform) or from a global ranking of "
                         "normalised scores across blocks (adaptive)")
-    p.add_argument("--damp", type=float, default=d.damp)
-    p.add_argument("--ridge", type=float, default=d.ridge)
+    p.add_argument("--damp", type=float, default=None, help=f"default {d.damp}")
+    p.add_argument("--ridge", type=float, default=None, help=f"default {d.ridge}")
     add_common(p)
     p.set_defaults(func=cmd_prune)
