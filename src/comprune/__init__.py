@@ -13,9 +13,9 @@ from .io import save_pretrained, read_manifest
 from .stream import prune_streaming
 
 
-def from_pretrained(path, dtype="float32", device="cpu", trust_remote_code=False):
+def from_pretrained(path, dtype="float32", device="cpu", trust_remote_code=False, allow_pickle=False):
     """Load a (pruned) model directory: same as load(path)."""
-    return load(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return load(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
 __version__ = "0.1.0"
 __all__ = ["CompruneError", "load", "from_pretrained", "count_params", "perplexity", "PruneConfig", "PruneReport",

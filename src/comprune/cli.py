@@ -43,7 +43,11 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default="float32", help="float32 (default; fastest on CPUs without AVX-512 bf16), "
                    "float16, bfloat16")
     p.add_argument("--data-dir", default=None, help="data directory (default: $COMPRUNE_DATA, then ../shared/data)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run code shipped in the model directory (auto_map); never without this flag")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load pickle weights (pytorch_model.bin) through torch's restricted unpickler; refused "
+                        "without this flag (pickles can run code): prefer safetensors")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON only")
 
 
@@ -52,10 +56,15 @@ def cmd_eval(args) -> int:
     from .evaluate.perplexity import perplexity
     if not args.ppl and not getattr(args, "tasks", None):
         args.ppl = "wikitext2"
-    model, tok = load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    for name in ("batch_size", "max_tokens", "limit", "subset"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise CompruneError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    seqlens = _ints(args.seqlen)
+    model, tok = load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                      allow_pickle=args.allow_pickle)
     results = []
     if args.ppl:
-        for seqlen in _ints(args.seqlen):
+        for seqlen in seqlens:
             r = perplexity(model, tok, args.ppl, seqlen=seqlen, max_tokens=args.max_tokens,
                            batch_size=args.batch_size, data_dir=args.data_dir, progress=not args.json)
             results.append({"model": args.model, **r})
@@ -99,8 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _no_stdin():
+    """comprune never reads stdin: nothing (e.g. transformers' remote-code y/N prompt) can be answered through it."""
+    if getattr(sys.stdin, "name", None) == os.devnull:
+        return
+    try:
+        sys.stdin = open(os.devnull)
+    except OSError:
+        sys.stdin = None
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _no_stdin()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
