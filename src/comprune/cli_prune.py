@@ -20,19 +20,26 @@ def _config_from_args(args):
     return cfg.validate()
 
 
+def _refuse_stale_checkpoint(out: Path, args):
+    from .outputs import sibling
+    ckpt_dir = sibling(out, "checkpoint")
+    if (ckpt_dir / "state.json").exists() and not (args.resume or args.force):
+        raise CompruneError(f"an interrupted run left a checkpoint in {ckpt_dir}: pass --resume to continue it "
+                            "or --force to start over")
+    return ckpt_dir
+
+
 def cmd_prune_stream(args, cfg) -> int:
     """comprune prune DIR --stream: the same prune, one decoder block in memory at a time (comprune.stream)."""
     from .cli import _table
-    from .io import _check_target
-    from .stream import _checkpoint_dir, prune_streaming
-    out = Path(args.out)
-    _check_target(out, args.force)
-    if (_checkpoint_dir(out) / "state.json").exists() and not (args.resume or args.force):
-        raise CompruneError(f"an interrupted run left a checkpoint in {_checkpoint_dir(out)}: pass --resume to "
-                            "continue it or --force to start over")
-    report = prune_streaming(args.model, out, cfg, resume=args.resume, force=args.force, progress=not args.json,
-                             dtype=args.dtype, base_model=args.model, trust_remote_code=args.trust_remote_code,
-                             data_dir=args.data_dir, lite=not getattr(args, "stream_transformers_modules", False))
+    from .outputs import check_output, guard_output
+    from .stream import prune_streaming
+    out = check_output(Path(args.out), args.force)
+    with guard_output(out, resume=args.resume, before=lambda: _refuse_stale_checkpoint(out, args)):
+        report = prune_streaming(args.model, out, cfg, resume=args.resume, force=args.force, progress=not args.json,
+                                 dtype=args.dtype, base_model=args.model, trust_remote_code=args.trust_remote_code,
+                                 data_dir=args.data_dir,
+                                 lite=not getattr(args, "stream_transformers_modules", False))
     if args.json:
         print(json.dumps({"out": str(out), **{k: v for k, v in report.to_dict().items() if k != "blocks"}}, indent=2))
     else:
@@ -47,21 +54,20 @@ def cmd_prune(args) -> int:
     from . import load
     from .cli import _table
     from .data import get_calibration
-    from .io import _check_target, save_pretrained
+    from .io import save_pretrained
+    from .outputs import check_output, guard_output, sibling
     from .prune import prune
     cfg = _config_from_args(args)
-    out = Path(args.out)
-    _check_target(out, args.force)  # fail before any work, and never leave a half-written directory
-    ckpt_dir = out.parent / f".{out.name}.checkpoint"
-    if (ckpt_dir / "state.json").exists() and not (args.resume or args.force):
-        raise CompruneError(f"an interrupted run left a checkpoint in {ckpt_dir}: pass --resume to continue it "
-                            "or --force to start over")
-    model, tok = load(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code)
-    calib = get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=args.data_dir)
-    model, report = prune(model, tok, cfg, calibration=calib, progress=not args.json, base_model=args.model,
-                          checkpoint_dir=ckpt_dir, resume=args.resume)
-    save_pretrained(model, tok, out, report, force=args.force)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    out = check_output(Path(args.out), args.force)  # fail before any work, and never leave a half-written directory
+    ckpt_dir = sibling(out, "checkpoint")
+    with guard_output(out, resume=args.resume, before=lambda: _refuse_stale_checkpoint(out, args)):
+        model, tok = load(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code,
+                          allow_pickle=args.allow_pickle)
+        calib = get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=args.data_dir)
+        model, report = prune(model, tok, cfg, calibration=calib, progress=not args.json, base_model=args.model,
+                              checkpoint_dir=ckpt_dir, resume=args.resume)
+        save_pretrained(model, tok, out, report, force=args.force)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     if args.json:
         print(json.dumps({"out": str(out), **{k: v for k, v in report.to_dict().items() if k != "blocks"}}, indent=2))
     else:
@@ -74,7 +80,7 @@ def cmd_export(args) -> int:
     from .export.gguf import export_gguf
     if not args.gguf:
         raise CompruneError("nothing to export: pass --gguf OUT.gguf")
-    summary = export_gguf(args.model_dir, args.gguf, qtype=args.type)
+    summary = export_gguf(args.model_dir, args.gguf, qtype=args.type, force=args.force)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -90,6 +96,13 @@ def cmd_compare(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     skip = [x.strip() for x in (args.skip or "").split(",") if x.strip()]
     ratios = _floats(args.ratios)
+    import math
+    for name in ("full_ratio", "zeroshot_ratio"):
+        if not math.isfinite(getattr(args, name)):
+            raise CompruneError(f"--{name.replace('_', '-')} must be a number (got {getattr(args, name)}): "
+                                "e.g. 0.2, or -1 for none")
+    if not all(math.isfinite(r) for r in ratios):
+        raise CompruneError(f"--ratios must be finite numbers in (0, 0.9] (got {args.ratios})")
     if not ratios or not methods:
         raise CompruneError("nothing to compare: pass --ratios 0.1,0.2,0.3 and --methods comp,flap,...")
     result = compare(args.model, ratios, methods, args.out, calib=args.calib, nsamples=args.nsamples,
@@ -164,7 +177,8 @@ def add_commands(sub, add_common):
     p.add_argument("--full-ratio", type=float, default=0.2, help="ratio evaluated on the full test set too (-1: none)")
     p.add_argument("--zeroshot-ratio", type=float, default=0.2, help="ratio with zero-shot scores (-1: none)")
     p.add_argument("--subset", type=int, default=200, help="zero-shot examples per task (fixed-seed draw)")
-    p.add_argument("--zeroshot-cache-dir", default=None, help="lm_eval response cache (default: comprune's cache)")
+    p.add_argument("--zeroshot-cache-dir", default=None,
+                   help="lm_eval response cache, JSON in sqlite (default: OUT/zeroshot-cache)")
     p.add_argument("--speed-tokens", type=int, default=64, help="new tokens per generation-speed run")
     p.add_argument("--stream-ratios", default=None,
                    help="ratios at which methods that can stream are also pruned with --stream, for its time and "
@@ -182,5 +196,6 @@ def add_commands(sub, add_common):
     p.add_argument("model_dir")
     p.add_argument("--gguf", default=None, help="write a GGUF file for llama.cpp")
     p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0"])
+    p.add_argument("--force", action="store_true", help="replace an existing --gguf file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
