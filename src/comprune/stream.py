@@ -65,16 +65,28 @@ class ShardIndex:
 
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir)
+        from .files import safetensors_header
         index = self.dir / INDEX
+        self.shapes = {}
         if index.is_file():
-            wm = json.loads(index.read_text())["weight_map"]
-            self.files = {k: self.dir / v for k, v in wm.items()}
+            try:
+                wm = json.loads(index.read_text())["weight_map"]
+                self.files = {k: self.dir / v for k, v in wm.items()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise CompruneError(f"{index} is not a valid safetensors index: re-save the model") from None
+            for f in sorted(set(self.files.values())):
+                if not f.is_file():
+                    raise CompruneError(f"{f} is listed in {INDEX} but missing: re-download or re-save the model")
+                header, _ = safetensors_header(f)
+                self.shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
         else:
             self.files = {}
             for f in sorted(self.dir.glob("*.safetensors")):
-                for k in read_header(f):
+                header, _ = safetensors_header(f)
+                for k, v in header.items():
                     if k != "__metadata__":
                         self.files[k] = f
+                        self.shapes[k] = tuple(v["shape"])
         if not self.files:
             raise CompruneError(f"{self.dir} has no safetensors weights: --stream needs a model directory saved "
                                 "as safetensors (transformers' save_pretrained writes them)")
@@ -443,12 +455,14 @@ def build_skeleton(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool 
     130 MB of resident memory for its imports alone - is never loaded; other models get transformers' classes."""
     from transformers import AutoConfig, GenerationConfig
     from . import models  # noqa: F401 - comprune's per-layer-width configs
-    from .loading import _quiet_transformers
+    from .loading import _quiet_transformers, _remote_code_error
     from .models import lite as lite_models
     _quiet_transformers()
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError) as e:
+        if _remote_code_error(e, model_dir) is not None:
+            raise _remote_code_error(e, model_dir) from None
         raise CompruneError(f"cannot read the config of {model_dir} ({e.__class__.__name__}: "
                             f"{str(e).splitlines()[0][:200]})") from None
     if lite and not trust_remote_code and lite_models.supports(config, seqlen or 2) is None:
@@ -538,15 +552,18 @@ def check_device_memory(device: torch.device, block_bytes: int, act_bytes: int):
 
 # ------------------------------------------------------------------------------------------- the run
 def _partial_dir(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}.partial-stream"
+    from .outputs import sibling
+    return sibling(out_dir, "partial-stream")
 
 
 def _spill_dir(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}.activations"
+    from .outputs import sibling
+    return sibling(out_dir, "activations")
 
 
 def _checkpoint_dir(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}.checkpoint"
+    from .outputs import sibling
+    return sibling(out_dir, "checkpoint")
 
 
 def _finished_blocks(ckpt_dir: Path) -> int:
@@ -569,8 +586,8 @@ def resolve_stream_source(spec) -> Path:
     if not p.is_dir():
         raise CompruneError(f"--stream needs a model directory of safetensors shards (or 'smollm2'), not '{spec}': "
                             "convert it first (e.g. comprune.load(...) then save_pretrained) or drop --stream")
-    if not (p / "config.json").is_file():
-        raise CompruneError(f"{p} has no config.json: pass a model directory saved by comprune or transformers")
+    from .files import read_config
+    read_config(p)
     return p
 
 
@@ -623,7 +640,8 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
         # the child also writes the tokenizer into the output: loading it costs ~60 MB of heap (more than the
         # walk's own work on a small model) that this process never has to hold
         try:
-            calibration = calibration_in_child(model_dir, cfg, data_dir, tokenizer_out=partial)
+            calibration = calibration_in_child(model_dir, cfg, data_dir, tokenizer_out=partial,
+                                               trust_remote_code=trust_remote_code)
         except CompruneError:
             if not resume:
                 shutil.rmtree(partial, ignore_errors=True)
@@ -639,6 +657,11 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     adapter = get_adapter(model)
     run = StreamRun(shards, dtype, partial)
     run.stats["modules"] = "comprune-lite" if isinstance(model, lite_models.CausalLM) else "transformers"
+    from .files import check_tensors_match
+    tied = {_module_prefix(model, model.get_output_embeddings()) + "weight"} \
+        if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None else set()
+    check_tensors_match({k: tuple(v.shape) for k, v in model.state_dict().items()}, shards.shapes, model_dir,
+                        optional=tied)
     layers_prefix = _load_resident_tensors(model, adapter, shards, dtype, run)
     layers = adapter.layers(model)
     done = _finished_blocks(ckpt_dir) if resume else 0
@@ -663,7 +686,8 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     try:
         with spill:
             model, report = prune(model, tokenizer, cfg, calibration=calibration, progress=progress,
-                                  base_model=base_model or str(model_dir), checkpoint_dir=ckpt_dir, resume=resume)
+                                  base_model=base_model or str(model_dir), checkpoint_dir=ckpt_dir, resume=resume,
+                                  model_digest=_source_digest(model_dir, shards))
     except NotImplementedError as e:
         if "meta" in str(e):
             raise CompruneError(f"{cfg.method} reads block weights outside the one-block walk (walk.resident), so it "
@@ -719,7 +743,7 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     if model.can_generate():
         model.generation_config.save_pretrained(partial)
     if own_tokenizer and not tokenizer_saved:
-        tokenizer = _load_tokenizer(model_dir, required=False)
+        tokenizer = _load_tokenizer(model_dir, required=False, trust_remote_code=trust_remote_code)
     if tokenizer is not None:
         tokenizer.save_pretrained(partial)
     _add_auto_map(partial, model)
@@ -738,7 +762,14 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     return report
 
 
-def calibration_in_child(model_dir: Path, cfg, data_dir=None, tokenizer_out: Path | None = None):
+def _source_digest(model_dir: Path, shards: ShardIndex) -> str:
+    """The identity of the streamed source for resume fingerprints: its resolved path and weight files."""
+    from .files import weights_digest_sample
+    return f"{Path(model_dir).resolve()}|{weights_digest_sample(set(shards.files.values()))}"
+
+
+def calibration_in_child(model_dir: Path, cfg, data_dir=None, tokenizer_out: Path | None = None,
+                         trust_remote_code: bool = False):
     """The calibration windows, tokenised in a child process. Loading a tokenizer and tokenising a text
     sample leaves ~30 MB of heap behind in the process that did it (more than a block of a small model);
     the child takes that with it. Same ids as in-process tokenisation (same tokenizer, text and seed).
@@ -751,9 +782,10 @@ def calibration_in_child(model_dir: Path, cfg, data_dir=None, tokenizer_out: Pat
     with tempfile.TemporaryDirectory(prefix="comprune-calib-") as tmp:
         out = Path(tmp) / "ids.safetensors"
         args = [str(model_dir), cfg.calib, str(cfg.nsamples), str(cfg.seqlen), str(cfg.seed), str(data_dir or ""),
-                str(out), str(tokenizer_out or "")]
+                str(out), str(tokenizer_out or ""), "1" if trust_remote_code else ""]
         code = "import sys; from comprune.stream import _calibration_child; _calibration_child(*sys.argv[1:])"
-        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL)
         if r.returncode != 0:
             lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
             msg = next((ln.removeprefix("comprune: error: ") for ln in reversed(lines)
@@ -763,12 +795,12 @@ def calibration_in_child(model_dir: Path, cfg, data_dir=None, tokenizer_out: Pat
     return Calibration(ids, cfg.calib, cfg.seed)
 
 
-def _calibration_child(model_dir, source, nsamples, seqlen, seed, data_dir, out, tokenizer_out=""):
+def _calibration_child(model_dir, source, nsamples, seqlen, seed, data_dir, out, tokenizer_out="", trust=""):
     import sys
     from safetensors.torch import save_file
     from .data import get_calibration
     try:
-        tokenizer = _load_tokenizer(Path(model_dir), required=True)
+        tokenizer = _load_tokenizer(Path(model_dir), required=True, trust_remote_code=bool(trust))
         calib = get_calibration(tokenizer, source, int(nsamples), int(seqlen), int(seed), data_dir=data_dir or None)
     except CompruneError as e:
         print(f"comprune: error: {e}", file=sys.stderr)
@@ -778,11 +810,15 @@ def _calibration_child(model_dir, source, nsamples, seqlen, seed, data_dir, out,
         tokenizer.save_pretrained(tokenizer_out)
 
 
-def _load_tokenizer(model_dir: Path, required: bool):
+def _load_tokenizer(model_dir: Path, required: bool, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
+    from .loading import _remote_code_error
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (ValueError, OSError) as e:
+        remote = _remote_code_error(e, model_dir)
+        if remote is not None:
+            raise remote from None
         if required:
             raise CompruneError(f"cannot load the tokenizer of {model_dir} ({e.__class__.__name__}): pass "
                                 "calibration token ids or a tokenizer") from None
