@@ -55,7 +55,9 @@ def test_kill_at_every_rename_then_resume(env, tmp_path, mode):
     n = env["renames"][mode]
     assert n >= 5, n
     extra = ["--stream"] if mode == "stream" else []
-    whens = range(1, n + 1) if mode == "memory" else range(1, n + 1, 2)  # the streamed loop: every other rename
+    # in memory: every rename of the run; streamed (each run also starts a calibration child): every third one
+    # and the last (the publishing rename)
+    whens = list(range(1, n + 1)) if mode == "memory" else sorted(set(range(1, n + 1, 3)) | {n})
     outs = {w: tmp_path / f"k{w}" / "out" for w in whens}
     for o in outs.values():
         o.parent.mkdir()

@@ -88,8 +88,10 @@ class Checkpoint:
             return None
         state = json.loads(path.read_text())
         if state.get("fingerprint") != self.fingerprint:
-            raise CompruneError(f"the checkpoint in {self.dir} belongs to a different run (config, calibration or "
-                                "model differ): rerun without --resume or with the same arguments")
+            err = CompruneError(f"the checkpoint in {self.dir} belongs to a different run (config, calibration or "
+                                "model differ): rerun with the same model and arguments, or with --force to start over")
+            err.keep_resumable = True  # the user's checkpoint stays for the right command
+            raise err
         details = state["details"]
         details["blocks"] = {int(k): v for k, v in details["blocks"].items()}
         acts_name = state.get("acts")

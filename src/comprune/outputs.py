@@ -204,8 +204,8 @@ def guard_output(out, resume: bool = False, before=None):
         remove(leftovers(out, keep_resumable=resume))
         try:
             yield out
-        except CompruneError:
-            remove(leftovers(out))
+        except CompruneError as e:
+            remove(leftovers(out, keep_resumable=getattr(e, "keep_resumable", False)))
             raise
         except KeyboardInterrupt:
             remove(leftovers(out, keep_resumable=True))

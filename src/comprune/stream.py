@@ -632,6 +632,12 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     shards = ShardIndex(model_dir)
     lean_allocator()
     partial, ckpt_dir = _partial_dir(out_dir), _checkpoint_dir(out_dir)
+    if resume and (any(partial.glob("model-block-*.safetensors")) or (partial / "model-rest.safetensors").exists()):
+        # killed while writing the output: its staged blocks were already moved into output files, so the
+        # walk cannot continue from them; start over (same result, the checkpoint only saves time)
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        resume = False
     if not resume:
         shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True, exist_ok=True)
