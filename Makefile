@@ -23,7 +23,10 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/python -m comprune.demo
 
+# The import layers (pyproject.toml [tool.importlinter]) and ruff's small rule set fail the build before pytest runs.
 test: setup
+	$(BIN)/lint-imports
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q -x tests
 
 clean:

@@ -28,60 +28,89 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "comp_ablation"
 BASE = dict(ratio=0.2)
+# The literal spec (comp.md's fill-ins; `--preset comp-spec`), and its least-squares/OBS variant.
+SPEC = {"metric": "condition", "recovery": "scales", "target_mix": 0.0, "layer_compensation": False, "token_weight": "none",
+        "head_share": 0.0, "nsamples": 128, "seqlen": 128, "layer_share": 0.25, "damp": 0.01}
+LSOBS = {"recovery": "least-squares", "metric": "obs"}
 # (name, group, overrides) in priority order: the defaults first, so an interrupted run has the key rows.
 CONFIGS = [
     ("dense", "reference", None),
     ("comp-0.2", "ratio", {}),
     ("comp-0.1", "ratio", {"ratio": 0.1}),
     ("comp-0.3", "ratio", {"ratio": 0.3}),
-    ("no-mask-tuning", "recovery", {"mask_tuning": False}),
-    ("recovery-least-squares", "recovery", {"recovery": "least-squares"}),
-    ("metric-kappa-loo", "metric", {"metric": "kappa-loo"}),
-    ("metric-weighted-norm", "metric", {"metric": "weighted-norm"}),
-    ("metric-activation", "metric", {"metric": "activation"}),
-    ("metric-magnitude", "metric", {"metric": "magnitude"}),
-    ("layer-share-0", "layer_share", {"layer_share": 0.0}),
-    ("layer-share-0.5", "layer_share", {"layer_share": 0.5}),
-    ("nsamples-32", "nsamples", {"nsamples": 32}),
-    ("layer-share-0.75", "layer_share", {"layer_share": 0.75}),
-    ("layer-share-1", "layer_share", {"layer_share": 1.0}),
-    ("layer-score-loss", "layer_score", {"layer_score": "loss"}),
-    ("nsamples-512", "nsamples", {"nsamples": 512}),
-    ("metric-activation-ls", "metric", {"metric": "activation", "recovery": "least-squares"}),
-    ("baseline-wanda-sp", "baseline", {"method": "wanda-sp"}),   # the strongest baseline at 20 %, same harness
-    ("width-adaptive", "width", {"width_allocation": "adaptive"}),
-    ("metric-activation-adaptive", "width", {"metric": "activation", "width_allocation": "adaptive"}),
-    ("head-share-0.3", "heads", {"head_share": 0.3}),   # one of SmolLM2's 3 KV groups per kept block
-    ("width-adaptive-mlp-norm", "width", {"width_allocation": "adaptive", "extra": {"allocation_norm": "mlp"}}),
+    ("no-mask-tuning", "recovery", SPEC | {"mask_tuning": False}),
+    ("recovery-least-squares", "recovery", SPEC | {"recovery": "least-squares"}),
+    ("metric-kappa-loo", "metric", SPEC | {"metric": "kappa-loo"}),
+    ("metric-weighted-norm", "metric", SPEC | {"metric": "weighted-norm"}),
+    ("metric-activation", "metric", SPEC | {"metric": "activation"}),
+    ("metric-magnitude", "metric", SPEC | {"metric": "magnitude"}),
+    ("layer-share-0", "layer_share", SPEC | {"layer_share": 0.0}),
+    ("layer-share-0.5", "layer_share", SPEC | {"layer_share": 0.5}),
+    ("nsamples-32", "nsamples", SPEC | {"nsamples": 32}),
+    ("layer-share-0.75", "layer_share", SPEC | {"layer_share": 0.75}),
+    ("layer-share-1", "layer_share", SPEC | {"layer_share": 1.0}),
+    ("layer-score-loss", "layer_score", SPEC | {"layer_score": "loss"}),
+    ("nsamples-512", "nsamples", SPEC | {"nsamples": 512}),
+    ("metric-activation-ls", "metric", SPEC | {"metric": "activation", "recovery": "least-squares"}),
+    ("baseline-wanda-sp", "baseline", SPEC | {"method": "wanda-sp"}),   # the strongest baseline at 20 %, same harness
+    ("width-adaptive", "width", SPEC | {"width_allocation": "adaptive"}),
+    ("metric-activation-adaptive", "width", SPEC | {"metric": "activation", "width_allocation": "adaptive"}),
+    ("head-share-0.3", "heads", SPEC | {"head_share": 0.3, "head_unit": "kv"}),   # one of SmolLM2's 3 KV groups per kept block
+    ("width-adaptive-mlp-norm", "width", SPEC | {"width_allocation": "adaptive", "extra": {"allocation_norm": "mlp"}}),
+    # Issue 13: exact compensation, targets, attention, compensated layers, calibration size. Every row spells
+    # out what it changes from the literal spec (so the rows keep their meaning when defaults move).
+    ("ls-condition", "ls", SPEC | {"recovery": "least-squares"}),
+    ("ls-obs", "ls", SPEC | {"recovery": "least-squares", "metric": "obs"}),
+    ("ls-activation", "ls", SPEC | {"recovery": "least-squares", "metric": "activation"}),
+    ("obs-mix-0.5", "target", SPEC | LSOBS | {"target_mix": 0.5}),
+    ("obs-mix-1", "target", SPEC | LSOBS | {"target_mix": 1.0}),
+    ("obs-damp-0.1", "damp", SPEC | LSOBS | {"damp": 0.1}),
+    ("obs-damp-0.001", "damp", SPEC | LSOBS | {"damp": 0.001}),
+    ("obs-layer-share-0", "layers", SPEC | LSOBS | {"layer_share": 0.0}),
+    ("obs-layer-comp", "layers", SPEC | LSOBS | {"layer_compensation": True}),
+    ("obs-heads-0.1", "heads", SPEC | LSOBS | {"head_share": 0.1}),
+    ("obs-heads-0.25", "heads", SPEC | LSOBS | {"head_share": 0.25}),
+    ("obs-tokw", "token-weight", SPEC | LSOBS | {"token_weight": "output"}),
+    ("act-ls-tokw", "token-weight", SPEC | {"recovery": "least-squares", "metric": "activation", "token_weight": "output"}),
+    ("obs-tokw-128x512", "token-weight", SPEC | LSOBS | {"token_weight": "output", "nsamples": 128, "seqlen": 512}),
+    ("obs-tokw-mix-0.5", "token-weight", SPEC | LSOBS | {"token_weight": "output", "target_mix": 0.5}),
+    ("obs-tokw-heads-0.1", "token-weight", SPEC | LSOBS | {"token_weight": "output", "head_share": 0.1}),
+    ("obs-tokw-layer-share-0", "token-weight", SPEC | LSOBS | {"token_weight": "output", "layer_share": 0.0}),
+    ("obs-calib-128x512", "calibration", SPEC | LSOBS | {"nsamples": 128, "seqlen": 512}),
+    ("obs-calib-256x512", "calibration", SPEC | LSOBS | {"nsamples": 256, "seqlen": 512}),
+    ("obs-calib-64x2048", "calibration", SPEC | LSOBS | {"nsamples": 64, "seqlen": 2048}),
+    ("obs-calib-128x2048", "calibration", SPEC | LSOBS | {"nsamples": 128, "seqlen": 2048}),
 ]
 EVAL_SETS = {"wikitext2": ("comp_ablation", "WikiText-2 test"),
-             "wikitext2-validation": ("comp_ablation_validation", "WikiText-2 validation (held out)")}
+             "wikitext2-validation": ("comp_ablation_validation", "WikiText-2 validation (held out)"),
+             "c4-validation": ("comp_ablation_c4_validation", "C4 held-out documents (never calibrated on)")}
 
 
 def results_dir(eval_set: str) -> Path:
     return HERE / "results" / EVAL_SETS[eval_set][0]
 
 
-def run_one(name: str, tokens: int, threads: int, eval_set: str = "wikitext2"):
+def run_one(name: str, tokens: int, threads: int, eval_sets=("wikitext2",)):
+    """Prune once, evaluate on every set in `eval_sets`, write one row per set."""
     import torch
     torch.set_num_threads(threads)
     import comprune
-    from comprune.prune import peak_rss_mb
+    from comprune.memory import peak_rss_mb
     overrides = dict(next(c for c in CONFIGS if c[0] == name)[2] or {})
     model, tok = comprune.load("smollm2")
     row = {"name": name, "overrides": overrides, "params": comprune.count_params(model)}
     if name != "dense":
         cfg = comprune.PruneConfig(**{**BASE, **overrides})
-        # The dense BI pass is identical for every row with the default calibration: reuse it outside the
-        # "ratio" rows (whose prune seconds must include it); such rows are marked bi_cached.
-        bi_file = RESULTS / "_bi_scores_c4_128x128_seed0.json"
-        default_calib = (cfg.nsamples, cfg.seqlen, cfg.seed, cfg.calib, cfg.layer_score) == (128, 128, 0, "c4", "bi")
-        group = next(c[1] for c in CONFIGS if c[0] == name)
-        if default_calib and group != "ratio" and cfg.method == "comp" and bi_file.exists():
-            cfg.extra["layer_scores"] = json.loads(bi_file.read_text())
-            row["bi_cached"] = True
         t0 = time.perf_counter()
         calib = comprune.get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+        # The dense BI pass is identical for every row with the same calibration: reuse it outside the "ratio"
+        # rows (whose prune seconds must include it); such rows are marked bi_cached.
+        bi_file = RESULTS / f"_bi_scores_{calib.sha256()[:16]}.json"
+        group = next(c[1] for c in CONFIGS if c[0] == name)
+        reuse = group != "ratio" and cfg.method == "comp" and cfg.layer_score == "bi"
+        if reuse and bi_file.exists():
+            cfg.extra["layer_scores"] = json.loads(bi_file.read_text())
+            row["bi_cached"] = True
         model, rep = comprune.prune(model, tok, cfg, calibration=calib, progress=False, base_model="smollm2")
         row.update(params=rep.params_after, ratio_achieved=rep.ratio_achieved, removed_layers=rep.removed_layers,
                    mlp_width=(rep.mlp_widths[0] if len(set(rep.mlp_widths)) == 1 else
@@ -91,21 +120,39 @@ def run_one(name: str, tokens: int, threads: int, eval_set: str = "wikitext2"):
             n = len(rep.blocks)
             row.update(mean_rel_error_tuned=sum(b["rel_error_tuned"] for b in rep.blocks.values()) / n,
                        mean_rel_error_pruned=sum(b["rel_error_pruned"] for b in rep.blocks.values()) / n)
-        if default_calib and rep.layer_scores and not bi_file.exists():
+        if cfg.layer_score == "bi" and rep.layer_scores and not bi_file.exists():
             RESULTS.mkdir(parents=True, exist_ok=True)
             bi_file.write_text(json.dumps(rep.layer_scores))
-    for seqlen in (128, 2048):
-        r = comprune.perplexity(model, tok, eval_set, seqlen=seqlen, max_tokens=tokens, progress=False)
-        row[f"ppl@{seqlen}"] = r["ppl"]
-        row[f"eval_tokens_per_s@{seqlen}"] = r["tokens_per_second"]
-    row.update(eval_set=eval_set, eval_tokens=tokens, threads=threads, loadavg=os.getloadavg()[0], peak_rss_mb=round(peak_rss_mb()),
-               finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-    out = results_dir(eval_set)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(row, indent=2) + "\n")
-    os.replace(tmp, out / f"{name}.json")
-    print(json.dumps({k: row[k] for k in row if k != "config"}), flush=True)
+    for eval_set in eval_sets:
+        out_row = dict(row)
+        for seqlen in (128, 2048):
+            r = comprune.perplexity(model, tok, eval_set, seqlen=seqlen, max_tokens=tokens, progress=False)
+            out_row[f"ppl@{seqlen}"] = r["ppl"]
+            out_row[f"eval_tokens_per_s@{seqlen}"] = r["tokens_per_second"]
+        out_row.update(eval_set=eval_set, eval_tokens=tokens, threads=threads, loadavg=os.getloadavg()[0],
+                       peak_rss_mb=round(peak_rss_mb()), finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+                       machine=_machine())
+        out = results_dir(eval_set)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{name}.json.tmp"
+        tmp.write_text(json.dumps(out_row, indent=2) + "\n")
+        os.replace(tmp, out / f"{name}.json")
+        print(json.dumps({k: out_row[k] for k in out_row if k not in ("config", "layer_scores")}), flush=True)
+
+
+def _machine() -> dict:
+    import platform
+
+    import torch
+    flags = ""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor())
+    return {"cpu": model, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags,
+            "torch": torch.__version__, "precision": "float32", "threads": torch.get_num_threads()}
 
 
 def fmt(v, nd=2):
@@ -152,19 +199,21 @@ def main():
     ap.add_argument("--only", default=None, help="comma-separated configuration names")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--table", action="store_true")
-    ap.add_argument("--eval", default="wikitext2", choices=sorted(EVAL_SETS), help="evaluation text")
+    ap.add_argument("--eval", default="wikitext2", help="evaluation text(s), comma-separated: " + ", ".join(EVAL_SETS))
     args = ap.parse_args()
+    evals = args.eval.split(",")
     if args.run:
-        return run_one(args.run, args.tokens, args.threads, args.eval)
+        return run_one(args.run, args.tokens, args.threads, evals)
     only = args.only.split(",") if args.only else None
     if not args.table:
         for name in only or [c[0] for c in CONFIGS]:
-            if (results_dir(args.eval) / f"{name}.json").exists():
+            if all((results_dir(e) / f"{name}.json").exists() for e in evals):
                 continue
             print(f"== {name}", flush=True)
             subprocess.run([sys.executable, __file__, "--run", name, "--tokens", str(args.tokens),
                             "--threads", str(args.threads), "--eval", args.eval], check=False)
-    write_table(args.tokens, args.eval, only)
+    for e in evals:
+        write_table(args.tokens, e, only)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def write_doc(args):
         "",
     ]
     if missing:
-        lines += [f"Not measured yet (the run is resumable; rerun the command above): "
+        lines += ["Not measured yet (the run is resumable; rerun the command above): "
                   + ", ".join(f"{m} {100 * r:.0f} %" for m, r in missing) + ".", ""]
     lines += standing(res)
     lines += [
@@ -224,10 +224,10 @@ def reuse_dense_results(out: Path, model: str, subset: int):
         zs = json.loads(zs_src.read_text())
         tasks = zs.get("runs", {}).get(f"subset{subset}", {})
         if zs.get("subset") == subset and len(tasks) == 7:
-            from comprune.evaluate.zeroshot import _average_note, paper_average
+            from comprune.evaluate.zeroshot import average_note, paper_average
             names = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
             rec["zeroshot"] = {"harness_version": zs["harness_version"], "tasks": {t: tasks[t] for t in names},
-                               "average": paper_average(tasks), "average_metric_note": _average_note(names),
+                               "average": paper_average(tasks), "average_metric_note": average_note(names),
                                "subset": subset, "subset_rule": zs["subset_rule"], "limit": None,
                                "seconds": round(sum(t.get("seconds", 0) for t in tasks.values()), 1),
                                "source": "benchmarks/results/zeroshot_dense.json"}

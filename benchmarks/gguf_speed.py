@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import comprune  # noqa: E402
 from comprune.data import load_text, tokenize_stream  # noqa: E402
-from comprune.export.gguf import complete, export_gguf, llamacpp_server, token_logprob  # noqa: E402
+from comprune.export.gguf import export_gguf  # noqa: E402
+from comprune.export.llamacpp import complete, llamacpp_server, token_logprob  # noqa: E402
 from comprune.loading import cache_dir  # noqa: E402
 
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "

@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from comprune.loading import _embedded_cached_dir  # noqa: E402
+from comprune.loading import embedded_cached_dir  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -190,7 +190,7 @@ def main():
                            "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}}
     command = shlex.join(["python", "benchmarks/stream_memory.py", *sys.argv[1:]])
     calibration = {"source": "c4", "nsamples": args.nsamples, "seqlen": args.seqlen}
-    smol = _embedded_cached_dir("smollm2")
+    smol = embedded_cached_dir("smollm2")
     try:
         if "big" in parts:
             src = work / "random-llama"

@@ -101,7 +101,12 @@ def masked_dense_logits(dense, report, ids, pruned=None):
         mask = torch.zeros(down.in_features)
         keep = torch.tensor(rec["kept_neurons"], dtype=torch.long)
         mask[keep] = torch.tensor(rec["scales"], dtype=torch.float32) if "scales" in rec else 1.0
-        add_hook(down, lambda m, args, mask=mask: (args[0] * mask,), pre=True)
+        refit = pruned_layers is not None and "rel_error_tuned" in rec and "scales" not in rec
+        if refit:  # least-squares recovery: the kept columns carry the pruned model's refitted weights
+            p_down = adapter.mlp(pruned_layers[report.kept_layers.index(i)]).down.weight.detach()
+            add_hook(down, lambda m, args, out, keep=keep, w=p_down: args[0][..., keep] @ w.T)
+        else:
+            add_hook(down, lambda m, args, mask=mask: (args[0] * mask,), pre=True)
         parts = attention_parts(adapter, layer)
         if "kept_kv_heads" in rec and len(rec["kept_kv_heads"]) < parts.n_kv:
             removed = torch.tensor([g for g in range(parts.n_kv) if g not in rec["kept_kv_heads"]])
@@ -112,7 +117,11 @@ def masked_dense_logits(dense, report, ids, pruned=None):
                 kept_qo, _ = kv_group_channels(parts, torch.tensor(rec["kept_kv_heads"]))
                 hmask[kept_qo] = torch.tensor(rec["head_scales"]).float().repeat_interleave(parts.head_dim)
             add_hook(parts.o, lambda m, args, hmask=hmask: (args[0] * hmask,), pre=True)
-        if pruned_layers is not None:
+        if pruned_layers is not None and "kept_query_heads" in rec:
+            pp = attention_parts(adapter, pruned_layers[report.kept_layers.index(i)])
+            ch = torch.tensor([h * parts.head_dim + c for h in rec["kept_query_heads"] for c in range(parts.head_dim)])
+            add_hook(parts.o, lambda m, args, out, ch=ch, w=pp.o.weight.detach(): args[0][..., ch] @ w.T)
+        if pruned_layers is not None and not refit:
             p = pruned_layers[report.kept_layers.index(i)]
             pp = attention_parts(adapter, p)
             for dl, pl in ((parts.o, pp.o), (down, adapter.mlp(p).down)):

@@ -294,7 +294,7 @@ def test_peak_rss_is_the_pruning_process_own():
     Linux carries getrusage's ru_maxrss across exec, so peak_rss_mb reads the process's own VmHWM."""
     ballast = bytearray(1500 * 2**20)
     ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page: 1.5 GB resident in this process
-    code = "from comprune.prune import peak_rss_mb; print(peak_rss_mb())"
+    code = "from comprune.memory import peak_rss_mb; print(peak_rss_mb())"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-500:]
     assert 0 < float(r.stdout) < 1000, r.stdout  # the child itself: python + torch, not this test's 1.5 GB

@@ -26,7 +26,7 @@ def test_pruned_equals_masked_dense(family, layer_share):
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         got = model(ids).logits
-    expect = masked_dense_logits(dense, report, ids)
+    expect = masked_dense_logits(dense, report, ids, pruned=model)
     assert torch.allclose(got, expect, atol=1e-4, rtol=0), (got - expect).abs().max()
     # the KV cache works with renumbered layers: cached greedy decoding equals uncached argmax steps
     out = model.generate(ids[:1, :6], max_new_tokens=4, do_sample=False)
@@ -148,7 +148,7 @@ def test_head_option_equals_masked_dense(family):
     physically smaller model equals the dense one with those heads masked and scaled, and the ratio holds."""
     dense = tiny_model(family, layers=4, heads=4, kv_heads=2)
     model = copy.deepcopy(dense)
-    cfg = PruneConfig(ratio=0.3, layer_share=0.0, head_share=0.3, batch_size=4)
+    cfg = PruneConfig(ratio=0.3, layer_share=0.0, head_share=0.3, head_unit="kv", batch_size=4)
     model, report = prune(model, None, cfg, calibration=calib(), progress=False)
     assert report.budget["kv_groups_per_layer"] == 1
     for rec in report.blocks.values():
@@ -159,7 +159,7 @@ def test_head_option_equals_masked_dense(family):
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         got = model(ids).logits
-    expect = masked_dense_logits(dense, report, ids)
+    expect = masked_dense_logits(dense, report, ids, pruned=model)
     assert torch.allclose(got, expect, atol=1e-4, rtol=0), (got - expect).abs().max()
 
 
@@ -200,7 +200,7 @@ def test_adaptive_width_allocation():
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         got = model(ids).logits
-    assert torch.allclose(got, masked_dense_logits(dense, report, ids), atol=1e-4, rtol=0)
+    assert torch.allclose(got, masked_dense_logits(dense, report, ids, pruned=model), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("kw,needle", [
@@ -208,7 +208,7 @@ def test_adaptive_width_allocation():
     (dict(ratio=0.9, layer_share=1.0), "layers"), (dict(metric="nope"), "metric"),
     (dict(width_allocation="adaptive", method="wanda-sp"), "COMP"), (dict(width_allocation="x"), "allocation"),
     (dict(head_share=1.0), "head_share"), (dict(head_share=0.3, method="flap"), "COMP"),
-    (dict(ratio=0.5, layer_share=0.0, head_share=0.9), "KV groups"),
+    (dict(ratio=0.5, layer_share=0.0, head_share=0.9, head_unit="kv"), "KV groups"),
 ])
 def test_bad_config_is_a_clear_error(kw, needle):
     with pytest.raises(CompruneError, match=needle):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from comprune.errors import CompruneError
-from comprune.export.gguf import export_gguf, llamacpp_server, next_token_logprobs
+from comprune.export.gguf import export_gguf
+from comprune.export.llamacpp import llamacpp_server, next_token_logprobs
 from conftest import randomize, tiny_model
 
 VOCAB = 300

@@ -28,7 +28,7 @@ def bpe_model(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------ float options: NaN and inf (15)
-PRUNE_FLOATS = ["--ratio", "--layer-share", "--damp", "--ridge", "--head-share"]
+PRUNE_FLOATS = ["--ratio", "--layer-share", "--damp", "--ridge", "--head-share", "--target-mix"]
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])

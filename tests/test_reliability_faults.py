@@ -204,8 +204,8 @@ def test_killed_export_leaves_nothing_after_a_rerun(env, tmp_path):
 def test_stale_first_use_conversion_is_cleaned(env, tmp_path, capsys, monkeypatch):
     """A kill during the embedded model's first-use conversion leaves a temporary directory in the cache; the
     next use removes it."""
-    from comprune.loading import _EMBEDDED
-    folder = _EMBEDDED["smollm2"][2]
+    from comprune.loading import EMBEDDED
+    folder = EMBEDDED["smollm2"][2]
     monkeypatch.setenv("COMPRUNE_CACHE", str(tmp_path / "cache"))
     shutil.copytree(env["src"], tmp_path / "cache" / folder)  # a finished cache (the tiny model stands in)
     stale = tmp_path / "cache" / f".{folder}.k1ll3d"

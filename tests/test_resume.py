@@ -23,7 +23,10 @@ import pytest
 
 
 @pytest.mark.parametrize("recovery,extra", [("scales", ()), ("least-squares", ()),
-                                            ("scales", ("--head-share", "0.3", "--width-allocation", "adaptive"))])
+                                            ("scales", ("--head-share", "0.3", "--head-unit", "kv", "--width-allocation", "adaptive")),
+                                            # dense trajectory saved beside the pruned one, span folded, heads refitted
+                                            ("least-squares", ("--target-mix", "0.5", "--layer-compensation",
+                                                               "--head-share", "0.3"))])
 def test_kill_and_resume_is_bit_identical(tmp_path, recovery, extra):
     src = _tiny_dir(tmp_path)
     rng = random.Random(0)

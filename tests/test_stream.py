@@ -73,7 +73,10 @@ def _weights(d):
     ("llama", dict(ratio=0.3, layer_share=0.3, extra={"mlp_rebuild": "r"})),  # residual + dense MLP copy, spilled
     ("uneven", dict(ratio=0.2, layer_share=0.5, layer_score="loss")),  # the LM head read from disk while needed
     ("llama", dict(ratio=0.3, layer_share=0.3, width_allocation="adaptive")),  # an extra pass over the blocks
-    ("llama", dict(ratio=0.3, layer_share=0.0, head_share=0.3)),    # KV groups pruned inside the walk too
+    ("llama", dict(ratio=0.3, layer_share=0.0, head_share=0.3, head_unit="kv")),    # KV groups pruned inside the walk too
+    # least squares onto the dense trajectory, a removed span folded into the block before, query heads refitted
+    ("llama", dict(ratio=0.3, layer_share=0.7, recovery="least-squares", metric="obs", target_mix=0.5,
+                   layer_compensation=True, head_share=0.3)),
 ])
 def test_stream_equals_in_memory(shards, tmp_path, name, cfg):
     src = shards[name]

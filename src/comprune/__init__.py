@@ -2,21 +2,21 @@
 
 Public API: load, prune, PruneConfig, perplexity, save_pretrained, from_pretrained.
 """
-from .errors import CompruneError
-from .loading import count_params, load
 from . import models  # noqa: F401  (registers comprune's per-layer-width classes with transformers' Auto*)
-from .evaluate.perplexity import perplexity
 from .config import PruneConfig
 from .data import Calibration, get_calibration
+from .errors import CompruneError
+from .evaluate.perplexity import perplexity
+from .io import read_manifest, save_pretrained
+from .loading import count_params, load
 from .prune import PruneReport, prune
-from .io import save_pretrained, read_manifest
 from .stream import prune_streaming
+from .version import __version__
 
 
 def from_pretrained(path, dtype="float32", device="cpu", trust_remote_code=False, allow_pickle=False):
     """Load a (pruned) model directory: same as load(path)."""
     return load(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
-__version__ = "0.1.0"
 __all__ = ["CompruneError", "load", "from_pretrained", "count_params", "perplexity", "PruneConfig", "PruneReport",
            "prune", "save_pretrained", "read_manifest", "prune_streaming", "Calibration", "get_calibration", "__version__"]

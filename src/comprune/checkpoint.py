@@ -17,14 +17,22 @@ import signal
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CompruneError
+from .outputs import sibling
+from .shards import save_tensors
 from .walk import Activations, SpilledBatches, batch_shape, new_buffer
 
 STATE = "state.json"
 ACTS = "acts.safetensors"          # (older checkpoints)
 ACTS_BLOCK = "acts-{:05d}.safetensors"  # the inputs of block N, referenced from state.json
+
+
+def checkpoint_dir(out_dir: Path) -> Path:
+    """Where a prune into `out_dir` keeps its resume state (beside the output, removed when it is published)."""
+    return sibling(out_dir, "checkpoint")
 
 
 def run_fingerprint(cfg_dict: dict, calib_sha: str, params_before: int, model_digest: str = "") -> str:
@@ -35,7 +43,7 @@ def run_fingerprint(cfg_dict: dict, calib_sha: str, params_before: int, model_di
 
 
 class _Batch:
-    """One activation batch for stream._save, read (from memory or its spill file) only when written."""
+    """One activation batch for shards.save_tensors, read (from memory or its spill file) only when written."""
 
     def __init__(self, hidden, i: int):
         self.hidden, self.i = hidden, i
@@ -68,9 +76,9 @@ class Checkpoint:
         before that leaves the previous state with its own (still present) activations file."""
         acts_name = None
         if acts is not None:
-            from .stream import _save  # writes tensor by tensor: no serialized copy of the activations in memory
+            # tensor by tensor: no serialized copy of the activations in memory
             acts_name = ACTS_BLOCK.format(next_block)
-            _save({f"h{i}": _Batch(acts.hidden, i) for i in range(len(acts.hidden))}, self.dir / acts_name)
+            save_tensors({f"h{i}": _Batch(acts.hidden, i) for i in range(len(acts.hidden))}, self.dir / acts_name)
         state = {"fingerprint": self.fingerprint, "next_block": next_block, "acts": acts_name,
                  "details": {**details, "blocks": {str(k): v for k, v in details.get("blocks", {}).items()}}}
         self._atomic_json(STATE, state)
@@ -100,7 +108,6 @@ class Checkpoint:
         if not (self.dir / acts_name).is_file():
             raise CompruneError(f"the checkpoint in {self.dir} lacks its activations ({acts_name}): rerun with "
                                 "--force instead of --resume to start over")
-        from safetensors import safe_open
         device = template.hidden[0].device
         hidden = new_buffer()  # one batch at a time: into files when the walk spills activations
         with safe_open(str(self.dir / acts_name), "pt") as f:

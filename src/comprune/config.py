@@ -7,9 +7,18 @@ from dataclasses import asdict, dataclass, field
 from .errors import CompruneError
 
 METHODS = ("comp", "layer-drop", "wanda-sp", "magnitude", "flap", "llm-pruner")
-NEURON_METRICS = ("condition", "kappa-loo", "weighted-norm", "activation", "wanda-sp", "magnitude")
+NEURON_METRICS = ("obs", "condition", "kappa-loo", "weighted-norm", "activation", "wanda-sp", "magnitude")
 LAYER_SCORES = ("bi", "loss")
 WIDTH_ALLOCATIONS = ("uniform", "adaptive")
+
+
+# Named starting points; explicit arguments override them. "comp-spec" is the literal reading of docs/method.md
+# before the ablations moved the defaults (condition score, per-neuron scales, 128 x 128 calibration), kept so
+# the paper's reading stays comparable.
+PRESETS = {
+    "comp-spec": dict(method="comp", metric="condition", recovery="scales", target_mix=0.0, layer_compensation=False,
+                      head_share=0.0, nsamples=128, seqlen=128, layer_share=0.25, damp=0.01, token_weight="none"),
+}
 
 
 @dataclass
@@ -29,23 +38,28 @@ class PruneConfig:
     protect_first: int = 1             # never remove the first/last blocks
     protect_last: int = 1
     # Stage 2 (neurons)
-    metric: str = "condition"
+    metric: str = "obs"                # structured OBS (the condition score with the columns kept up to date)
     damp: float = 0.01                 # delta in G + delta * mean(diag G) * I
     chunk: int = 0                     # neurons removed between downdates of G^-1 (0: auto, ~32 steps/layer)
     round_to: int = 1                  # kept MLP widths rounded to a multiple of this
     min_width: int = 0                 # never narrow an MLP below this many neurons
     width_allocation: str = "uniform"  # neurons removed per block: "uniform", or "adaptive" (global ranking)
-    head_share: float = 0.0            # fraction of the non-layer budget taken as whole KV groups (0: MLPs only)
+    head_share: float = 0.0            # fraction of the non-layer budget taken from attention (0: MLPs only)
+    head_unit: str = "query"           # what attention loses: "query" heads (as many per KV group) or whole "kv" groups
     # Stage 3 (mask tuning)
     mask_tuning: bool = True
-    recovery: str = "scales"           # "scales" (COMP's mask tuning) or "least-squares" (refit kept down_proj columns)
+    recovery: str = "least-squares"    # refit the kept down_proj columns; "scales": COMP's per-neuron mask tuning
+    target_mix: float = 0.0            # least squares' target: 0 = the dense block on the pruned inputs, 1 = the dense
+                                       # model's own trajectory (corrects upstream drift), or a mix
+    token_weight: str = "output"       # "none", or "output": each token's error relative to the block output's mean square
+    layer_compensation: bool = False   # the kept block before a removed span refits its down_proj onto the span's output
     ridge: float = 0.01                # rho: ridge toward scale 1, relative to mean(diag A)
     # baselines
     flap_bias: bool = True
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "PruneConfig":
-        for name in ("ratio", "layer_share", "damp", "ridge", "head_share"):
+        for name in ("ratio", "layer_share", "damp", "ridge", "head_share", "target_mix"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise CompruneError(f"{name} must be a finite number (got {value}): "
@@ -70,6 +84,15 @@ class PruneConfig:
         if self.head_share and self.method != "comp":
             raise CompruneError(f"--head-share is COMP's option; {self.method} plans its own budget: drop it or "
                                 "use --method comp")
+        if self.token_weight not in ("none", "output"):
+            raise CompruneError(f"unknown token weight '{self.token_weight}': use none or output")
+        if self.head_unit not in ("query", "kv"):
+            raise CompruneError(f"unknown head unit '{self.head_unit}': use query or kv")
+        if not 0 <= self.target_mix <= 1:
+            raise CompruneError(f"target_mix must be in [0, 1] (got {self.target_mix})")
+        if (self.target_mix or self.layer_compensation) and (self.recovery != "least-squares" or not self.mask_tuning):
+            raise CompruneError("--target-mix and --layer-compensation refit by least squares: add "
+                                "--recovery least-squares (and keep mask tuning on)")
         if self.recovery not in ("scales", "least-squares"):
             raise CompruneError(f"unknown recovery '{self.recovery}': use scales or least-squares")
         if self.seqlen <= 1:
@@ -82,3 +105,10 @@ class PruneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "PruneConfig":
+        """A preset's settings, then `overrides` on top."""
+        if name not in PRESETS:
+            raise CompruneError(f"unknown preset '{name}': use one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import deferred
 from .errors import CompruneError
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +29,14 @@ SOURCES = {
                              ("wikitext", "wikitext-2-raw-v1", "validation", "text")),
     "c4": ("c4/c4-sample.00000-of-00001.json.gz", "text",
            ("allenai/c4", "en", "validation", "text")),
+    "c4-validation": ("c4/c4-sample.00000-of-00001.json.gz", "text",
+                      ("allenai/c4", "en", "validation", "text")),
 }
+# The C4 sample is split by document: calibration windows come from the first 90 %, and the last 10 % (~50 k
+# tokens) is held out to choose defaults on text the calibration never saw.
+C4_HELDOUT = 0.1
+ROW_SLICES = {"c4": lambda n: slice(0, n - int(n * C4_HELDOUT)),
+              "c4-validation": lambda n: slice(n - int(n * C4_HELDOUT), n)}
 # Rows are joined with this separator before tokenising once (the LLM-Pruner/FLAP/SparseGPT protocol).
 JOIN = "\n\n"
 
@@ -89,7 +97,7 @@ def _read_rows(path: Path, field: str) -> list[str]:
 def _hub_rows(spec) -> list[str]:
     path, name, split, field = spec
     try:
-        import datasets  # optional: only used when online without a local copy
+        datasets = deferred.datasets()  # optional: only used when online without a local copy
     except ImportError:
         raise CompruneError("no local data and the `datasets` package is missing: set COMPRUNE_DATA "
                             "to shared/data or `pip install datasets`") from None
@@ -115,10 +123,12 @@ def load_rows(source: str, data_dir: str | os.PathLike | None = None) -> list[st
     rel, field, hub = SOURCES[source]
     root = resolve_data_dir(data_dir, required=data_dir is not None)
     if root is not None and (root / rel).is_file():
-        return _read_rows(root / rel, field)
-    if root is not None and data_dir is not None:
+        rows = _read_rows(root / rel, field)
+    elif root is not None and data_dir is not None:
         raise CompruneError(f"{root / rel} not found: the data directory lacks '{source}'")
-    return _hub_rows(hub)
+    else:
+        rows = _hub_rows(hub)
+    return rows[ROW_SLICES[source](len(rows))] if source in ROW_SLICES else rows
 
 
 def load_text(source: str, data_dir=None) -> str:

@@ -2,26 +2,32 @@
 and renamed, so a crash never leaves a directory that looks complete."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
+
+import torch
+from safetensors import safe_open
 
 from .errors import CompruneError
 from .models.adapters import base_model_type
+from .models.lite import CausalLM
+from .outputs import check_output, follow_umask, hidden_prefix
 
 MANIFEST = "pruning.json"
 MODELING_FILE = Path(__file__).parent / "models" / "modeling_comprune.py"
 
 
-def _check_target(out_dir: Path, force: bool):
+def check_target(out_dir: Path, force: bool):
     """Refuse a bad output directory before any work (outputs.check_output)."""
-    from .outputs import check_output
     check_output(Path(out_dir), force)
 
 
-def _add_auto_map(tmp: Path, model):
+def add_auto_map(tmp: Path, model):
     """Non-uniform models: ship the self-contained modeling file so stock transformers can load them
     with trust_remote_code=True (import comprune makes that unnecessary)."""
     if "intermediate_sizes" not in model.config.to_dict():
@@ -37,7 +43,6 @@ def _add_auto_map(tmp: Path, model):
 def architecture(model) -> str:
     """The transformers class name a model's checkpoint is for (a streamed prune's plain-PyTorch modules
     carry it as `architecture`)."""
-    from .models.lite import CausalLM
     return model.architecture if isinstance(model, CausalLM) else type(model).__name__
 
 
@@ -52,7 +57,6 @@ def write_manifest(path: Path, manifest: dict):
 def publish(tmp: Path, out_dir: Path):
     """Rename a finished temporary directory to its final name, replacing an old one (checked by the caller).
     The temporary directory was created 0700: the output gets the umask's modes."""
-    from .outputs import follow_umask, hidden_prefix
     follow_umask(tmp)
     if out_dir.exists():
         trash = Path(tempfile.mkdtemp(prefix=hidden_prefix(out_dir) + "old-", dir=out_dir.parent))
@@ -66,8 +70,7 @@ def publish(tmp: Path, out_dir: Path):
 def save_pretrained(model, tokenizer, out_dir, report=None, force: bool = False, _crash_after_weights=False) -> Path:
     """Atomically write a loadable model directory; `report` (PruneReport or dict) becomes pruning.json."""
     out_dir = Path(out_dir)
-    _check_target(out_dir, force)
-    from .outputs import hidden_prefix
+    check_target(out_dir, force)
     tmp = Path(tempfile.mkdtemp(prefix=hidden_prefix(out_dir) + "partial-", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -75,7 +78,7 @@ def save_pretrained(model, tokenizer, out_dir, report=None, force: bool = False,
             raise KeyboardInterrupt("simulated crash")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _add_auto_map(tmp, model)
+        add_auto_map(tmp, model)
         report = report if report is not None else getattr(model, "comprune_report", None)
         if report is not None:
             manifest = report.to_dict() if hasattr(report, "to_dict") else dict(report)
@@ -96,11 +99,6 @@ def read_manifest(model_dir) -> dict | None:
 def weights_digest(model_dir) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes, in name order, whatever the shard layout:
     equal digests mean the same weights (used to check that a streamed prune equals the in-memory one)."""
-    import hashlib
-    from contextlib import ExitStack
-
-    import torch
-    from safetensors import safe_open
     model_dir = Path(model_dir)
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:

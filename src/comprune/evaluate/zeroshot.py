@@ -35,8 +35,10 @@ import re
 import time
 from pathlib import Path
 
+from .. import deferred
 from ..data import resolve_data_dir
 from ..errors import CompruneError
+from ..loading import cache_dir as comprune_cache
 
 PAPER7 = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 
@@ -76,7 +78,7 @@ def parse_tasks(tasks) -> list[str]:
 
 def harness_version() -> str:
     try:
-        import lm_eval
+        lm_eval = deferred.lm_eval()
     except ImportError:
         raise CompruneError("zero-shot evaluation needs lm-evaluation-harness: "
                             "pip install 'comprune[eval]' (lm_eval>=0.4.5,<0.5)") from None
@@ -116,9 +118,8 @@ def _split_ctx(ctx: str) -> tuple[str, str]:
 
 def _hellaswag_jsonl(src: Path) -> Path:
     """Convert the text extract once; kept in comprune's cache so the datasets arrow cache is reused."""
-    from ..loading import cache_dir
     stat = src.stat()
-    out = cache_dir() / "zeroshot" / f"hellaswag_val_v{_HS_FORMAT}_{stat.st_size}_{int(stat.st_mtime)}.jsonl"
+    out = comprune_cache() / "zeroshot" / f"hellaswag_val_v{_HS_FORMAT}_{stat.st_size}_{int(stat.st_mtime)}.jsonl"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
@@ -136,8 +137,7 @@ def _count_rows(path: Path) -> int:
 
 def task_config(task: str, root: Path) -> tuple[dict, int]:
     """The stock task config with its dataset pointed at the local file, and the number of examples."""
-    import lm_eval.tasks
-    from lm_eval.tasks._yaml_loader import load_yaml
+    lm_eval = deferred.lm_eval("tasks", "tasks._yaml_loader")
     stock_rel, data_rel, split = TASKS[task]
     stock = Path(lm_eval.tasks.__file__).parent / stock_rel
     if not stock.is_file():
@@ -147,7 +147,7 @@ def task_config(task: str, root: Path) -> tuple[dict, int]:
         raise CompruneError(f"data file {src} for task {task} not found: set COMPRUNE_DATA / --data-dir "
                             "to a directory holding it (see shared/data)")
     data = _hellaswag_jsonl(src) if task == "hellaswag" else src
-    cfg = load_yaml(stock, resolve_func=True)  # resolves `include:` and `!function` the harness's way
+    cfg = lm_eval.tasks._yaml_loader.load_yaml(stock, resolve_func=True)  # resolves `include:` and `!function` the harness's way
     for key in ("tag", "group", "task_list"):
         cfg.pop(key, None)
     cfg.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": {split: str(data)}},
@@ -175,7 +175,7 @@ def paper_average(task_results: dict) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def _average_note(names: list[str]) -> str:
+def average_note(names: list[str]) -> str:
     acc = [t for t in names if PAPER_METRIC[t] == "acc"]
     norm = [t for t in names if PAPER_METRIC[t] == "acc_norm"]
     note = (f"mean over the {len(names)} task(s) present of acc ({', '.join(acc) or '-'}) "
@@ -229,15 +229,12 @@ def _json_cache(lm, path):
 
 
 def _run(model, tokenizer, names, configs, version, limit, subset, batch_size, seed, cache_key, cache_dir):
-    from lm_eval import evaluator
-    from lm_eval.api.model import CachingLM
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    lm_eval = deferred.lm_eval("evaluator", "api.model", "models.huggingface", "tasks")
+    CachingLM, HFLM, TaskManager = lm_eval.api.model.CachingLM, lm_eval.models.huggingface.HFLM, lm_eval.tasks.TaskManager
     random.seed(seed)  # the harness seeds these itself in simple_evaluate; mirror it
     t0 = time.time()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
     if cache_key:
-        from ..loading import cache_dir as comprune_cache
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", cache_key)
         db = Path(cache_dir) if cache_dir else comprune_cache() / "lm_eval"
         lm = CachingLM(lm, str(db / f"{safe}_rank0.db"))
@@ -246,14 +243,14 @@ def _run(model, tokenizer, names, configs, version, limit, subset, batch_size, s
     for task_obj in loaded["tasks"].values():
         task_obj.set_fewshot_seed(seed=seed)
     samples = {t: subset_indices(n, subset, seed) for t, (_, n) in configs.items()} if subset else None
-    out = evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, samples=samples, log_samples=False,
+    out = lm_eval.evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, samples=samples, log_samples=False,
                              bootstrap_iters=1000)  # acc means use the closed-form stderr; 0 would drop it
     results = {}
     for t in names:
         n = out["n-samples"][t]["effective"]
         results[t] = _metrics(t, out["results"][t], n)
     return {"harness_version": version, "tasks": results, "average": paper_average(results),
-            "average_metric_note": _average_note(names), "subset": subset,
+            "average_metric_note": average_note(names), "subset": subset,
             "subset_rule": f"sorted(random.Random({seed}).sample(range(n_docs), {subset}))" if subset else None,
             "limit": limit, "seconds": round(time.time() - t0, 1)}
 

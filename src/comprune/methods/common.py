@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CompruneError
+from ..evaluate.perplexity import chunked_nll
 from ..loading import count_params
+from ..surgery import attention_heads, attention_parts
 from ..walk import Activations, BlockInfluence, forward_block, progress, resident
 
 
@@ -22,6 +24,8 @@ class Budget:
     params_per_neuron: int
     kv_groups_per_layer: int = 0    # COMP's head option: KV groups (with their query heads) removed per kept block
     params_per_kv_group: int = 0
+    query_heads_per_group: int = 0  # COMP's head option, query unit: query heads removed from every KV group
+    params_per_query_head: int = 0
 
     def to_dict(self):
         return dict(self.__dict__)
@@ -54,9 +58,8 @@ def plan_budget(model, adapter, cfg, layer_share: float | None = None) -> Budget
     per = params_per_neuron(adapter, layers[0])
     rest = target - k * block
     kept = L - k
-    groups, group_params = 0, 0
-    if cfg.head_share > 0 and kept:
-        from ..surgery import attention_parts
+    groups, group_params, qheads, qhead_params = 0, 0, 0, 0
+    if cfg.head_share > 0 and kept and cfg.head_unit == "kv":
         attn = attention_parts(adapter, layers[0])
         group_params = attn.group_params()
         groups = int(round(cfg.head_share * rest / kept / group_params))
@@ -64,12 +67,20 @@ def plan_budget(model, adapter, cfg, layer_share: float | None = None) -> Budget
             raise CompruneError(f"--head-share {cfg.head_share} asks for {groups} of {attn.n_kv} KV groups per block: "
                                 "every block must keep one; lower --head-share")
         rest -= groups * kept * group_params
+    elif cfg.head_share > 0 and kept:
+        attn = attention_parts(adapter, layers[0])
+        qhead_params = attn.query_head_params()
+        qheads = int(round(cfg.head_share * rest / kept / (qhead_params * attn.n_kv)))
+        if qheads >= attn.rep:
+            raise CompruneError(f"--head-share {cfg.head_share} asks for {qheads} of the {attn.rep} query heads of every "
+                                "KV group: each group must keep one; lower --head-share")
+        rest -= qheads * attn.n_kv * kept * qhead_params
     n = int(round(rest / per / kept)) if kept else 0
     widths = [adapter.mlp(layer).down.in_features for layer in layers]
     if n > min(widths) - cfg.min_width:
         raise CompruneError(f"ratio {cfg.ratio} needs {n} neurons removed per MLP but layers have only "
                             f"{min(widths)}: raise --layer-share (remove whole layers) or lower --ratio")
-    return Budget(total, int(round(target)), L, block, k, n, per, groups, group_params)
+    return Budget(total, int(round(target)), L, block, k, n, per, groups, group_params, qheads, qhead_params)
 
 
 def kept_width(width: int, n_remove: int, round_to: int, min_width: int = 0) -> int:
@@ -99,7 +110,6 @@ def layer_scores_loss(model, adapter, acts: Activations, input_ids: torch.Tensor
                       show=True) -> list[float]:
     """Calibration loss increase when block i alone is skipped, on the first `nsamples` windows.
     Keeps every block's inputs for those windows (small), then reruns the tail once per block."""
-    from ..evaluate.perplexity import chunked_nll
     nb = max(1, math.ceil(nsamples / acts.hidden[0].shape[0]))
     sub = Activations([h for h in acts.hidden[:nb]], acts.kwargs[:nb])
     layers = adapter.layers(model)
@@ -171,7 +181,6 @@ def keep_lowest_removed(score: torch.Tensor, n_remove: int) -> torch.Tensor:
 
 def full_record(adapter, layer) -> dict:
     """Per-block record of an untouched block."""
-    from ..surgery import attention_heads
     width = adapter.mlp(layer).down.in_features
     h, kv = attention_heads(adapter, layer)
     return {"width": width, "kept_neurons": list(range(width)), "heads": h, "kv_heads": kv,

@@ -19,20 +19,24 @@ import math
 
 import torch
 
+from .. import compensate as LS
 from .. import scores as S
 from ..errors import CompruneError
-from ..masktune import error_from_gram, error_of_down, least_squares_down, output_gram, solve_scales
-from ..surgery import as_index, attention_parts, kv_group_channels, prune_heads, prune_mlp
-from ..walk import (_block_output, batch_shape, capture, collect_stats, forward_block, new_buffer, progress,
+from ..masktune import error_from_gram, output_gram, solve_scales
+from ..surgery import as_index, attention_parts, kv_group_channels, prune_heads, prune_mlp, prune_query_heads
+from ..walk import (block_output, batch_shape, capture, collect_stats, forward_block, new_buffer, progress,
                     resident, spilling)
 from .common import choose_layers, kept_width, layer_scores_bi, layer_scores_loss
 
 
-def select_neurons(metric: str, G: torch.Tensor, parts, n_remove: int, cfg) -> torch.Tensor:
-    """Boolean keep mask over the MLP's neurons for one of COMP's metric variants."""
+def select_neurons(metric: str, G: torch.Tensor, parts, n_remove: int, cfg, C: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean keep mask over the MLP's neurons for one of COMP's metric variants (C: the refit's cross term)."""
     f = G.shape[0]
     if n_remove <= 0:
         return torch.ones(f, dtype=torch.bool, device=G.device)
+    if metric == "obs":
+        C = LS.dense_cross(G, parts.down.weight.detach()) if C is None else C
+        return LS.obs_select(G, C, n_remove, cfg.damp, cfg.chunk)
     if metric == "condition":
         w_sq = (parts.down.weight.detach().double() ** 2).sum(0)
         keep, _ = S.greedy_condition_prune(G, w_sq.to(G.device), n_remove, cfg.damp, cfg.chunk)
@@ -48,7 +52,7 @@ def one_shot_scores(metric: str, G: torch.Tensor, parts, cfg) -> torch.Tensor:
     W = parts.down.weight.detach()
     w_sq = (W.double() ** 2).sum(0).to(G.device)
     diag = torch.diagonal(G)
-    if metric == "condition":
+    if metric in ("condition", "obs"):
         return S.condition_scores(w_sq, torch.diagonal(S.spd_inverse(G, cfg.damp)).clamp_min(1e-300))
     if metric == "kappa-loo":
         return S.kappa_loo_scores(G, cfg.damp)
@@ -62,9 +66,15 @@ def one_shot_scores(metric: str, G: torch.Tensor, parts, cfg) -> torch.Tensor:
     return S.magnitude_scores(*rows).to(G.device)  # magnitude
 
 
-def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None = None) -> tuple[dict, object]:
+def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None = None,
+                    target=None) -> tuple[dict, object]:
     """Score, tune and slice one block's MLP on its (already-pruned-upstream) inputs; returns the record and
-    the block's new outputs."""
+    the block's new outputs.
+
+    target = (batches, weight): the block outputs the pruned block should reproduce, per calibration batch. The
+    least-squares target of the MLP then moves from the dense MLP on the same inputs by weight · (target − the
+    dense block's output here): weight 1 reproduces `batches` (the dense model's own trajectory, or the output
+    of a removed span after this block), a smaller weight mixes both."""
     parts = adapter.mlp(layer)
     # Where the block ends with `y = r + mlp(norm(r))`, only the MLP is redone after pruning, and the block's
     # inputs are freed as the forward goes. What is kept per batch to rebuild y: either the MLP input x = norm(r)
@@ -85,24 +95,38 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
         def keep_x_and_rest(module, args, out):
             x, m = last.pop()
             mlp_x.append(x)
-            mlp_r.append(_block_output(out) - m)
+            mlp_r.append(block_output(out) - m)
         hooks.append(layer.register_forward_hook(keep_x_and_rest))
+    own = _BlockStats(parts.down, cfg.token_weight, target) \
+        if target is not None or cfg.token_weight != "none" else None
+    if own is not None:
+        hooks += own.attach(layer)
     try:
-        stats, _ = collect_stats(layer, acts, {"down": parts.down}, gram={"down"}, forward=True, keep_outputs=False,
-                                 consume=residual)
+        stats, _ = collect_stats(layer, acts, {"down": parts.down}, gram=set() if own else {"down"}, forward=True,
+                                 keep_outputs=False, consume=residual)
     finally:
         for h in hooks:
             h.remove()
-    G = stats["down"].gram
-    keep = select_neurons(metric or cfg.metric, G, parts, n_remove, cfg)
-    K = output_gram(G, parts.down.weight.detach())
+    G = own.G if own is not None else stats["down"].gram
+    W = parts.down.weight.detach()
+    refit = cfg.mask_tuning and cfg.recovery == "least-squares"
+    C = LS.dense_cross(G, W) if refit else None
+    drift = own if target is not None else None
+    if drift is not None:
+        C += drift.D
+    keep = select_neurons(metric or cfg.metric, G, parts, n_remove, cfg, C)
+    K = output_gram(G, W)
     err_before = error_from_gram(K, keep)
     energy = error_from_gram(K, torch.zeros_like(keep))  # ||dense MLP output||^2
     idx = as_index(keep)
     scales, new_down = None, None
-    if cfg.mask_tuning and n_remove > 0 and cfg.recovery == "least-squares":
-        new_down = least_squares_down(G, parts.down.weight.detach(), idx, cfg.damp)
-        err_after = error_of_down(G, parts.down.weight.detach(), idx, new_down)
+    if refit and (n_remove > 0 or drift is not None):
+        new_down = LS.refit(G, C, idx, cfg.damp)
+        t_energy = own.t_energy if own is not None else energy
+        err_before = LS.residual(G, C, t_energy, idx, W.double().to(G.device)[:, idx])
+        err_after = LS.residual(G, C, t_energy, idx, new_down)
+        energy = t_energy
+        del C
     elif cfg.mask_tuning and n_remove > 0:
         scales = solve_scales(K, keep, cfg.ridge)
         err_after = error_from_gram(K, keep, scales)
@@ -122,6 +146,79 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
         rec["scale_mean"] = float(scales.mean())
         rec["scale_std"] = float(scales.std()) if scales.numel() > 1 else 0.0
     return rec, out
+
+
+class _BlockStats:
+    """The refit's statistics of one projection, accumulated batch by batch while the block runs, for what
+    collect_stats' plain Gram cannot express:
+    - token weights (weight="output"): each token's squared error counts relative to the block output's mean
+      square there, w_t = 1 / mean(y_t²), as the next RMSNorm sees it. Without them a few tokens with massive
+      activations (the attention sink at position 0: ~100x the median residual norm in SmolLM2) own most of G
+      and the fit serves them alone;
+    - a moved target (target=(batches, weight)): D = Σ Hᵀ W_t · w(T − y) (f x d; y the dense block's output
+      on the pruned inputs, T the target batch) and the target's energy Σ w_t ‖H Wᵀ + w(T − y)‖².
+    G = Σ Hᵀ W_t H; the refit's cross term becomes G Wᵀ + D."""
+
+    def __init__(self, lin, weight: str = "none", target=None):
+        self.lin, self.weighted = lin, weight == "output"
+        self.batches, self.mix = target if target is not None else (None, 0.0)
+        self.G, self.D, self.t_energy, self.i, self.h = None, None, 0.0, 0, None
+
+    def attach(self, layer):
+        return [self.lin.register_forward_pre_hook(self._keep_h), layer.register_forward_hook(self._accumulate)]
+
+    def _keep_h(self, module, args):
+        self.h = args[0].reshape(-1, args[0].shape[-1])
+
+    def _accumulate(self, module, args, out):
+        y = block_output(out).float().reshape(-1, self.lin.out_features)
+        h, self.h = self.h.float(), None
+        w = 1.0 / y.pow(2).mean(1).clamp_min(1e-12) if self.weighted else None
+        hw = h * w[:, None] if w is not None else h
+        g = (hw.T @ h).double()
+        self.G = g if self.G is None else self.G.add_(g)
+        m = h @ self.lin.weight.detach().float().T
+        if self.batches is not None:
+            t = self.batches[self.i].to(y.device).float().reshape(-1, y.shape[-1])
+            diff = (t - y).mul_(self.mix)
+            d = (hw.T @ diff).double()
+            self.D = d if self.D is None else self.D.add_(d)
+            m.add_(diff)
+        self.i += 1
+        e = m.pow(2).sum(1)
+        self.t_energy += float((e * w).sum() if w is not None else e.sum())
+
+
+@torch.inference_mode()
+def prune_block_query_heads(layer, adapter, acts, per_group: int, cfg) -> dict:
+    """Remove `per_group` query heads from every KV group (stock GQA shapes hold) by structured OBS over each
+    head's o_proj channels, then refit the kept o_proj columns by least squares against the dense attention
+    output on the same inputs. `acts` is only read (the MLP stage runs the block again on the same inputs)."""
+    parts = attention_parts(adapter, layer)
+    own = _BlockStats(parts.o, cfg.token_weight) if cfg.token_weight != "none" else None
+    hooks = own.attach(layer) if own is not None else []
+    try:
+        stats, _ = collect_stats(layer, acts, {"o": parts.o}, gram=set() if own else {"o"}, keep_outputs=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    G = own.G if own is not None else stats["o"].gram
+    W = parts.o.weight.detach()
+    hd, nh = parts.head_dim, parts.n_heads
+    C = LS.dense_cross(G, W)
+    heads = torch.arange(nh * hd).view(nh, hd)
+    keep_ch = LS.obs_select(G, C, per_group * parts.n_kv, cfg.damp, groups=heads,
+                            per_bucket=torch.arange(nh) // parts.rep)
+    keep_heads = keep_ch.view(nh, hd)[:, 0].cpu()
+    new_o = LS.refit(G, C, keep_ch, cfg.damp) if cfg.mask_tuning else None
+    energy = float((C.T * W.double().to(G.device)).sum())
+    kc = keep_ch.nonzero().flatten()
+    err_pruned = LS.residual(G, C, energy, kc, W.double().to(G.device)[:, kc])
+    err_tuned = LS.residual(G, C, energy, kc, new_o) if new_o is not None else err_pruned
+    kept = keep_heads.nonzero().flatten()
+    prune_query_heads(adapter, layer, kept, new_o)
+    return {"kept_query_heads": kept.tolist(), "head_rel_error_pruned": err_pruned / max(energy, 1e-30),
+            "head_rel_error_tuned": err_tuned / max(energy, 1e-30)}
 
 
 @torch.inference_mode()
@@ -246,23 +343,74 @@ def allocate_widths(model, adapter, acts, removed: list[int], neurons_per_layer:
 
 
 def replay(adapter, layers, records: dict, checkpoint):
-    """Re-apply recorded neuron surgery to finished blocks (resume): exact indices and float64 scales, or the
-    saved refitted down_proj for least-squares recovery."""
+    """Re-apply recorded surgery to finished blocks (resume): exact indices and float64 scales, or the saved
+    refitted down_proj / o_proj for least-squares recovery."""
     for i, rec in records.items():
+        saved = checkpoint.load_block_tensors(i) or {}
         if "kept_kv_heads" in rec:
             head_scales = torch.tensor(rec["head_scales"], dtype=torch.float64) if "head_scales" in rec else None
             prune_heads(adapter, layers[i], torch.tensor(rec["kept_kv_heads"], dtype=torch.long), head_scales)
+        if "kept_query_heads" in rec:
+            prune_query_heads(adapter, layers[i], torch.tensor(rec["kept_query_heads"], dtype=torch.long),
+                              saved.get("o"))
         scales = torch.tensor(rec["scales"], dtype=torch.float64) if "scales" in rec else None
         prune_mlp(adapter, layers[i], torch.tensor(rec["kept_neurons"], dtype=torch.long), scales)
-        saved = checkpoint.load_block_tensors(i)
-        if saved is not None:
+        if "down" in saved:
             with torch.no_grad():
                 adapter.mlp(layers[i]).down.weight.copy_(saved["down"])
 
 
+@torch.inference_mode()
+def copy_acts(acts):
+    """An independent copy of a block's inputs (in files when the walk spills)."""
+    hidden = new_buffer()
+    for h in acts.hidden:
+        hidden.append(h.clone())
+    return type(acts)(hidden, acts.kwargs)
+
+
+def _span_after(i: int, removed: set, n: int) -> list[int]:
+    """The removed blocks directly after block i."""
+    span = []
+    while i + 1 + len(span) < n and i + 1 + len(span) in removed:
+        span.append(i + 1 + len(span))
+    return span
+
+
+def _advance(layers, idx, acts, device):
+    for j in idx:
+        with resident(layers[j], device):
+            acts = forward_block(layers[j], acts, consume=True)
+    return acts
+
+
+@torch.inference_mode()
+def _target(layers, i, acts, dense, span, cfg):
+    """What block i's MLP refit reproduces (see prune_block_mlp), or None for the dense MLP on the same inputs.
+    `dense` is the dense trajectory already advanced past block i and `span`; layer compensation also runs
+    the removed span on the pruned stream's dense block-i output (ReplaceMe's target, folded into down_proj)."""
+    if span and cfg.layer_compensation:
+        local = _advance(layers, [i] + span, copy_acts(acts), cfg.device)
+        if dense is None:
+            return local.hidden, 1.0
+        a = cfg.target_mix
+        mixed = new_buffer()
+        for b in range(len(local.hidden)):
+            mixed.append(local.hidden[b].mul_(1 - a).add_(dense.hidden[b], alpha=a))
+            local.hidden[b] = None
+        return mixed, 1.0
+    if dense is not None:
+        return dense.hidden, cfg.target_mix
+    return None
+
+
 def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None) -> dict:
     layers = adapter.layers(model)
-    state = checkpoint.load(acts) if checkpoint is not None else None
+    n_batches = len(acts.hidden)
+    uses_dense = cfg.target_mix > 0
+    template = type(acts)(_joined(acts.hidden, acts.hidden), acts.kwargs) if uses_dense else acts
+    state = checkpoint.load(template) if checkpoint is not None else None
+    dense, dense_next = None, 0  # the dense model's trajectory, and the first block it has not run yet
     if state is None:
         # The layer stage consumes the block-0 inputs; recapturing them (embeddings only) is cheaper in memory
         # than keeping a copy through the dense pass (a third activation buffer).
@@ -275,35 +423,77 @@ def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None
             allocation = allocate_widths(model, adapter, acts.take(), removed, budget.neurons_per_layer, cfg, show)
             acts = capture(model, adapter, input_ids, cfg.batch_size, device)
         start, records = 0, {}
+        if uses_dense:
+            dense = copy_acts(acts)
         if checkpoint is not None:
             checkpoint.save(0, None, {"removed_layers": removed, "layer_scores": layer_scores, "blocks": {},
                                       "neuron_allocation": allocation})
     else:
-        start, acts, details = state
+        start, saved, details = state
         removed, layer_scores, records = details["removed_layers"], details["layer_scores"], details["blocks"]
         allocation = details.get("neuron_allocation")
+        dense_next = details.get("dense_next", 0)
+        if uses_dense and len(saved.hidden) == 2 * n_batches:
+            pruned_h, dense_h = new_buffer(), new_buffer()
+            while len(saved.hidden):  # moved batch by batch (files stay files when the walk spills)
+                (pruned_h if len(pruned_h) < n_batches else dense_h).append(saved.hidden.pop(0))
+            acts, dense = type(acts)(pruned_h, acts.kwargs), type(acts)(dense_h, acts.kwargs)
+        elif uses_dense:  # only the layer stage had finished: both streams start at block 0
+            acts, dense = saved, copy_acts(saved)
+        else:
+            acts = saved
         replay(adapter, layers, records, checkpoint)
+    removed_set = set(removed)
     for i in progress(range(start, len(layers)), "COMP neurons", show):
-        if i in removed:
+        if i in removed_set:
             continue
         layer = layers[i]
+        span = _span_after(i, removed_set, len(layers))
+        if dense is not None:  # the dense trajectory through block i (and the span it compensates)
+            end = i + 1 + (len(span) if cfg.layer_compensation else 0)
+            dense = _advance(layers, range(dense_next, end), dense, cfg.device)
+            dense_next = end
         width = adapter.mlp(layer).down.in_features
         n = budget.neurons_per_layer if allocation is None else allocation[i]
         n_remove = width - kept_width(width, n, cfg.round_to, cfg.min_width)
         with resident(layer, cfg.device):
-            head_rec = prune_block_heads(layer, adapter, acts, budget.kv_groups_per_layer, cfg) \
-                if budget.kv_groups_per_layer else {}
-            rec, acts = prune_block_mlp(layer, adapter, acts, n_remove, cfg)
+            head_rec = {}
+            if budget.kv_groups_per_layer:
+                head_rec = prune_block_heads(layer, adapter, acts, budget.kv_groups_per_layer, cfg)
+            elif budget.query_heads_per_group:
+                head_rec = prune_block_query_heads(layer, adapter, acts, budget.query_heads_per_group, cfg)
+        target = _target(layers, i, acts, dense, span, cfg)
+        with resident(layer, cfg.device):
+            rec, acts = prune_block_mlp(layer, adapter, acts, n_remove, cfg, target=target)
+            if checkpoint is not None and cfg.recovery == "least-squares":  # while the block is resident
+                tensors = {"down": adapter.mlp(layer).down.weight}
+                if "kept_query_heads" in head_rec:
+                    tensors["o"] = attention_parts(adapter, layer).o.weight
+                checkpoint.save_block_tensors(i, tensors)
+        del target
         records[i] = {**rec, **head_rec}
-        if checkpoint is not None and cfg.recovery == "least-squares":
-            checkpoint.save_block_tensors(i, {"down": adapter.mlp(layer).down.weight})
         if checkpoint is not None:
-            checkpoint.save(i + 1, acts, {"removed_layers": removed, "layer_scores": layer_scores, "blocks": records,
-                                          "neuron_allocation": allocation})
+            saved = acts if dense is None else type(acts)(_joined(acts.hidden, dense.hidden), acts.kwargs)
+            checkpoint.save(i + 1, saved, {"removed_layers": removed, "layer_scores": layer_scores,
+                                           "blocks": records, "neuron_allocation": allocation,
+                                           "dense_next": dense_next})
     out = {"removed_layers": removed, "layer_scores": layer_scores, "blocks": records}
     if allocation is not None:
         out["neuron_allocation"] = allocation
     return out
+
+
+class _joined:
+    """Two lists of batches read as one (index and length only: what a checkpoint save needs)."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def __len__(self):
+        return len(self.a) + len(self.b)
+
+    def __getitem__(self, i):
+        return self.a[i] if i < len(self.a) else self.b[i - len(self.a)]
 
 
 run.supports_checkpoint = True

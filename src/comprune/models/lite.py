@@ -17,6 +17,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# transformers' RoPE tables and class-name table only: no modeling code behind either
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .modeling_comprune import MODEL_NAMES
+
 FAMILIES = {"llama", "mistral", "qwen2"}
 
 
@@ -69,7 +75,6 @@ class RotaryEmbedding(nn.Module):
             inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
             self.attention_scaling = 1.0
         else:
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # no modeling imports behind it
             inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_type](config)
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
 
@@ -236,9 +241,7 @@ class CausalLM(nn.Module):
 def class_name(config) -> str:
     """The transformers class AutoModelForCausalLM would build for `config` (what the in-memory path saves)."""
     if config.model_type.startswith("comprune_"):
-        from .modeling_comprune import MODEL_NAMES
         return MODEL_NAMES[base_type(config)]
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]
 
 

@@ -15,6 +15,7 @@ configs alone do not import transformers' modeling code, which costs ~130 MB of 
 prune should not pay.
 """
 import copy
+import importlib
 
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.llama.configuration_llama import LlamaConfig
@@ -76,7 +77,6 @@ _built = {}
 
 
 def _make_model(base_type):
-    import importlib
     module, name = BASE_MODELS[base_type]
     base_model = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
 

@@ -1,0 +1,57 @@
+"""comprune eval: perplexity and zero-shot scores of a dense or pruned model."""
+from __future__ import annotations
+
+import json
+
+from ..errors import CompruneError
+from ..evaluate.perplexity import perplexity
+from ..evaluate.zeroshot import evaluate_zeroshot, format_zeroshot_table
+from ..loading import load
+from .format import add_common, ints, table
+
+
+def cmd_eval(args) -> int:
+    if not args.ppl and not getattr(args, "tasks", None):
+        args.ppl = "wikitext2"
+    for name in ("batch_size", "max_tokens", "limit", "subset"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise CompruneError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    seqlens = ints(args.seqlen)
+    model, tok = load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                      allow_pickle=args.allow_pickle)
+    results = []
+    if args.ppl:
+        for seqlen in seqlens:
+            r = perplexity(model, tok, args.ppl, seqlen=seqlen, max_tokens=args.max_tokens,
+                           batch_size=args.batch_size, data_dir=args.data_dir, progress=not args.json)
+            results.append({"model": args.model, **r})
+    zeroshot = None
+    if getattr(args, "tasks", None):
+        zeroshot = evaluate_zeroshot(model, tok, args.tasks, limit=args.limit, subset=args.subset,
+                                     data_dir=args.data_dir, batch_size=args.batch_size or 16,
+                                     progress=not args.json)
+    if args.json:
+        out = results[0] if len(results) == 1 and zeroshot is None else (
+            {"model": args.model, "perplexity": results, "zeroshot": zeroshot} if zeroshot else results)
+        print(json.dumps(out, indent=2))
+    else:
+        if results:
+            print(table(results, ["model", "dataset", "seqlen", "windows", "tokens", "ppl", "seconds",
+                                  "tokens_per_second"]))
+        if zeroshot is not None:
+            print(format_zeroshot_table(zeroshot))
+    return 0
+
+
+def add_command(sub):
+    p = sub.add_parser("eval", help="perplexity (and zero-shot tasks) of a dense or pruned model")
+    p.add_argument("model", help="'smollm2', a model directory, a .gguf file or a hub id")
+    p.add_argument("--ppl", default=None, help="perplexity dataset: wikitext2 (default), c4, or a .txt/.jsonl file")
+    p.add_argument("--seqlen", default="128", help="window length(s), comma-separated (e.g. 128,2048)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the stream")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--tasks", default=None, help="zero-shot tasks, comma-separated, or 'paper7'")
+    p.add_argument("--limit", type=int, default=None, help="zero-shot: first N examples per task")
+    p.add_argument("--subset", type=int, default=None, help="zero-shot: N examples per task drawn with a fixed seed")
+    add_common(p)
+    p.set_defaults(func=cmd_eval)

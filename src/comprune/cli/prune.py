@@ -1,0 +1,136 @@
+"""comprune prune: prune a model and save it, in memory or streamed from its shards (--stream)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..checkpoint import checkpoint_dir
+from ..config import LAYER_SCORES, METHODS, NEURON_METRICS, PRESETS, WIDTH_ALLOCATIONS, PruneConfig
+from ..data import get_calibration
+from ..errors import CompruneError
+from ..io import save_pretrained
+from ..loading import load
+from ..outputs import check_output, guard_output
+from ..prune import prune
+from ..stream import prune_streaming
+from .format import add_common, table
+
+
+# argparse dest -> PruneConfig field, for the options a preset can set (None = not given on the command line)
+_FIELDS = {"ratio": "ratio", "method": "method", "nsamples": "nsamples", "seqlen": "seqlen", "calib": "calib",
+           "seed": "seed", "calib_batch_size": "batch_size", "metric": "metric", "layer_score": "layer_score",
+           "round_to": "round_to", "damp": "damp", "ridge": "ridge", "recovery": "recovery",
+           "width_allocation": "width_allocation", "head_share": "head_share", "head_unit": "head_unit",
+           "layer_share": "layer_share", "target_mix": "target_mix", "token_weight": "token_weight"}
+
+
+def _config_from_args(args):
+    given = {field: getattr(args, dest) for dest, field in _FIELDS.items() if getattr(args, dest, None) is not None}
+    given["device"] = args.device
+    if args.no_mask_tuning:
+        given["mask_tuning"] = False
+    if args.layer_compensation:
+        given["layer_compensation"] = True
+    cfg = PruneConfig.from_preset(args.preset, **given) if args.preset else PruneConfig(**given)
+    return cfg.validate()
+
+
+def _refuse_stale_checkpoint(out: Path, args):
+    ckpt_dir = checkpoint_dir(out)
+    if (ckpt_dir / "state.json").exists() and not (args.resume or args.force):
+        raise CompruneError(f"an interrupted run left a checkpoint in {ckpt_dir}: pass --resume to continue it "
+                            "or --force to start over")
+
+
+def cmd_prune_stream(args, cfg) -> int:
+    """comprune prune DIR --stream: the same prune, one decoder block in memory at a time (comprune.stream)."""
+    out = check_output(Path(args.out), args.force)
+    with guard_output(out, resume=args.resume, before=lambda: _refuse_stale_checkpoint(out, args)):
+        report = prune_streaming(args.model, out, cfg, resume=args.resume, force=args.force, progress=not args.json,
+                                 dtype=args.dtype, base_model=args.model, trust_remote_code=args.trust_remote_code,
+                                 data_dir=args.data_dir,
+                                 lite=not getattr(args, "stream_transformers_modules", False))
+    if args.json:
+        print(json.dumps({"out": str(out), **{k: v for k, v in report.to_dict().items() if k != "blocks"}}, indent=2))
+    else:
+        print(table(report.summary_rows(), list(report.summary_rows()[0])))
+        print(f"removed layers: {report.removed_layers or 'none'}; saved to {out} (streamed)")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    if getattr(args, "stream", False):
+        return cmd_prune_stream(args, _config_from_args(args))
+    cfg = _config_from_args(args)
+    out = check_output(Path(args.out), args.force)  # fail before any work, and never leave a half-written directory
+    ckpt_dir = checkpoint_dir(out)
+    with guard_output(out, resume=args.resume, before=lambda: _refuse_stale_checkpoint(out, args)):
+        model, tok = load(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code,
+                          allow_pickle=args.allow_pickle)
+        calib = get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=args.data_dir)
+        model, report = prune(model, tok, cfg, calibration=calib, progress=not args.json, base_model=args.model,
+                              checkpoint_dir=ckpt_dir, resume=args.resume)
+        save_pretrained(model, tok, out, report, force=args.force)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if args.json:
+        print(json.dumps({"out": str(out), **{k: v for k, v in report.to_dict().items() if k != "blocks"}}, indent=2))
+    else:
+        print(table(report.summary_rows(), list(report.summary_rows()[0])))
+        print(f"removed layers: {report.removed_layers or 'none'}; saved to {out}")
+    return 0
+
+
+def add_command(sub):
+    d = PruneConfig()
+    p = sub.add_parser("prune", help="prune a model and save it (safetensors + pruning.json)")
+    p.add_argument("model", help="'smollm2', a model directory, a .gguf file or a hub id")
+    p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
+    p.add_argument("--stream", action="store_true",
+                   help="prune from the safetensors shards one block at a time, never holding the whole model "
+                        "(model: a directory or 'smollm2'; docs/streaming.md)")
+    p.add_argument("--stream-transformers-modules", action="store_true",
+                   help="with --stream: use transformers' model classes instead of comprune's plain-PyTorch "
+                        "Llama-family modules (same result, ~0.05-0.1 GB more memory)")
+    p.add_argument("--ratio", type=float, default=None, help="fraction of all parameters to remove (default 0.2)")
+    p.add_argument("--method", default=None, choices=METHODS, help=f"default {d.method}")
+    p.add_argument("--layer-share", type=float, default=None,
+                   help=f"fraction of the removed parameters taken by whole layers (default {d.layer_share})")
+    p.add_argument("--calib", default=None, help="calibration text: c4 (default), wikitext2-validation, or a file")
+    p.add_argument("--nsamples", type=int, default=None, help=f"calibration windows (default {d.nsamples})")
+    p.add_argument("--seqlen", type=int, default=None, help=f"tokens per window (default {d.seqlen})")
+    p.add_argument("--seed", type=int, default=None, help=f"default {d.seed}")
+    p.add_argument("--calib-batch-size", type=int, default=None, help=f"default {d.batch_size}")
+    p.add_argument("--metric", default=None, choices=NEURON_METRICS,
+                   help=f"neuron importance (default {d.metric}: structured OBS; comp-spec: condition)")
+    p.add_argument("--layer-score", default=None, choices=LAYER_SCORES, help=f"default {d.layer_score}")
+    p.add_argument("--no-mask-tuning", action="store_true", help="skip COMP's least-squares scale recovery")
+    p.add_argument("--recovery", default=None, choices=["scales", "least-squares"],
+                   help="least-squares: refit the kept down_proj/o_proj columns (default); scales: COMP's per-neuron "
+                        "mask tuning (comp-spec)")
+    p.add_argument("--round-to", type=int, default=None, help="round kept MLP widths to a multiple of N")
+    p.add_argument("--head-share", type=float, default=None,
+                   help="COMP: fraction of the non-layer budget taken from attention (query heads, as many from every "
+                        "KV group, o_proj refitted; or whole KV groups with --head-unit kv); 0 = MLP neurons only")
+    p.add_argument("--head-unit", default=None, choices=["query", "kv"], help=f"default {d.head_unit}")
+    p.add_argument("--target-mix", type=float, default=None,
+                   help="least squares' target: 0 = the dense block on the pruned inputs (default), 1 = the dense "
+                        "model's own trajectory (corrects upstream drift), or between")
+    p.add_argument("--token-weight", default=None, choices=["none", "output"],
+                   help="output (default): each token's error relative to the block output's mean square, so the "
+                        "attention sink's massive activations do not own the fit; none: plain squared error")
+    p.add_argument("--layer-compensation", action="store_true",
+                   help="the kept block before a removed span refits its down_proj onto the span's output "
+                        "(ReplaceMe-style, folded in: no new parameters)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="start from a named configuration; explicit options override it (comp-spec: the literal "
+                        "method spec: condition score, per-neuron scales)")
+    p.add_argument("--width-allocation", default=None, choices=WIDTH_ALLOCATIONS,
+                   help="COMP: neurons removed per block, the same everywhere (uniform) or from a global ranking of "
+                        "normalised scores across blocks (adaptive)")
+    p.add_argument("--damp", type=float, default=None, help=f"default {d.damp}")
+    p.add_argument("--ridge", type=float, default=None, help=f"default {d.ridge}")
+    add_common(p)
+    p.set_defaults(func=cmd_prune)

@@ -1,0 +1,313 @@
+"""A comparison's stages and their order: dense and every method x ratio pruned, evaluated and recorded, each
+step skipped when its result is already recorded (resumable; see the package docstring)."""
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ..config import METHODS
+from ..data import load_ids
+from ..errors import CompruneError
+from ..evaluate.perplexity import perplexity
+from ..evaluate.speed import relative_speed
+from ..evaluate.zeroshot import evaluate_zeroshot
+from ..loading import count_params, load
+from ..stream import can_stream
+from .measure import check_same_model, prune_run, runtime_floor
+from .records import (
+    DEFAULT_METHODS,
+    DEFAULT_OUT,
+    REDOABLE,
+    RSS_PROBE,
+    STAGES,
+    STREAM_RECORD,
+    log,
+    ppl_key,
+    read_json,
+    run_name,
+    write_json,
+)
+from .report import write_reports
+
+
+class Comparison:
+    def __init__(self, model_spec="smollm2", ratios=(0.1, 0.2, 0.3), methods=DEFAULT_METHODS, out_dir=DEFAULT_OUT,
+                 calib="c4", nsamples=128, seqlen=128, seed=0, ppl_seqlens=(128, 2048), ppl_max_tokens=65536,
+                 full_ratio: float | None = 0.2, zeroshot_ratio: float | None = 0.2, zeroshot_tasks="paper7",
+                 zeroshot_subset: int | None = 200, zeroshot_batch_size=16, speed_tokens=64, speed_repeats=3,
+                 data_dir=None, dtype="float32", keep_models=False, skip=(), prune_args=None, progress=True,
+                 dense_cache_key=None, zeroshot_cache_dir=None, python=None, stream_ratios=None, redo=(),
+                 redo_tag=None):
+        for m in methods:
+            if m not in METHODS:
+                raise CompruneError(f"unknown method '{m}': use some of {', '.join(METHODS)}")
+        for r in ratios:
+            if not 0 < r <= 0.9:
+                raise CompruneError(f"ratio {r} out of (0, 0.9]: e.g. --ratios 0.1,0.2,0.3")
+        bad = set(skip) - set(STAGES)
+        if bad:
+            raise CompruneError(f"unknown stage(s) {', '.join(sorted(bad))} in --skip: use some of {', '.join(STAGES)}")
+        bad = set(redo) - set(REDOABLE)
+        if bad:
+            raise CompruneError(f"--redo {', '.join(sorted(bad))}: only {', '.join(REDOABLE)} can be measured again "
+                                "(the other stages' results are deterministic)")
+        # Stages measured again (e.g. on a quiet machine); a result carrying this tag is already redone, so an
+        # interrupted --redo resumes when run again with the same tag.
+        self.redo, self.redo_tag = set(redo), redo_tag or "redo"
+        self.model_spec, self.ratios, self.methods = str(model_spec), [float(r) for r in ratios], list(methods)
+        self.out = Path(out_dir)
+        self.calib, self.nsamples, self.seqlen, self.seed = calib, nsamples, seqlen, seed
+        self.ppl_seqlens, self.ppl_max_tokens = [int(s) for s in ppl_seqlens], ppl_max_tokens
+        self.full_ratio, self.zeroshot_ratio = full_ratio, zeroshot_ratio
+        self.zeroshot_tasks, self.zeroshot_subset, self.zeroshot_batch_size = zeroshot_tasks, zeroshot_subset, \
+            zeroshot_batch_size
+        self.speed_tokens, self.speed_repeats = speed_tokens, speed_repeats
+        self.data_dir, self.dtype, self.keep_models, self.skip = data_dir, dtype, keep_models, set(skip)
+        self.prune_args = dict(prune_args or {})
+        self.show = progress
+        self.dense_cache_key = dense_cache_key
+        # the response cache lives in the output the user owns (never a shared cache someone else can write)
+        self.zeroshot_cache_dir = zeroshot_cache_dir or self.out / "zeroshot-cache"
+        self.python = python or sys.executable
+        # Streamed prunes (memory and time only: the weights are checked equal) at these ratios; default: the
+        # zero-shot ratio when it is compared, else every ratio.
+        if stream_ratios is None:
+            headline = [r for r in self.ratios if zeroshot_ratio is not None and abs(r - zeroshot_ratio) < 1e-9]
+            stream_ratios = headline or self.ratios
+        self.stream_ratios = [float(r) for r in stream_ratios]
+        self._dense = None
+        self._ids = None
+
+    # ------------------------------------------------------------------------------------------ bookkeeping
+    def settings(self) -> dict:
+        return {"model": self.model_spec, "ratios": self.ratios, "methods": self.methods, "calib": self.calib,
+                "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed,
+                "ppl_seqlens": self.ppl_seqlens, "ppl_max_tokens": self.ppl_max_tokens,
+                "full_ratio": self.full_ratio, "zeroshot_ratio": self.zeroshot_ratio,
+                "zeroshot_tasks": self.zeroshot_tasks, "zeroshot_subset": self.zeroshot_subset,
+                "speed_tokens": self.speed_tokens, "speed_repeats": self.speed_repeats, "dtype": self.dtype,
+                "stream_ratios": self.stream_ratios,
+                "prune_args": self.prune_args}
+
+    def run_path(self, name: str) -> Path:
+        return self.out / "runs" / f"{name}.json"
+
+    def model_dir(self, name: str) -> Path:
+        return self.out / "models" / name
+
+    def _save(self, name: str, rec: dict):
+        write_json(self.run_path(name), rec)
+        self.write_reports()
+
+    def ppl_key(self, seqlen: int, full: bool) -> str:
+        return ppl_key(seqlen, full, self.ppl_max_tokens)
+
+    # ----------------------------------------------------------------------------------------------- models
+    def dense(self):
+        if self._dense is None:
+            self._dense = load(self.model_spec, dtype=self.dtype)
+        return self._dense
+
+    def wikitext_ids(self, tok):
+        if self._ids is None:
+            self._ids = load_ids(tok, "wikitext2", self.data_dir)
+        return self._ids
+
+    def prune_run(self, method: str, ratio: float, stream: bool = False) -> dict:
+        return prune_run(self, method, ratio, stream)
+
+    def same_evaluations(self, name: str, rec: dict, new: dict) -> bool:
+        """A re-pruned run whose old record has no weight digest (older records) is checked by its first slice
+        perplexity: the re-pruned model must reproduce it (to float rounding), else its evaluations are dropped.
+        With digests on both sides the digest decides."""
+        if rec["prune"].get("weights_sha256"):
+            return rec["prune"]["weights_sha256"] == new["weights_sha256"]
+        key = self.ppl_key(self.ppl_seqlens[0], False)
+        old = rec.get("ppl", {}).get(key, {}).get("ppl")
+        if old is None:
+            return True
+        model, tok = load(self.model_dir(name), dtype=self.dtype)
+        got = perplexity(model, tok, "wikitext2", seqlen=self.ppl_seqlens[0], max_tokens=self.ppl_max_tokens,
+                         ids=self.wikitext_ids(tok), progress=self.show)["ppl"]
+        same = abs(got - old) <= 1e-5 * old
+        new["reverified"] = {"key": key, "recorded": old, "recomputed": got, "same": same}
+        log(f"{name}: {key} recorded {old:.4f}, re-pruned model gives {got:.4f}" +
+             ("" if same else ": a different model, its evaluations are redone"), True)
+        return same
+
+    def ensure_model(self, name: str, rec: dict):
+        """The pruned model of a run, re-pruned (deterministically) if its directory was deleted."""
+        d = self.model_dir(name)
+        if not (d / "pruning.json").is_file():
+            new = self.prune_run(rec["method"], rec["ratio"])
+            if "prune" in rec:  # the evaluations already recorded must still be of this very model
+                check_same_model(name, rec["prune"], new)
+                new["superseded"] = {k: rec["prune"].get(k) for k in ("seconds", "peak_rss_mb", "wall_seconds")}
+            rec["prune"] = new
+            self._save(name, rec)
+        return load(d, dtype=self.dtype)
+
+    # -------------------------------------------------------------------------------------------- metrics
+    def eval_ppl(self, model, tok, full: bool, have=()):
+        """Yields (key, result) per window length not already in `have`."""
+        for s in self.ppl_seqlens:
+            key = self.ppl_key(s, full)
+            if key in have:
+                continue
+            yield key, perplexity(model, tok, "wikitext2", seqlen=s, max_tokens=None if full else self.ppl_max_tokens,
+                                  ids=self.wikitext_ids(tok), progress=self.show)
+
+    def eval_zeroshot(self, model, tok, cache_key: str) -> dict:
+        return evaluate_zeroshot(model, tok, self.zeroshot_tasks, subset=self.zeroshot_subset,
+                                 data_dir=self.data_dir, batch_size=self.zeroshot_batch_size, progress=self.show,
+                                 cache_key=cache_key, cache_dir=self.zeroshot_cache_dir)
+
+    def redo_pending(self, name: str, stage: str, rec: dict) -> bool:
+        return stage in self.redo and name != "dense" and stage in rec and \
+            rec[stage].get("redo_tag") != self.redo_tag
+
+    def needed(self, name: str, stage: str, rec: dict) -> bool:
+        if stage in self.skip:
+            return False
+        if self.redo_pending(name, stage, rec):
+            return True
+        if stage in ("ppl", "full"):
+            return any(self.ppl_key(s, stage == "full") not in rec.get("ppl", {}) for s in self.ppl_seqlens)
+        if stage == "prune":
+            return name != "dense" and rec.get("prune", {}).get("rss_probe") != RSS_PROBE
+        if stage == "speed":
+            return name != "dense" and stage not in rec
+        if stage == "stream":
+            return name != "dense" and can_stream(rec["method"]) and \
+                any(abs(rec["ratio"] - r) < 1e-9 for r in self.stream_ratios) and \
+                (rec.get("stream", {}).get("rss_probe") != RSS_PROBE or
+                 rec.get("stream", {}).get("record_version") != STREAM_RECORD)
+        return stage not in rec
+
+    def step(self, name: str, stage: str):
+        """Do one stage of one run (name 'dense' or method-r<ratio>) unless its result is already there."""
+        if stage in self.skip:
+            return
+        is_dense = name == "dense"
+        rec = read_json(self.run_path(name))
+        if not rec:
+            rec = {"method": "dense", "ratio": 0.0} if is_dense else \
+                {"method": name.rsplit("-r", 1)[0], "ratio": float(name.rsplit("-r", 1)[1])}
+        if rec.get("errors", {}).get("prune"):
+            rec["errors"].pop("prune")  # retry failed prunes on a rerun
+        if not self.needed(name, stage, rec):
+            return
+        if not is_dense and stage != "prune" and "prune" not in rec:
+            return  # its pruning failed (see errors): nothing to evaluate
+        try:
+            if stage == "prune":
+                self._prune_stage(name, stage, rec)
+            elif stage == "stream":
+                self._stream_stage(name, rec)
+            else:
+                self._eval_stage(name, stage, rec)
+            rec.get("errors", {}).pop(stage, None)
+            self._save(name, rec)
+        except Exception as e:  # noqa: BLE001 - one failed run must not stop the others; it is recorded
+            msg = str(e) if isinstance(e, CompruneError) else f"{e.__class__.__name__}: {e}"
+            log(f"{stage} {name} failed: {msg}", True)
+            rec.setdefault("errors", {})[stage] = msg
+            self._save(name, rec)
+
+    def _prune_stage(self, name: str, stage: str, rec: dict):
+        new = self.prune_run(rec["method"], rec["ratio"])
+        if "prune" in rec:  # measured again: evaluations stay valid only for the very same model
+            check_same_model(name, rec["prune"], new)
+            new["superseded"] = {k: rec["prune"].get(k) for k in ("seconds", "peak_rss_mb", "wall_seconds")}
+            if not self.same_evaluations(name, rec, new):
+                for stage_result in ("ppl", "speed", "zeroshot", "eval_seconds"):
+                    rec.pop(stage_result, None)  # a different model: everything is measured again
+        if stage in self.redo:
+            new["redo_tag"] = self.redo_tag
+        rec["prune"] = new
+
+    def _stream_stage(self, name: str, rec: dict):
+        st = self.prune_run(rec["method"], rec["ratio"], stream=True)
+        shutil.rmtree(self.model_dir(name + "-stream"), ignore_errors=True)
+        st["identical_to_in_memory"] = st["weights_sha256"] == rec["prune"].get("weights_sha256")
+        rec["stream"] = {k: st.get(k) for k in ("seconds", "wall_seconds", "peak_rss_mb", "rss_probe",
+                                                "weights_sha256", "identical_to_in_memory", "streaming",
+                                                "command")}
+        rec["stream"]["record_version"] = STREAM_RECORD
+
+    def _eval_stage(self, name: str, stage: str, rec: dict):
+        is_dense = name == "dense"
+        dense, tok = self.dense()
+        if is_dense:
+            rec.setdefault("params", count_params(dense))
+            model = dense
+        else:
+            model, tok = self.ensure_model(name, rec)
+            rec["params"] = rec["prune"]["params_after"]
+        t0 = time.perf_counter()
+        log(f"{stage} {name}", self.show)
+        if stage in ("ppl", "full"):
+            for key, r in self.eval_ppl(model, tok, full=stage == "full", have=rec.get("ppl", {})):
+                rec.setdefault("ppl", {})[key] = r
+                self._save(name, rec)  # each window length as it completes
+        elif stage == "speed":
+            rec["speed"] = relative_speed(model, dense, tok, new_tokens=self.speed_tokens,
+                                          repeats=self.speed_repeats)
+            if stage in self.redo:
+                rec["speed"]["redo_tag"] = self.redo_tag
+        elif stage == "zeroshot":
+            calib = rec.get("prune", {}).get("calibration", {}).get("sha256", "")[:12]
+            key = ((self.dense_cache_key or f"{self.model_spec}-dense-{self.dtype}") if is_dense else
+                   f"compare-{self.model_spec}-{name}-{calib}-{self.dtype}")
+            rec["zeroshot"] = self.eval_zeroshot(model, tok, key)
+        rec.setdefault("eval_seconds", {})[stage] = round(time.perf_counter() - t0, 1)
+
+    def plan(self) -> list[tuple[str, str]]:
+        """(run, stage) in the order the work is done: the headline ratio first (prune, streamed prune, slice
+        perplexity, speed), then the other ratios, then zero-shot at the headline ratio, then full-test-set perplexity."""
+        first = [r for r in self.ratios if self.zeroshot_ratio is not None and abs(r - self.zeroshot_ratio) < 1e-9]
+        rest = [r for r in self.ratios if r not in first]
+        steps = [("dense", "ppl")]
+        for r in first + rest:
+            for m in self.methods:
+                steps += [(run_name(m, r), s) for s in ("prune", "stream", "ppl", "speed")]
+        if first:
+            steps += [("dense", "zeroshot")] + [(run_name(m, r), "zeroshot") for r in first for m in self.methods]
+        if self.full_ratio is not None and any(abs(r - self.full_ratio) < 1e-9 for r in self.ratios):
+            steps += [("dense", "full")] + [(run_name(m, self.full_ratio), "full") for m in self.methods]
+        return steps
+
+    def finished(self, name: str) -> bool:
+        """Every stage this run needs is done (its model directory may then go)."""
+        rec = read_json(self.run_path(name))
+        return not any(n == name and self.needed(n, s, rec) for n, s in self.plan())
+
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        settings_path = self.out / "settings.json"
+        old = read_json(settings_path)
+        if old and {k: old.get(k) for k in ("model", "calib", "nsamples", "seqlen", "seed", "dtype")} != \
+                {k: self.settings()[k] for k in ("model", "calib", "nsamples", "seqlen", "seed", "dtype")}:
+            raise CompruneError(f"{self.out} holds a comparison with other model/calibration settings: "
+                                "use another --out (results of different calibrations must not be mixed)")
+        write_json(settings_path, {**old, **self.settings()})
+        self.runtime_floor()
+        for name, stage in self.plan():
+            self.step(name, stage)
+            if name != "dense" and not self.keep_models and self.finished(name):
+                shutil.rmtree(self.model_dir(name), ignore_errors=True)
+        return self.write_reports()
+
+    def runtime_floor(self) -> dict:
+        return runtime_floor(self.out, self.model_spec, self.dtype, self.python)
+
+    def write_reports(self) -> dict:
+        return write_reports(self.out, self.settings())
+
+
+def compare(model_spec="smollm2", ratios=(0.1, 0.2, 0.3), methods=DEFAULT_METHODS, out_dir=DEFAULT_OUT, **kw) -> dict:
+    """Prune `model_spec` with every method at every ratio and evaluate them alike (see the module docstring).
+    Returns the results dict also written to `<out_dir>/results.json` (+ results.md, results.png)."""
+    return Comparison(model_spec, ratios, methods, out_dir, **kw).run()

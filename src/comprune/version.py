@@ -1,0 +1,2 @@
+"""comprune's version (recorded in every manifest)."""
+__version__ = "0.1.0"
