@@ -14,9 +14,9 @@ from .stream import prune_streaming
 from .version import __version__
 
 
-def from_pretrained(path, dtype="float32", device="cpu", trust_remote_code=False):
+def from_pretrained(path, dtype="float32", device="cpu", trust_remote_code=False, allow_pickle=False):
     """Load a (pruned) model directory: same as load(path)."""
-    return load(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return load(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
 __all__ = ["CompruneError", "load", "from_pretrained", "count_params", "perplexity", "PruneConfig", "PruneReport",
            "prune", "save_pretrained", "read_manifest", "prune_streaming", "Calibration", "get_calibration", "__version__"]

@@ -17,19 +17,22 @@ from safetensors.torch import load_file, save_file
 from . import deferred
 from .data import Calibration, get_calibration
 from .errors import CompruneError
+from .loading import remote_code_error
 
 ERROR_PREFIX = "comprune: error: "
 
 
-def calibration_in_child(model_dir: Path, cfg, data_dir=None, tokenizer_out: Path | None = None) -> Calibration:
+def calibration_in_child(model_dir: Path, cfg, data_dir=None, tokenizer_out: Path | None = None,
+                         trust_remote_code: bool = False) -> Calibration:
     """The calibration windows of `cfg` (calib, nsamples, seqlen, seed) for the tokenizer of `model_dir`,
     tokenised in a child process. With `tokenizer_out`, the child also saves the tokenizer there."""
     with tempfile.TemporaryDirectory(prefix="comprune-calib-") as tmp:
         out = Path(tmp) / "ids.safetensors"
         args = [str(model_dir), cfg.calib, str(cfg.nsamples), str(cfg.seqlen), str(cfg.seed), str(data_dir or ""),
-                str(out), str(tokenizer_out or "")]
+                str(out), str(tokenizer_out or ""), "1" if trust_remote_code else ""]
         code = "import sys; from comprune.calibration import child_main; child_main(*sys.argv[1:])"
-        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL)  # nothing may answer a prompt
         if r.returncode != 0:
             lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
             msg = next((ln.removeprefix(ERROR_PREFIX) for ln in reversed(lines) if ln.startswith(ERROR_PREFIX)), None)
@@ -38,10 +41,10 @@ def calibration_in_child(model_dir: Path, cfg, data_dir=None, tokenizer_out: Pat
     return Calibration(ids, cfg.calib, cfg.seed)
 
 
-def child_main(model_dir, source, nsamples, seqlen, seed, data_dir, out, tokenizer_out=""):
+def child_main(model_dir, source, nsamples, seqlen, seed, data_dir, out, tokenizer_out="", trust=""):
     """The child's side: tokenise, write the ids to `out` (safetensors), save the tokenizer if asked."""
     try:
-        tokenizer = load_tokenizer(Path(model_dir), required=True)
+        tokenizer = load_tokenizer(Path(model_dir), required=True, trust_remote_code=bool(trust))
         calib = get_calibration(tokenizer, source, int(nsamples), int(seqlen), int(seed), data_dir=data_dir or None)
     except CompruneError as e:
         print(f"{ERROR_PREFIX}{e}", file=sys.stderr)
@@ -51,11 +54,15 @@ def child_main(model_dir, source, nsamples, seqlen, seed, data_dir, out, tokeniz
         tokenizer.save_pretrained(tokenizer_out)
 
 
-def load_tokenizer(model_dir: Path, required: bool):
-    """The tokenizer of a model directory (pad token = eos when it has none); None if absent and not required."""
+def load_tokenizer(model_dir: Path, required: bool, trust_remote_code: bool = False):
+    """The tokenizer of a model directory (pad token = eos when it has none); None if absent and not required.
+    Code shipped with it runs only with `trust_remote_code` (never through a prompt)."""
     try:
-        tokenizer = deferred.auto_tokenizer().from_pretrained(model_dir)
+        tokenizer = deferred.auto_tokenizer().from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (ValueError, OSError) as e:
+        remote = remote_code_error(e, model_dir)
+        if remote is not None:
+            raise remote from None
         if required:
             raise CompruneError(f"cannot load the tokenizer of {model_dir} ({e.__class__.__name__}): pass "
                                 "calibration token ids or a tokenizer") from None

@@ -21,21 +21,24 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CompruneError
+from .outputs import sibling
 from .shards import save_tensors
 from .walk import Activations, SpilledBatches, batch_shape, new_buffer
 
 STATE = "state.json"
-ACTS = "acts.safetensors"
+ACTS = "acts.safetensors"          # (older checkpoints)
+ACTS_BLOCK = "acts-{:05d}.safetensors"  # the inputs of block N, referenced from state.json
 
 
 def checkpoint_dir(out_dir: Path) -> Path:
     """Where a prune into `out_dir` keeps its resume state (beside the output, removed when it is published)."""
-    return out_dir.parent / f".{out_dir.name}.checkpoint"
+    return sibling(out_dir, "checkpoint")
 
 
-def run_fingerprint(cfg_dict: dict, calib_sha: str, params_before: int) -> str:
+def run_fingerprint(cfg_dict: dict, calib_sha: str, params_before: int, model_digest: str = "") -> str:
+    """Identity of a run: config, calibration windows, parameter count and the model's weights (a digest)."""
     keep = {k: v for k, v in cfg_dict.items() if k not in ("device",)}
-    blob = json.dumps([keep, calib_sha, params_before], sort_keys=True)
+    blob = json.dumps([keep, calib_sha, params_before, model_digest], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -68,13 +71,20 @@ class Checkpoint:
         os.replace(tmp, self.dir / name)
 
     def save(self, next_block: int, acts: Activations | None, details: dict):
-        """Persist progress: `next_block` is the first block not yet done."""
+        """Persist progress: `next_block` is the first block not yet done. One rename commits it: the activations
+        go to a file named by the block they feed, referenced from state.json, which is replaced last; a kill
+        before that leaves the previous state with its own (still present) activations file."""
+        acts_name = None
         if acts is not None:
             # tensor by tensor: no serialized copy of the activations in memory
-            save_tensors({f"h{i}": _Batch(acts.hidden, i) for i in range(len(acts.hidden))}, self.dir / ACTS)
-        state = {"fingerprint": self.fingerprint, "next_block": next_block,
+            acts_name = ACTS_BLOCK.format(next_block)
+            save_tensors({f"h{i}": _Batch(acts.hidden, i) for i in range(len(acts.hidden))}, self.dir / acts_name)
+        state = {"fingerprint": self.fingerprint, "next_block": next_block, "acts": acts_name,
                  "details": {**details, "blocks": {str(k): v for k, v in details.get("blocks", {}).items()}}}
         self._atomic_json(STATE, state)
+        for old in self.dir.glob("acts*.safetensors"):  # superseded by the state just committed
+            if old.name != acts_name:
+                old.unlink(missing_ok=True)
         # Test hook: die by a signal right after this checkpoint (used by the resume test).
         if os.environ.get("COMPRUNE_KILL_AFTER_BLOCK") == str(next_block):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -86,15 +96,21 @@ class Checkpoint:
             return None
         state = json.loads(path.read_text())
         if state.get("fingerprint") != self.fingerprint:
-            raise CompruneError(f"the checkpoint in {self.dir} belongs to a different run (config, calibration or "
-                                "model differ): rerun without --resume or with the same arguments")
+            err = CompruneError(f"the checkpoint in {self.dir} belongs to a different run (config, calibration or "
+                                "model differ): rerun with the same model and arguments, or with --force to start over")
+            err.keep_resumable = True  # the user's checkpoint stays for the right command
+            raise err
         details = state["details"]
         details["blocks"] = {int(k): v for k, v in details["blocks"].items()}
-        if not (self.dir / ACTS).is_file():  # only the layer stage had finished: start from block 0's inputs
+        acts_name = state.get("acts")
+        if not acts_name:  # only the layer stage had finished: start from block 0's inputs
             return state["next_block"], template, details
+        if not (self.dir / acts_name).is_file():
+            raise CompruneError(f"the checkpoint in {self.dir} lacks its activations ({acts_name}): rerun with "
+                                "--force instead of --resume to start over")
         device = template.hidden[0].device
         hidden = new_buffer()  # one batch at a time: into files when the walk spills activations
-        with safe_open(str(self.dir / ACTS), "pt") as f:
+        with safe_open(str(self.dir / acts_name), "pt") as f:
             for i in range(len(template.hidden)):
                 hidden.append(f.get_tensor(f"h{i}").to(device))
         return state["next_block"], Activations(hidden, template.kwargs), details
@@ -112,6 +128,8 @@ class Checkpoint:
     def clear(self):
         for name in (STATE, ACTS):
             (self.dir / name).unlink(missing_ok=True)
+        for path in self.dir.glob("acts-*.safetensors"):
+            path.unlink()
         for path in self.dir.glob("block*.safetensors"):
             path.unlink()
         try:

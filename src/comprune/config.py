@@ -59,6 +59,11 @@ class PruneConfig:
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "PruneConfig":
+        for name in ("ratio", "layer_share", "damp", "ridge", "head_share", "target_mix"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise CompruneError(f"{name} must be a finite number (got {value}): "
+                                    f"--{name.replace('_', '-')} takes e.g. {getattr(PruneConfig, name)}")
         if self.method not in METHODS:
             raise CompruneError(f"unknown method '{self.method}': use one of {', '.join(METHODS)}")
         if not (isinstance(self.ratio, (int, float)) and math.isfinite(self.ratio) and 0 < self.ratio <= 0.9):

@@ -46,7 +46,10 @@ def candidate_data_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]
         return [Path(data_dir)]
     dirs = []
     if os.environ.get("COMPRUNE_DATA"):
-        dirs.append(Path(os.environ["COMPRUNE_DATA"]))
+        env = Path(os.environ["COMPRUNE_DATA"])
+        if not env.is_dir():  # set but wrong: never fall back silently to another directory
+            raise CompruneError(f"COMPRUNE_DATA={env} is not a directory: point it at shared/data or unset it")
+        return [env]
     dirs += [_REPO_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data",
              Path.cwd() / "shared" / "data"]
     return dirs
@@ -78,8 +81,12 @@ def _read_rows(path: Path, field: str) -> list[str]:
                         obj = json.loads(line)
                     except json.JSONDecodeError:
                         raise CompruneError(f"{path}: line {i + 1} is not JSON: fix or replace the file") from None
-                    if field not in obj:
-                        raise CompruneError(f"{path}: line {i + 1} has no '{field}' field: use JSON lines with '{field}'")
+                    if not isinstance(obj, dict) or field not in obj:
+                        raise CompruneError(f"{path}: line {i + 1} is not a JSON object with a '{field}' field: use "
+                                            f"JSON lines like {{\"{field}\": \"...\"}}")
+                    if not isinstance(obj[field], str):
+                        raise CompruneError(f"{path}: line {i + 1} has a {type(obj[field]).__name__} as '{field}', "
+                                            "not a string: fix or replace the file")
                     rows.append(obj[field])
                 return rows
             return [f.read()]
@@ -106,6 +113,8 @@ def load_rows(source: str, data_dir: str | os.PathLike | None = None) -> list[st
     """Rows of a named source, or of a local .txt / .jsonl(.gz) file (field `text`)."""
     p = Path(source)
     if p.suffix in (".txt", ".jsonl", ".json", ".gz", ".bz2") or p.exists():
+        if p.is_dir():
+            raise CompruneError(f"{source} is a directory: pass a .txt or .jsonl file (or a dataset name such as c4)")
         if not p.is_file():
             raise CompruneError(f"data file {source} not found: check the path")
         return _read_rows(p, "text")

@@ -16,17 +16,15 @@ from safetensors import safe_open
 from .errors import CompruneError
 from .models.adapters import base_model_type
 from .models.lite import CausalLM
+from .outputs import check_output, follow_umask, hidden_prefix
 
 MANIFEST = "pruning.json"
 MODELING_FILE = Path(__file__).parent / "models" / "modeling_comprune.py"
 
 
 def check_target(out_dir: Path, force: bool):
-    if out_dir.exists() and not force:
-        raise CompruneError(f"{out_dir} already exists: choose another --out or pass --force to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CompruneError(f"{out_dir} exists and is not a directory: choose another --out")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    """Refuse a bad output directory before any work (outputs.check_output)."""
+    check_output(Path(out_dir), force)
 
 
 def add_auto_map(tmp: Path, model):
@@ -57,9 +55,11 @@ def write_manifest(path: Path, manifest: dict):
 
 
 def publish(tmp: Path, out_dir: Path):
-    """Rename a finished temporary directory to its final name, replacing an old one (checked by the caller)."""
+    """Rename a finished temporary directory to its final name, replacing an old one (checked by the caller).
+    The temporary directory was created 0700: the output gets the umask's modes."""
+    follow_umask(tmp)
     if out_dir.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        trash = Path(tempfile.mkdtemp(prefix=hidden_prefix(out_dir) + "old-", dir=out_dir.parent))
         os.replace(out_dir, trash / "old")
         os.replace(tmp, out_dir)
         shutil.rmtree(trash, ignore_errors=True)
@@ -71,7 +71,7 @@ def save_pretrained(model, tokenizer, out_dir, report=None, force: bool = False,
     """Atomically write a loadable model directory; `report` (PruneReport or dict) becomes pruning.json."""
     out_dir = Path(out_dir)
     check_target(out_dir, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=hidden_prefix(out_dir) + "partial-", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if _crash_after_weights:  # test hook: a crash between weights and manifest

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,6 +21,8 @@ from transformers.utils import logging as hf_logging
 from . import deferred, models  # noqa: F401 - models: registers comprune's per-layer-width classes with the Auto* factories
 from .devices import resolve_device, resolve_dtype
 from .errors import CompruneError
+from .files import check_safetensors, read_config, refuse_pickles
+from .outputs import OutputLock, io_error
 
 DEFAULT_MODEL = "smollm2"
 EMBEDDED = {
@@ -50,6 +53,24 @@ def embedded_gguf_path(alias: str = DEFAULT_MODEL) -> Path:
     return path
 
 
+def remote_code_error(e: Exception, path) -> CompruneError | None:
+    """transformers' refusal of custom code (trust_remote_code=False), as one line naming the flag."""
+    text = str(e)
+    if "trust_remote_code" in text or "custom code" in text:
+        return CompruneError(f"{path} contains its own code (an auto_map in its config or tokenizer), which runs "
+                             "only with --trust-remote-code: pass it only if you trust the model's source")
+    return None
+
+
+def load_error(e: Exception, path, what: str = "model") -> CompruneError:
+    remote = remote_code_error(e, path)
+    if remote is not None:
+        return remote
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return CompruneError(f"cannot load the {what} from {path} ({e.__class__.__name__}: {first}): check the "
+                         "directory is complete")
+
+
 def quiet_transformers():
     hf_logging.set_verbosity_error()
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -63,9 +84,10 @@ def load_gguf(path: str | os.PathLike, dtype=torch.float32):
         raise CompruneError(f"GGUF file {path} not found: check the path")
     quiet_transformers()
     try:
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+        gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
+                                                          trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - a GGUF transformers cannot read is one problem for the user
         raise CompruneError(f"cannot load GGUF {path} ({e.__class__.__name__}: {str(e).splitlines()[0][:160]}): "
                             "check the file is complete and its architecture is supported by transformers") from None
     # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from the config without
@@ -79,52 +101,125 @@ def load_gguf(path: str | os.PathLike, dtype=torch.float32):
     model.load_state_dict(gguf_model.state_dict(), assign=True, strict=True)
     if getattr(cfg, "tie_word_embeddings", False):
         model.tie_weights()
+    rebuild_meta_buffers(model)
     model.eval()
     return model, tok
+
+
+def rebuild_meta_buffers(model):
+    """Non-persistent buffers (rotary inv_freq) are not in a state dict, so a model built on the meta device and
+    filled by load_state_dict keeps them on meta: rebuild their modules from the config on the CPU."""
+    for name, mod in list(model.named_modules()):
+        if any(b is not None and b.device.type == "meta" for b in mod._buffers.values()):
+            if not hasattr(mod, "rope_init_fn") and "rotary" not in type(mod).__name__.lower():
+                continue
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, leaf, type(mod)(config=model.config))
+    left = [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    left += [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise CompruneError(f"the GGUF file left {left[0]} without values: its architecture is not fully supported")
 
 
 def embedded_cached_dir(alias: str) -> Path:
     """The safetensors cache of an embedded model, created on first use (atomically)."""
     _, _, folder = EMBEDDED[alias]
     target = cache_dir() / folder
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    stale = [p for p in target.parent.glob(f".{folder}.*") if p.is_dir()] if target.parent.is_dir() else []
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")) and not stale:
         return target
-    gguf_path = embedded_gguf_path(alias)
-    print(f"[comprune] first use: dequantising {gguf_path.name} and caching safetensors in {target}", flush=True)
-    model, tok = load_gguf(gguf_path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.", dir=target.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = OutputLock(target)  # one conversion at a time; what a killed one left goes under the lock
+        try:
+            lock.acquire()
+        except CompruneError:
+            if (target / "config.json").is_file():
+                return target  # another process is converting or cleaning; the cache itself is complete
+            raise CompruneError(f"another comprune process is building the cache {target}: wait for it to finish "
+                                "and retry") from None
+        try:
+            for p in target.parent.glob(f".{folder}.*"):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+            if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+                return target
+            gguf_path = embedded_gguf_path(alias)
+            print(f"[comprune] first use: dequantising {gguf_path.name} and caching safetensors in {target}",
+                  flush=True)
+            model, tok = load_gguf(gguf_path)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.", dir=target.parent))
+            try:
+                model.save_pretrained(tmp, safe_serialization=True)
+                tok.save_pretrained(tmp)
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(tmp, target)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            lock.release()
+    except OSError as e:
+        raise io_error(e, target) from None
     return target
 
 
-def load_dir(path: str | os.PathLike, dtype=torch.float32, device="cpu", trust_remote_code: bool = False):
+def load_dir(path: str | os.PathLike, dtype=torch.float32, device="cpu", trust_remote_code: bool = False,
+             allow_pickle: bool = False):
     AutoTokenizer = deferred.auto_tokenizer()
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise CompruneError(f"{path} has no config.json: pass a model directory saved by comprune or transformers")
+    read_config(path)
+    pickles = refuse_pickles(path, allow_pickle)
+    if not pickles:
+        if not check_safetensors(path):
+            raise CompruneError(f"{path} has no weights (*.safetensors): pass a complete model directory")
     quiet_transformers()
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    except (ValueError, OSError, KeyError, RuntimeError) as e:
-        raise CompruneError(f"cannot load model from {path} ({e.__class__.__name__}: "
-                            f"{str(e).splitlines()[0][:200]}): check the directory is complete") from None
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any tokenizer failure is one line
+        raise load_error(e, path, "tokenizer") from None
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                           use_safetensors=not pickles, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)  # reported below
+    except pickle.UnpicklingError as e:
+        raise CompruneError(f"torch's restricted unpickler refused the weights in {path} "
+                            f"({str(e).splitlines()[0][:120]}): the pytorch_model.bin pickle holds objects other "
+                            "than tensors; do not load it") from None
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad directory
+        if "size mismatch" in str(e) or "shape" in str(e):
+            raise CompruneError(f"a tensor in {path} does not match config.json ({str(e).strip().splitlines()[0][:200]}):"
+                                " re-save the model or fix its config") from None
+        raise load_error(e, path) from None
+    check_loading_info(info, path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.to(device).eval(), tok
 
 
-def load(spec: str = DEFAULT_MODEL, dtype="float32", device="cpu", trust_remote_code: bool = False):
-    """Load (model, tokenizer) from any supported spec. Models are returned in eval mode."""
+def check_loading_info(info: dict, path):
+    """Missing tensors would be randomly initialised, unexpected ones ignored: both are errors naming them."""
+    for key, what in (("missing_keys", "missing from"), ("unexpected_keys", "not expected in"),
+                      ("mismatched_keys", "of the wrong shape in")):
+        entries = sorted(info.get(key) or [], key=lambda k: k if isinstance(k, str) else k[0])
+        if entries:
+            first = entries[0]
+            name = first if isinstance(first, str) else first[0]
+            shapes = f" ({tuple(first[1])} in the file, {tuple(first[2])} from config.json)" \
+                if not isinstance(first, str) and len(first) >= 3 else ""
+            more = f" (and {len(entries) - 1} more)" if len(entries) > 1 else ""
+            raise CompruneError(f"tensor {name}{shapes}{more} is {what} the weights of {path} for its config.json: "
+                                "re-save the model or fix its config")
+    if info.get("error_msgs"):
+        raise CompruneError(f"loading {path}: {str(info['error_msgs'][0]).splitlines()[0][:200]}")
+
+
+def load(spec: str = DEFAULT_MODEL, dtype="float32", device="cpu", trust_remote_code: bool = False,
+         allow_pickle: bool = False):
+    """Load (model, tokenizer) from any supported spec. Models are returned in eval mode. No code from the model
+    runs unless `trust_remote_code`; pickle weights (.bin) are refused unless `allow_pickle`."""
     dtype = resolve_dtype(dtype)
     device = resolve_device(device)
     spec = str(spec)
@@ -137,22 +232,26 @@ def load(spec: str = DEFAULT_MODEL, dtype="float32", device="cpu", trust_remote_
             tok.pad_token = tok.eos_token
         return model.to(device), tok
     if p.is_dir():
-        return load_dir(p, dtype, device, trust_remote_code)
+        return load_dir(p, dtype, device, trust_remote_code, allow_pickle)
     if p.exists():
         raise CompruneError(f"{spec} is a file but not a .gguf: pass a model directory, a .gguf file or 'smollm2'")
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         # Looks like a hub id: only works online; transformers' own error is translated to one line.
-        return load_dir_hub(spec, dtype, device, trust_remote_code)
+        return load_dir_hub(spec, dtype, device, trust_remote_code, allow_pickle)
     raise CompruneError(f"unknown model '{spec}': pass 'smollm2', a model directory, a .gguf file or a hub id (org/name)")
 
 
-def load_dir_hub(repo_id: str, dtype, device, trust_remote_code: bool):
+def load_dir_hub(repo_id: str, dtype, device, trust_remote_code: bool, allow_pickle: bool = False):
     AutoTokenizer = deferred.auto_tokenizer()
     quiet_transformers()
     try:
         tok = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=None if allow_pickle else True)
     except Exception as e:  # noqa: BLE001 - offline, missing repo, auth: all the same to the user
+        remote = remote_code_error(e, repo_id)
+        if remote is not None:
+            raise remote from None
         raise CompruneError(f"cannot load '{repo_id}' from the hub ({e.__class__.__name__}): "
                             "check the id and network access, or pass a local directory") from None
     if tok.pad_token is None:

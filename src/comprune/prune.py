@@ -13,6 +13,7 @@ from .config import PruneConfig
 from .data import Calibration, get_calibration
 from .devices import resolve_device
 from .errors import CompruneError
+from .files import tensor_digest_sample
 from .loading import count_params
 from .memory import peak_rss_mb
 from .methods import METHODS
@@ -62,6 +63,28 @@ class PruneReport:
                  "peak RSS MB": round(self.peak_rss_mb)}]
 
 
+RATIO_TOLERANCE = 0.005
+
+
+def _check_round_to(model, adapter, cfg):
+    widths = [adapter.mlp(layer).down.in_features for layer in adapter.layers(model)]
+    if widths and cfg.round_to > min(widths):
+        raise CompruneError(f"--round-to {cfg.round_to} is larger than the MLP widths ({min(widths)}): use a "
+                            "small multiple such as 8, 32 or 64")
+
+
+def _check_ratio(report, cfg, details):
+    """A result that misses the requested ratio by more than 0.5 % is an error, unless the method says why
+    (a `ratio_note` in its details, e.g. layer-drop's one-block granularity)."""
+    miss = report.ratio_achieved - report.ratio_requested
+    if abs(miss) <= RATIO_TOLERANCE or details.get("ratio_note"):
+        return
+    hint = (f"--round-to {cfg.round_to} makes MLP widths multiples of {cfg.round_to}: use a smaller one"
+            if cfg.round_to > 1 else "change --layer-share or --ratio")
+    raise CompruneError(f"the pruned model removes {report.ratio_achieved:.4f} of the parameters, not the "
+                        f"{report.ratio_requested} requested: {hint}")
+
+
 def _widths_text(widths):
     if not widths:
         return "-"
@@ -69,11 +92,13 @@ def _widths_text(widths):
 
 
 def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Calibration | None = None,
-          progress: bool = True, base_model: str | None = None, checkpoint_dir=None, resume: bool = False):
+          progress: bool = True, base_model: str | None = None, checkpoint_dir=None, resume: bool = False,
+          model_digest: str | None = None):
     """Prune `model` in place with `config` and return (model, PruneReport). Forward passes only for COMP.
 
     With `checkpoint_dir`, progress is saved after every block; `resume=True` continues an interrupted run
-    from its last finished block (same arguments required) with a bit-identical result."""
+    from its last finished block (same arguments and model required) with a bit-identical result. The model's
+    identity in the checkpoint is `model_digest`, else a sample of its weights' values."""
     cfg = (config or PruneConfig()).validate()
     if cfg.method not in METHODS:
         raise CompruneError(f"method '{cfg.method}' is not available in this build: use one of {', '.join(METHODS)}")
@@ -87,6 +112,7 @@ def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Cali
         raise CompruneError("calibration windows must be longer than one token")
     model.eval()
     params_before = count_params(model)
+    _check_round_to(model, adapter, cfg)
     budget = getattr(METHODS[cfg.method], "plan_budget", plan_budget)(model, adapter, cfg)
     torch.manual_seed(cfg.seed)
     # Forward-only methods get the block-0 inputs; gradient methods (llm-pruner) run their own passes.
@@ -95,7 +121,10 @@ def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Cali
     method = METHODS[cfg.method]
     kwargs = {}
     if checkpoint_dir is not None and getattr(method, "supports_checkpoint", False):
-        ckpt = Checkpoint(checkpoint_dir, run_fingerprint(cfg.to_dict(), calibration.sha256(), params_before))
+        if model_digest is None:
+            model_digest = tensor_digest_sample(model.state_dict().items())
+        ckpt = Checkpoint(checkpoint_dir, run_fingerprint(cfg.to_dict(), calibration.sha256(), params_before,
+                                                          model_digest))
         if not resume:
             ckpt.clear()
             ckpt = Checkpoint(checkpoint_dir, ckpt.fingerprint)
@@ -117,5 +146,6 @@ def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Cali
         base_model=base_model,
         details={k: v for k, v in details.items() if k not in ("removed_layers", "layer_scores", "blocks")})
     assert len(kept) + len(report.removed_layers) == n_layers
+    _check_ratio(report, cfg, details)
     model.comprune_report = report
     return model, report

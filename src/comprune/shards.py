@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import CompruneError
+from .files import safetensors_header
 
 INDEX = "model.safetensors.index.json"
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -32,15 +33,26 @@ class ShardIndex:
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir)
         index = self.dir / INDEX
+        self.shapes = {}  # every tensor's shape, from the (checked) headers
         if index.is_file():
-            wm = json.loads(index.read_text())["weight_map"]
-            self.files = {k: self.dir / v for k, v in wm.items()}
+            try:
+                wm = json.loads(index.read_text())["weight_map"]
+                self.files = {k: self.dir / v for k, v in wm.items()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise CompruneError(f"{index} is not a valid safetensors index: re-save the model") from None
+            for f in sorted(set(self.files.values())):
+                if not f.is_file():
+                    raise CompruneError(f"{f} is listed in {INDEX} but missing: re-download or re-save the model")
+                header, _ = safetensors_header(f)
+                self.shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
         else:
             self.files = {}
             for f in sorted(self.dir.glob("*.safetensors")):
-                for k in read_header(f):
+                header, _ = safetensors_header(f)
+                for k, v in header.items():
                     if k != "__metadata__":
                         self.files[k] = f
+                        self.shapes[k] = tuple(v["shape"])
         if not self.files:
             raise CompruneError(f"{self.dir} has no safetensors weights: --stream needs a model directory saved "
                                 "as safetensors (transformers' save_pretrained writes them)")

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from . import deferred
 from .errors import CompruneError
-from .loading import quiet_transformers
+from .loading import quiet_transformers, remote_code_error
 from .memory import release_memory
 from .models import lite as lite_models
 from .shards import ShardIndex, SourceTensor, read_rows, read_tensors, save_tensors
@@ -208,6 +208,8 @@ def build_skeleton(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool 
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError) as e:
+        if remote_code_error(e, model_dir) is not None:
+            raise remote_code_error(e, model_dir) from None
         raise CompruneError(f"cannot read the config of {model_dir} ({e.__class__.__name__}: "
                             f"{str(e).splitlines()[0][:200]})") from None
     if lite and not trust_remote_code and lite_models.supports(config, seqlen or 2) is None:

@@ -32,6 +32,7 @@ from .config import PruneConfig
 from .data import get_calibration
 from .devices import check_device_memory, pick_device, resolve_device, resolve_dtype
 from .errors import CompruneError
+from .files import check_tensors_match, read_config, weights_digest_sample
 from .io import MANIFEST, add_auto_map, architecture, check_target, publish, write_manifest
 from .loading import EMBEDDED, embedded_cached_dir
 from .memory import lean_allocator, peak_rss_mb, release_memory
@@ -39,6 +40,7 @@ from .methods import METHODS
 from .models import get_adapter
 from .models import lite as lite_models
 from .models.adapters import base_model_type
+from .outputs import sibling
 from .prune import prune
 from .shards import INDEX, ShardIndex, SourceTensor, rename_tensors, save_tensors
 from .skeleton import (
@@ -81,11 +83,11 @@ def check_streamable(method_name: str):
 
 # ------------------------------------------------------------------------------------------- paths
 def partial_dir(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}.partial-stream"
+    return sibling(out_dir, "partial-stream")
 
 
 def spill_dir(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}.activations"
+    return sibling(out_dir, "activations")
 
 
 def finished_blocks(ckpt_dir: Path) -> int:
@@ -107,8 +109,7 @@ def resolve_stream_source(spec) -> Path:
     if not p.is_dir():
         raise CompruneError(f"--stream needs a model directory of safetensors shards (or 'smollm2'), not '{spec}': "
                             "convert it first (e.g. comprune.load(...) then save_pretrained) or drop --stream")
-    if not (p / "config.json").is_file():
-        raise CompruneError(f"{p} has no config.json: pass a model directory saved by comprune or transformers")
+    read_config(p)
     return p
 
 
@@ -133,11 +134,18 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     shards = ShardIndex(model_dir)
     lean_allocator()
     partial, ckpt_dir = partial_dir(out_dir), checkpoint_dir(out_dir)
+    if resume and (any(partial.glob("model-block-*.safetensors")) or (partial / "model-rest.safetensors").exists()):
+        # killed while writing the output: its staged blocks were already moved into output files, so the
+        # walk cannot continue from them; start over (same result, the checkpoint only saves time)
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        resume = False
     if not resume:
         shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True, exist_ok=True)
     own_tokenizer = tokenizer is None
-    calibration, tokenizer_saved = _calibrate(model_dir, cfg, calibration, tokenizer, data_dir, partial, resume)
+    calibration, tokenizer_saved = _calibrate(model_dir, cfg, calibration, tokenizer, data_dir, partial, resume,
+                                              trust_remote_code)
     # The tokenizer (~40 MB with its vocabulary) is not needed during the walk: loaded again to save it.
     tokenizer = None if own_tokenizer else tokenizer
 
@@ -145,6 +153,11 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     adapter = get_adapter(model)
     run = StreamRun(shards, dtype, partial)
     run.stats["modules"] = "comprune-lite" if isinstance(model, lite_models.CausalLM) else "transformers"
+    head = model.get_output_embeddings()
+    tied = {module_prefix(model, head) + "weight"} \
+        if head is not None and getattr(model.config, "tie_word_embeddings", False) else set()
+    check_tensors_match({k: tuple(v.shape) for k, v in model.state_dict().items()}, shards.shapes, model_dir,
+                        optional=tied)
     layers_prefix = load_resident_tensors(model, adapter, shards, dtype, run)
     layers = attach_block_streams(model, adapter, run, finished_blocks(ckpt_dir) if resume else 0)
     _check_fits(model, layers, calibration, cfg, dtype)
@@ -152,7 +165,7 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     release_memory()  # the calibration text's tokenisation is the largest transient so far
     run.stats["peak_rss_mb_setup"] = peak_rss_mb()  # imports, tokenizer, calibration, embeddings + head
     model, report = _walk(model, tokenizer, cfg, calibration, progress, base_model or str(model_dir), ckpt_dir,
-                          resume, out_dir)
+                          resume, out_dir, _source_digest(model_dir, shards))
     run.stats["peak_rss_mb_walk"] = peak_rss_mb()
     run.stats["transformers_modeling_imported"] = "transformers.modeling_utils" in sys.modules
 
@@ -160,7 +173,7 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     total_size = _write_weights(model, adapter, run, len(layers), layers_prefix, report.params_after, cfg.method)
     _write_config(model, dtype, partial)
     if own_tokenizer and not tokenizer_saved:
-        tokenizer = load_tokenizer(model_dir, required=False)
+        tokenizer = load_tokenizer(model_dir, required=False, trust_remote_code=trust_remote_code)
     if tokenizer is not None:
         tokenizer.save_pretrained(partial)
     add_auto_map(partial, model)
@@ -173,7 +186,13 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     return report
 
 
-def _calibrate(model_dir: Path, cfg, calibration, tokenizer, data_dir, partial: Path, resume: bool):
+def _source_digest(model_dir: Path, shards: ShardIndex) -> str:
+    """The identity of the streamed source for resume fingerprints: its resolved path and weight files."""
+    return f"{Path(model_dir).resolve()}|{weights_digest_sample(set(shards.files.values()))}"
+
+
+def _calibrate(model_dir: Path, cfg, calibration, tokenizer, data_dir, partial: Path, resume: bool,
+               trust_remote_code: bool = False):
     """(calibration, whether the tokenizer is already saved in `partial`)."""
     if calibration is not None:
         return calibration, False
@@ -182,7 +201,8 @@ def _calibrate(model_dir: Path, cfg, calibration, tokenizer, data_dir, partial: 
     # the child also writes the tokenizer into the output: loading it costs ~60 MB of heap (more than the
     # walk's own work on a small model) that this process never has to hold
     try:
-        return calibration_in_child(model_dir, cfg, data_dir, tokenizer_out=partial), True
+        return calibration_in_child(model_dir, cfg, data_dir, tokenizer_out=partial,
+                                    trust_remote_code=trust_remote_code), True
     except CompruneError:
         if not resume:
             shutil.rmtree(partial, ignore_errors=True)
@@ -196,14 +216,15 @@ def _check_fits(model, layers, calibration, cfg, dtype):
     check_device_memory(resolve_device(cfg.device), block_bytes, act_bytes)
 
 
-def _walk(model, tokenizer, cfg, calibration, progress, base_model, ckpt_dir: Path, resume: bool, out_dir: Path):
+def _walk(model, tokenizer, cfg, calibration, progress, base_model, ckpt_dir: Path, resume: bool, out_dir: Path,
+          model_digest: str | None = None):
     """The usual prune() on the skeleton. On the CPU, activation buffers go to files beside the output: RAM then
     holds one batch, not N x T x d."""
     spill = spill_activations(spill_dir(out_dir)) if resolve_device(cfg.device).type == "cpu" else nullcontext()
     try:
         with spill:
             return prune(model, tokenizer, cfg, calibration=calibration, progress=progress, base_model=base_model,
-                         checkpoint_dir=ckpt_dir, resume=resume)
+                         checkpoint_dir=ckpt_dir, resume=resume, model_digest=model_digest)
     except NotImplementedError as e:
         if "meta" in str(e):
             raise CompruneError(f"{cfg.method} reads block weights outside the one-block walk (walk.resident), so it "

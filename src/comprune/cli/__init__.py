@@ -17,8 +17,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _no_stdin():
+    """comprune never reads stdin: nothing (e.g. transformers' remote-code y/N prompt) can be answered through it."""
+    if getattr(sys.stdin, "name", None) == os.devnull:
+        return
+    try:
+        sys.stdin = open(os.devnull)
+    except OSError:
+        sys.stdin = None
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _no_stdin()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

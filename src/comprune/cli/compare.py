@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ..compare import DEFAULT_METHODS, DEFAULT_OUT, STAGES, compare
@@ -14,6 +15,12 @@ def cmd_compare(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     skip = [x.strip() for x in (args.skip or "").split(",") if x.strip()]
     ratios = floats(args.ratios)
+    for name in ("full_ratio", "zeroshot_ratio"):
+        if not math.isfinite(getattr(args, name)):
+            raise CompruneError(f"--{name.replace('_', '-')} must be a number (got {getattr(args, name)}): "
+                                "e.g. 0.2, or -1 for none")
+    if not all(math.isfinite(r) for r in ratios):
+        raise CompruneError(f"--ratios must be finite numbers in (0, 0.9] (got {args.ratios})")
     if not ratios or not methods:
         raise CompruneError("nothing to compare: pass --ratios 0.1,0.2,0.3 and --methods comp,flap,...")
     result = compare(args.model, ratios, methods, args.out, calib=args.calib, nsamples=args.nsamples,
@@ -49,7 +56,8 @@ def add_command(sub):
     p.add_argument("--full-ratio", type=float, default=0.2, help="ratio evaluated on the full test set too (-1: none)")
     p.add_argument("--zeroshot-ratio", type=float, default=0.2, help="ratio with zero-shot scores (-1: none)")
     p.add_argument("--subset", type=int, default=200, help="zero-shot examples per task (fixed-seed draw)")
-    p.add_argument("--zeroshot-cache-dir", default=None, help="lm_eval response cache (default: comprune's cache)")
+    p.add_argument("--zeroshot-cache-dir", default=None,
+                   help="lm_eval response cache, JSON in sqlite (default: OUT/zeroshot-cache)")
     p.add_argument("--speed-tokens", type=int, default=64, help="new tokens per generation-speed run")
     p.add_argument("--stream-ratios", default=None,
                    help="ratios at which methods that can stream are also pruned with --stream, for its time and "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from ..errors import CompruneError
 from ..evaluate.perplexity import perplexity
 from ..evaluate.zeroshot import evaluate_zeroshot, format_zeroshot_table
 from ..loading import load
@@ -12,10 +13,15 @@ from .format import add_common, ints, table
 def cmd_eval(args) -> int:
     if not args.ppl and not getattr(args, "tasks", None):
         args.ppl = "wikitext2"
-    model, tok = load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    for name in ("batch_size", "max_tokens", "limit", "subset"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise CompruneError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    seqlens = ints(args.seqlen)
+    model, tok = load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                      allow_pickle=args.allow_pickle)
     results = []
     if args.ppl:
-        for seqlen in ints(args.seqlen):
+        for seqlen in seqlens:
             r = perplexity(model, tok, args.ppl, seqlen=seqlen, max_tokens=args.max_tokens,
                            batch_size=args.batch_size, data_dir=args.data_dir, progress=not args.json)
             results.append({"model": args.model, **r})

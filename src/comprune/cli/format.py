@@ -41,5 +41,9 @@ def add_common(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default="float32", help="float32 (default; fastest on CPUs without AVX-512 bf16), "
                    "float16, bfloat16")
     p.add_argument("--data-dir", default=None, help="data directory (default: $COMPRUNE_DATA, then ../shared/data)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run code shipped in the model directory (auto_map); never without this flag")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load pickle weights (pytorch_model.bin) through torch's restricted unpickler; refused "
+                        "without this flag (pickles can run code): prefer safetensors")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON only")

@@ -9,8 +9,9 @@ from ..checkpoint import checkpoint_dir
 from ..config import LAYER_SCORES, METHODS, NEURON_METRICS, PRESETS, WIDTH_ALLOCATIONS, PruneConfig
 from ..data import get_calibration
 from ..errors import CompruneError
-from ..io import check_target, save_pretrained
+from ..io import save_pretrained
 from ..loading import load
+from ..outputs import check_output, guard_output
 from ..prune import prune
 from ..stream import prune_streaming
 from .format import add_common, table
@@ -35,16 +36,21 @@ def _config_from_args(args):
     return cfg.validate()
 
 
+def _refuse_stale_checkpoint(out: Path, args):
+    ckpt_dir = checkpoint_dir(out)
+    if (ckpt_dir / "state.json").exists() and not (args.resume or args.force):
+        raise CompruneError(f"an interrupted run left a checkpoint in {ckpt_dir}: pass --resume to continue it "
+                            "or --force to start over")
+
+
 def cmd_prune_stream(args, cfg) -> int:
     """comprune prune DIR --stream: the same prune, one decoder block in memory at a time (comprune.stream)."""
-    out = Path(args.out)
-    check_target(out, args.force)
-    if (checkpoint_dir(out) / "state.json").exists() and not (args.resume or args.force):
-        raise CompruneError(f"an interrupted run left a checkpoint in {checkpoint_dir(out)}: pass --resume to "
-                            "continue it or --force to start over")
-    report = prune_streaming(args.model, out, cfg, resume=args.resume, force=args.force, progress=not args.json,
-                             dtype=args.dtype, base_model=args.model, trust_remote_code=args.trust_remote_code,
-                             data_dir=args.data_dir, lite=not getattr(args, "stream_transformers_modules", False))
+    out = check_output(Path(args.out), args.force)
+    with guard_output(out, resume=args.resume, before=lambda: _refuse_stale_checkpoint(out, args)):
+        report = prune_streaming(args.model, out, cfg, resume=args.resume, force=args.force, progress=not args.json,
+                                 dtype=args.dtype, base_model=args.model, trust_remote_code=args.trust_remote_code,
+                                 data_dir=args.data_dir,
+                                 lite=not getattr(args, "stream_transformers_modules", False))
     if args.json:
         print(json.dumps({"out": str(out), **{k: v for k, v in report.to_dict().items() if k != "blocks"}}, indent=2))
     else:
@@ -57,18 +63,16 @@ def cmd_prune(args) -> int:
     if getattr(args, "stream", False):
         return cmd_prune_stream(args, _config_from_args(args))
     cfg = _config_from_args(args)
-    out = Path(args.out)
-    check_target(out, args.force)  # fail before any work, and never leave a half-written directory
+    out = check_output(Path(args.out), args.force)  # fail before any work, and never leave a half-written directory
     ckpt_dir = checkpoint_dir(out)
-    if (ckpt_dir / "state.json").exists() and not (args.resume or args.force):
-        raise CompruneError(f"an interrupted run left a checkpoint in {ckpt_dir}: pass --resume to continue it "
-                            "or --force to start over")
-    model, tok = load(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code)
-    calib = get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=args.data_dir)
-    model, report = prune(model, tok, cfg, calibration=calib, progress=not args.json, base_model=args.model,
-                          checkpoint_dir=ckpt_dir, resume=args.resume)
-    save_pretrained(model, tok, out, report, force=args.force)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    with guard_output(out, resume=args.resume, before=lambda: _refuse_stale_checkpoint(out, args)):
+        model, tok = load(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code,
+                          allow_pickle=args.allow_pickle)
+        calib = get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=args.data_dir)
+        model, report = prune(model, tok, cfg, calibration=calib, progress=not args.json, base_model=args.model,
+                              checkpoint_dir=ckpt_dir, resume=args.resume)
+        save_pretrained(model, tok, out, report, force=args.force)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     if args.json:
         print(json.dumps({"out": str(out), **{k: v for k, v in report.to_dict().items() if k != "blocks"}}, indent=2))
     else:

@@ -68,7 +68,8 @@ class Comparison:
         self.prune_args = dict(prune_args or {})
         self.show = progress
         self.dense_cache_key = dense_cache_key
-        self.zeroshot_cache_dir = zeroshot_cache_dir
+        # the response cache lives in the output the user owns (never a shared cache someone else can write)
+        self.zeroshot_cache_dir = zeroshot_cache_dir or self.out / "zeroshot-cache"
         self.python = python or sys.executable
         # Streamed prunes (memory and time only: the weights are checked equal) at these ratios; default: the
         # zero-shot ratio when it is compared, else every ratio.

@@ -207,6 +207,27 @@ def evaluate_zeroshot(model, tokenizer, tasks, limit=None, subset=None, data_dir
         log.setLevel(level)
 
 
+def _json_cache(lm, path):
+    """lm_eval's CachingLM stores pickles (sqlitedict's default), and unpickling a db someone else wrote runs their
+    code: store JSON instead (responses are numbers, booleans and strings). A db of pickles is not read."""
+    import json
+    import sqlite3
+
+    from sqlitedict import SqliteDict
+    lm.dbdict.close()
+    try:
+        with sqlite3.connect(path) as con:
+            row = con.execute("SELECT value FROM unnamed LIMIT 1").fetchone()
+    except sqlite3.Error:
+        row = None
+    if row is not None and isinstance(row[0], bytes) and row[0][:1] == b"\x80":
+        raise CompruneError(f"{path} is an lm_eval cache of pickles, which comprune does not read (it could run "
+                            "code): delete it, or pass another cache directory")
+    lm.dbdict = SqliteDict(str(path), autocommit=True, encode=json.dumps, decode=json.loads)
+    from lm_eval.api.model import CacheHook
+    lm.lm.set_cache_hook(CacheHook(lm))  # the hook holds the db it writes partial results to
+
+
 def _run(model, tokenizer, names, configs, version, limit, subset, batch_size, seed, cache_key, cache_dir):
     lm_eval = deferred.lm_eval("evaluator", "api.model", "models.huggingface", "tasks")
     CachingLM, HFLM, TaskManager = lm_eval.api.model.CachingLM, lm_eval.models.huggingface.HFLM, lm_eval.tasks.TaskManager
@@ -217,6 +238,7 @@ def _run(model, tokenizer, names, configs, version, limit, subset, batch_size, s
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", cache_key)
         db = Path(cache_dir) if cache_dir else comprune_cache() / "lm_eval"
         lm = CachingLM(lm, str(db / f"{safe}_rank0.db"))
+        _json_cache(lm, db / f"{safe}_rank0.db")
     loaded = TaskManager(include_defaults=False).load([cfg for cfg, _ in configs.values()])
     for task_obj in loaded["tasks"].values():
         task_obj.set_fewshot_seed(seed=seed)

@@ -29,6 +29,8 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CompruneError, require
+from ..files import check_safetensors, check_tensors_match, read_config
+from ..outputs import check_output, guard_output, sibling
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +57,37 @@ LAYER_NAMES = {
 GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
-def export_gguf(model_dir, out_path, qtype: str = "f16") -> dict:
-    """Write `model_dir` (a dense or pruned HF dir) as a GGUF file; returns a summary dict."""
+def export_gguf(model_dir, out_path, qtype: str = "f16", force: bool = False) -> dict:
+    """Write `model_dir` (a dense or pruned HF dir) as a GGUF file; returns a summary dict. An existing file is
+    replaced only with `force`; every tensor's shape is checked against the config before anything is written."""
     start = time.time()
     model_dir, out_path = Path(model_dir), Path(out_path)
     require(model_dir.is_dir(), f"model directory {model_dir} not found")
-    require((model_dir / "config.json").is_file(), f"{model_dir} has no config.json: not a Hugging Face model dir")
     require(qtype in QTYPES, f"unknown GGUF type '{qtype}': use one of {', '.join(QTYPES)}")
-    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg = read_config(model_dir)
     family = model_family(cfg)
+    check_safetensors(model_dir)
     tensors = _open_safetensors(model_dir)
-    widths = ffn_widths(cfg, tensors)
-    arch = pick_arch(family, widths)
+    try:
+        widths = ffn_widths(cfg, tensors)
+        check_shapes(cfg, tensors, widths, model_dir)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CompruneError(f"{model_dir}/config.json lacks or mis-states {e} for GGUF export: re-save the model") \
+            from None
+    arch = pick_arch(family, widths, layer_heads(cfg))
     file_widths = [padded_width(w, qtype) for w in widths]
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
+    check_output(out_path, force, kind="file", flag="--gguf")
+    with guard_output(out_path):
+        tmp = sibling(out_path, f"tmp{os.getpid()}")
+        _write(model_dir, tmp, cfg, arch, tensors, file_widths, qtype)
+        os.replace(tmp, out_path)  # readers never see a half-written file
+    return {"path": str(out_path), "bytes": out_path.stat().st_size, "arch": arch, "qtype": qtype,
+            "n_layers": len(widths), "ffn_widths": widths, "gguf_ffn_widths": file_widths,
+            "seconds": round(time.time() - start, 2)}
+
+
+def _write(model_dir, tmp, cfg, arch, tensors, file_widths, qtype):
     writer = gguf.GGUFWriter(tmp, arch)
     try:
         writer.add_name(model_dir.name)
@@ -82,13 +99,10 @@ def export_gguf(model_dir, out_path, qtype: str = "f16") -> dict:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out_path)  # readers never see a half-written file
-    finally:
+    except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
-    return {"path": str(out_path), "bytes": out_path.stat().st_size, "arch": arch, "qtype": qtype,
-            "n_layers": len(widths), "ffn_widths": widths, "gguf_ffn_widths": file_widths,
-            "seconds": round(time.time() - start, 2)}
+        raise
 
 
 # ---------------------------------------------------------------- config
@@ -121,7 +135,48 @@ def padded_width(width: int, qtype: str) -> int:
     return max(width, 1)
 
 
-def pick_arch(family: str, widths: list[int]) -> str:
+def layer_heads(cfg: dict) -> list[tuple[int, int]]:
+    """(query heads, KV heads) of every layer: per-layer lists when heads were pruned unevenly."""
+    n = int(cfg["num_hidden_layers"])
+    n_head = int(cfg["num_attention_heads"])
+    n_kv = int(cfg.get("num_key_value_heads") or n_head)
+    heads = cfg.get("num_attention_heads_per_layer") or [n_head] * n
+    kv = cfg.get("num_key_value_heads_per_layer") or [n_kv] * n
+    require(len(heads) == n and len(kv) == n, f"config has per-layer head counts for {len(heads)}/{len(kv)} of "
+                                              f"{n} layers")
+    return [(int(h), int(k)) for h, k in zip(heads, kv)]
+
+
+def expected_shapes(cfg: dict, widths: list[int]) -> dict:
+    """Tensor name -> shape that config.json implies (biases optional)."""
+    hidden, vocab, hd = int(cfg["hidden_size"]), int(cfg["vocab_size"]), head_dim(cfg)
+    out = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+           "lm_head.weight": (vocab, hidden)}
+    for i, (w, (nh, nkv)) in enumerate(zip(widths, layer_heads(cfg))):
+        p = f"model.layers.{i}."
+        out.update({p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+                    p + "self_attn.q_proj.weight": (nh * hd, hidden), p + "self_attn.q_proj.bias": (nh * hd,),
+                    p + "self_attn.k_proj.weight": (nkv * hd, hidden), p + "self_attn.k_proj.bias": (nkv * hd,),
+                    p + "self_attn.v_proj.weight": (nkv * hd, hidden), p + "self_attn.v_proj.bias": (nkv * hd,),
+                    p + "self_attn.o_proj.weight": (hidden, nh * hd), p + "self_attn.o_proj.bias": (hidden,),
+                    p + "mlp.gate_proj.weight": (w, hidden), p + "mlp.gate_proj.bias": (w,),
+                    p + "mlp.up_proj.weight": (w, hidden), p + "mlp.up_proj.bias": (w,),
+                    p + "mlp.down_proj.weight": (hidden, w), p + "mlp.down_proj.bias": (hidden,)})
+    return out
+
+
+def check_shapes(cfg: dict, tensors: dict, widths: list[int], where) -> None:
+    """Every tensor llama.cpp will read has the shape the config (and so the GGUF header) says: a wrong one
+    would give a file llama.cpp refuses to load. Unknown tensors are refused too."""
+    want = expected_shapes(cfg, widths)
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    optional = {k for k in want if k.endswith(".bias")} | {"lm_head.weight"}
+    check_tensors_match(want, found, where, optional=optional)
+
+
+def pick_arch(family: str, widths: list[int], heads: list | None = None) -> str:
+    if heads and len(set(heads)) > 1:
+        return "deci"  # per-layer head counts: llama.cpp's deci arch reads them per layer
     if len(set(widths)) == 1 and widths[0] > 0:
         return "qwen2" if family == "qwen2" else "llama"  # mistral is llama to llama.cpp
     return "deci"
@@ -142,15 +197,16 @@ def head_dim(cfg: dict) -> int:
 
 def _add_hparams(writer, cfg: dict, arch: str, widths: list[int], qtype: str) -> None:
     n_layers = len(widths)
-    n_head, n_kv = int(cfg["num_attention_heads"]), int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    heads = layer_heads(cfg)
+    n_head, n_kv = heads[0]
     writer.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
     writer.add_embedding_length(int(cfg["hidden_size"]))
     writer.add_block_count(n_layers)
     if arch == "deci":
         # deci reads these per layer
         writer.add_feed_forward_length(widths)
-        writer.add_head_count([n_head] * n_layers)
-        writer.add_head_count_kv([n_kv] * n_layers)
+        writer.add_head_count([h for h, _ in heads])
+        writer.add_head_count_kv([k for _, k in heads])
     else:
         writer.add_feed_forward_length(widths[0])
         writer.add_head_count(n_head)
@@ -222,7 +278,7 @@ def llama3_rope_factors(cfg: dict) -> torch.Tensor:
 
 def _gguf_tensors(tensors: dict, cfg: dict, arch: str, widths: list[int]):
     """Yield (gguf name, float32 tensor) in llama.cpp order: globals, then each block."""
-    n_head, n_kv = int(cfg["num_attention_heads"]), int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    heads = layer_heads(cfg)
     permute = arch != "qwen2"  # qwen2 in llama.cpp uses NEOX rope like HF; llama and deci need the reorder
     for hf, name in GLOBAL_NAMES.items():
         if hf == "lm_head" and (cfg.get("tie_word_embeddings") or "lm_head.weight" not in tensors):
@@ -232,6 +288,7 @@ def _gguf_tensors(tensors: dict, cfg: dict, arch: str, widths: list[int]):
     if _rope(cfg)["rope_type"] == "llama3":
         yield "rope_freqs.weight", llama3_rope_factors(cfg)
     for i, width in enumerate(widths):
+        n_head, n_kv = heads[i]
         for hf, name in LAYER_NAMES.items():
             for kind in ("weight", "bias"):
                 key = f"model.layers.{i}.{hf}.{kind}"

@@ -39,7 +39,8 @@ def run_layer_drop(model, adapter, acts, input_ids, cfg, budget, show=True) -> d
     removed = choose_layers(scores, budget.layers_to_remove, cfg.protect_first, cfg.protect_last)
     layers = adapter.layers(model)
     blocks = {i: _record(adapter, layer) for i, layer in enumerate(layers) if i not in removed}
-    return {"removed_layers": removed, "layer_scores": scores, "blocks": blocks}
+    return {"removed_layers": removed, "layer_scores": scores, "blocks": blocks,
+            "ratio_note": "layer-drop removes whole blocks: the ratio is reached to within one block"}
 
 
 run_layer_drop.plan_budget = plan_layers_only

@@ -1,0 +1,111 @@
+"""Run many `comprune` CLI invocations fast, each in a forked child, with faults injected.
+
+Usage: python _fault_driver.py SPEC.json  (prints one JSON result per job on stdout, as a list)
+
+SPEC is a list of jobs: {"argv": [...], "env": {...}, "cwd": "...", "stdin": "...",
+"kill_at_rename": N, "enospc_at_rename": N, "enospc_on_write_over": BYTES}.
+
+The parent imports torch, transformers and comprune once (it never runs a torch op, so forking is safe), then
+forks one child per job. In the child:
+- `kill_at_rename=N`: the N-th call of os.replace/os.rename (Path.replace, Path.rename, shutil.move) delivers
+  SIGKILL to the process instead of renaming (what `strace -e inject=rename:signal=SIGKILL:when=N` does);
+- `enospc_at_rename=N`: the N-th rename raises OSError(ENOSPC) instead;
+- `enospc_on_write_over=B`: RLIMIT_FSIZE caps every file at B bytes and SIGXFSZ is ignored, so a larger write
+  (from Python or from safetensors' Rust writer) fails with EFBIG, as a full disk fails a write with ENOSPC.
+Each result holds the exit code (negative: killed by that signal), stderr, stdout and the number of renames.
+"""
+import errno
+import json
+import os
+import resource
+import signal
+import sys
+import tempfile
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+for mod in ("torch", "safetensors.torch", "transformers", "transformers.models.llama.modeling_llama",
+            "transformers.models.auto.tokenization_auto", "tokenizers", "comprune", "comprune.cli",
+            "comprune.cli_prune", "comprune.prune", "comprune.stream", "comprune.methods", "comprune.export.gguf"):
+    try:
+        __import__(mod)
+    except ImportError:
+        pass
+
+
+def _child(job: dict, count_path: str):
+    import torch
+    torch.set_num_threads(1)
+    counter = {"n": 0}
+    real_replace, real_rename = os.replace, os.rename
+
+    def hook(real):
+        def fn(src, dst, *a, **kw):
+            counter["n"] += 1
+            n = counter["n"]
+            with open(count_path, "w") as f:
+                f.write(str(n))
+            if job.get("kill_at_rename") == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if job.get("enospc_at_rename") == n:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+            return real(src, dst, *a, **kw)
+        return fn
+
+    os.replace, os.rename = hook(real_replace), hook(real_rename)
+    if job.get("enospc_on_write_over"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        limit = int(job["enospc_on_write_over"])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    from comprune.cli import main
+    return main(job["argv"])
+
+
+def run(jobs: list[dict]) -> list[dict]:
+    results = []
+    for job in jobs:
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err, cnt = (os.path.join(tmp, n) for n in ("out", "err", "count"))
+            stdin = os.path.join(tmp, "in")
+            with open(stdin, "w") as f:
+                f.write(job.get("stdin", ""))
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    fd_in = os.open(stdin, os.O_RDONLY)
+                    fd_out = os.open(out, os.O_WRONLY | os.O_CREAT)
+                    fd_err = os.open(err, os.O_WRONLY | os.O_CREAT)
+                    os.dup2(fd_in, 0)
+                    os.dup2(fd_out, 1)
+                    os.dup2(fd_err, 2)
+                    os.environ.update(job.get("env", {}))
+                    if job.get("cwd"):
+                        os.chdir(job["cwd"])
+                    code = _child(job, cnt)
+                except SystemExit as e:
+                    code = e.code if isinstance(e.code, int) else 1
+                except BaseException:
+                    import traceback
+                    traceback.print_exc()
+                    code = 1
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code if isinstance(code, int) else 1)
+            _, status = os.waitpid(pid, 0)
+            rc = os.waitstatus_to_exitcode(status)
+            read = lambda p: open(p, errors="replace").read() if os.path.exists(p) else ""  # noqa: E731
+            results.append({"rc": rc, "stdout": read(out), "stderr": read(err),
+                            "renames": int(read(cnt) or 0)})
+    return results
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        jobs = json.load(f)
+    print(json.dumps(run(jobs)))

@@ -1,0 +1,125 @@
+"""Shared builders for the reliability matrix (tests/test_reliability_*.py): tiny models and files, the CLI run
+in-process or in forked children with faults (tests/_fault_driver.py), and the "one clean line" check."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+DRIVER = HERE / "_fault_driver.py"
+SMALL = ["--nsamples", "4", "--seqlen", "32"]
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.WordLevel({chr(32 + i): i for i in range(95)} | {"[UNK]": 95}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[UNK]")
+
+
+def tiny_dir(path: Path, seed: int = 0, layers: int = 4, tokenizer: bool = True, **save_kw) -> Path:
+    """A tiny random Llama (hidden 64, `layers` blocks, vocab 256) with a character tokenizer, saved."""
+    from conftest import tiny_model
+    path = Path(path)
+    tiny_model("llama", seed=seed, layers=layers).save_pretrained(path, **save_kw)
+    if tokenizer:
+        word_tokenizer().save_pretrained(path)
+    return path
+
+
+def calib_text(path: Path, words: int = 1000) -> Path:
+    rng = random.Random(0)
+    Path(path).write_text(" ".join("".join(rng.choice("abcdefghij klmnop") for _ in range(rng.randint(2, 9)))
+                                   for _ in range(words)))
+    return Path(path)
+
+
+def prune_args(src, out, text, *extra) -> list[str]:
+    return ["prune", str(src), "--ratio", "0.3", "--layer-share", "0.5", *SMALL, "--calib", str(text),
+            "--out", str(out), "--json", *extra]
+
+
+def cli(*args, env=None, stdin: str | None = "", cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    """The CLI in a fresh interpreter (for stdin, exit codes and imports); slower (~5 s) than `main`."""
+    return subprocess.run([sys.executable, "-m", "comprune.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, input=stdin, cwd=cwd, env={**os.environ, **(env or {})})
+
+
+def main(argv, capsys) -> tuple[int, str]:
+    """The CLI in this process: (exit code, stderr). An escaping exception is a failure (a traceback)."""
+    from comprune.cli import main as cli_main
+    capsys.readouterr()
+    try:
+        code = cli_main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        code = e.code
+    except BaseException as e:  # noqa: BLE001
+        raise AssertionError(f"traceback instead of a clean error: {e.__class__.__name__}: {e}") from e
+    return code, capsys.readouterr().err
+
+
+def jobs(specs: list[dict], tmp_path: Path, timeout=600) -> list[dict]:
+    """Run CLI jobs in forked children of one interpreter (see _fault_driver.py): ~1 s each instead of ~6 s."""
+    spec = tmp_path / f"jobs-{os.getpid()}-{random.random():.9f}.json"
+    spec.write_text(json.dumps([{**s, "argv": [str(a) for a in s["argv"]]} for s in specs]))
+    r = subprocess.run([sys.executable, str(DRIVER), str(spec)], capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])})
+    assert r.returncode == 0, r.stderr[-3000:]
+    spec.unlink()
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def assert_clean_error(code, stderr, *needles):
+    """Exit 2 with exactly one line `comprune: error: ...` containing every needle (case-insensitive)."""
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip() and not _progress(ln)]
+    assert code == 2, f"exit {code}, expected 2; stderr tail: {stderr[-1500:]}"
+    assert "Traceback" not in stderr, stderr[-1500:]
+    assert len(lines) == 1 and lines[0].startswith("comprune: error: "), lines[-5:]
+    for n in needles:
+        assert n.lower() in lines[0].lower(), (n, lines[0])
+    return lines[0]
+
+
+def _progress(line: str) -> bool:
+    """tqdm bars and comprune's own progress lines are not error output."""
+    return "it/s]" in line or "s/it]" in line or line.startswith("[comprune]") or "%|" in line
+
+
+def siblings(out: Path) -> set[str]:
+    """Everything beside `out` that a run could have left (hidden names derived from out's name)."""
+    out = Path(out)
+    return {p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}") or p.name == out.name}
+
+
+def weights(d: Path) -> dict:
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def strip_manifest(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k not in ("seconds", "peak_rss_mb", "streaming")}
+
+
+def export_ready(d: Path, layers: int = 4) -> Path:
+    """A tiny llama (vocab 300) with a byte-level BPE tokenizer: GGUF export needs one."""
+    from conftest import tiny_model
+    from test_gguf import save_tokenizer
+    d = Path(d)
+    tiny_model("llama", layers=layers, vocab=300).save_pretrained(d)
+    save_tokenizer(d)
+    return d
