@@ -116,7 +116,12 @@ def masked_dense_logits(dense, report, ids, pruned=None):
             if "head_scales" in rec:  # COMP's per-query-head scales of the kept groups
                 kept_qo, _ = kv_group_channels(parts, torch.tensor(rec["kept_kv_heads"]))
                 hmask[kept_qo] = torch.tensor(rec["head_scales"]).float().repeat_interleave(parts.head_dim)
-            add_hook(parts.o, lambda m, args, hmask=hmask: (args[0] * hmask,), pre=True)
+            if "head_scales" in rec or pruned_layers is None:
+                add_hook(parts.o, lambda m, args, hmask=hmask: (args[0] * hmask,), pre=True)
+            else:  # least-squares recovery: the kept groups' o_proj columns carry the refitted weights
+                pp = attention_parts(adapter, pruned_layers[report.kept_layers.index(i)])
+                ch, _ = kv_group_channels(parts, torch.tensor(rec["kept_kv_heads"]))
+                add_hook(parts.o, lambda m, args, out, ch=ch, w=pp.o.weight.detach(): args[0][..., ch] @ w.T)
         if pruned_layers is not None and "kept_query_heads" in rec:
             pp = attention_parts(adapter, pruned_layers[report.kept_layers.index(i)])
             ch = torch.tensor([h * parts.head_dim + c for h in rec["kept_query_heads"] for c in range(parts.head_dim)])

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 
 from .scores import downdate_inverse, spd_inverse
+from .walk import block_output
 
 
 def damping(G: torch.Tensor, damp: float) -> float:
@@ -60,24 +61,30 @@ def one_thread():
         torch.set_num_threads(n)
 
 
-def obs_select(G: torch.Tensor, C: torch.Tensor, n_remove: int, damp: float, chunk: int = 0,
-               groups: torch.Tensor | None = None, per_bucket: torch.Tensor | None = None) -> torch.Tensor:
+def obs_select(G: torch.Tensor, C: torch.Tensor | None, n_remove: int, damp: float, chunk: int = 0,
+               groups: torch.Tensor | None = None, per_bucket: torch.Tensor | None = None,
+               W: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean keep mask over G's channels after removing `n_remove` units greedily by structured OBS cost.
 
     Units are single channels, or with `groups` [n_units, size] (channel indices per unit, e.g. a query head's
     head_dim channels) whole groups, one at a time. With `per_bucket` (bucket id per unit, e.g. its KV group),
-    every bucket loses the same number of units, n_remove / n_buckets each (GQA shapes stay stock)."""
+    every bucket loses the same number of units, n_remove / n_buckets each (GQA shapes stay stock).
+
+    With `W` (the dense projection) instead of C, the columns are never updated: COMP's literal condition
+    score ‖w_j‖²/[G⁻¹]_jj on the dense weights, with only G⁻¹ downdated as neighbours go."""
     f = G.shape[0]
     keep = torch.ones(f, dtype=torch.bool, device=G.device)
     if n_remove <= 0:
         return keep
     Ginv = spd_inverse(G, damp)
-    W = C.double().T @ Ginv  # W* = Cᵀ (G + λI)⁻¹, d x f
+    update = W is None
+    # W* = Cᵀ (G + λI)⁻¹ (d x f), or a private copy of the dense W: the loop zeroes removed columns
+    W = C.double().T @ Ginv if update else W.detach().to(G.device, torch.float64, copy=True)
     with one_thread():
-        return _greedy(W, Ginv, keep, n_remove, chunk, groups, per_bucket)
+        return _greedy(W, Ginv, keep, n_remove, chunk, groups, per_bucket, update)
 
 
-def _greedy(W, Ginv, keep, n_remove, chunk, groups, per_bucket):
+def _greedy(W, Ginv, keep, n_remove, chunk, groups, per_bucket, update=True):
     if groups is None:
         chunk = chunk or max(1, math.ceil(n_remove / 32))
         removed = 0
@@ -85,7 +92,7 @@ def _greedy(W, Ginv, keep, n_remove, chunk, groups, per_bucket):
             cost = (W * W).sum(0) / torch.diagonal(Ginv).clamp_min(1e-300)
             cost[~keep] = float("inf")
             idx = torch.topk(cost, min(chunk, n_remove - removed), largest=False).indices
-            _obs_remove(W, Ginv, idx)
+            _obs_remove(W, Ginv, idx, update)
             keep[idx] = False
             removed += idx.numel()
         return keep
@@ -105,7 +112,7 @@ def _greedy(W, Ginv, keep, n_remove, chunk, groups, per_bucket):
             c = float((torch.linalg.solve(Ginv[ch][:, ch], WC.T) * WC.T).sum())
             if c < best_cost:
                 best, best_cost = u, c
-        _obs_remove(W, Ginv, groups[best])
+        _obs_remove(W, Ginv, groups[best], update)
         keep[groups[best]] = False
         alive[best] = False
         if quota is not None:
@@ -113,9 +120,54 @@ def _greedy(W, Ginv, keep, n_remove, chunk, groups, per_bucket):
     return keep
 
 
-def _obs_remove(W: torch.Tensor, Ginv: torch.Tensor, idx: torch.Tensor):
+def _obs_remove(W: torch.Tensor, Ginv: torch.Tensor, idx: torch.Tensor, update: bool = True):
     """Remove channels idx: the others absorb their output (W updated in place), and Ginv is downdated."""
-    W.sub_(W[:, idx] @ torch.linalg.solve(Ginv[idx][:, idx], Ginv[idx, :]))
+    if update:
+        W.sub_(W[:, idx] @ torch.linalg.solve(Ginv[idx][:, idx], Ginv[idx, :]))
     W[:, idx] = 0
     downdate_inverse(Ginv, idx)
 
+
+
+class BlockStats:
+    """The refit's statistics of one output projection, accumulated batch by batch while its block runs, for
+    what a plain Gram HᵀH cannot express:
+    - token weights (weight="output"): each token's squared error counts relative to the block output's mean
+      square there, w_t = 1 / mean(y_t²), as the next RMSNorm sees it. Without them a few tokens with massive
+      activations (the attention sink at position 0: ~100x the median residual norm in SmolLM2) own most of G
+      and the fit serves them alone;
+    - a moved target (target=(batches, weight)): D = Σ Hᵀ W_t · w(T − y) (f x d; y the dense block's output
+      on the pruned inputs, T the target batch) and the target's energy Σ w_t ‖H Wᵀ + w(T − y)‖².
+    G = Σ Hᵀ W_t H; the refit's cross term becomes G Wᵀ + D."""
+
+    def __init__(self, lin, weight: str = "none", target=None):
+        self.lin, self.weighted = lin, weight == "output"
+        self.batches, self.mix = target if target is not None else (None, 0.0)
+        self.G, self.D, self.t_energy, self.i, self.hm = None, None, 0.0, 0, None
+
+    def attach(self, layer) -> list:
+        """Hooks on the projection (its input and output) and on the block (its output); remove them after."""
+        return [self.lin.register_forward_hook(self._keep), layer.register_forward_hook(self._accumulate)]
+
+    def _keep(self, module, args, out):
+        self.hm = (args[0].reshape(-1, args[0].shape[-1]), out.reshape(-1, out.shape[-1]))
+
+    def _accumulate(self, module, args, out):
+        y = block_output(out).float().reshape(-1, self.lin.out_features)
+        (h, m), self.hm = self.hm, None
+        h = h.float()
+        # The projection's own output, as the forward computed it: the refit models H Wᵀ, so a bias is taken out.
+        m = m.float() if self.lin.bias is None else m.float() - self.lin.bias.float()
+        w = 1.0 / y.pow(2).mean(1).clamp_min(1e-12) if self.weighted else None
+        hw = h * w[:, None] if w is not None else h
+        g = (hw.T @ h).double()
+        self.G = g if self.G is None else self.G.add_(g)
+        if self.batches is not None:
+            t = self.batches[self.i].to(y.device).float().reshape(-1, y.shape[-1])
+            diff = (t - y).mul_(self.mix)
+            d = (hw.T @ diff).double()
+            self.D = d if self.D is None else self.D.add_(d)
+            m = m + diff
+        self.i += 1
+        e = m.pow(2).sum(1)
+        self.t_energy += float((e * w).sum() if w is not None else e.sum())

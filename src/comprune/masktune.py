@@ -40,25 +40,3 @@ def tune_scales(G: torch.Tensor, W_down: torch.Tensor, keep: torch.Tensor, ridge
 def reconstruction_error(G: torch.Tensor, W_down: torch.Tensor, keep: torch.Tensor,
                          scales: torch.Tensor | None = None) -> float:
     return error_from_gram(output_gram(G, W_down), keep, scales)
-
-
-def least_squares_down(G: torch.Tensor, W_down: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """Beyond COMP's scalar masks: the kept columns of down_proj refitted by least squares,
-    W_S' = W G_{:,S} (G_SS + damp*mean(diag G_SS)*I)^-1, the best output reconstruction any choice of kept
-    columns can give (scales are the special case W_S' = W_S diag(m)). Same shapes, no new parameters."""
-    Gd = G.double()
-    A = Gd[keep][:, keep]
-    A = A + damp * torch.diagonal(A).mean().clamp_min(1e-30) * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    rhs = W_down.double().to(G.device) @ Gd[:, keep]              # [d, |S|]
-    return torch.linalg.solve(A, rhs.T).T                         # A symmetric: (A^-1 rhs^T)^T
-
-
-def error_of_down(G: torch.Tensor, W_down: torch.Tensor, keep: torch.Tensor, W_new: torch.Tensor) -> float:
-    """sum over tokens of ||H W^T - H_S W_new^T||^2, from G alone."""
-    Gd = G.double()
-    W = W_down.double().to(G.device)
-    Wn = W_new.double()
-    t1 = (W @ Gd @ W.T).trace()
-    t2 = (W @ Gd[:, keep] @ Wn.T).trace()
-    t3 = (Wn @ Gd[keep][:, keep] @ Wn.T).trace()
-    return float(t1 - 2 * t2 + t3)

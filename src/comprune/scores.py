@@ -5,7 +5,6 @@ important. G is the Gram matrix H^T H of the MLP's intermediate activations over
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -53,30 +52,6 @@ def downdate_inverse(Ginv: torch.Tensor, remove: torch.Tensor) -> torch.Tensor:
     out[remove, :] = 0
     out[:, remove] = 0
     return out
-
-
-def greedy_condition_prune(G: torch.Tensor, w_sqnorm: torch.Tensor, n_remove: int, damp: float = 0.01,
-                           chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Remove n_remove neurons greedily, lowest condition score first, in chunks, downdating G^-1 after each
-    chunk because scores change as neighbours go. Returns (keep mask [f], score of each neuron when removed/kept)."""
-    f = G.shape[0]
-    Ginv = spd_inverse(G, damp)
-    alive = torch.ones(f, dtype=torch.bool, device=G.device)
-    final = torch.zeros(f, dtype=torch.float64, device=G.device)
-    chunk = chunk or max(1, math.ceil(n_remove / 32))  # auto: ~32 rescoring steps per layer
-    removed = 0
-    while removed < n_remove:
-        s = condition_scores(w_sqnorm, torch.diagonal(Ginv).clamp_min(1e-300))
-        s[~alive] = float("inf")
-        c = min(chunk, n_remove - removed)
-        idx = torch.topk(s, c, largest=False).indices
-        final[idx] = s[idx]
-        Ginv = downdate_inverse(Ginv, idx)
-        alive[idx] = False
-        removed += c
-    s = condition_scores(w_sqnorm, torch.diagonal(Ginv).clamp_min(1e-300))
-    final[alive] = s[alive]
-    return alive, final
 
 
 def kappa_loo_scores(G: torch.Tensor, damp: float = 0.01, iters: int = 64) -> torch.Tensor:

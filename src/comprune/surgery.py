@@ -129,10 +129,12 @@ def kv_group_channels(parts: AttnParts, kv: torch.Tensor) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def prune_heads(adapter, layer, keep_kv: torch.Tensor, scales: torch.Tensor | None = None):
+def prune_heads(adapter, layer, keep_kv: torch.Tensor, scales: torch.Tensor | None = None,
+                o_weight: torch.Tensor | None = None):
     """GQA-aware head pruning: keep KV heads `keep_kv` (mask or indices) together with all their query heads
     (q/k/v rows, o columns), so every kept KV head still serves the same number of query heads.
-    `scales` (one per kept query head) are folded into the o_proj columns."""
+    `scales` (one per kept query head) are folded into the o_proj columns; `o_weight` [d, kept channels]
+    replaces them instead (a least-squares refit)."""
     parts = attention_parts(adapter, layer)
     idx = as_index(keep_kv)
     if idx.numel() == 0:
@@ -143,6 +145,8 @@ def prune_heads(adapter, layer, keep_kv: torch.Tensor, scales: torch.Tensor | No
     slice_rows(parts.v, kvc)
     col_scales = None if scales is None else scales.repeat_interleave(parts.head_dim)
     slice_cols(parts.o, qo, col_scales)
+    if o_weight is not None:
+        parts.o.weight.copy_(o_weight.to(parts.o.weight.dtype))
     attn = adapter.attention(layer)
     n_heads, n_kv = int(idx.numel()) * parts.rep, int(idx.numel())
     for name, val in (("num_heads", n_heads), ("num_attention_heads", n_heads), ("num_key_value_heads", n_kv)):

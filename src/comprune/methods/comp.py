@@ -23,9 +23,10 @@ from .. import compensate as LS
 from .. import scores as S
 from ..errors import CompruneError
 from ..masktune import error_from_gram, output_gram, solve_scales
-from ..surgery import as_index, attention_parts, kv_group_channels, prune_heads, prune_mlp, prune_query_heads
+from ..surgery import as_index, attention_parts, prune_heads, prune_mlp, prune_query_heads
 from ..walk import (block_output, batch_shape, capture, collect_stats, forward_block, new_buffer, progress,
                     resident, spilling)
+from .attention import prune_block_heads, prune_block_query_heads
 from .common import choose_layers, kept_width, layer_scores_bi, layer_scores_loss
 
 
@@ -38,9 +39,7 @@ def select_neurons(metric: str, G: torch.Tensor, parts, n_remove: int, cfg, C: t
         C = LS.dense_cross(G, parts.down.weight.detach()) if C is None else C
         return LS.obs_select(G, C, n_remove, cfg.damp, cfg.chunk)
     if metric == "condition":
-        w_sq = (parts.down.weight.detach().double() ** 2).sum(0)
-        keep, _ = S.greedy_condition_prune(G, w_sq.to(G.device), n_remove, cfg.damp, cfg.chunk)
-        return keep
+        return LS.obs_select(G, None, n_remove, cfg.damp, cfg.chunk, W=parts.down.weight)
     score = one_shot_scores(metric, G, parts, cfg)
     keep = torch.ones(f, dtype=torch.bool, device=G.device)
     keep[torch.topk(score, n_remove, largest=False).indices] = False
@@ -97,7 +96,7 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
             mlp_x.append(x)
             mlp_r.append(block_output(out) - m)
         hooks.append(layer.register_forward_hook(keep_x_and_rest))
-    own = _BlockStats(parts.down, cfg.token_weight, target) \
+    own = LS.BlockStats(parts.down, cfg.token_weight, target) \
         if target is not None or cfg.token_weight != "none" else None
     if own is not None:
         hooks += own.attach(layer)
@@ -146,119 +145,6 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
         rec["scale_mean"] = float(scales.mean())
         rec["scale_std"] = float(scales.std()) if scales.numel() > 1 else 0.0
     return rec, out
-
-
-class _BlockStats:
-    """The refit's statistics of one projection, accumulated batch by batch while the block runs, for what
-    collect_stats' plain Gram cannot express:
-    - token weights (weight="output"): each token's squared error counts relative to the block output's mean
-      square there, w_t = 1 / mean(y_t²), as the next RMSNorm sees it. Without them a few tokens with massive
-      activations (the attention sink at position 0: ~100x the median residual norm in SmolLM2) own most of G
-      and the fit serves them alone;
-    - a moved target (target=(batches, weight)): D = Σ Hᵀ W_t · w(T − y) (f x d; y the dense block's output
-      on the pruned inputs, T the target batch) and the target's energy Σ w_t ‖H Wᵀ + w(T − y)‖².
-    G = Σ Hᵀ W_t H; the refit's cross term becomes G Wᵀ + D."""
-
-    def __init__(self, lin, weight: str = "none", target=None):
-        self.lin, self.weighted = lin, weight == "output"
-        self.batches, self.mix = target if target is not None else (None, 0.0)
-        self.G, self.D, self.t_energy, self.i, self.h = None, None, 0.0, 0, None
-
-    def attach(self, layer):
-        return [self.lin.register_forward_pre_hook(self._keep_h), layer.register_forward_hook(self._accumulate)]
-
-    def _keep_h(self, module, args):
-        self.h = args[0].reshape(-1, args[0].shape[-1])
-
-    def _accumulate(self, module, args, out):
-        y = block_output(out).float().reshape(-1, self.lin.out_features)
-        h, self.h = self.h.float(), None
-        w = 1.0 / y.pow(2).mean(1).clamp_min(1e-12) if self.weighted else None
-        hw = h * w[:, None] if w is not None else h
-        g = (hw.T @ h).double()
-        self.G = g if self.G is None else self.G.add_(g)
-        m = h @ self.lin.weight.detach().float().T
-        if self.batches is not None:
-            t = self.batches[self.i].to(y.device).float().reshape(-1, y.shape[-1])
-            diff = (t - y).mul_(self.mix)
-            d = (hw.T @ diff).double()
-            self.D = d if self.D is None else self.D.add_(d)
-            m.add_(diff)
-        self.i += 1
-        e = m.pow(2).sum(1)
-        self.t_energy += float((e * w).sum() if w is not None else e.sum())
-
-
-@torch.inference_mode()
-def prune_block_query_heads(layer, adapter, acts, per_group: int, cfg) -> dict:
-    """Remove `per_group` query heads from every KV group (stock GQA shapes hold) by structured OBS over each
-    head's o_proj channels, then refit the kept o_proj columns by least squares against the dense attention
-    output on the same inputs. `acts` is only read (the MLP stage runs the block again on the same inputs)."""
-    parts = attention_parts(adapter, layer)
-    own = _BlockStats(parts.o, cfg.token_weight) if cfg.token_weight != "none" else None
-    hooks = own.attach(layer) if own is not None else []
-    try:
-        stats, _ = collect_stats(layer, acts, {"o": parts.o}, gram=set() if own else {"o"}, keep_outputs=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    G = own.G if own is not None else stats["o"].gram
-    W = parts.o.weight.detach()
-    hd, nh = parts.head_dim, parts.n_heads
-    C = LS.dense_cross(G, W)
-    heads = torch.arange(nh * hd).view(nh, hd)
-    keep_ch = LS.obs_select(G, C, per_group * parts.n_kv, cfg.damp, groups=heads,
-                            per_bucket=torch.arange(nh) // parts.rep)
-    keep_heads = keep_ch.view(nh, hd)[:, 0].cpu()
-    new_o = LS.refit(G, C, keep_ch, cfg.damp) if cfg.mask_tuning else None
-    energy = float((C.T * W.double().to(G.device)).sum())
-    kc = keep_ch.nonzero().flatten()
-    err_pruned = LS.residual(G, C, energy, kc, W.double().to(G.device)[:, kc])
-    err_tuned = LS.residual(G, C, energy, kc, new_o) if new_o is not None else err_pruned
-    kept = keep_heads.nonzero().flatten()
-    prune_query_heads(adapter, layer, kept, new_o)
-    return {"kept_query_heads": kept.tolist(), "head_rel_error_pruned": err_pruned / max(energy, 1e-30),
-            "head_rel_error_tuned": err_tuned / max(energy, 1e-30)}
-
-
-@torch.inference_mode()
-def prune_block_heads(layer, adapter, acts, n_groups: int, cfg) -> dict:
-    """COMP's attention option: remove `n_groups` KV groups (each with its query heads, GQA-aware) by the block
-    form of the condition score, then fit one scale per kept query head against the dense attention output
-    and fold it into o_proj. `acts` is only read (the MLP stage runs the block again on the same inputs).
-
-    With G the Gram of o_proj's input channels and C a group's channels, removing the group after the best
-    re-weighting of the other channels costs tr(W_C ([G^-1]_CC)^-1 W_C^T) of output energy - for one channel
-    this is ||w_j||^2 / [G^-1]_jj, the MLP score. Groups go one at a time with the block Schur downdate."""
-    parts = attention_parts(adapter, layer)
-    stats, _ = collect_stats(layer, acts, {"o": parts.o}, gram={"o"}, keep_outputs=False)
-    G = stats["o"].gram
-    W = parts.o.weight.detach().double().to(G.device)
-    Ginv = S.spd_inverse(G, cfg.damp)
-    alive = list(range(parts.n_kv))
-    for _ in range(n_groups):
-        cost = []
-        for g in alive:
-            C = kv_group_channels(parts, torch.tensor([g]))[0].to(G.device)
-            WC = W[:, C]
-            cost.append(float((torch.linalg.solve(Ginv[C][:, C], WC.T) * WC.T).sum()))
-        g = alive[min(range(len(alive)), key=cost.__getitem__)]
-        Ginv = S.downdate_inverse(Ginv, kv_group_channels(parts, torch.tensor([g]))[0].to(G.device))
-        alive.remove(g)
-    del Ginv
-    keep_kv = torch.tensor(alive, dtype=torch.long)
-    hd, nh = parts.head_dim, parts.n_heads
-    K = (W.T @ W).mul_(G).reshape(nh, hd, nh, hd).sum((1, 3))  # Gram of the query heads' output contributions
-    keep = torch.zeros(nh, dtype=torch.bool, device=K.device)
-    keep[kv_group_channels(parts, keep_kv)[0][::hd].to(K.device) // hd] = True
-    scales = solve_scales(K, keep, cfg.ridge) if cfg.mask_tuning else None
-    energy = error_from_gram(K, torch.zeros_like(keep))
-    rec = {"kept_kv_heads": alive, "head_rel_error_pruned": error_from_gram(K, keep) / max(energy, 1e-30),
-           "head_rel_error_tuned": error_from_gram(K, keep, scales) / max(energy, 1e-30)}
-    if scales is not None:
-        rec["head_scales"] = [float(x) for x in scales]
-    prune_heads(adapter, layer, keep_kv, scales)
-    return rec
 
 
 @torch.inference_mode()
@@ -349,7 +235,8 @@ def replay(adapter, layers, records: dict, checkpoint):
         saved = checkpoint.load_block_tensors(i) or {}
         if "kept_kv_heads" in rec:
             head_scales = torch.tensor(rec["head_scales"], dtype=torch.float64) if "head_scales" in rec else None
-            prune_heads(adapter, layers[i], torch.tensor(rec["kept_kv_heads"], dtype=torch.long), head_scales)
+            prune_heads(adapter, layers[i], torch.tensor(rec["kept_kv_heads"], dtype=torch.long), head_scales,
+                        saved.get("o"))
         if "kept_query_heads" in rec:
             prune_query_heads(adapter, layers[i], torch.tensor(rec["kept_query_heads"], dtype=torch.long),
                               saved.get("o"))
@@ -467,7 +354,7 @@ def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None
             rec, acts = prune_block_mlp(layer, adapter, acts, n_remove, cfg, target=target)
             if checkpoint is not None and cfg.recovery == "least-squares":  # while the block is resident
                 tensors = {"down": adapter.mlp(layer).down.weight}
-                if "kept_query_heads" in head_rec:
+                if "kept_query_heads" in head_rec or ("kept_kv_heads" in head_rec and "head_scales" not in head_rec):
                     tensors["o"] = attention_parts(adapter, layer).o.weight
                 checkpoint.save_block_tensors(i, tensors)
         del target
