@@ -1,15 +1,17 @@
-"""COMP as specified by comprune (docs/method.md):
+"""COMP as comprune runs it (docs/method.md; the paper's literal reading is `--preset comp-spec`):
 
 1. layers:  score every block (block influence by default) in one dense pass; remove the k lowest.
-2. neurons: walk the kept blocks in order, each fed by the already-pruned blocks before it; in each MLP,
-            remove neurons greedily by the condition score ||w_j||^2 / [G^-1]_jj with G^-1 downdated as
-            neighbours go.
-            Each block loses the same number of neurons, or (width_allocation="adaptive") a number from a
-            global ranking of normalised scores across blocks. Optionally (head_share > 0) whole KV groups of
-            attention first, by the block form of the same score, with per-head scales.
-3. tuning:  least-squares scales of the kept neurons against the dense MLP on the same inputs, folded
-            into down_proj.
-4. surgery: slice the MLP now (so later blocks see the pruned outputs); drop blocks at the end.
+2. heads:   optionally (head_share > 0), in each kept block, query heads inside GQA groups or whole KV groups
+            leave first, by structured OBS over o_proj's channels, with o_proj refitted (methods/attention.py).
+3. neurons: walk the kept blocks in order, each fed by the already-pruned blocks before it; in each MLP, remove
+            neurons greedily by structured OBS (metric="obs"; "condition" is the paper's score on the dense
+            columns), on a token-weighted Gram so the attention sink's massive activations do not own the fit.
+            Each block loses the same number of neurons, or (width_allocation="adaptive") a number from a global
+            ranking of normalised scores across blocks.
+4. recovery: the kept down_proj columns refitted by damped least squares against the dense block (or the dense
+            model's own trajectory, target_mix; or a removed span after the block, layer_compensation), folded
+            into the weights; recovery="scales" keeps COMP's per-neuron scales.
+5. surgery: slice the MLP now (so later blocks see the pruned outputs); drop blocks at the end.
 Forward passes only: no autograd anywhere.
 """
 from __future__ import annotations
