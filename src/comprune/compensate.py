@@ -63,7 +63,7 @@ def one_thread():
 
 def obs_select(G: torch.Tensor, C: torch.Tensor | None, n_remove: int, damp: float, chunk: int = 0,
                groups: torch.Tensor | None = None, per_bucket: torch.Tensor | None = None,
-               W: torch.Tensor | None = None) -> torch.Tensor:
+               W: torch.Tensor | None = None, order: list | None = None) -> torch.Tensor:
     """Boolean keep mask over G's channels after removing `n_remove` units greedily by structured OBS cost.
 
     Units are single channels, or with `groups` [n_units, size] (channel indices per unit, e.g. a query head's
@@ -71,7 +71,9 @@ def obs_select(G: torch.Tensor, C: torch.Tensor | None, n_remove: int, damp: flo
     every bucket loses the same number of units, n_remove / n_buckets each (GQA shapes stay stock).
 
     With `W` (the dense projection) instead of C, the columns are never updated: COMP's literal condition
-    score ‖w_j‖²/[G⁻¹]_jj on the dense weights, with only G⁻¹ downdated as neighbours go."""
+    score ‖w_j‖²/[G⁻¹]_jj on the dense weights, with only G⁻¹ downdated as neighbours go. `order`, if given,
+    receives the removed channels in the order they went: greedy removal is nested, so its first n entries are
+    what a run with n_remove = n removes (with the same chunks)."""
     f = G.shape[0]
     keep = torch.ones(f, dtype=torch.bool, device=G.device)
     if n_remove <= 0:
@@ -81,10 +83,10 @@ def obs_select(G: torch.Tensor, C: torch.Tensor | None, n_remove: int, damp: flo
     # W* = Cᵀ (G + λI)⁻¹ (d x f), or a private copy of the dense W: the loop zeroes removed columns
     W = C.double().T @ Ginv if update else W.detach().to(G.device, torch.float64, copy=True)
     with one_thread():
-        return _greedy(W, Ginv, keep, n_remove, chunk, groups, per_bucket, update)
+        return _greedy(W, Ginv, keep, n_remove, chunk, groups, per_bucket, update, order)
 
 
-def _greedy(W, Ginv, keep, n_remove, chunk, groups, per_bucket, update=True):
+def _greedy(W, Ginv, keep, n_remove, chunk, groups, per_bucket, update=True, order=None):
     if groups is None:
         chunk = chunk or max(1, math.ceil(n_remove / 32))
         removed = 0
@@ -94,6 +96,8 @@ def _greedy(W, Ginv, keep, n_remove, chunk, groups, per_bucket, update=True):
             idx = torch.topk(cost, min(chunk, n_remove - removed), largest=False).indices
             _obs_remove(W, Ginv, idx, update)
             keep[idx] = False
+            if order is not None:
+                order += idx.tolist()  # cheapest first within a chunk
             removed += idx.numel()
         return keep
     groups = groups.to(W.device)

@@ -9,7 +9,7 @@ from .errors import CompruneError
 METHODS = ("comp", "layer-drop", "wanda-sp", "magnitude", "flap", "llm-pruner")
 NEURON_METRICS = ("obs", "condition", "kappa-loo", "weighted-norm", "activation", "wanda-sp", "magnitude")
 LAYER_SCORES = ("bi", "loss")
-WIDTH_ALLOCATIONS = ("uniform", "adaptive")
+WIDTH_ALLOCATIONS = ("uniform", "adaptive", "search")
 
 
 # Named starting points; explicit arguments override them. "comp-spec" is the literal reading of docs/method.md
@@ -43,7 +43,15 @@ class PruneConfig:
     chunk: int = 0                     # neurons removed between downdates of G^-1 (0: auto, ~32 steps/layer)
     round_to: int = 1                  # kept MLP widths rounded to a multiple of this
     min_width: int = 0                 # never narrow an MLP below this many neurons
-    width_allocation: str = "uniform"  # neurons removed per block: "uniform", or "adaptive" (global ranking)
+    width_allocation: str = "uniform"  # neurons removed per block: "uniform", "adaptive" (global ranking of local
+                                       # scores) or "search" (per-block levels against the whole model's KL)
+    search_generations: int = 0        # evolutionary generations after the DP start (0: the DP allocation alone)
+    search_time: float = 0.0           # wall-clock limit of the evolution in seconds (0: none)
+    search_nsamples: int = 16          # fitness windows, held apart from the calibration windows
+    search_levels: int = 16            # ladder: a level removes width / search_levels neurons
+    search_max_share: float = 0.75     # no block loses more than this share of its MLP
+    search_offspring: int = 16
+    search_survivors: int = 2
     head_share: float = 0.0            # fraction of the non-layer budget taken from attention (0: MLPs only)
     head_unit: str = "query"           # what attention loses: "query" heads (as many per KV group) or whole "kv" groups
     # Stage 3 (mask tuning)
@@ -75,9 +83,9 @@ class PruneConfig:
         if self.layer_score not in LAYER_SCORES:
             raise CompruneError(f"unknown layer score '{self.layer_score}': use one of {', '.join(LAYER_SCORES)}")
         if self.width_allocation not in WIDTH_ALLOCATIONS:
-            raise CompruneError(f"unknown width allocation '{self.width_allocation}': use uniform or adaptive")
-        if self.width_allocation == "adaptive" and self.method != "comp":
-            raise CompruneError(f"--width-allocation adaptive is COMP's option; {self.method} removes the same "
+            raise CompruneError(f"unknown width allocation '{self.width_allocation}': use uniform, adaptive or search")
+        if self.width_allocation != "uniform" and self.method != "comp":
+            raise CompruneError(f"--width-allocation {self.width_allocation} is COMP's option; {self.method} removes the same "
                                 "number of neurons per block: drop it or use --method comp")
         if not 0 <= self.head_share < 1:
             raise CompruneError(f"head_share must be in [0, 1) (got {self.head_share})")
@@ -99,6 +107,10 @@ class PruneConfig:
             raise CompruneError(f"seqlen must be > 1 (got {self.seqlen})")
         if self.nsamples < 1 or self.batch_size < 1 or self.chunk < 0 or self.round_to < 1:
             raise CompruneError("nsamples, batch_size and round_to must be >= 1, chunk >= 0")
+        if self.search_generations < 0 or self.search_time < 0 or self.search_nsamples < 1 or self.search_levels < 2 \
+                or not 0 < self.search_max_share < 1 or self.search_offspring < 1 or self.search_survivors < 1:
+            raise CompruneError("search settings out of range: generations and time >= 0, nsamples and offspring >= 1, "
+                                "levels >= 2, max share in (0, 1)")
         if self.damp < 0 or self.ridge < 0:
             raise CompruneError("damp and ridge must be >= 0")
         return self

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import bisect
 import hashlib
 import json
 import os
@@ -206,8 +207,41 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> 
     if ids.numel() <= seqlen:
         raise CompruneError(f"calibration text has {ids.numel()} tokens, fewer than seqlen {seqlen}+1: "
                             "use a longer text or a smaller --seqlen")
+    starts = window_starts(ids.numel(), nsamples, seqlen, seed)
+    return torch.stack([ids[s:s + seqlen] for s in starts])
+
+
+def window_starts(n_tokens: int, nsamples: int, seqlen: int, seed: int) -> list[int]:
     rng = random.Random(seed)
-    starts = [rng.randrange(0, ids.numel() - seqlen) for _ in range(nsamples)]
+    return [rng.randrange(0, n_tokens - seqlen) for _ in range(nsamples)]
+
+
+def heldout_windows(tokenizer, calibration: "Calibration", nsamples: int, seqlen: int, data_dir=None):
+    """Windows of the calibration's own source that overlap none of its windows (the search's fitness tokens),
+    or None when the calibration did not come from get_calibration on that source."""
+    try:
+        ids = load_ids(tokenizer, calibration.source, data_dir)
+    except CompruneError:
+        return None
+    calib_starts = window_starts(ids.numel(), calibration.nsamples, calibration.seqlen, calibration.seed)
+    rebuilt = torch.stack([ids[s:s + calibration.seqlen] for s in calib_starts])
+    if not torch.equal(rebuilt, calibration.input_ids.to(rebuilt.dtype)):
+        return None
+    taken = sorted(calib_starts)
+    rng = random.Random(f"heldout:{calibration.seed}")
+    starts: list[int] = []
+    for _ in range(100 * nsamples):
+        if len(starts) == nsamples:
+            break
+        s = rng.randrange(0, ids.numel() - seqlen)
+        j = bisect.bisect_left(taken, s)
+        near = taken[max(j - 1, 0): j + 1]
+        if all(s + seqlen <= t or t + calibration.seqlen <= s for t in near) and \
+                all(s + seqlen <= t or t + seqlen <= s for t in starts):
+            starts.append(s)
+    if len(starts) < nsamples:
+        raise CompruneError(f"the calibration text is too short for {nsamples} search windows apart from the "
+                            "calibration windows: lower --search-nsamples or use a longer --calib text")
     return torch.stack([ids[s:s + seqlen] for s in starts])
 
 

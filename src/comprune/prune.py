@@ -10,7 +10,7 @@ import transformers
 
 from .checkpoint import Checkpoint, run_fingerprint
 from .config import PruneConfig
-from .data import Calibration, get_calibration
+from .data import Calibration, get_calibration, heldout_windows
 from .devices import resolve_device
 from .errors import CompruneError
 from .files import tensor_digest_sample
@@ -91,6 +91,21 @@ def _widths_text(widths):
     return str(widths[0]) if len(set(widths)) == 1 else f"{min(widths)}..{max(widths)}"
 
 
+def _fitness_windows(tokenizer, calibration: Calibration, cfg) -> tuple[Calibration, torch.Tensor]:
+    """(calibration, the search's fitness windows): windows of the calibration source apart from the calibration
+    windows; when the calibration came as bare windows, its last search_nsamples windows are held apart instead."""
+    ids = heldout_windows(tokenizer, calibration, cfg.search_nsamples, calibration.seqlen) \
+        if tokenizer is not None else None
+    if ids is not None:
+        return calibration, ids
+    k = cfg.search_nsamples
+    if calibration.nsamples <= k:
+        raise CompruneError(f"--width-allocation search holds {k} of the {calibration.nsamples} calibration windows "
+                            "apart for its fitness: pass more --nsamples or fewer --search-nsamples")
+    ids = calibration.input_ids
+    return Calibration(ids[:-k], calibration.source, calibration.seed), ids[-k:]
+
+
 def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Calibration | None = None,
           progress: bool = True, base_model: str | None = None, checkpoint_dir=None, resume: bool = False,
           model_digest: str | None = None):
@@ -110,6 +125,9 @@ def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Cali
         calibration = get_calibration(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
     if calibration.seqlen <= 1:
         raise CompruneError("calibration windows must be longer than one token")
+    fitness_ids = None
+    if cfg.width_allocation == "search":
+        calibration, fitness_ids = _fitness_windows(tokenizer, calibration, cfg)
     model.eval()
     params_before = count_params(model)
     _check_round_to(model, adapter, cfg)
@@ -129,7 +147,9 @@ def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Cali
             ckpt.clear()
             ckpt = Checkpoint(checkpoint_dir, ckpt.fingerprint)
         kwargs["checkpoint"] = ckpt
-    elif resume:
+    if fitness_ids is not None and getattr(method, "uses_fitness", False):
+        kwargs["fitness_ids"] = fitness_ids
+    if resume and "checkpoint" not in kwargs:
         raise CompruneError(f"method '{cfg.method}' cannot resume: rerun without --resume")
     with torch.set_grad_enabled(needs_grad):
         details = method(model, adapter, acts, calibration.input_ids, cfg, budget, progress, **kwargs)

@@ -1,6 +1,7 @@
 """comprune prune: prune a model and save it, in memory or streamed from its shards (--stream)."""
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +23,22 @@ _FIELDS = {"ratio": "ratio", "method": "method", "nsamples": "nsamples", "seqlen
            "seed": "seed", "calib_batch_size": "batch_size", "metric": "metric", "layer_score": "layer_score",
            "round_to": "round_to", "damp": "damp", "ridge": "ridge", "recovery": "recovery",
            "width_allocation": "width_allocation", "head_share": "head_share", "head_unit": "head_unit",
-           "layer_share": "layer_share", "target_mix": "target_mix", "token_weight": "token_weight"}
+           "layer_share": "layer_share", "target_mix": "target_mix", "token_weight": "token_weight",
+           "search_generations": "search_generations", "search_time": "search_time",
+           "search_nsamples": "search_nsamples"}
+
+
+def duration(text: str) -> float:
+    """Seconds from '90', '90s', '20m' or '1.5h' (argparse type)."""
+    t = text.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a duration: use e.g. 90s, 20m or 1.5h") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}': a duration cannot be negative")
+    return value
 
 
 def _config_from_args(args):
@@ -129,7 +145,15 @@ def add_command(sub):
                         "method spec: condition score, per-neuron scales)")
     p.add_argument("--width-allocation", default=None, choices=WIDTH_ALLOCATIONS,
                    help="COMP: neurons removed per block, the same everywhere (uniform) or from a global ranking of "
-                        "normalised scores across blocks (adaptive)")
+                        "normalised scores across blocks (adaptive), or per-block levels searched against the "
+                        "whole model's KL on held-apart windows (search: DP start, then --search-generations)")
+    p.add_argument("--search-generations", type=int, default=None,
+                   help="search: evolutionary generations after the DP allocation (default 0: DP only)")
+    p.add_argument("--search-time", type=duration, default=None,
+                   help="search: wall-clock limit of the evolution, e.g. 20m (default: none; with a limit the result "
+                        "depends on the machine's speed)")
+    p.add_argument("--search-nsamples", type=int, default=None,
+                   help="search: fitness windows, apart from the calibration windows (default 16)")
     p.add_argument("--damp", type=float, default=None, help=f"default {d.damp}")
     p.add_argument("--ridge", type=float, default=None, help=f"default {d.ridge}")
     add_common(p)

@@ -29,6 +29,7 @@ from ..surgery import as_index, attention_parts, prune_heads, prune_mlp, prune_q
 from ..walk import (block_output, batch_shape, capture, collect_stats, forward_block, new_buffer, progress,
                     resident, spilling)
 from .attention import prune_block_heads, prune_block_query_heads
+from .search import search_allocation
 from .common import choose_layers, kept_width, layer_scores_bi, layer_scores_loss
 
 
@@ -293,7 +294,7 @@ def _target(layers, i, acts, dense, span, cfg):
     return None
 
 
-def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None) -> dict:
+def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None, fitness_ids=None) -> dict:
     layers = adapter.layers(model)
     n_batches = len(acts.hidden)
     uses_dense = cfg.target_mix > 0
@@ -307,20 +308,25 @@ def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None
         removed, layer_scores = layer_stage(model, adapter, acts.take(), input_ids, budget.layers_to_remove, cfg,
                                             show)
         acts = capture(model, adapter, input_ids, cfg.batch_size, device)
-        allocation = None
+        allocation, search = None, None
         if cfg.width_allocation == "adaptive":
             allocation = allocate_widths(model, adapter, acts.take(), removed, budget.neurons_per_layer, cfg, show)
+            acts = capture(model, adapter, input_ids, cfg.batch_size, device)
+        elif cfg.width_allocation == "search":
+            allocation, search = search_allocation(model, adapter, acts.take(), removed, budget.neurons_per_layer,
+                                                   cfg, fitness_ids, show,
+                                                   checkpoint.dir if checkpoint is not None else None)
             acts = capture(model, adapter, input_ids, cfg.batch_size, device)
         start, records = 0, {}
         if uses_dense:
             dense = copy_acts(acts)
         if checkpoint is not None:
             checkpoint.save(0, None, {"removed_layers": removed, "layer_scores": layer_scores, "blocks": {},
-                                      "neuron_allocation": allocation})
+                                      "neuron_allocation": allocation, "search": search})
     else:
         start, saved, details = state
         removed, layer_scores, records = details["removed_layers"], details["layer_scores"], details["blocks"]
-        allocation = details.get("neuron_allocation")
+        allocation, search = details.get("neuron_allocation"), details.get("search")
         dense_next = details.get("dense_next", 0)
         if uses_dense and len(saved.hidden) == 2 * n_batches:
             pruned_h, dense_h = new_buffer(), new_buffer()
@@ -365,10 +371,12 @@ def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None
             saved = acts if dense is None else type(acts)(_joined(acts.hidden, dense.hidden), acts.kwargs)
             checkpoint.save(i + 1, saved, {"removed_layers": removed, "layer_scores": layer_scores,
                                            "blocks": records, "neuron_allocation": allocation,
-                                           "dense_next": dense_next})
+                                           "dense_next": dense_next, "search": search})
     out = {"removed_layers": removed, "layer_scores": layer_scores, "blocks": records}
     if allocation is not None:
         out["neuron_allocation"] = allocation
+    if search is not None:
+        out["search"] = search
     return out
 
 
@@ -386,3 +394,4 @@ class _joined:
 
 
 run.supports_checkpoint = True
+run.uses_fitness = True  # width_allocation="search" reads held-apart windows (prune passes fitness_ids)

@@ -1,0 +1,111 @@
+"""Width search (width_allocation="search"): DP optimality, exact budgets, determinism, resume, and that the
+stitched model the search scores is the model the database describes."""
+import copy
+import itertools
+import random
+
+import pytest
+import torch
+from conftest import calib, masked_dense_logits, tiny_model
+
+from comprune import PruneConfig, prune
+from comprune.methods.search import Fitness, build_database, dp_allocate, evolve, make_ladder, mutate
+from comprune.models import get_adapter
+from comprune.surgery import drop_layers, finalize_config, prune_mlp
+from comprune.walk import capture, forward_block
+
+
+def test_dp_is_optimal_on_a_hand_built_table():
+    rng = random.Random(0)
+    costs = {i: [0.0] + sorted(rng.uniform(0, 5) for _ in range(4)) for i in (0, 2, 3, 5)}
+    costs[2][3] = 0.01  # a non-convex curve: greedy by marginal cost would miss it
+    for total in range(0, 17):
+        got = dp_allocate(costs, total)
+        assert sum(got.values()) == total
+        best = min((sum(costs[i][lv] for i, lv in zip(sorted(costs), combo)), combo)
+                   for combo in itertools.product(range(5), repeat=4) if sum(combo) == total)
+        assert sum(costs[i][got[i]] for i in costs) == pytest.approx(best[0])
+
+
+def test_mutations_keep_the_budget_and_the_ladder():
+    rng = random.Random(1)
+    levels = {0: 0, 1: 3, 4: 5, 7: 2}
+    for _ in range(200):
+        levels = mutate(levels, 5, rng, rng.randint(1, 3))
+        assert sum(levels.values()) == 10 and all(0 <= v <= 5 for v in levels.values())
+
+
+def _search_cfg(**kw):
+    return PruneConfig(ratio=0.25, layer_share=0.0, batch_size=4, width_allocation="search", search_nsamples=4,
+                       search_levels=8, search_generations=3, search_offspring=4, **kw)
+
+
+def test_search_prune_keeps_the_budget_is_deterministic_and_equals_masked_dense():
+    dense = tiny_model("llama", layers=4)
+    runs = []
+    for _ in range(2):
+        model, rep = prune(copy.deepcopy(dense), None, _search_cfg(), calibration=calib(20, 16), progress=False)
+        runs.append((model, rep))
+    (model, rep), (_, rep2) = runs
+    assert rep.mlp_widths == rep2.mlp_widths and rep.details["search"]["trace"] == rep2.details["search"]["trace"]
+    # the same number of neurons goes as under the uniform plan, only placed differently
+    _, uni = prune(copy.deepcopy(dense), None, PruneConfig(ratio=0.25, layer_share=0.0, batch_size=4),
+                   calibration=calib(16, 16), progress=False)
+    assert sum(rep.mlp_widths) == sum(uni.mlp_widths)
+    assert abs(rep.ratio_achieved - 0.25) < 0.01
+    trace = [f for _, f in rep.details["search"]["trace"]]
+    assert all(b <= a for a, b in zip(trace, trace[1:]))  # the parent only ever improves
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = model(ids).logits
+    assert torch.allclose(got, masked_dense_logits(dense, rep, ids, pruned=model), atol=1e-4, rtol=0)
+
+
+def _fitness(model, cfg):
+    adapter = get_adapter(model)
+    ids = calib(16, 16).input_ids
+    n = adapter.layers(model)[0].mlp.down_proj.in_features
+    ladder = make_ladder(n, cfg)
+    kept = list(range(len(adapter.layers(model))))
+    db = build_database(model, adapter, capture(model, adapter, ids[:12], 4, "cpu"), kept, ladder, cfg, False)
+    return Fitness(model, adapter, [], db, ids[12:], cfg), ladder, db
+
+
+def test_evolution_resumes_where_it_was_killed(tmp_path):
+    model = tiny_model("llama", layers=3)
+    cfg = _search_cfg()
+    fit, ladder, _ = _fitness(model, cfg)
+    start = {0: 2, 1: 2, 2: 2}
+    cfg.search_generations = 4
+    straight, trace = evolve(fit, start, ladder.top, cfg, None, False)
+    cfg.search_generations = 2  # "killed" after two generations: its state file stays
+    evolve(fit, start, ladder.top, cfg, tmp_path / "search.json", False)
+    cfg.search_generations = 4
+    resumed, trace2 = evolve(fit, start, ladder.top, cfg, tmp_path / "search.json", False)
+    assert resumed == straight and trace2 == trace and sum(resumed.values()) == 6
+
+
+def test_stitched_model_equals_the_physically_pruned_one():
+    """What the search scores (dense columns zeroed, refitted columns in place) is the model that slicing to the
+    database's variants builds."""
+    model = tiny_model("llama", layers=3)
+    cfg = _search_cfg()
+    fit, ladder, db = _fitness(model, cfg)
+    levels = {0: 1, 1: ladder.top, 2: 0}
+    stitched = fit._run(type(fit.x0)(fit.x0.hidden[:1], fit.x0.kwargs[:1]), fit.kept, levels).hidden[0]
+    pruned = copy.deepcopy(model)
+    adapter = get_adapter(pruned)
+    for i, lv in levels.items():
+        idx, W = db[i][lv]
+        layer = adapter.layers(pruned)[i]
+        prune_mlp(adapter, layer, idx)
+        with torch.no_grad():
+            adapter.mlp(layer).down.weight.copy_(W)
+    drop_layers(pruned, adapter, [])
+    finalize_config(pruned, adapter)
+    x = capture(pruned, adapter, calib(16, 16).input_ids[12:16], 4, "cpu")
+    for layer in adapter.layers(pruned):
+        x = forward_block(layer, x)
+    assert [len(db[i][lv][0]) for i, lv in levels.items()] == [adapter.mlp(b).down.in_features
+                                                                for b in adapter.layers(pruned)]
+    assert torch.allclose(stitched, x.hidden[0], atol=1e-5, rtol=0), (stitched - x.hidden[0]).abs().max()
