@@ -13,7 +13,8 @@ from ..errors import CompruneError
 from ..evaluate.perplexity import perplexity
 from ..evaluate.speed import relative_speed
 from ..evaluate.zeroshot import evaluate_zeroshot
-from ..loading import count_params, load
+from ..devices import resolve_precision
+from ..loading import count_params, load, spec_config
 from ..stream import can_stream
 from .measure import check_same_model, prune_run, runtime_floor
 from .records import (
@@ -64,7 +65,11 @@ class Comparison:
         self.zeroshot_tasks, self.zeroshot_subset, self.zeroshot_batch_size = zeroshot_tasks, zeroshot_subset, \
             zeroshot_batch_size
         self.speed_tokens, self.speed_repeats = speed_tokens, speed_repeats
-        self.data_dir, self.dtype, self.keep_models, self.skip = data_dir, dtype, keep_models, set(skip)
+        self.data_dir, self.keep_models, self.skip = data_dir, keep_models, set(skip)
+        # "auto" is resolved once here, so every prune subprocess and evaluation runs the same concrete precision
+        # and a results directory made in one precision is never extended in another
+        self.precision = resolve_precision(dtype, "cpu", spec_config(str(model_spec)))[1].to_dict()
+        self.dtype = self.precision["dtype"]
         self.prune_args = dict(prune_args or {})
         self.show = progress
         self.dense_cache_key = dense_cache_key
@@ -88,6 +93,7 @@ class Comparison:
                 "full_ratio": self.full_ratio, "zeroshot_ratio": self.zeroshot_ratio,
                 "zeroshot_tasks": self.zeroshot_tasks, "zeroshot_subset": self.zeroshot_subset,
                 "speed_tokens": self.speed_tokens, "speed_repeats": self.speed_repeats, "dtype": self.dtype,
+                "precision": self.precision,
                 "stream_ratios": self.stream_ratios,
                 "prune_args": self.prune_args}
 
