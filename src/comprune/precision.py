@@ -118,8 +118,9 @@ def choose(device="cpu", config=None) -> Choice:
     rates = {name: round(matmul_gflops(dt, shape), 1) for name, dt in (("float32", torch.float32),
                                                                        ("bfloat16", torch.bfloat16))}
     fast = rates["bfloat16"] >= BF16_MARGIN * rates["float32"]
-    reason = (f"{'/'.join(flags)}: bfloat16 matmul {rates['bfloat16']} GFLOP/s vs float32 {rates['float32']}"
-              + ("" if fast else f" (less than {BF16_MARGIN}x: float32 kept)"))
+    # the rates themselves are in probe_gflops: the reason stays the same from run to run
+    reason = f"{'/'.join(flags)}: the bfloat16 matmul probe is " + (
+        f"at least {BF16_MARGIN}x float32's" if fast else f"less than {BF16_MARGIN}x float32's: float32 kept")
     return Choice("bfloat16" if fast else "float32", reason=reason, device="cpu", probe_shape=shape,
                   probe_gflops=rates, cpu_flags=flags)
 

@@ -89,8 +89,9 @@ def _check_ratio(report, cfg, details):
 def precision_record(model) -> dict:
     """The precision the model computed in (its parameters' dtype) and how it was chosen, when comprune.load
     chose it; the statistics deciding the prune (Grams, inverses, least squares) are float32/float64 whatever
-    this is."""
+    this is. The probe's rates are left out (they vary run to run; `comprune eval --json` reports them)."""
     rec = dict(getattr(model, "comprune_precision", None) or {"requested": None, "reason": "model passed in"})
+    rec.pop("probe_gflops", None)  # timings vary run to run; a manifest is the same for the same prune
     rec["dtype"] = dtype_name(next(model.parameters()).dtype)
     rec["statistics"] = "float64 Grams and solves (float32 products accumulated in float64)"
     return rec
