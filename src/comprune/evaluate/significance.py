@@ -42,7 +42,7 @@ def mcnemar(a: str, b: str) -> dict:
         raise ValueError(f"paired results of different lengths ({len(a)} vs {len(b)})")
     n01 = sum(1 for x, y in zip(a, b) if x == "0" and y == "1")
     n10 = sum(1 for x, y in zip(a, b) if x == "1" and y == "0")
-    return {"n": len(a), "only_a": n10, "only_b": n01, "p": round(_binom_two_sided(n10, n01 + n10), 6)}
+    return {"n": len(a), "only_a": n10, "only_b": n01, "p": float(f"{_binom_two_sided(n10, n01 + n10):.4g}")}
 
 
 def paired_bootstrap(a: dict, b: dict, iters: int = 2000, seed: int = 0) -> dict:
