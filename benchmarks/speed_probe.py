@@ -1,8 +1,8 @@
 """The evaluator against the hardware: dense SmolLM2 WikiText-2 test perplexity at seqlen 128 and 2048 in the
 precision `--dtype auto` picks here, with tokens/s and the fraction of the matmul probe's peak (issue 15).
 
-    nice -n 19 python benchmarks/speed_probe.py                   # the first 16,384 test tokens (fixed slice)
-    nice -n 19 python benchmarks/speed_probe.py --max-tokens 0    # the full test set
+    OMP_NUM_THREADS=1 nice -n 19 python benchmarks/speed_probe.py     # first 16,384 test tokens (fixed slice)
+    nice -n 19 python benchmarks/speed_probe.py --max-tokens 0        # the full test set, all threads
 
 FLOPs per token and the peak: comprune.evaluate.hardware (the formula is in the JSON). Writes
 benchmarks/results/eval_speed.json and .md with the command, machine, precision and load average (the machine
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import comprune  # noqa: E402
 from comprune import precision  # noqa: E402
 from comprune.data import load_ids  # noqa: E402
-from comprune.evaluate.hardware import FORMULA, against_peak, use_sdpa  # noqa: E402
+from comprune.evaluate.hardware import FORMULA, PEAK_SECONDS, against_peak, use_sdpa  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "eval_speed"
 
@@ -54,17 +54,24 @@ def main(argv=None):
     model, tok = comprune.load(args.model, dtype=args.dtype)
     attn = use_sdpa(model)
     ids = load_ids(tok, "wikitext2")
+    dtype, shape = next(model.parameters()).dtype, precision.probe_shape(model.config)
     rows = []
     for seqlen in [int(s) for s in args.seqlens.split(",")]:
+        # the peak probed just before and just after each evaluation, the higher one used: on a shared machine
+        # a single probe can land in a busy moment
+        before = precision.measure_gflops(dtype, shape, seconds=PEAK_SECONDS)
         r = comprune.perplexity(model, tok, "wikitext2", seqlen=seqlen, max_tokens=args.max_tokens or None, ids=ids,
                                 progress=False)
-        r["hardware"] = against_peak(model, r["tokens_per_second"], seqlen)
+        after = precision.measure_gflops(dtype, shape, seconds=PEAK_SECONDS)
+        r["hardware"] = against_peak(model, r["tokens_per_second"], seqlen, peak=max(before, after))
+        r["hardware"]["peak_gflops_before_after"] = [round(before, 2), round(after, 2)]
         r["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
         rows.append(r)
         print(f"seqlen {seqlen}: ppl {r['ppl']:.4f}, {r['tokens_per_second']} tok/s, "
               f"{r['hardware']['achieved_gflops']} GFLOP/s = {100 * r['hardware']['fraction_of_peak']:.1f} % of "
               f"the {r['dtype']} probe's {r['hardware']['peak_gflops']} GFLOP/s", flush=True)
-    command = "nice -n 19 python benchmarks/speed_probe.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} nice -n {os.nice(0)} python "
+               "benchmarks/speed_probe.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
     result = {"command": command.strip(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                           "native_bf16_flags": precision.native_bf16()},
@@ -90,17 +97,22 @@ def markdown(res: dict) -> str:
              "after (the machine is shared: tokens/s scale with the share of the cores this run got).", "",
              f"Precision: `--dtype {p['requested']}` ran **{p['dtype']}** ({p['reason']}). Attention: "
              f"{res['attn_implementation']}. Slice: {res['slice']}.", "",
-             "| seqlen | windows | tokens | PPL | tokens/s | achieved GFLOP/s | probe peak GFLOP/s | fraction of peak |",
+             "| seqlen | windows | tokens | PPL | tokens/s | achieved GFLOP/s | probe peak GFLOP/s (before / after) "
+             "| fraction of peak |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         h = r["hardware"]
         lines.append(f"| {r['seqlen']} | {r['windows']} | {r['tokens']:,} | {r['ppl']:.4f} | "
-                     f"{r['tokens_per_second']:,.1f} | {h['achieved_gflops']:.1f} | {h['peak_gflops']:.1f} | "
+                     f"{r['tokens_per_second']:,.1f} | {h['achieved_gflops']:.1f} | {h['peak_gflops']:.1f} "
+                     f"({' / '.join(f'{x:.1f}' for x in h['peak_gflops_before_after'])}) | "
                      f"{100 * h['fraction_of_peak']:.1f} % |")
     h = res["rows"][0]["hardware"] if res["rows"] else {}
     lines += ["", f"FLOPs per token: {res['flops_formula']}. Peak: comprune.precision's probe, a "
               f"{' x '.join(map(str, h.get('peak_probe', {}).get('shape', [])))} (tokens x hidden @ hidden x "
-              f"intermediate) matmul in {p['dtype']} on the same threads, best of ~0.1 s.", ""]
+              f"intermediate) matmul in {p['dtype']} on the same threads, best of ~{PEAK_SECONDS} s of runs, probed "
+              "just before and just after each evaluation, the higher used. Both are this process's rates: under "
+              "load they are only comparable when the load was the same during both, and a fraction above 100 % "
+              "means the probes caught busier moments than the evaluation did.", ""]
     return "\n".join(lines)
 
 

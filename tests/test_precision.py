@@ -57,7 +57,7 @@ def test_auto_never_probes_emulated_bf16(mock_cpu):
 def test_real_probe_is_short_and_cached():
     shape = (8, 32, 48)
     rate = precision.matmul_gflops(torch.float32, shape, seconds=0.01)
-    assert rate > 0 and precision.matmul_gflops(torch.float32, shape) == rate
+    assert rate > 0 and precision.matmul_gflops(torch.float32, shape, seconds=0.01) == rate
 
 
 @pytest.mark.parametrize("bf16,expect", [(0.9, torch.float32), (500.0, torch.bfloat16)])
@@ -88,6 +88,7 @@ def test_prune_manifest_records_precision_and_saves_source_dtype(mock_cpu, model
     manifest = json.loads((tmp_path / "src" / "pruning.json").read_text())
     for rec in (out["precision"], manifest["precision"]):
         assert rec["dtype"] == "bfloat16" and rec["requested"] == "auto" and rec["saved_dtype"] == "float32"
+    assert "probe_gflops" not in manifest["precision"]  # timings vary: the same prune gives the same manifest
     assert _dtypes(tmp_path / "src") == {"F32"}
     assert json.loads((tmp_path / "src" / "config.json").read_text())["dtype"] == "float32"
     if stream:  # the streamed prune's conversion of staged blocks is covered; the flag itself is shared

@@ -75,13 +75,15 @@ def probe_shape(config=None) -> tuple[int, int, int]:
 def matmul_gflops(dtype: torch.dtype, shape=PROBE_SHAPE, device="cpu", seconds: float = PROBE_SECONDS) -> float:
     """GFLOP/s of `m x k @ k x n` in `dtype` (best of repeated runs for ~`seconds`), cached per process."""
     device = torch.device(device)
-    key = (str(dtype), tuple(shape), str(device), torch.get_num_threads())
+    key = (str(dtype), tuple(shape), str(device), torch.get_num_threads(), seconds)
     if key not in _PROBES:
-        _PROBES[key] = _time_matmul(dtype, tuple(shape), device, seconds)
+        _PROBES[key] = measure_gflops(dtype, tuple(shape), device, seconds)
     return _PROBES[key]
 
 
-def _time_matmul(dtype, shape, device, seconds) -> float:
+def measure_gflops(dtype, shape=PROBE_SHAPE, device="cpu", seconds: float = PROBE_SECONDS) -> float:
+    """matmul_gflops without the cache (a benchmark probing before and after its work)."""
+    device = torch.device(device)
     m, k, n = shape
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)

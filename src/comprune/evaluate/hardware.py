@@ -11,7 +11,9 @@ they are. The attention term is the causal work: token t attends to t + 1 positi
 softmax and the embedding lookup are left out (a few % at these sizes).
 
 The peak is comprune.precision's probe (`tokens x hidden @ hidden x intermediate` in the precision that ran,
-same thread count), so the fraction says how close the whole evaluator gets to one of its own matmuls.
+same thread count, best of ~0.5 s of runs), so the fraction says how close the whole evaluator gets to one of
+its own matmuls. Both are rates of this process: on a shared CPU they are only comparable when the load was
+the same during both.
 """
 from __future__ import annotations
 
@@ -51,12 +53,17 @@ def flops_per_token(model, seqlen: int) -> float:
     return 2 * linear + attention
 
 
-def against_peak(model, tokens_per_second: float, seqlen: int) -> dict:
-    """Achieved GFLOP/s of an evaluation at `tokens_per_second`, and its fraction of the probed peak."""
+PEAK_SECONDS = 0.5  # longer than --dtype auto's probe: the best of more runs is steadier on a shared machine
+
+
+def against_peak(model, tokens_per_second: float, seqlen: int, peak: float | None = None) -> dict:
+    """Achieved GFLOP/s of an evaluation at `tokens_per_second`, and its fraction of the probed peak (probed
+    here, cached per process, unless given). A fraction above 1 means the probe ran while the CPU was busier
+    than during the evaluation: on a shared machine, probe again on a quiet one."""
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
     shape = precision.probe_shape(model.config)
-    peak = precision.matmul_gflops(dtype, shape, device)
+    peak = peak or precision.matmul_gflops(dtype, shape, device, seconds=PEAK_SECONDS)
     fpt = flops_per_token(model, seqlen)
     achieved = fpt * tokens_per_second / 1e9
     return {"dtype": str(dtype).removeprefix("torch."), "flops_per_token": round(fpt),
