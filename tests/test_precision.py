@@ -121,3 +121,26 @@ def test_flops_per_token_counts_linears_and_causal_attention():
     assert flops_per_token(model, 127) == 2 * linear + 3 * 4 * d * 64
     rec = against_peak(model, tokens_per_second=1000.0, seqlen=127)
     assert rec["achieved_gflops"] == pytest.approx(flops_per_token(model, 127) * 1000 / 1e9, abs=0.01)
+
+
+@pytest.mark.parametrize("loaded,save,expect", [("bfloat16", "source", "F32"), ("float32", "bfloat16", "BF16")])
+def test_saving_in_another_precision_leaves_the_model_as_it_was(model_dir, tmp_path, loaded, save, expect):
+    from comprune import save_pretrained
+    model, tok = load(model_dir, dtype=loaded)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    save_pretrained(model, tok, tmp_path / "out", dtype=save)
+    assert _dtypes(tmp_path / "out") == {expect}
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["dtype"] == {"F32": "float32", "BF16": "bfloat16"}[expect]
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    assert all(torch.equal(b, buffers[k]) and b.dtype == buffers[k].dtype for k, b in model.named_buffers())
+    again, _ = load(tmp_path / "out", dtype=loaded)  # what was written is the model, to the saved precision
+    ids = torch.randint(0, 90, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = again(ids).logits.float(), model(ids).logits.float()
+    if expect == "F32":  # bf16 -> float32 -> bf16 is exact
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
