@@ -28,7 +28,8 @@ METHODS = "comp,llm-pruner,flap,layer-drop,wanda-sp"
 def command_line(args) -> str:
     return (f"python benchmarks/compare.py --model {args.model} --ratios {args.ratios} --methods {args.methods} "
             f"--max-tokens {args.max_tokens} --subset {args.subset} --speed-tokens {args.speed_tokens}"
-            + (" --zeroshot-full" if args.zeroshot_full else ""))
+            + (" --zeroshot-full" if args.zeroshot_full else "") + (f" --dtype {args.dtype}"
+                                                                     if args.dtype != "float32" else ""))
 
 
 def write_doc(args):
@@ -252,6 +253,9 @@ def main(argv=None):
     ap.add_argument("--skip", default="")
     ap.add_argument("--redo", default="", help="stages to measure again: prune (time, memory), speed, llamacpp")
     ap.add_argument("--redo-tag", default=None, help="name of the --redo pass (resume it with the same tag)")
+    ap.add_argument("--dtype", default="float32",
+                    help="float32 (default: the precision the recorded results were made in; a results directory "
+                         "never mixes precisions), or auto / bfloat16 with another --out")
     ap.add_argument("--zeroshot-full", action="store_true",
                     help="also the seven tasks' full sets for dense and every method at 20 %% (hours; resumable per "
                          "task and method)")
@@ -265,7 +269,7 @@ def main(argv=None):
                 ppl_max_tokens=args.max_tokens, zeroshot_subset=args.subset, speed_tokens=args.speed_tokens,
                 zeroshot_cache_dir=str(HERE / "cache" / "lm_eval"),
                 skip=[s for s in args.skip.split(",") if s], redo=[s for s in args.redo.split(",") if s],
-                redo_tag=args.redo_tag, zeroshot_full=args.zeroshot_full)
+                redo_tag=args.redo_tag, zeroshot_full=args.zeroshot_full, dtype=args.dtype)
     write_doc(args)
 
 
