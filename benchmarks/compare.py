@@ -78,7 +78,8 @@ def write_doc(args):
         f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores (pruning times, memory and speeds measured on "
         f"the quiet machine, evaluations while it was shared: see the caveats; the relative speed is measured "
         f"alternately with the dense model to cancel drift), "
-        f"torch {torch.__version__}, transformers {transformers.__version__}, float32.",
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{res['settings'].get('dtype', 'float32')}.",
         "",
         "## Results",
         "",

@@ -25,9 +25,9 @@ whenever the weights change: the harness hashes only the request text, never the
 The harness's `cache_requests` (built-request cache) is not used: its key ignores `samples` and the data
 files, so it would return the wrong examples for a subset.
 
-Per-example results: `per_example=True` adds to each task `doc_ids` (sorted; "all" for 0..n-1) and `correct`, a string of
-"0"/"1" per example in that order for the task's paper metric: what a paired test between two models needs
-(evaluate.significance).
+Per-example results: `per_example=True` adds to each task `doc_ids` (sorted; "all" for 0..n-1) and `correct`,
+a string of "0"/"1" per example in that order for the task's paper metric: what a paired test between two
+models needs (evaluate.significance).
 """
 from __future__ import annotations
 
