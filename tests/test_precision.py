@@ -58,6 +58,8 @@ def test_real_probe_is_short_and_cached():
     shape = (8, 32, 48)
     rate = precision.matmul_gflops(torch.float32, shape, seconds=0.01)
     assert rate > 0 and precision.matmul_gflops(torch.float32, shape, seconds=0.01) == rate
+    m, k, n = precision.probe_shape({"hidden_size": 4096, "intermediate_size": 14336})
+    assert k == 4096 and 2 * m * k * n <= precision.PROBE_MAX_FLOP  # an emulated bf16 still answers in < 1 s
 
 
 @pytest.mark.parametrize("bf16,expect", [(0.9, torch.float32), (500.0, torch.bfloat16)])

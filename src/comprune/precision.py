@@ -7,7 +7,8 @@ even probed (one such matmul would take a large part of a second). CUDA: bfloat1
 else float16.
 
 The probe times `tokens x hidden @ hidden x intermediate` (the MLP's up projection, the most common matmul of a
-forward) for ~0.1 s per precision and is cached per process, so every load in a process agrees. Its GFLOP/s is
+forward; wide ones on a slice of their columns, at most 0.5 GFLOP per matmul) for ~0.1 s per precision and
+is cached per process, so every load in a process agrees. Its GFLOP/s is
 also the "peak" the evaluator's achieved rate is reported against (`evaluate.hardware`).
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 PROBE_SHAPE = (128, 576, 1536)  # tokens, hidden, intermediate when the model's own are not known (SmolLM2-135M)
 PROBE_SECONDS = 0.1             # per precision; the whole decision stays well under a second
 BF16_MARGIN = 1.2               # bf16 must beat float32 by this much to be chosen (its rounding is not free)
+PROBE_MAX_FLOP = 5e8            # one probe matmul at most: a CPU that claims bf16 but emulates it (~1 GFLOP/s)
+                                # still answers within a second; wide MLPs are probed on a slice of their columns
 _PROBES: dict = {}
 
 
@@ -69,7 +72,8 @@ def probe_shape(config=None) -> tuple[int, int, int]:
         inter = max(inter) if inter else None
     if not (isinstance(hidden, int) and isinstance(inter, int) and hidden > 0 and inter > 0):
         return PROBE_SHAPE
-    return (PROBE_SHAPE[0], hidden, inter)
+    tokens = PROBE_SHAPE[0]
+    return (tokens, hidden, max(64, min(inter, int(PROBE_MAX_FLOP // (2 * tokens * hidden)))))
 
 
 def matmul_gflops(dtype: torch.dtype, shape=PROBE_SHAPE, device="cpu", seconds: float = PROBE_SECONDS) -> float:
