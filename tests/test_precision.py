@@ -77,14 +77,13 @@ def _dtypes(d):
         return {h.get_slice(k).get_dtype() for k in h.keys()}
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_prune_manifest_records_precision_and_saves_source_dtype(mock_cpu, model_dir, tmp_path, capsys, stream):
+def test_prune_manifest_records_precision_and_saves_source_dtype(mock_cpu, model_dir, tmp_path, capsys):
     from comprune.cli import main
     mock_cpu(["amx_bf16"], bf16=500.0)
     text = tmp_path / "calib.txt"
     text.write_text(" ".join("abc defg hij klmnop qrs tuv wxyz"[i % 7:] for i in range(400)))
     args = ["prune", str(model_dir), "--ratio", "0.3", "--layer-share", "0.5", "--nsamples", "4", "--seqlen", "32",
-            "--calib", str(text), "--json"] + (["--stream"] if stream else [])
+            "--calib", str(text), "--json"]
     assert main(args + ["--out", str(tmp_path / "src")]) == 0  # default --dtype auto, --save-dtype source
     out = json.loads(capsys.readouterr().out)
     manifest = json.loads((tmp_path / "src" / "pruning.json").read_text())
@@ -93,11 +92,29 @@ def test_prune_manifest_records_precision_and_saves_source_dtype(mock_cpu, model
     assert "probe_gflops" not in manifest["precision"]  # timings vary: the same prune gives the same manifest
     assert _dtypes(tmp_path / "src") == {"F32"}
     assert json.loads((tmp_path / "src" / "config.json").read_text())["dtype"] == "float32"
-    if stream:  # the streamed prune's conversion of staged blocks is covered; the flag itself is shared
-        return
     assert main(args + ["--out", str(tmp_path / "bf"), "--save-dtype", "compute"]) == 0
     assert json.loads((tmp_path / "bf" / "pruning.json").read_text())["precision"]["saved_dtype"] == "bfloat16"
     assert _dtypes(tmp_path / "bf") == {"BF16"}
+
+
+def test_streamed_prune_in_auto_precision_saves_the_source_dtype(mock_cpu, model_dir, tmp_path):
+    from comprune import PruneConfig, prune_streaming
+    from test_stream import calib
+    mock_cpu(["amx_bf16"], bf16=500.0)
+    rep = prune_streaming(model_dir, tmp_path / "out", PruneConfig(ratio=0.3, layer_share=0.5, batch_size=4),
+                          calibration=calib(), progress=False, dtype="auto")
+    man = json.loads((tmp_path / "out" / "pruning.json").read_text())
+    for rec in (rep.precision, man["precision"]):
+        assert rec["dtype"] == "bfloat16" and rec["requested"] == "auto" and rec["saved_dtype"] == "float32"
+    # staged (pruned) blocks computed in bf16 and copied tensors alike are written in float32
+    files = list((tmp_path / "out").glob("*.safetensors"))
+    assert len(files) > 1 and all(_dtypes_of(f) == {"F32"} for f in files)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
+
+
+def _dtypes_of(path):
+    with safe_open(str(path), "pt") as h:
+        return {h.get_slice(k).get_dtype() for k in h.keys()}
 
 
 def test_eval_json_records_precision_and_peak(mock_cpu, model_dir, tmp_path, capsys):
