@@ -27,7 +27,9 @@ METHODS = "comp,llm-pruner,flap,layer-drop,wanda-sp"
 
 def command_line(args) -> str:
     return (f"python benchmarks/compare.py --model {args.model} --ratios {args.ratios} --methods {args.methods} "
-            f"--max-tokens {args.max_tokens} --subset {args.subset} --speed-tokens {args.speed_tokens}")
+            f"--max-tokens {args.max_tokens} --subset {args.subset} --speed-tokens {args.speed_tokens}"
+            + (" --zeroshot-full" if args.zeroshot_full else "") + (f" --dtype {args.dtype}"
+                                                                     if args.dtype != "float32" else ""))
 
 
 def write_doc(args):
@@ -58,7 +60,9 @@ def write_doc(args):
         "the full test set at 20 %, the seven-task zero-shot average (BoolQ, PIQA, HellaSwag≈, WinoGrande, ARC-e, "
         "ARC-c, OBQA; acc/acc_norm as in the LLM-Pruner/FLAP/COMP tables) on the fixed 200-example subset at 20 %, "
         "and greedy generation speed (32 new tokens, batch 1, KV cache) relative to the dense model, measured "
-        "alternately with it.",
+        "alternately with it, in transformers and in llama.cpp (the model's GGUF f16 export run by xllamacpp: "
+        "prompt processing of the first 128 WikiText-2 test tokens and generation, alternating with the dense "
+        "export run by run).",
         "",
         "Made by:",
         "",
@@ -74,7 +78,8 @@ def write_doc(args):
         f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores (pruning times, memory and speeds measured on "
         f"the quiet machine, evaluations while it was shared: see the caveats; the relative speed is measured "
         f"alternately with the dense model to cancel drift), "
-        f"torch {torch.__version__}, transformers {transformers.__version__}, float32.",
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{res['settings'].get('dtype', 'float32')}.",
         "",
         "## Results",
         "",
@@ -97,7 +102,7 @@ def write_doc(args):
         "threads: 15–20 tokens/s absolute, dominated by per-operation overhead rather than by the weights, so the "
         "ratios say little about the compute saved (COMP 10 % keeps all 30 blocks and still shows ~1.2×; the "
         "dense model against a save→reload copy of itself measures 0.96–1.0×). The deployment figure is the "
-        "llama.cpp measurement in `benchmarks/results/gguf_speed.md` (COMP 20 %: 1.35× generation tokens/s in "
+        "llama.cpp column (and `benchmarks/results/gguf_speed.md`: COMP 20 %: 1.35× generation tokens/s in "
         "f16, 1.33× in q8_0). Peak RSS is each pruning process's own high-water mark (wait4's ru_maxrss through "
         "a small launcher process, or the VmHWM it reads of itself if larger); an in-memory prune pays the "
         f"runtime floor ({res.get('runtime_floor_mb') or 0:.0f} MB) before its own work. Records made before "
@@ -247,8 +252,14 @@ def main(argv=None):
     ap.add_argument("--speed-tokens", type=int, default=32)
     ap.add_argument("--subset", type=int, default=200)
     ap.add_argument("--skip", default="")
-    ap.add_argument("--redo", default="", help="stages to measure again: prune (time, memory), speed")
+    ap.add_argument("--redo", default="", help="stages to measure again: prune (time, memory), speed, llamacpp")
     ap.add_argument("--redo-tag", default=None, help="name of the --redo pass (resume it with the same tag)")
+    ap.add_argument("--dtype", default="float32",
+                    help="float32 (default: the precision the recorded results were made in; a results directory "
+                         "never mixes precisions), or auto / bfloat16 with another --out")
+    ap.add_argument("--zeroshot-full", action="store_true",
+                    help="also the seven tasks' full sets for dense and every method at 20 %% (hours; resumable per "
+                         "task and method)")
     ap.add_argument("--doc-only", action="store_true", help="only rewrite docs/comparison.md from the results")
     args = ap.parse_args(argv)
     if not args.doc_only:
@@ -259,7 +270,7 @@ def main(argv=None):
                 ppl_max_tokens=args.max_tokens, zeroshot_subset=args.subset, speed_tokens=args.speed_tokens,
                 zeroshot_cache_dir=str(HERE / "cache" / "lm_eval"),
                 skip=[s for s in args.skip.split(",") if s], redo=[s for s in args.redo.split(",") if s],
-                redo_tag=args.redo_tag)
+                redo_tag=args.redo_tag, zeroshot_full=args.zeroshot_full, dtype=args.dtype)
     write_doc(args)
 
 

@@ -153,8 +153,9 @@ def test_llm_pruner_refuses_to_stream(shards, tmp_path):
 
 
 def _cli_args(src, out, text, *extra):
+    # float32 as the API's reference run below (the CLI's default, auto, is bf16 on a BF16-capable CPU)
     return ["prune", str(src), "--stream", "--ratio", "0.3", "--layer-share", "0.5", "--nsamples", "4", "--seqlen",
-            "32", "--calib", str(text), "--out", str(out), "--json", *extra]
+            "32", "--calib", str(text), "--out", str(out), "--json", "--dtype", "float32", *extra]
 
 
 def test_stream_kill_and_resume(shards, tmp_path, capsys):

@@ -3,19 +3,32 @@ from __future__ import annotations
 
 import torch
 
-from . import deferred
+from . import deferred, precision
 from .errors import CompruneError
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def resolve_dtype(dtype) -> torch.dtype:
+def resolve_dtype(dtype, device="cpu", config=None) -> torch.dtype:
+    """A torch dtype from a name; "auto" (or None) is the fastest precision of `device` (comprune.precision)."""
+    return resolve_precision(dtype, device, config)[0]
+
+
+def resolve_precision(dtype, device="cpu", config=None) -> tuple[torch.dtype, precision.Choice]:
+    """(torch dtype, the record of how it was chosen) for a dtype name, "auto" or None."""
     if isinstance(dtype, torch.dtype):
-        return dtype
+        return dtype, precision.fixed(dtype, device)
+    if dtype in (None, "auto"):
+        choice = precision.choose(device if isinstance(device, torch.device) else resolve_device(device), config)
+        return _DTYPES[choice.dtype], choice
     if dtype not in _DTYPES:
-        raise CompruneError(f"unknown dtype '{dtype}': use one of float32, float16, bfloat16")
-    return _DTYPES[dtype]
+        raise CompruneError(f"unknown dtype '{dtype}': use one of auto, float32, float16, bfloat16")
+    return _DTYPES[dtype], precision.fixed(_DTYPES[dtype], device)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def resolve_device(device: str | None) -> torch.device:

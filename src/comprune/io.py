@@ -67,13 +67,59 @@ def publish(tmp: Path, out_dir: Path):
         os.replace(tmp, out_dir)
 
 
-def save_pretrained(model, tokenizer, out_dir, report=None, force: bool = False, _crash_after_weights=False) -> Path:
-    """Atomically write a loadable model directory; `report` (PruneReport or dict) becomes pruning.json."""
+def save_dtype(model, requested: str | None = "source") -> torch.dtype:
+    """The precision saved weights are written in: "source" (default: the precision the model was loaded from,
+    when comprune.load recorded it, else the one it computes in), "compute", or a dtype name."""
+    computed = next(model.parameters()).dtype
+    if requested in (None, "source"):
+        name = (getattr(model, "comprune_precision", None) or {}).get("source_dtype")
+        return _SAVE_DTYPES.get(name, computed)
+    if requested == "compute":
+        return computed
+    if requested not in _SAVE_DTYPES:
+        raise CompruneError(f"unknown save dtype '{requested}': use source, compute, float32, float16 or bfloat16")
+    return _SAVE_DTYPES[requested]
+
+
+_SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def save_weights(model, tmp: Path, target: torch.dtype):
+    """model.save_pretrained in `target` precision, the model itself unchanged afterwards. Wider than the model's
+    (bf16 computed, float32 source): the parameters are cast in place and back, which is exact both ways, so no
+    second copy is held. Narrower: a state dict copy in `target` (smaller than the model)."""
+    computed = next(model.parameters()).dtype
+    if target == computed:
+        model.save_pretrained(tmp, safe_serialization=True)
+    elif torch.finfo(target).bits >= torch.finfo(computed).bits:
+        params = [p for p in model.parameters() if p.is_floating_point()]
+        try:
+            for p in params:
+                p.data = p.data.to(target)
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            for p in params:
+                p.data = p.data.to(computed)
+    else:
+        state = {k: v.to(target) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+        del state
+        cfg_path = tmp / "config.json"  # transformers names the model's own dtype there
+        cfg = json.loads(cfg_path.read_text())
+        cfg["dtype"] = str(target).removeprefix("torch.")
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def save_pretrained(model, tokenizer, out_dir, report=None, force: bool = False, dtype: str | None = "source",
+                    _crash_after_weights=False) -> Path:
+    """Atomically write a loadable model directory; `report` (PruneReport or dict) becomes pruning.json.
+    Weights are written in `dtype` (see save_dtype); the model in memory keeps its own precision."""
     out_dir = Path(out_dir)
     check_target(out_dir, force)
+    target = save_dtype(model, dtype)
     tmp = Path(tempfile.mkdtemp(prefix=hidden_prefix(out_dir) + "partial-", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_weights(model, tmp, target)
         if _crash_after_weights:  # test hook: a crash between weights and manifest
             raise KeyboardInterrupt("simulated crash")
         if tokenizer is not None:
@@ -81,7 +127,11 @@ def save_pretrained(model, tokenizer, out_dir, report=None, force: bool = False,
         add_auto_map(tmp, model)
         report = report if report is not None else getattr(model, "comprune_report", None)
         if report is not None:
+            if isinstance(getattr(report, "precision", None), dict):  # the report (--json) says it too
+                report.precision["saved_dtype"] = str(target).removeprefix("torch.")
             manifest = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+            if isinstance(manifest.get("precision"), dict):
+                manifest["precision"] = {**manifest["precision"], "saved_dtype": str(target).removeprefix("torch.")}
             manifest["base_model_type"] = base_model_type(model.config)
             write_manifest(tmp / MANIFEST, manifest)
         publish(tmp, out_dir)

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from . import deferred, models  # noqa: F401 - models: registers comprune's per-layer-width classes with the Auto* factories
-from .devices import resolve_device, resolve_dtype
+from .devices import dtype_name, resolve_device, resolve_precision
 from .errors import CompruneError
 from .files import check_safetensors, read_config, refuse_pickles
 from .outputs import OutputLock, io_error
@@ -217,12 +217,41 @@ def check_loading_info(info: dict, path):
 
 
 def load(spec: str = DEFAULT_MODEL, dtype="float32", device="cpu", trust_remote_code: bool = False,
-         allow_pickle: bool = False):
+         allow_pickle: bool = False, compute_device=None):
     """Load (model, tokenizer) from any supported spec. Models are returned in eval mode. No code from the model
-    runs unless `trust_remote_code`; pickle weights (.bin) are refused unless `allow_pickle`."""
-    dtype = resolve_dtype(dtype)
+    runs unless `trust_remote_code`; pickle weights (.bin) are refused unless `allow_pickle`.
+
+    dtype "auto": the fastest precision of the device for this model's shapes (comprune.precision). The model
+    carries `comprune_precision`: the precision it runs in, how it was chosen, and the source's precision
+    (what a pruned copy is saved in unless asked otherwise). `compute_device`: where the model will compute,
+    if not where it is loaded (a prune processing blocks on a GPU), for "auto" to choose for."""
     device = resolve_device(device)
     spec = str(spec)
+    config = spec_config(spec)
+    dtype, choice = resolve_precision(dtype, resolve_device(compute_device) if compute_device else device, config)
+    model, tok = _load(spec, dtype, device, trust_remote_code, allow_pickle)
+    model.comprune_precision = {**choice.to_dict(), "source_dtype": source_dtype(spec, config, dtype)}
+    return model, tok
+
+
+def spec_config(spec: str) -> dict | None:
+    """A spec's config.json when it is on disk (embedded alias or directory), else None."""
+    if spec.lower() in EMBEDDED:
+        return read_config(embedded_cached_dir(spec.lower()))
+    p = Path(spec)
+    return read_config(p) if p.is_dir() and (p / "config.json").is_file() else None
+
+
+def source_dtype(spec: str, config: dict | None, loaded) -> str:
+    """The precision the source stores its weights in: its config's dtype; float32 for a (dequantised) GGUF;
+    else the precision it was loaded in."""
+    named = (config or {}).get("dtype") or (config or {}).get("torch_dtype")
+    if isinstance(named, str) and named in ("float32", "float16", "bfloat16"):
+        return named
+    return "float32" if spec.endswith(".gguf") else dtype_name(loaded)
+
+
+def _load(spec: str, dtype, device, trust_remote_code: bool, allow_pickle: bool):
     if spec.lower() in EMBEDDED:
         return load_dir(embedded_cached_dir(spec.lower()), dtype, device)
     p = Path(spec)

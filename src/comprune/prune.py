@@ -11,7 +11,7 @@ import transformers
 from .checkpoint import Checkpoint, run_fingerprint
 from .config import PruneConfig
 from .data import Calibration, get_calibration, heldout_windows
-from .devices import resolve_device
+from .devices import dtype_name, resolve_device
 from .errors import CompruneError
 from .files import tensor_digest_sample
 from .loading import count_params
@@ -49,6 +49,7 @@ class PruneReport:
     versions: dict = field(default_factory=dict)
     base_model: str | None = None
     details: dict = field(default_factory=dict)      # method-specific extras (e.g. flap bias, llm-pruner taylor)
+    precision: dict = field(default_factory=dict)    # the precision that ran, how it was chosen (and saved in)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -83,6 +84,17 @@ def _check_ratio(report, cfg, details):
             if cfg.round_to > 1 else "change --layer-share or --ratio")
     raise CompruneError(f"the pruned model removes {report.ratio_achieved:.4f} of the parameters, not the "
                         f"{report.ratio_requested} requested: {hint}")
+
+
+def precision_record(model) -> dict:
+    """The precision the model computed in (its parameters' dtype) and how it was chosen, when comprune.load
+    chose it; the statistics deciding the prune (Grams, inverses, least squares) are float32/float64 whatever
+    this is. The probe's rates are left out (they vary run to run; `comprune eval --json` reports them)."""
+    rec = dict(getattr(model, "comprune_precision", None) or {"requested": None, "reason": "model passed in"})
+    rec.pop("probe_gflops", None)  # timings vary run to run; a manifest is the same for the same prune
+    rec["dtype"] = dtype_name(next(model.parameters()).dtype)
+    rec["statistics"] = "float64 Grams and solves (float32 products accumulated in float64)"
+    return rec
 
 
 def _widths_text(widths):
@@ -164,7 +176,8 @@ def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Cali
         config=cfg.to_dict(), calibration=calibration.describe(), budget=budget.to_dict(),
         layer_scores=details.get("layer_scores", []), blocks=details.get("blocks", {}), versions=versions(),
         base_model=base_model,
-        details={k: v for k, v in details.items() if k not in ("removed_layers", "layer_scores", "blocks")})
+        details={k: v for k, v in details.items() if k not in ("removed_layers", "layer_scores", "blocks")},
+        precision=precision_record(model))
     assert len(kept) + len(report.removed_layers) == n_layers
     _check_ratio(report, cfg, details)
     model.comprune_report = report

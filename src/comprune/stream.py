@@ -30,11 +30,12 @@ from .calibration import calibration_in_child, load_tokenizer
 from .checkpoint import checkpoint_dir
 from .config import PruneConfig
 from .data import get_calibration
-from .devices import check_device_memory, pick_device, resolve_device, resolve_dtype
+from .devices import check_device_memory, dtype_name, pick_device, resolve_device, resolve_precision
 from .errors import CompruneError
 from .files import check_tensors_match, read_config, weights_digest_sample
 from .io import MANIFEST, add_auto_map, architecture, check_target, publish, write_manifest
-from .loading import EMBEDDED, embedded_cached_dir
+from .io import save_dtype as resolve_save_dtype
+from .loading import EMBEDDED, embedded_cached_dir, source_dtype
 from .memory import lean_allocator, peak_rss_mb, release_memory
 from .methods import METHODS
 from .models import get_adapter
@@ -42,7 +43,7 @@ from .models import lite as lite_models
 from .models.adapters import base_model_type
 from .outputs import sibling
 from .prune import prune
-from .shards import INDEX, ShardIndex, SourceTensor, rename_tensors, save_tensors
+from .shards import INDEX, ShardIndex, SourceTensor, read_header_and_base, read_tensors, rename_tensors, save_tensors
 from .skeleton import (
     STAGED,
     STREAM_ATTR,
@@ -56,6 +57,7 @@ from .skeleton import (
 )
 from .walk import spill_activations
 
+FLOAT_NAMES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # safetensors dtype names
 # Methods whose surgery touches blocks outside walk.resident (a run function's `streams = True` overrides).
 NOT_STREAMING = {"magnitude", "flap"}
 
@@ -116,21 +118,23 @@ def resolve_stream_source(spec) -> Path:
 # ------------------------------------------------------------------------------------------- the run
 def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer=None, resume: bool = False,
                     force: bool = False, progress: bool = True, dtype="float32", base_model: str | None = None,
-                    trust_remote_code: bool = False, data_dir=None, lite: bool = True):
+                    trust_remote_code: bool = False, data_dir=None, lite: bool = True, save_dtype="source"):
     """Prune the safetensors model in `model_dir` into `out_dir` holding one decoder block at a time.
 
     Same result as `prune(load(model_dir)); save_pretrained(...)` with the same config and calibration (same
     logits and manifest), but peak memory is the embeddings + head + one block + activations. Progress is
     checkpointed after every block (next to `out_dir`); `resume=True` continues a killed run. `lite=False`
     uses transformers' model classes even where comprune's plain-PyTorch ones (same results, less memory)
-    apply. Returns the PruneReport (also written as pruning.json)."""
+    apply. `dtype` "auto" chooses the compute precision as comprune.load does; weights are written in
+    `save_dtype` (io.save_dtype: by default the source's). Returns the PruneReport (also written as pruning.json)."""
     t0 = time.perf_counter()
     model_dir, out_dir = resolve_stream_source(model_dir), Path(out_dir)
     cfg = (config or PruneConfig()).validate()
     check_streamable(cfg.method)
     check_target(out_dir, force)
     cfg.device = pick_device(cfg.device)
-    dtype = resolve_dtype(dtype)
+    source_config = read_config(model_dir)
+    dtype, choice = resolve_precision(dtype, resolve_device(cfg.device), source_config)
     shards = ShardIndex(model_dir)
     lean_allocator()
     partial, ckpt_dir = partial_dir(out_dir), checkpoint_dir(out_dir)
@@ -151,6 +155,8 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
 
     model = build_skeleton(model_dir, dtype, trust_remote_code, seqlen=calibration.seqlen, lite=lite)
     adapter = get_adapter(model)
+    model.comprune_precision = {**choice.to_dict(), "source_dtype": source_dtype(str(model_dir), source_config, dtype)}
+    out_dtype = resolve_save_dtype(model, save_dtype)  # the skeleton's (meta) parameters carry the compute dtype
     run = StreamRun(shards, dtype, partial)
     run.stats["modules"] = "comprune-lite" if isinstance(model, lite_models.CausalLM) else "transformers"
     head = model.get_output_embeddings()
@@ -170,8 +176,10 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     run.stats["transformers_modeling_imported"] = "transformers.modeling_utils" in sys.modules
 
     # ---- write the output into the partial directory, then publish it atomically
-    total_size = _write_weights(model, adapter, run, len(layers), layers_prefix, report.params_after, cfg.method)
-    _write_config(model, dtype, partial)
+    total_size = _write_weights(model, adapter, run, len(layers), layers_prefix, report.params_after, cfg.method,
+                                out_dtype)
+    _write_config(model, out_dtype, partial)
+    report.precision["saved_dtype"] = dtype_name(out_dtype)
     if own_tokenizer and not tokenizer_saved:
         tokenizer = load_tokenizer(model_dir, required=False, trust_remote_code=trust_remote_code)
     if tokenizer is not None:
@@ -233,9 +241,10 @@ def _walk(model, tokenizer, cfg, calibration, progress, base_model, ckpt_dir: Pa
 
 
 def _write_weights(model, adapter, run: StreamRun, n_layers: int, layers_prefix: str, params_after: int,
-                   method: str) -> int:
-    """The kept blocks renumbered (one file each), the tensors outside the blocks, the index. Returns the bytes."""
-    partial, shards, dtype = run.partial, run.shards, run.dtype
+                   method: str, dtype: torch.dtype) -> int:
+    """The kept blocks renumbered (one file each), the tensors outside the blocks, the index, in `dtype`.
+    Returns the bytes."""
+    partial, shards = run.partial, run.shards
     weight_map: dict[str, str] = {}
     total_size = 0
     kept_layers = adapter.layers(model)
@@ -249,7 +258,8 @@ def _write_weights(model, adapter, run: StreamRun, n_layers: int, layers_prefix:
     for i in range(n_layers):
         if i not in kept_index:
             (partial / STAGED.format(i)).unlink(missing_ok=True)
-    rest = non_block_state(model, layers_prefix, shards, dtype)
+    rest = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+            for k, v in non_block_state(model, layers_prefix, shards, dtype).items()}
     save_tensors(rest, partial / "model-rest.safetensors")
     for k in rest:
         weight_map[k] = "model-rest.safetensors"
@@ -267,7 +277,15 @@ def _write_block(model, layer, path: Path, shards: ShardIndex, dtype, method: st
     stream: BlockStream = getattr(layer, STREAM_ATTR)
     new_prefix = module_prefix(model, layer)
     want = {new_prefix + k: tuple(v.shape) for k, v in layer.state_dict().items()}
-    if stream.staged is not None:
+    if stream.staged is not None and _staged_dtype(stream.staged) != dtype:  # computed in another precision
+        tensors = {new_prefix + k.removeprefix(stream.prefix): v.to(dtype) if v.is_floating_point() else v
+                   for k, v in read_tensors(stream.staged).items()}
+        got = {k: tuple(v.shape) for k, v in tensors.items()}
+        save_tensors(tensors, path)
+        stream.staged.unlink()
+        stream.staged = None
+        del tensors
+    elif stream.staged is not None:
         header = rename_tensors(stream.staged, path, lambda k: new_prefix + k.removeprefix(stream.prefix))
         stream.staged = None
         got = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
@@ -282,6 +300,13 @@ def _write_block(model, layer, path: Path, shards: ShardIndex, dtype, method: st
         raise CompruneError(f"block {stream.index}: the written tensors do not match the pruned model "
                             f"({method} changed the block outside walk.resident, so it cannot stream)")
     return list(want)
+
+
+def _staged_dtype(path: Path):
+    """The floating-point dtype of a staged block file, from its header (None when it has no float tensor)."""
+    header, _ = read_header_and_base(path)
+    names = {v["dtype"] for k, v in header.items() if k != "__metadata__"} & set(FLOAT_NAMES)
+    return FLOAT_NAMES[names.pop()] if len(names) == 1 else None
 
 
 def _write_config(model, dtype, partial: Path):

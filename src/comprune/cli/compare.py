@@ -31,7 +31,8 @@ def cmd_compare(args) -> int:
                      dtype=args.dtype, keep_models=args.keep_models, skip=skip, progress=not args.json,
                      zeroshot_cache_dir=args.zeroshot_cache_dir,
                      stream_ratios=floats(args.stream_ratios) if args.stream_ratios else None,
-                     redo=[x.strip() for x in (args.redo or "").split(",") if x.strip()], redo_tag=args.redo_tag)
+                     redo=[x.strip() for x in (args.redo or "").split(",") if x.strip()], redo_tag=args.redo_tag,
+                     zeroshot_full=args.zeroshot_full)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -56,9 +57,13 @@ def add_command(sub):
     p.add_argument("--full-ratio", type=float, default=0.2, help="ratio evaluated on the full test set too (-1: none)")
     p.add_argument("--zeroshot-ratio", type=float, default=0.2, help="ratio with zero-shot scores (-1: none)")
     p.add_argument("--subset", type=int, default=200, help="zero-shot examples per task (fixed-seed draw)")
+    p.add_argument("--zeroshot-full", action="store_true",
+                   help="also evaluate the seven tasks' full sets at the zero-shot ratio (hours on a CPU; resumable "
+                        "per task and method; per-example results for paired tests); --subset stays the quick mode")
     p.add_argument("--zeroshot-cache-dir", default=None,
                    help="lm_eval response cache, JSON in sqlite (default: OUT/zeroshot-cache)")
-    p.add_argument("--speed-tokens", type=int, default=64, help="new tokens per generation-speed run")
+    p.add_argument("--speed-tokens", type=int, default=64,
+                   help="new tokens per generation-speed run (transformers and llama.cpp)")
     p.add_argument("--stream-ratios", default=None,
                    help="ratios at which methods that can stream are also pruned with --stream, for its time and "
                         "memory (default: the zero-shot ratio)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from ..errors import CompruneError
+from ..evaluate.hardware import against_peak, use_sdpa
 from ..evaluate.perplexity import perplexity
 from ..evaluate.zeroshot import evaluate_zeroshot, format_zeroshot_table
 from ..loading import load
@@ -19,25 +20,34 @@ def cmd_eval(args) -> int:
     seqlens = ints(args.seqlen)
     model, tok = load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
                       allow_pickle=args.allow_pickle)
+    use_sdpa(model)
+    precision = model.comprune_precision
     results = []
     if args.ppl:
         for seqlen in seqlens:
             r = perplexity(model, tok, args.ppl, seqlen=seqlen, max_tokens=args.max_tokens,
                            batch_size=args.batch_size, data_dir=args.data_dir, progress=not args.json)
-            results.append({"model": args.model, **r})
+            results.append({"model": args.model, **r, "precision": precision,
+                            "hardware": against_peak(model, r["tokens_per_second"], seqlen)})
     zeroshot = None
     if getattr(args, "tasks", None):
         zeroshot = evaluate_zeroshot(model, tok, args.tasks, limit=args.limit, subset=args.subset,
                                      data_dir=args.data_dir, batch_size=args.batch_size or 16,
                                      progress=not args.json)
+        zeroshot["precision"] = precision
     if args.json:
         out = results[0] if len(results) == 1 and zeroshot is None else (
-            {"model": args.model, "perplexity": results, "zeroshot": zeroshot} if zeroshot else results)
+            {"model": args.model, "precision": precision, "perplexity": results, "zeroshot": zeroshot} if zeroshot
+            else results)
         print(json.dumps(out, indent=2))
     else:
         if results:
-            print(table(results, ["model", "dataset", "seqlen", "windows", "tokens", "ppl", "seconds",
-                                  "tokens_per_second"]))
+            rows = [{**r, "dtype": r["dtype"], "GFLOP/s": r["hardware"]["achieved_gflops"],
+                     "of peak": r["hardware"]["fraction_of_peak"]} for r in results]
+            print(table(rows, ["model", "dataset", "seqlen", "windows", "tokens", "ppl", "seconds",
+                               "tokens_per_second", "dtype", "GFLOP/s", "of peak"]))
+            print(f"precision: {precision['dtype']} ({precision['reason']}); peak = the {precision['dtype']} matmul "
+                  "probe on this model's MLP shape (comprune.evaluate.hardware)")
         if zeroshot is not None:
             print(format_zeroshot_table(zeroshot))
     return 0

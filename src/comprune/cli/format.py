@@ -38,8 +38,9 @@ def table(rows: list[dict], cols: list[str]) -> str:
 
 def add_common(p: argparse.ArgumentParser):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--dtype", default="float32", help="float32 (default; fastest on CPUs without AVX-512 bf16), "
-                   "float16, bfloat16")
+    p.add_argument("--dtype", default="auto", help="auto (default: bfloat16 on CPUs with AMX/AVX512_BF16 when a "
+                   "short matmul probe confirms it is faster, bfloat16 or float16 on CUDA, float32 otherwise), "
+                   "float32, float16, bfloat16")
     p.add_argument("--data-dir", default=None, help="data directory (default: $COMPRUNE_DATA, then ../shared/data)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run code shipped in the model directory (auto_map); never without this flag")

@@ -64,7 +64,8 @@ def cmd_prune_stream(args, cfg) -> int:
     out = check_output(Path(args.out), args.force)
     with guard_output(out, resume=args.resume, before=lambda: _refuse_stale_checkpoint(out, args)):
         report = prune_streaming(args.model, out, cfg, resume=args.resume, force=args.force, progress=not args.json,
-                                 dtype=args.dtype, base_model=args.model, trust_remote_code=args.trust_remote_code,
+                                 dtype=args.dtype, save_dtype=args.save_dtype, base_model=args.model,
+                                 trust_remote_code=args.trust_remote_code,
                                  data_dir=args.data_dir,
                                  lite=not getattr(args, "stream_transformers_modules", False))
     if args.json:
@@ -83,11 +84,11 @@ def cmd_prune(args) -> int:
     ckpt_dir = checkpoint_dir(out)
     with guard_output(out, resume=args.resume, before=lambda: _refuse_stale_checkpoint(out, args)):
         model, tok = load(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code,
-                          allow_pickle=args.allow_pickle)
+                          allow_pickle=args.allow_pickle, compute_device=cfg.device)
         calib = get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=args.data_dir)
         model, report = prune(model, tok, cfg, calibration=calib, progress=not args.json, base_model=args.model,
                               checkpoint_dir=ckpt_dir, resume=args.resume)
-        save_pretrained(model, tok, out, report, force=args.force)
+        save_pretrained(model, tok, out, report, force=args.force, dtype=args.save_dtype)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     if args.json:
         print(json.dumps({"out": str(out), **{k: v for k, v in report.to_dict().items() if k != "blocks"}}, indent=2))
@@ -156,5 +157,8 @@ def add_command(sub):
                    help="search: fitness windows, apart from the calibration windows (default 16)")
     p.add_argument("--damp", type=float, default=None, help=f"default {d.damp}")
     p.add_argument("--ridge", type=float, default=None, help=f"default {d.ridge}")
+    p.add_argument("--save-dtype", default="source", choices=["source", "compute", "float32", "float16", "bfloat16"],
+                   help="precision of the saved weights: source (default: the precision the model was stored in), "
+                        "compute (the --dtype that ran), or a dtype")
     add_common(p)
     p.set_defaults(func=cmd_prune)

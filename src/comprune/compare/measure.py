@@ -75,7 +75,7 @@ def prune_run(cmp, method: str, ratio: float, stream: bool = False) -> dict:
     rep = json.loads(stdout)
     keep = ("method", "ratio_requested", "ratio_achieved", "params_before", "params_after", "removed_layers",
             "kept_layers", "mlp_widths", "seconds", "peak_rss_mb", "calibration", "budget", "config", "details",
-            "versions")
+            "versions", "precision")
     rec = {k: rep.get(k) for k in keep}
     rec["wall_seconds"] = round(wall, 2)
     rec["command"] = " ".join(["python"] + cmd[1:])

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import deferred
+from ..evaluate.significance import average_stderr, compare_runs
 from .records import RSS_PROBE, ppl_key, read_json, run_name, write_json
 
 
@@ -19,7 +20,7 @@ def rows(out: Path, settings: dict) -> list[dict]:
         p = rec.get("prune", {})
         ppl = rec.get("ppl", {})
         get = lambda key: ppl.get(key, {}).get("ppl")  # noqa: E731
-        zs = rec.get("zeroshot", {})
+        zs, zf = rec.get("zeroshot", {}), rec.get("zeroshot_full", {})
         rows.append({
             "method": rec["method"], "ratio": rec["ratio"],
             "ratio_achieved": p.get("ratio_achieved", 0.0 if name == "dense" else None),
@@ -29,6 +30,10 @@ def rows(out: Path, settings: dict) -> list[dict]:
             **{f"ppl{s}": get(ppl_key(s, False, max_tokens)) for s in seqlens},
             **{f"ppl{s}_full": get(ppl_key(s, True, max_tokens)) for s in seqlens},
             "avg7": zs.get("average"), "zeroshot_tasks": {t: v.get(v.get("metric", "acc")) for t, v in zs.get("tasks", {}).items()} or None,
+            "avg7_stderr": _avg_stderr(zs),
+            "avg7_full": zf.get("average") if len(zf.get("tasks", {})) == 7 else None,
+            "avg7_full_stderr": _avg_stderr(zf) if len(zf.get("tasks", {})) == 7 else None,
+            "zeroshot_full_tasks": {t: v.get(v["metric"]) for t, v in zf.get("tasks", {}).items()} or None,
             "prune_seconds": p.get("seconds"), "prune_wall_seconds": p.get("wall_seconds"),
             "peak_rss_mb": p.get("peak_rss_mb") if p.get("rss_probe") == RSS_PROBE else None,
             "stream_seconds": rec.get("stream", {}).get("seconds"),
@@ -36,27 +41,109 @@ def rows(out: Path, settings: dict) -> list[dict]:
             "stream_identical": rec.get("stream", {}).get("identical_to_in_memory"),
             "speed_relative": rec.get("speed", {}).get("relative", 1.0 if name == "dense" else None),
             "tokens_per_second": rec.get("speed", {}).get("tokens_per_second"),
+            **llamacpp_fields(rec, name == "dense"),
             "calibration_sha256": p.get("calibration", {}).get("sha256"),
             "errors": rec.get("errors") or None})
     return rows
 
 
+def _avg_stderr(zs: dict) -> float | None:
+    tasks = zs.get("tasks", {})
+    return average_stderr([t.get(f"{t.get('metric', 'acc')}_stderr") for t in tasks.values()]) if tasks else None
+
+
+def zeroshot_tests(out: Path, settings: dict) -> list[dict]:
+    """Paired tests at the zero-shot ratio, on the full sets and on the subset: every method against dense, and
+    COMP against every other method (runs without per-example results, e.g. older records, are left out)."""
+    ratio, methods = settings.get("zeroshot_ratio"), settings["methods"]
+    if ratio is None:
+        return []
+    recs = {m: read_json(out / "runs" / f"{run_name(m, ratio)}.json") for m in methods}
+    recs["dense"] = read_json(out / "runs" / "dense.json")
+    pairs = [(m, "dense") for m in methods] + [("comp", m) for m in methods if m != "comp" and "comp" in methods]
+    found = []
+    for stage in ("zeroshot_full", "zeroshot"):
+        for a, b in pairs:
+            test = compare_runs(recs[a].get(stage, {}).get("tasks", {}), recs[b].get(stage, {}).get("tasks", {}))
+            if test is not None:
+                found.append({"stage": stage, "a": a, "b": b, **test})
+    return found
+
+
+def tests_markdown(tests: list[dict]) -> str:
+    if not tests:
+        return ""
+    lines = ["", "", "Paired tests on per-example correctness (same examples for both; a − b in points of the "
+             "task average, paired bootstrap over each task's examples, 2,000 resamples; per-task exact McNemar "
+             "p-values):", "",
+             "| set | a | b | a − b (pts) | 95 % CI | p (bootstrap) | tasks with McNemar p < 0.05 |",
+             "|---|---|---|---:|---:|---:|---|"]
+    for t in tests:
+        avg = t["average"]
+        sig = [k for k, v in t["tasks"].items() if v["p"] < 0.05]
+        lines.append(f"| {'full' if t['stage'] == 'zeroshot_full' else 'subset'} | {t['a']} | {t['b']} | "
+                     f"{100 * avg['diff']:+.2f} | [{100 * avg['ci95'][0]:+.2f}, {100 * avg['ci95'][1]:+.2f}] | "
+                     f"{avg['p']:.3f} | {', '.join(sig) or 'none'} |")
+    return "\n".join(lines)
+
+
 def write_reports(out: Path, settings: dict) -> dict:
     """results.json, results.md and (with matplotlib) results.png from the run records; returns results.json."""
     found = rows(out, settings)
+    tests = zeroshot_tests(out, settings)
     shas = {r["calibration_sha256"] for r in found if r["calibration_sha256"]}
     floors = read_json(out / "runtime_floor.json")
     floor = floors.get("peak_rss_mb")
     result = {"settings": settings, "calibration_sha256": sorted(shas), "rows": found,
               "calibration_identical": len(shas) <= 1, "runtime_floor_mb": floor,
-              "stream_runtime_floor_mb": floors.get("stream_peak_rss_mb")}
+              "stream_runtime_floor_mb": floors.get("stream_peak_rss_mb"), "zeroshot_tests": tests}
     write_json(out / "results.json", result)
-    (out / "results.md").write_text(markdown_table(found, settings, shas, floor) + "\n")
+    (out / "results.md").write_text(markdown_table(found, settings, shas, floor) + tests_markdown(tests) + "\n")
     try:
         plot(found, out / "results.png", {**settings, "runtime_floor_mb": floor})
     except ImportError:
         pass
     return result
+
+
+def llamacpp_fields(rec: dict, dense: bool) -> dict:
+    lc = rec.get("llamacpp", {})
+    if dense:
+        return {"llamacpp_prompt_relative": 1.0, "llamacpp_gen_relative": 1.0}
+    return {"llamacpp_prompt_relative": lc.get("prompt_relative"), "llamacpp_gen_relative": lc.get("gen_relative"),
+            "llamacpp_prompt_tok_s": lc.get("prompt_tok_s"), "llamacpp_gen_tok_s": lc.get("gen_tok_s"),
+            "llamacpp_dense_prompt_tok_s": lc.get("reference_prompt_tok_s"),
+            "llamacpp_dense_gen_tok_s": lc.get("reference_gen_tok_s"), "llamacpp_arch": lc.get("arch"),
+            "llamacpp_skipped": lc.get("skipped")}
+
+
+def llamacpp_cell(r: dict) -> str:
+    if r.get("llamacpp_prompt_relative") is None:
+        return "- (skipped†)" if r.get("llamacpp_skipped") else "-"
+    arch = "" if r.get("llamacpp_arch") in (None, "llama", "qwen2") else f" ({r['llamacpp_arch']})"
+    return f"{r['llamacpp_prompt_relative']:.2f}× / {r['llamacpp_gen_relative']:.2f}×{arch}"
+
+
+def llamacpp_note(rows: list[dict]) -> str:
+    measured = [r for r in rows if r.get("llamacpp_dense_gen_tok_s")]
+    note = (" llama.cpp: the model exported to GGUF (f16) and run in llama.cpp (xllamacpp), prompt processing of "
+            "the first 128 WikiText-2 test tokens and greedy generation, alternating with the dense export run by "
+            "run; the ratio of medians (per-layer widths export to llama.cpp's `deci` arch, marked).")
+    if measured:
+        pp = sorted(r["llamacpp_dense_prompt_tok_s"] for r in measured)
+        tg = sorted(r["llamacpp_dense_gen_tok_s"] for r in measured)
+        note += (f" Dense in llama.cpp: {pp[len(pp) // 2]:.0f} prompt tok/s, {tg[len(tg) // 2]:.0f} generated tok/s "
+                 "(median over the runs' dense measurements).")
+    skipped = sorted({r["llamacpp_skipped"] for r in rows if r.get("llamacpp_skipped")})
+    if skipped:
+        note += " † skipped: " + "; ".join(skipped) + "."
+    return note
+
+
+def _avg_cell(avg, se) -> str:
+    if avg is None:
+        return "-"
+    return f"{100 * avg:.2f}" + ("" if se is None else f" ± {100 * se:.2f}")
 
 
 def _f(v, fmt="{:.2f}"):
@@ -68,7 +155,10 @@ def markdown_table(rows: list[dict], settings: dict, shas=(), floor_mb: float | 
     mt = settings["ppl_max_tokens"]
     head = ["method", "ratio (req → got)", "params (M)", "layers"]
     head += [f"PPL@{s} ({mt // 1024}k tok)" for s in seqlens] + [f"PPL@{s} full" for s in seqlens]
-    head += ["7-task avg (%)", "prune s", "peak RSS (MB)", "streamed: s / peak RSS (MB)", "gen tok/s vs dense"]
+    full_zs = any(r.get("avg7_full") is not None for r in rows)
+    head += ["7-task avg (%)"] + (["7-task avg, full sets (%)"] if full_zs else [])
+    head += ["prune s", "peak RSS (MB)", "streamed: s / peak RSS (MB)", "gen tok/s vs dense",
+             "llama.cpp prompt / gen tok/s vs dense"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
         ratio = "0" if r["method"] == "dense" else f"{r['ratio']:.2f} → {_f(r['ratio_achieved'], '{:.4f}')}"
@@ -76,8 +166,11 @@ def markdown_table(rows: list[dict], settings: dict, shas=(), floor_mb: float | 
         cells += [_f(r[f"ppl{s}"]) for s in seqlens] + [_f(r[f"ppl{s}_full"]) for s in seqlens]
         streamed = "-" if r.get("stream_peak_rss_mb") is None else \
             f"{r['stream_seconds']:.0f} / {r['stream_peak_rss_mb']:.0f}" + ("" if r["stream_identical"] else " (≠!)")
-        cells += [_f(100 * r["avg7"] if r["avg7"] is not None else None), _f(r["prune_seconds"], "{:.0f}"),
-                  _f(r["peak_rss_mb"], "{:.0f}"), streamed, _f(r["speed_relative"], "{:.2f}×")]
+        cells += [_avg_cell(r["avg7"], r.get("avg7_stderr"))]
+        if full_zs:
+            cells += [_avg_cell(r.get("avg7_full"), r.get("avg7_full_stderr"))]
+        cells += [_f(r["prune_seconds"], "{:.0f}"),
+                  _f(r["peak_rss_mb"], "{:.0f}"), streamed, _f(r["speed_relative"], "{:.2f}×"), llamacpp_cell(r)]
         if r.get("errors"):
             cells[0] += " (error: " + "; ".join(f"{k}" for k in r["errors"]) + ")"
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -85,11 +178,15 @@ def markdown_table(rows: list[dict], settings: dict, shas=(), floor_mb: float | 
             f"{settings['seed']}; sha256 " + (", ".join(s[:16] + "…" for s in sorted(shas)) or "-") +
             (" (identical for every method)" if len(shas) == 1 else " (DIFFERS between runs!)" if shas else "") +
             f". Zero-shot: {settings['zeroshot_tasks']}, subset {settings['zeroshot_subset']} per task, at ratio "
-            f"{settings['zeroshot_ratio']}; full-test-set perplexity at ratio {settings['full_ratio']}. "
+            f"{settings['zeroshot_ratio']}" + (" (and the full sets, when `--zeroshot-full` ran)" if
+                                              settings.get("zeroshot_full") else "") +
+            " (± the standard error of the average: the tasks' stderrs combined, sqrt(Σ se²) / 7)"
+            f"; full-test-set perplexity at ratio {settings['full_ratio']}. "
             "Peak RSS: the pruning process's own high-water mark (wait4's ru_maxrss through a small launcher, or its "
             "VmHWM if larger). Streamed: the same prune with "
             "`--stream` (one block in memory) in its own process; its weights equal the in-memory prune's "
             "(sha256) unless marked ≠.")
+    note += llamacpp_note(rows)
     if floor_mb:
         note += (f" Runtime floor: {floor_mb:.0f} MB is the peak RSS of a process that only imports comprune "
                  "(python, torch, transformers' modeling code) and builds the model's skeleton without weights; "

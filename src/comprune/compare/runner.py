@@ -12,9 +12,12 @@ from ..data import load_ids
 from ..errors import CompruneError
 from ..evaluate.perplexity import perplexity
 from ..evaluate.speed import relative_speed
-from ..evaluate.zeroshot import evaluate_zeroshot
-from ..loading import count_params, load
+from ..evaluate.significance import average_stderr
+from ..evaluate.zeroshot import average_note, evaluate_zeroshot, paper_average, parse_tasks
+from ..devices import resolve_precision
+from ..loading import count_params, load, spec_config
 from ..stream import can_stream
+from .llamacpp import llamacpp_speed
 from .measure import check_same_model, prune_run, runtime_floor
 from .records import (
     DEFAULT_METHODS,
@@ -39,7 +42,7 @@ class Comparison:
                  zeroshot_subset: int | None = 200, zeroshot_batch_size=16, speed_tokens=64, speed_repeats=3,
                  data_dir=None, dtype="float32", keep_models=False, skip=(), prune_args=None, progress=True,
                  dense_cache_key=None, zeroshot_cache_dir=None, python=None, stream_ratios=None, redo=(),
-                 redo_tag=None):
+                 redo_tag=None, zeroshot_full=False):
         for m in methods:
             if m not in METHODS:
                 raise CompruneError(f"unknown method '{m}': use some of {', '.join(METHODS)}")
@@ -63,8 +66,13 @@ class Comparison:
         self.full_ratio, self.zeroshot_ratio = full_ratio, zeroshot_ratio
         self.zeroshot_tasks, self.zeroshot_subset, self.zeroshot_batch_size = zeroshot_tasks, zeroshot_subset, \
             zeroshot_batch_size
+        self.zeroshot_full = bool(zeroshot_full)  # also the seven tasks' full sets (stage zeroshot_full)
         self.speed_tokens, self.speed_repeats = speed_tokens, speed_repeats
-        self.data_dir, self.dtype, self.keep_models, self.skip = data_dir, dtype, keep_models, set(skip)
+        self.data_dir, self.keep_models, self.skip = data_dir, keep_models, set(skip)
+        # "auto" is resolved once here, so every prune subprocess and evaluation runs the same concrete precision
+        # and a results directory made in one precision is never extended in another
+        self.precision = resolve_precision(dtype, "cpu", spec_config(str(model_spec)))[1].to_dict()
+        self.dtype = self.precision["dtype"]
         self.prune_args = dict(prune_args or {})
         self.show = progress
         self.dense_cache_key = dense_cache_key
@@ -87,7 +95,9 @@ class Comparison:
                 "ppl_seqlens": self.ppl_seqlens, "ppl_max_tokens": self.ppl_max_tokens,
                 "full_ratio": self.full_ratio, "zeroshot_ratio": self.zeroshot_ratio,
                 "zeroshot_tasks": self.zeroshot_tasks, "zeroshot_subset": self.zeroshot_subset,
+                "zeroshot_full": self.zeroshot_full,
                 "speed_tokens": self.speed_tokens, "speed_repeats": self.speed_repeats, "dtype": self.dtype,
+                "precision": self.precision,
                 "stream_ratios": self.stream_ratios,
                 "prune_args": self.prune_args}
 
@@ -159,10 +169,29 @@ class Comparison:
             yield key, perplexity(model, tok, "wikitext2", seqlen=s, max_tokens=None if full else self.ppl_max_tokens,
                                   ids=self.wikitext_ids(tok), progress=self.show)
 
-    def eval_zeroshot(self, model, tok, cache_key: str) -> dict:
-        return evaluate_zeroshot(model, tok, self.zeroshot_tasks, subset=self.zeroshot_subset,
-                                 data_dir=self.data_dir, batch_size=self.zeroshot_batch_size, progress=self.show,
-                                 cache_key=cache_key, cache_dir=self.zeroshot_cache_dir)
+    def eval_zeroshot(self, name: str, stage: str, rec: dict, model, tok, cache_key: str) -> dict:
+        """Zero-shot scores task by task into rec[stage], saved after each task (a rerun does only the missing
+        ones): the fixed-seed subset for "zeroshot" (the quick mode), the full sets for "zeroshot_full". Every
+        example's correctness is kept for the paired tests (evaluate.significance)."""
+        subset = self.zeroshot_subset if stage == "zeroshot" else None
+        res = rec.setdefault(stage, {"tasks": {}})
+        for task in parse_tasks(self.zeroshot_tasks):
+            if task in res["tasks"]:
+                continue
+            r = evaluate_zeroshot(model, tok, [task], subset=subset, data_dir=self.data_dir,
+                                  batch_size=self.zeroshot_batch_size, progress=self.show, cache_key=cache_key,
+                                  cache_dir=self.zeroshot_cache_dir, per_example=True)
+            res["tasks"][task] = {**r["tasks"][task], "seconds": r["seconds"]}
+            res.update({k: v for k, v in r.items() if k in ("harness_version", "subset", "subset_rule", "limit")})
+            res["seconds"] = round(sum(t.get("seconds", 0) for t in res["tasks"].values()), 1)
+            res["average"] = paper_average(res["tasks"])
+            res["average_stderr"] = average_stderr([t.get(f"{t['metric']}_stderr") for t in res["tasks"].values()])
+            res["average_metric_note"] = average_note(list(res["tasks"]))
+            self._save(name, rec)
+        return res
+
+    def zeroshot_missing(self, stage: str, rec: dict) -> bool:
+        return bool(set(parse_tasks(self.zeroshot_tasks)) - set(rec.get(stage, {}).get("tasks", {})))
 
     def redo_pending(self, name: str, stage: str, rec: dict) -> bool:
         return stage in self.redo and name != "dense" and stage in rec and \
@@ -177,7 +206,9 @@ class Comparison:
             return any(self.ppl_key(s, stage == "full") not in rec.get("ppl", {}) for s in self.ppl_seqlens)
         if stage == "prune":
             return name != "dense" and rec.get("prune", {}).get("rss_probe") != RSS_PROBE
-        if stage == "speed":
+        if stage in ("zeroshot", "zeroshot_full"):
+            return (stage == "zeroshot" or self.zeroshot_full) and self.zeroshot_missing(stage, rec)
+        if stage in ("speed", "llamacpp"):
             return name != "dense" and stage not in rec
         if stage == "stream":
             return name != "dense" and can_stream(rec["method"]) and \
@@ -222,7 +253,7 @@ class Comparison:
             check_same_model(name, rec["prune"], new)
             new["superseded"] = {k: rec["prune"].get(k) for k in ("seconds", "peak_rss_mb", "wall_seconds")}
             if not self.same_evaluations(name, rec, new):
-                for stage_result in ("ppl", "speed", "zeroshot", "eval_seconds"):
+                for stage_result in ("ppl", "speed", "llamacpp", "zeroshot", "zeroshot_full", "eval_seconds"):
                     rec.pop(stage_result, None)  # a different model: everything is measured again
         if stage in self.redo:
             new["redo_tag"] = self.redo_tag
@@ -257,11 +288,15 @@ class Comparison:
                                           repeats=self.speed_repeats)
             if stage in self.redo:
                 rec["speed"]["redo_tag"] = self.redo_tag
-        elif stage == "zeroshot":
+        elif stage == "llamacpp":
+            rec["llamacpp"] = llamacpp_speed(self, name, self.model_dir(name), tok)
+            if stage in self.redo:
+                rec["llamacpp"]["redo_tag"] = self.redo_tag
+        elif stage in ("zeroshot", "zeroshot_full"):
             calib = rec.get("prune", {}).get("calibration", {}).get("sha256", "")[:12]
             key = ((self.dense_cache_key or f"{self.model_spec}-dense-{self.dtype}") if is_dense else
                    f"compare-{self.model_spec}-{name}-{calib}-{self.dtype}")
-            rec["zeroshot"] = self.eval_zeroshot(model, tok, key)
+            self.eval_zeroshot(name, stage, rec, model, tok, key)
         rec.setdefault("eval_seconds", {})[stage] = round(time.perf_counter() - t0, 1)
 
     def plan(self) -> list[tuple[str, str]]:
@@ -272,11 +307,14 @@ class Comparison:
         steps = [("dense", "ppl")]
         for r in first + rest:
             for m in self.methods:
-                steps += [(run_name(m, r), s) for s in ("prune", "stream", "ppl", "speed")]
+                steps += [(run_name(m, r), s) for s in ("prune", "stream", "ppl", "speed", "llamacpp")]
         if first:
             steps += [("dense", "zeroshot")] + [(run_name(m, r), "zeroshot") for r in first for m in self.methods]
         if self.full_ratio is not None and any(abs(r - self.full_ratio) < 1e-9 for r in self.ratios):
             steps += [("dense", "full")] + [(run_name(m, self.full_ratio), "full") for m in self.methods]
+        if first and self.zeroshot_full:  # hours of CPU: last, after every quick number
+            steps += [("dense", "zeroshot_full")] + [(run_name(m, r), "zeroshot_full") for r in first
+                                                     for m in self.methods]
         return steps
 
     def finished(self, name: str) -> bool:

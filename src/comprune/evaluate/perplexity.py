@@ -92,4 +92,5 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 128, 
     ppl = math.exp(nll / count)
     return {"dataset": dataset, "seqlen": seqlen, "max_tokens": max_tokens, "windows": int(windows.shape[0]),
             "tokens": int(windows.numel()), "ppl": ppl, "seconds": round(seconds, 3),
-            "tokens_per_second": round(windows.numel() / seconds, 1)}
+            "tokens_per_second": round(windows.numel() / seconds, 1),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}

@@ -24,6 +24,10 @@ subset, or a re-run after an interruption) only scores requests not seen before.
 whenever the weights change: the harness hashes only the request text, never the model. No key = no cache.
 The harness's `cache_requests` (built-request cache) is not used: its key ignores `samples` and the data
 files, so it would return the wrong examples for a subset.
+
+Per-example results: `per_example=True` adds to each task `doc_ids` (sorted; "all" for 0..n-1) and `correct`,
+a string of "0"/"1" per example in that order for the task's paper metric: what a paired test between two
+models needs (evaluate.significance).
 """
 from __future__ import annotations
 
@@ -170,6 +174,14 @@ def _metrics(task: str, res: dict, n: int) -> dict:
             "metric": PAPER_METRIC[task]}
 
 
+def _per_example(samples: list[dict], metric: str) -> dict:
+    """Each example's 0/1 score on `metric`, in doc_id order, as a compact string."""
+    rows = sorted((int(s["doc_id"]), s[metric]) for s in samples)
+    ids = [d for d, _ in rows]
+    return {"doc_ids": "all" if ids == list(range(len(ids))) else ids,  # a full set: 0..n-1
+            "correct": "".join("1" if v >= 0.5 else "0" for _, v in rows)}
+
+
 def paper_average(task_results: dict) -> float | None:
     vals = [r[r["metric"]] for r in task_results.values() if r.get(r["metric"]) is not None]
     return sum(vals) / len(vals) if vals else None
@@ -186,7 +198,7 @@ def average_note(names: list[str]) -> str:
 
 
 def evaluate_zeroshot(model, tokenizer, tasks, limit=None, subset=None, data_dir=None, batch_size=16,
-                      progress=True, seed=1234, cache_key=None, cache_dir=None) -> dict:
+                      progress=True, seed=1234, cache_key=None, cache_dir=None, per_example=False) -> dict:
     """Zero-shot acc/acc_norm of an in-memory HF causal LM on `tasks` (see the module docstring)."""
     names = parse_tasks(tasks)
     if limit is not None and subset is not None:
@@ -202,7 +214,8 @@ def evaluate_zeroshot(model, tokenizer, tasks, limit=None, subset=None, data_dir
     if not progress:  # the harness warns on every in-memory model; keep quiet output quiet
         log.setLevel(logging.ERROR)
     try:
-        return _run(model, tokenizer, names, configs, version, limit, subset, batch_size, seed, cache_key, cache_dir)
+        return _run(model, tokenizer, names, configs, version, limit, subset, batch_size, seed, cache_key, cache_dir,
+                    per_example)
     finally:
         log.setLevel(level)
 
@@ -228,7 +241,8 @@ def _json_cache(lm, path):
     lm.lm.set_cache_hook(CacheHook(lm))  # the hook holds the db it writes partial results to
 
 
-def _run(model, tokenizer, names, configs, version, limit, subset, batch_size, seed, cache_key, cache_dir):
+def _run(model, tokenizer, names, configs, version, limit, subset, batch_size, seed, cache_key, cache_dir,
+         per_example=False):
     lm_eval = deferred.lm_eval("evaluator", "api.model", "models.huggingface", "tasks")
     CachingLM, HFLM, TaskManager = lm_eval.api.model.CachingLM, lm_eval.models.huggingface.HFLM, lm_eval.tasks.TaskManager
     random.seed(seed)  # the harness seeds these itself in simple_evaluate; mirror it
@@ -243,12 +257,14 @@ def _run(model, tokenizer, names, configs, version, limit, subset, batch_size, s
     for task_obj in loaded["tasks"].values():
         task_obj.set_fewshot_seed(seed=seed)
     samples = {t: subset_indices(n, subset, seed) for t, (_, n) in configs.items()} if subset else None
-    out = lm_eval.evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, samples=samples, log_samples=False,
+    out = lm_eval.evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, samples=samples, log_samples=per_example,
                              bootstrap_iters=1000)  # acc means use the closed-form stderr; 0 would drop it
     results = {}
     for t in names:
         n = out["n-samples"][t]["effective"]
         results[t] = _metrics(t, out["results"][t], n)
+        if per_example:
+            results[t].update(_per_example(out["samples"][t], PAPER_METRIC[t]))
     return {"harness_version": version, "tasks": results, "average": paper_average(results),
             "average_metric_note": average_note(names), "subset": subset,
             "subset_rule": f"sorted(random.Random({seed}).sample(range(n_docs), {subset}))" if subset else None,

@@ -71,3 +71,36 @@ def token_logprob(server, ids: list[int], target: int, plain: int, n_vocab: int)
     step = probs["content"][0]
     require(step["id"] == target, f"llama.cpp sampled {step['id']}, not the forced token {target}")
     return float(step["logprob"])
+
+
+def _timed(server, prompt_ids: list[int], new_tokens: int) -> tuple[float, float]:
+    """(prompt tokens/s, generation tokens/s) of one greedy completion, from llama.cpp's own timings."""
+    out = complete(server, {"prompt": list(prompt_ids), "n_predict": new_tokens, "temperature": 0,
+                            "ignore_eos": True, "cache_prompt": False})
+    t = out["timings"]
+    require(t["predicted_n"] == new_tokens, f"llama.cpp generated {t['predicted_n']} tokens, not {new_tokens}")
+    return float(t["prompt_per_second"]), float(t["predicted_per_second"])
+
+
+def relative_llamacpp_speed(gguf_path, reference_path, prompt_ids: list[int], new_tokens: int = 64,
+                            repeats: int = 3, threads: int = 2) -> dict:
+    """llama.cpp prompt-processing and generation tokens/s of `gguf_path` and of `reference_path` (the dense
+    export), measured alternately run by run (drifting background load hits both alike), after a warm-up each
+    (weight repacking, page faults); medians and their ratios."""
+    import statistics
+    n_ctx = len(prompt_ids) + new_tokens + 8
+    servers = [llamacpp_server(p, n_ctx=n_ctx, threads=threads) for p in (gguf_path, reference_path)]
+    for s in servers:
+        _timed(s, prompt_ids, min(8, new_tokens))
+    runs = [[], []]
+    for _ in range(repeats):
+        for i, s in enumerate(servers):
+            runs[i].append(_timed(s, prompt_ids, new_tokens))
+    (pp, tg), (ref_pp, ref_tg) = ((statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
+                                  for rs in runs)
+    del servers
+    return {"prompt_tokens": len(prompt_ids), "new_tokens": new_tokens, "repeats": repeats, "threads": threads,
+            "prompt_tok_s": round(pp, 1), "gen_tok_s": round(tg, 1),
+            "reference_prompt_tok_s": round(ref_pp, 1), "reference_gen_tok_s": round(ref_tg, 1),
+            "prompt_relative": round(pp / ref_pp, 4), "gen_relative": round(tg / ref_tg, 4),
+            "runtime": f"xllamacpp {getattr(deferred.xllamacpp(), '__version__', '?')}"}
