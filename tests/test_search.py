@@ -71,6 +71,16 @@ def _fitness(model, cfg):
     return Fitness(model, adapter, [], db, ids[12:], cfg), ladder, db
 
 
+def test_single_windows_score_what_their_batches_score():
+    """The cheap stages read windows one by one (kwargs sliced per row): over all windows they must give the
+    batched KL."""
+    model = tiny_model("llama", layers=3)
+    fit, ladder, _ = _fitness(model, _search_cfg())
+    levels = {0: 1, 1: ladder.top, 2: 2}
+    assert fit(levels, fit.windows) == pytest.approx(fit(levels), rel=1e-5)
+    assert fit(levels) > fit({0: 0, 1: 0, 2: 0}) >= 0
+
+
 def test_evolution_resumes_where_it_was_killed(tmp_path):
     model = tiny_model("llama", layers=3)
     cfg = _search_cfg()

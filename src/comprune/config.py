@@ -50,8 +50,9 @@ class PruneConfig:
     search_nsamples: int = 16          # fitness windows, held apart from the calibration windows
     search_levels: int = 16            # ladder: a level removes width / search_levels neurons
     search_max_share: float = 0.75     # no block loses more than this share of its MLP
-    search_offspring: int = 16
+    search_offspring: int = 8
     search_survivors: int = 2
+    search_filter: int = 2             # windows of the cheap stages: error curves, and offspring before the survivors
     head_share: float = 0.0            # fraction of the non-layer budget taken from attention (0: MLPs only)
     head_unit: str = "query"           # what attention loses: "query" heads (as many per KV group) or whole "kv" groups
     # Stage 3 (mask tuning)
@@ -108,7 +109,8 @@ class PruneConfig:
         if self.nsamples < 1 or self.batch_size < 1 or self.chunk < 0 or self.round_to < 1:
             raise CompruneError("nsamples, batch_size and round_to must be >= 1, chunk >= 0")
         if self.search_generations < 0 or self.search_time < 0 or self.search_nsamples < 1 or self.search_levels < 2 \
-                or not 0 < self.search_max_share < 1 or self.search_offspring < 1 or self.search_survivors < 1:
+                or not 0 < self.search_max_share < 1 or self.search_offspring < 1 or self.search_survivors < 1 \
+                or self.search_filter < 1:
             raise CompruneError("search settings out of range: generations and time >= 0, nsamples and offspring >= 1, "
                                 "levels >= 2, max share in (0, 1)")
         if self.damp < 0 or self.ridge < 0:

@@ -83,6 +83,9 @@ class Fitness:
         self.x0 = capture(model, adapter, fit_ids, cfg.batch_size, cfg.device)
         self.nbatches = len(self.x0.hidden)
         self.ref = [self._logprobs(h).half() for h in self._run(self.x0, range(len(self.layers))).hidden]
+        # Single windows for the cheap stages (error curves, offspring filter): the LM head over the vocabulary
+        # costs as much as a third of the blocks, so those stages read few tokens.
+        self.windows = [(b, j) for b in range(self.nbatches) for j in range(self.x0.hidden[b].shape[0])]
         self.evaluations = 0
 
     def _logprobs(self, h: torch.Tensor) -> torch.Tensor:
@@ -106,31 +109,53 @@ class Fitness:
                     down.weight.data = dense
         return acts
 
+    def subset(self, windows=None) -> tuple[Activations, list[torch.Tensor]]:
+        """Block-0 inputs and reference log-probabilities of some windows ((batch, row) pairs), or of all, as
+        batches of the same shapes."""
+        if windows is None:
+            return self.x0, self.ref
+        hidden, kwargs, ref = [], [], []
+        for b, j in windows:
+            hidden.append(self.x0.hidden[b][j:j + 1])
+            kwargs.append(_row_kwargs(self.x0.kwargs[b], j, self.x0.hidden[b].shape[0]))
+            ref.append(self.ref[b][j:j + 1])
+        return Activations(hidden, kwargs), ref
+
     @torch.inference_mode()
-    def __call__(self, levels: dict, batches=None, start: int | None = None, acts: Activations | None = None) -> float:
-        """Mean per-token KL of the stitched model at `levels` on `batches` (all by default). With `start` and
-        `acts` (the inputs of block `start` for those batches), only the blocks from `start` on run."""
-        batches = list(range(self.nbatches)) if batches is None else list(batches)
-        if acts is None:
-            acts = Activations([self.x0.hidden[b] for b in batches], [self.x0.kwargs[b] for b in batches])
+    def __call__(self, levels: dict, windows=None, start: int | None = None, acts: Activations | None = None) -> float:
+        """Mean per-token KL of the stitched model at `levels` on `windows` (all by default). With `start` and
+        `acts` (the inputs of block `start` for those windows), only the blocks from `start` on run."""
+        x0, refs = self.subset(windows)
+        acts = x0 if acts is None else acts
         blocks = [i for i in self.kept if start is None or i >= start]
         out = self._run(acts, blocks, levels)
         total, count = 0.0, 0
-        for b, h in zip(batches, out.hidden):
-            ref = self.ref[b].float()
+        for ref, h in zip(refs, out.hidden):
+            ref = ref.float()
             total += float((ref.exp() * (ref - self._logprobs(h))).sum())
             count += ref.shape[0] * ref.shape[1]
         self.evaluations += 1
         return total / max(count, 1)
 
-    def block_inputs(self, batches) -> dict[int, Activations]:
-        """Dense (layer-pruned) inputs of every kept block on `batches`."""
-        acts = Activations([self.x0.hidden[b] for b in batches], [self.x0.kwargs[b] for b in batches])
+    def block_inputs(self, windows) -> dict[int, Activations]:
+        """Dense (layer-pruned) inputs of every kept block on `windows`."""
+        acts, _ = self.subset(windows)
         out = {}
         for i in self.kept:
             out[i] = acts
             acts = self._run(acts, [i])
         return out
+
+
+def _row_kwargs(kwargs: dict, j: int, rows: int) -> dict:
+    """A block's kwargs for row j of its batch: per-row tensors (masks, positions) sliced, shared ones kept."""
+    def pick(v):
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == rows and rows > 1:  # not cache_position
+            return v[j:j + 1]
+        if isinstance(v, tuple):
+            return tuple(pick(x) for x in v)
+        return v
+    return {k: pick(v) for k, v in kwargs.items()}
 
 
 def dp_allocate(costs: dict[int, list[float]], total: int) -> dict[int, int]:
@@ -193,7 +218,8 @@ def evolve(fitness: Fitness, start: dict, top: int, cfg, state_file: Path | None
         rng = random.Random(f"{cfg.seed}:{gen}")
         kids = [mutate(parent, top, rng, rng.randint(1, 3)) for _ in range(cfg.search_offspring)]
         kids = [k for k in kids if k != parent] or kids
-        few = [gen % fitness.nbatches]  # stage 1: one rotating batch
+        n = len(fitness.windows)
+        few = [fitness.windows[(gen * cfg.search_filter + k) % n] for k in range(cfg.search_filter)]  # stage 1
         ranked = sorted(kids, key=lambda k: fitness(k, few))[: cfg.search_survivors]
         scored = [(fitness(k), k) for k in ranked]  # stage 2: every fitness window
         fit, kid = min(scored, key=lambda s: s[0])
@@ -224,7 +250,7 @@ def search_allocation(model, adapter, acts, removed: list[int], n_remove: int, c
                          f"{ladder.top} per block")
     db = build_database(model, adapter, acts, kept, ladder, cfg, show)
     fitness = Fitness(model, adapter, removed, db, fit_ids, cfg)
-    few = [0]
+    few = fitness.windows[: cfg.search_filter]
     inputs = fitness.block_inputs(few)
     costs = {}
     for i in progress(kept, "COMP search: error curves", show):
