@@ -87,24 +87,31 @@ def test_remote_code_never_runs_without_the_flag(base, tmp_path, where):
         assert "[y/N]" not in r["stdout"] + r["stderr"], kind
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed yet: transformers 5's AutoTokenizer always loads AutoConfig, and a "
-                   "comprune_<family> config with an AutoConfig auto_map makes it prompt; needs a stock model_type "
-                   "for adaptive outputs (docs/reliability.md, known limits)")
 def test_comprune_adaptive_output_loads_in_stock_tokenizer_without_prompt(base, tmp_path, capsys):
-    """Outputs with per-layer widths carry an auto_map for the model; the tokenizer must not ask for it."""
+    """Outputs with per-layer widths carry an auto_map for the model; the tokenizer must not ask for it. Their
+    config.json names the stock model_type, so stock transformers without the flag must refuse the model (size
+    mismatch), never load it wrong; comprune loads its per-layer class."""
     src, text = base
     out = tmp_path / "adaptive"
     code, err = main(prune_args(src, out, text, "--width-allocation", "adaptive"), capsys)
     assert code == 0, err[-2000:]
-    assert "auto_map" in json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    assert "auto_map" in cfg and len(set(cfg["intermediate_sizes"])) > 1, cfg
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-c", "import sys; from transformers import AutoTokenizer; "
-                        "AutoTokenizer.from_pretrained(sys.argv[1]); print('ok')", str(out)],
-                       capture_output=True, text=True, input="", timeout=120,
-                       env={**os.environ, "PYTHONPATH": ""})  # stock transformers, without comprune
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-1500:]
-    assert "custom code" not in r.stdout + r.stderr
+    probe = ("import sys; from transformers import AutoTokenizer, AutoModelForCausalLM\n"
+             "AutoTokenizer.from_pretrained(sys.argv[1]); print('tokenizer ok')\n"
+             "try:\n    AutoModelForCausalLM.from_pretrained(sys.argv[1]); print('loaded a wrong model')\n"
+             "except Exception as e:\n    print('refused', type(e).__name__)\n")
+    r = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True, input="",
+                       timeout=120, env={**os.environ, "PYTHONPATH": ""})  # stock transformers, without comprune
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert r.stdout.split() == ["tokenizer", "ok", "refused", "RuntimeError"], r.stdout + r.stderr[-1500:]
+    assert "custom code" not in r.stdout + r.stderr and "[y/N]" not in r.stdout + r.stderr
+    import comprune
+    model, _ = comprune.load(str(out))
+    assert type(model).__name__ == "CompruneLlamaForCausalLM"
+    assert model.config.intermediate_sizes == cfg["intermediate_sizes"]
 
 
 # ------------------------------------------------------------------------------ pickles (2)

@@ -170,7 +170,7 @@ def load_dir(path: str | os.PathLike, dtype=torch.float32, device="cpu", trust_r
              allow_pickle: bool = False):
     AutoTokenizer = deferred.auto_tokenizer()
     path = Path(path)
-    read_config(path)
+    config_dict = read_config(path)
     pickles = refuse_pickles(path, allow_pickle)
     if not pickles:
         if not check_safetensors(path):
@@ -181,9 +181,11 @@ def load_dir(path: str | os.PathLike, dtype=torch.float32, device="cpu", trust_r
     except Exception as e:  # noqa: BLE001 - any tokenizer failure is one line
         raise load_error(e, path, "tokenizer") from None
     try:
+        per_layer = models.per_layer_config(path, config_dict)  # comprune's own outputs: no remote code needed
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                            use_safetensors=not pickles, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True)  # reported below
+                                                           ignore_mismatched_sizes=True,  # reported below
+                                                           **({"config": per_layer} if per_layer else {}))
     except pickle.UnpicklingError as e:
         raise CompruneError(f"torch's restricted unpickler refused the weights in {path} "
                             f"({str(e).splitlines()[0][:120]}): the pytorch_model.bin pickle holds objects other "
