@@ -157,6 +157,29 @@ def test_malicious_pickle_is_one_line(base, tmp_path, capsys, kind):
     assert not marker.exists()
 
 
+def test_compare_passes_the_consent_flags_to_its_prunes(base, tmp_path, capsys, monkeypatch):
+    """compare prunes in processes of its own: --allow-pickle / --trust-remote-code must reach them (and the
+    dense model it loads itself). (Without them each prune refuses, naming the flag: test_pickle_weights_need_allow_pickle.)"""
+    from comprune.compare.runner import Comparison
+    monkeypatch.setattr(Comparison, "runtime_floor", lambda self: {})  # its own two processes: not under test
+    src, text = base
+    d = with_pickle_weights(src, tmp_path / "bin")
+    out = tmp_path / "cmp"
+    argv = ["compare", d, "--methods", "layer-drop", "--ratios", "0.5", "--out", out, "--calib", text,
+            "--nsamples", "4", "--seqlen", "32", "--skip", "ppl,speed,stream,zeroshot,full", "--json"]
+    run = out / "runs" / "layer-drop-r0.50.json"
+    from comprune.errors import CompruneError
+    with pytest.raises(CompruneError, match="--allow-pickle"):
+        Comparison(str(d), [0.5], ["layer-drop"], out).dense()
+    code, err = main(argv + ["--allow-pickle", "--trust-remote-code"], capsys)
+    assert code == 0, err[-2000:]
+    rec = json.loads(run.read_text())
+    assert not rec.get("errors") and rec["prune"]["params_after"] < rec["prune"]["params_before"], rec
+    assert {"--allow-pickle", "--trust-remote-code"} <= set(rec["prune"]["command"].split())
+    model, _ = Comparison(str(d), [0.5], ["layer-drop"], out, allow_pickle=True).dense()
+    assert model.config.num_hidden_layers == 4
+
+
 def test_zeroshot_cache_is_not_a_pickle(tmp_path):
     """lm_eval's CachingLM pickles into sqlite: comprune's cache stores JSON, and compare keeps it in its --out."""
     pytest.importorskip("lm_eval")

@@ -31,7 +31,8 @@ def cmd_compare(args) -> int:
                      dtype=args.dtype, keep_models=args.keep_models, skip=skip, progress=not args.json,
                      zeroshot_cache_dir=args.zeroshot_cache_dir,
                      stream_ratios=floats(args.stream_ratios) if args.stream_ratios else None,
-                     redo=[x.strip() for x in (args.redo or "").split(",") if x.strip()], redo_tag=args.redo_tag)
+                     redo=[x.strip() for x in (args.redo or "").split(",") if x.strip()], redo_tag=args.redo_tag,
+                     trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
