@@ -2,8 +2,9 @@
 
 Usage: python _fault_driver.py SPEC.json  (prints one JSON result per job on stdout, as a list), or
 python _fault_driver.py --serve: one interpreter for a whole test session (tests/_reliability.py): reads one
-SPEC path per line on stdin ({"jobs": [...], "environ": {...}, "cwd": "..."}: the caller's environment and
-directory, which every job starts from), writes the results to SPEC.out and prints `done SPEC`.
+SPEC path per line on stdin ({"jobs": [...], "environ": {...}, "cwd": "...", "together": false}: the caller's
+environment and directory, which every job starts from; with `together` all jobs run at once), writes the
+results to SPEC.out and prints `done SPEC`.
 
 SPEC is a list of jobs: {"argv": [...], "env": {...}, "cwd": "...", "stdin": "...",
 "kill_at_rename": N, "enospc_at_rename": N, "enospc_on_write_over": BYTES}.
@@ -88,50 +89,57 @@ def _child(job: dict, count_path: str):
     return main(job["argv"])
 
 
-def run(jobs: list[dict], environ: dict | None = None, cwd: str | None = None) -> list[dict]:
-    results = []
-    for job in jobs:
-        with tempfile.TemporaryDirectory() as tmp:
-            out, err, cnt = (os.path.join(tmp, n) for n in ("out", "err", "count"))
-            stdin = os.path.join(tmp, "in")
-            with open(stdin, "w") as f:
-                f.write(job.get("stdin", ""))
+def run(jobs: list[dict], environ: dict | None = None, cwd: str | None = None, together: bool = False) -> list[dict]:
+    """The jobs one after the other, or (`together`) all started at once and then waited for."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if together:
+            started = [_start(job, os.path.join(tmp, str(i)), environ, cwd) for i, job in enumerate(jobs)]
+            return [_finish(*s) for s in started]
+        return [_finish(*_start(job, os.path.join(tmp, str(i)), environ, cwd)) for i, job in enumerate(jobs)]
+
+
+def _start(job: dict, tmp: str, environ, cwd) -> tuple[int, str]:
+    os.mkdir(tmp)
+    out, err, cnt = (os.path.join(tmp, n) for n in ("out", "err", "count"))
+    stdin = os.path.join(tmp, "in")
+    with open(stdin, "w") as f:
+        f.write(job.get("stdin", ""))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.dup2(os.open(stdin, os.O_RDONLY), 0)
+            os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT), 1)
+            os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT), 2)
+            if environ is not None:
+                os.environ.clear()
+                os.environ.update(environ)
+            os.environ.update(job.get("env", {}))
+            if job.get("cwd") or cwd:
+                os.chdir(job.get("cwd") or cwd)
+            code = _child(job, cnt)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 1
+        finally:
             sys.stdout.flush()
             sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                code = 1
-                try:
-                    fd_in = os.open(stdin, os.O_RDONLY)
-                    fd_out = os.open(out, os.O_WRONLY | os.O_CREAT)
-                    fd_err = os.open(err, os.O_WRONLY | os.O_CREAT)
-                    os.dup2(fd_in, 0)
-                    os.dup2(fd_out, 1)
-                    os.dup2(fd_err, 2)
-                    if environ is not None:
-                        os.environ.clear()
-                        os.environ.update(environ)
-                    os.environ.update(job.get("env", {}))
-                    if job.get("cwd") or cwd:
-                        os.chdir(job.get("cwd") or cwd)
-                    code = _child(job, cnt)
-                except SystemExit as e:
-                    code = e.code if isinstance(e.code, int) else 1
-                except BaseException:
-                    import traceback
-                    traceback.print_exc()
-                    code = 1
-                finally:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(code if isinstance(code, int) else 1)
-            _, status = os.waitpid(pid, 0)
-            rc = os.waitstatus_to_exitcode(status)
-            read = lambda p: open(p, errors="replace").read() if os.path.exists(p) else ""  # noqa: E731
-            sites = read(cnt).splitlines()
-            results.append({"rc": rc, "stdout": read(out), "stderr": read(err), "renames": len(sites),
-                            "sites": sites})
-    return results
+            os._exit(code if isinstance(code, int) else 1)
+    return pid, tmp
+
+
+def _finish(pid: int, tmp: str) -> dict:
+    _, status = os.waitpid(pid, 0)
+    rc = os.waitstatus_to_exitcode(status)
+    read = lambda n: open(os.path.join(tmp, n), errors="replace").read() \
+        if os.path.exists(os.path.join(tmp, n)) else ""  # noqa: E731
+    sites = read("count").splitlines()
+    return {"rc": rc, "stdout": read("out"), "stderr": read("err"), "renames": len(sites), "sites": sites}
 
 
 def serve():
@@ -141,7 +149,7 @@ def serve():
             continue
         with open(path) as f:
             batch = json.load(f)
-        results = run(batch["jobs"], batch.get("environ"), batch.get("cwd"))
+        results = run(batch["jobs"], batch.get("environ"), batch.get("cwd"), batch.get("together", False))
         with open(path + ".out", "w") as f:
             json.dump(results, f)
         print(f"done {path}", flush=True)

@@ -72,13 +72,14 @@ def main(argv, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def jobs(specs: list[dict], tmp_path: Path, timeout=600) -> list[dict]:
+def jobs(specs: list[dict], tmp_path: Path, timeout=600, together: bool = False) -> list[dict]:
     """Run CLI jobs in forked children of one interpreter that lives for the whole test session (see
     _fault_driver.py): well under a second each instead of ~6 s of imports per fresh interpreter. Each job
-    starts from this process's current environment and directory, as a subprocess would."""
+    starts from this process's current environment and directory, as a subprocess would; `together` runs
+    them all at once (concurrent processes)."""
     spec = tmp_path / f"jobs-{os.getpid()}-{random.random():.9f}.json"
     spec.write_text(json.dumps({"jobs": [{**s, "argv": [str(a) for a in s["argv"]]} for s in specs],
-                                "environ": dict(os.environ), "cwd": os.getcwd()}))
+                                "environ": dict(os.environ), "cwd": os.getcwd(), "together": together}))
     driver = _driver()
     driver.stdin.write(f"{spec}\n")
     driver.stdin.flush()

@@ -195,12 +195,11 @@ def test_busy_output_is_refused_at_once(env, tmp_path, capsys, mode):
 
 
 def test_two_prunes_at_once(env, tmp_path):
-    """Two real runs into one --out: one finishes, the other refuses at once (not after all its work)."""
+    """Two real runs (concurrent processes) into one --out: one finishes, the other refuses at once (not after
+    all its work)."""
     out = tmp_path / "out"
-    import sys
-    cmd = [sys.executable, "-m", "comprune.cli", *map(str, prune_args(env["src"], out, env["text"]))]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    res = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    res = [(r["rc"], r["stderr"]) for r in jobs([{"argv": prune_args(env["src"], out, env["text"])}] * 2, tmp_path,
+                                                together=True)]
     codes = sorted(c for c, _ in res)
     assert codes[0] == 0, res
     if codes[1] != 0:  # the second one either found the output busy or, started later, already existing
