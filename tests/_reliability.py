@@ -2,11 +2,15 @@
 in-process or in forked children with faults (tests/_fault_driver.py), and the "one clean line" check."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
+import select
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -53,11 +57,14 @@ def cli(*args, env=None, stdin: str | None = "", cwd=None, timeout=300) -> subpr
 
 
 def main(argv, capsys) -> tuple[int, str]:
-    """The CLI in this process: (exit code, stderr). An escaping exception is a failure (a traceback)."""
+    """The CLI in this process: (exit code, stderr). An escaping exception is a failure (a traceback). A
+    streamed prune's calibration child is a fork of this process (tests/_forked_calibration.py)."""
     from comprune.cli import main as cli_main
+    from _forked_calibration import forked_calibration
     capsys.readouterr()
     try:
-        code = cli_main([str(a) for a in argv])
+        with forked_calibration():
+            code = cli_main([str(a) for a in argv])
     except SystemExit as e:  # argparse
         code = e.code
     except BaseException as e:  # noqa: BLE001
@@ -65,15 +72,60 @@ def main(argv, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def jobs(specs: list[dict], tmp_path: Path, timeout=600) -> list[dict]:
-    """Run CLI jobs in forked children of one interpreter (see _fault_driver.py): ~1 s each instead of ~6 s."""
+def jobs(specs: list[dict], tmp_path: Path, timeout=600, together: bool = False) -> list[dict]:
+    """Run CLI jobs in forked children of one interpreter that lives for the whole test session (see
+    _fault_driver.py): well under a second each instead of ~6 s of imports per fresh interpreter. Each job
+    starts from this process's current environment and directory, as a subprocess would; `together` runs
+    them all at once (concurrent processes)."""
     spec = tmp_path / f"jobs-{os.getpid()}-{random.random():.9f}.json"
-    spec.write_text(json.dumps([{**s, "argv": [str(a) for a in s["argv"]]} for s in specs]))
-    r = subprocess.run([sys.executable, str(DRIVER), str(spec)], capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])})
-    assert r.returncode == 0, r.stderr[-3000:]
+    spec.write_text(json.dumps({"jobs": [{**s, "argv": [str(a) for a in s["argv"]]} for s in specs],
+                                "environ": dict(os.environ), "cwd": os.getcwd(), "together": together}))
+    driver = _driver()
+    driver.stdin.write(f"{spec}\n")
+    driver.stdin.flush()
+    deadline = time.monotonic() + timeout
+    while True:
+        ready, _, _ = select.select([driver.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        line = driver.stdout.readline() if ready else ""
+        if not line:
+            _stop_driver()
+            raise AssertionError(f"fault driver {'timed out' if not ready else 'died'}: "
+                                 f"{_DRIVER_LOG.read_text()[-3000:] if _DRIVER_LOG else ''}")
+        if line.strip() == f"done {spec}":
+            break
+    out = Path(f"{spec}.out")
+    results = json.loads(out.read_text())
     spec.unlink()
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    out.unlink()
+    return results
+
+
+_DRIVER = None
+_DRIVER_LOG = None
+
+
+def _driver() -> subprocess.Popen:
+    global _DRIVER, _DRIVER_LOG
+    if _DRIVER is None or _DRIVER.poll() is not None:
+        _DRIVER_LOG = Path(tempfile.mkstemp(prefix="comprune-fault-driver-", suffix=".log")[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+        _DRIVER = subprocess.Popen([sys.executable, str(DRIVER), "--serve"], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=open(_DRIVER_LOG, "w"), text=True, env=env)
+        atexit.register(_stop_driver)
+    return _DRIVER
+
+
+def _stop_driver():
+    global _DRIVER
+    if _DRIVER is not None:
+        try:
+            _DRIVER.stdin.close()
+            _DRIVER.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            _DRIVER.kill()
+        _DRIVER = None
+        if _DRIVER_LOG is not None:
+            _DRIVER_LOG.unlink(missing_ok=True)
 
 
 def assert_clean_error(code, stderr, *needles):

@@ -1,8 +1,6 @@
 """COMP: exactness of surgery, ratio accounting, scores against their definitions, mask tuning, bad input."""
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -242,25 +240,30 @@ def _tiny_dir(tmp_path):
     return d
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "comprune.cli", *args], capture_output=True, text=True, timeout=600)
+def _cli(tmp_path, *commands):
+    """CLI runs, each a process of its own (forked by the session's fault driver: tests/_reliability.jobs)."""
+    from types import SimpleNamespace
+    from _reliability import jobs
+    return [SimpleNamespace(returncode=r["rc"], stdout=r["stdout"], stderr=r["stderr"])
+            for r in jobs([{"argv": list(c)} for c in commands], tmp_path)]
 
 
 def test_cli_prune_writes_model_and_manifest(tmp_path):
     d = _tiny_dir(tmp_path)
     out = tmp_path / "pruned"
-    r = _cli("prune", str(d), "--ratio", "0.2", "--nsamples", "8", "--seqlen", "32", "--out", str(out), "--json")
+    r, = _cli(tmp_path, ["prune", d, "--ratio", "0.2", "--nsamples", "8", "--seqlen", "32", "--out", out, "--json"])
     assert r.returncode == 0, r.stderr
     man = json.loads((out / "pruning.json").read_text())
     for key in ("method", "ratio_requested", "ratio_achieved", "params_before", "params_after", "removed_layers",
                 "mlp_widths", "seconds", "peak_rss_mb", "config", "calibration", "kept_layers", "versions"):
         assert key in man
     assert man["calibration"]["source"] == "c4" and len(man["calibration"]["sha256"]) == 64
-    r = _cli("eval", str(out), "--seqlen", "32", "--max-tokens", "128", "--json")
+    r, again = _cli(tmp_path, ["eval", out, "--seqlen", "32", "--max-tokens", "128", "--json"],
+                    ["prune", d, "--ratio", "0.2", "--nsamples", "8", "--seqlen", "32", "--out", out])
     assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["ppl"] > 1
     # refuses to overwrite
-    r = _cli("prune", str(d), "--ratio", "0.2", "--nsamples", "8", "--seqlen", "32", "--out", str(out))
-    assert r.returncode == 2 and "--force" in r.stderr
+    assert again.returncode == 2 and "--force" in again.stderr
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -274,7 +277,7 @@ def test_cli_prune_bad_input_writes_nothing(tmp_path, args, needle):
     short = tmp_path / "short.txt"
     short.write_text("a short calibration text " * 10)
     args = [str(short) if a == "SHORT" else a for a in args]
-    r = _cli("prune", str(d), "--nsamples", "4", "--seqlen", "16", "--out", str(out), *args)
+    r, = _cli(tmp_path, ["prune", d, "--nsamples", "4", "--seqlen", "16", "--out", out, *args])
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".never*"))

@@ -126,6 +126,33 @@ def test_nonuniform_deci_matches_transformers(tmp_path, qtype):
     assert diff < TOL[qtype]
 
 
+@needs_llamacpp
+def test_per_layer_heads_deci_matches_transformers(tmp_path):
+    """Issue #18 item 8: GQA groups pruned unevenly (per-layer query/KV head counts) plus uneven MLPs, saved by
+    comprune (base model_type + auto_map), export to llama.cpp's deci arch, which loads it and gives
+    transformers' next-token log-probs within the f32 tolerance."""
+    from comprune import save_pretrained
+    from comprune.models import get_adapter
+    from comprune.surgery import finalize_config, prune_heads, prune_mlp
+    model = tiny_model("llama", layers=4, heads=4, kv_heads=2, vocab=VOCAB)
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    prune_heads(adapter, layers[1], torch.tensor([1]))  # 2 of 4 query heads, 1 of 2 KV heads
+    prune_heads(adapter, layers[3], torch.tensor([0]))
+    prune_mlp(adapter, layers[2], torch.arange(0, 128, 3))
+    finalize_config(model, adapter)
+    src = tmp_path / "m"
+    save_pretrained(model, None, src)
+    save_tokenizer(src)
+    cfg = json.loads((src / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["num_key_value_heads_per_layer"] == [2, 1, 2, 1]
+    info = export_gguf(src, tmp_path / "m.gguf", "f32")
+    assert info["arch"] == "deci"
+    diff = max_logprob_diff(model, src, info["path"], prompts(), exact=True)
+    print(f"per-layer heads deci f32: max |dlogprob| = {diff:.2e}")
+    assert diff < TOL["f32"]
+
+
 @pytest.mark.slow
 @needs_llamacpp
 def test_qwen2_matches_transformers(tmp_path):

@@ -12,6 +12,7 @@ from comprune import Calibration, PruneConfig, prune, save_pretrained
 from comprune.errors import CompruneError
 from comprune.models import get_adapter
 from comprune.surgery import drop_layers, finalize_config, prune_mlp
+from _reliability import word_tokenizer
 from conftest import tiny_model
 
 IDS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(4))
@@ -61,13 +62,21 @@ def test_nonuniform_roundtrip_comprune_and_remote_code(tmp_path):
     assert model.config.model_type == "comprune_llama"
     assert model.config.intermediate_sizes == [128, 40, 0, 72]
     expect = logits(model)
-    save_pretrained(model, None, tmp_path / "m")
+    save_pretrained(model, word_tokenizer(), tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_comprune.CompruneLlamaForCausalLM"
+    assert cfg["model_type"] == "llama"  # stock AutoTokenizer reads it without remote code
     assert (tmp_path / "m" / "modeling_comprune.py").is_file()
-    from transformers import AutoModelForCausalLM
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()  # registered by import
+    again, _ = comprune.from_pretrained(tmp_path / "m")
+    assert type(again).__name__ == "CompruneLlamaForCausalLM" and again.config.model_type == "comprune_llama"
     assert torch.equal(expect, logits(again))
+    # the stock class without trust_remote_code refuses the per-layer shapes: never a wrong model
+    from transformers import AutoModelForCausalLM
+    with pytest.raises(RuntimeError, match="mismatch"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    # outputs of earlier versions (model_type comprune_llama in config.json) still load
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "model_type": "comprune_llama"}))
+    assert torch.equal(expect, logits(comprune.from_pretrained(tmp_path / "m")[0]))
     # stock transformers in a fresh process, no comprune import: remote code from the directory
     code = ("import sys, torch; from transformers import AutoModelForCausalLM as A; "
             f"m = A.from_pretrained({str(tmp_path / 'm')!r}, trust_remote_code=True, dtype=torch.float32).eval(); "

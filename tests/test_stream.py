@@ -1,6 +1,5 @@
 """Streaming prune (one block in memory, read from safetensors shards) equals the in-memory prune."""
 import json
-import os
 import random
 import subprocess
 import sys
@@ -166,17 +165,19 @@ def test_stream_kill_and_resume(shards, tmp_path, capsys):
     text.write_text(" ".join("".join(rng.choice("abcdefghij klmnop") for _ in range(rng.randint(2, 9)))
                              for _ in range(1000)))
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "comprune.cli", *_cli_args(src, out, text)], capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "COMPRUNE_KILL_AFTER_BLOCK": "3"})
-    assert r.returncode == -9, (r.returncode, r.stderr[-500:])  # SIGKILL after block 2 was checkpointed
+    from _forked_calibration import forked_calibration
+    from _reliability import jobs
+    r, = jobs([{"argv": _cli_args(src, out, text), "env": {"COMPRUNE_KILL_AFTER_BLOCK": "3"}}], tmp_path)  # a process
+    assert r["rc"] == -9, (r["rc"], r["stderr"][-500:])  # SIGKILL after block 2 was checkpointed
     assert not out.exists(), "a killed run must not leave a directory that looks complete"
     partial = tmp_path / ".out.partial-stream"
     assert json.loads((tmp_path / ".out.checkpoint" / "state.json").read_text())["next_block"] == 3
     assert {p.name for p in partial.glob("block-*")} <= {f"block-{i:05d}.safetensors" for i in range(3)}
     assert not (partial / "config.json").exists()
 
-    assert main(_cli_args(src, out, text)) == 2 and "--resume" in capsys.readouterr().err
-    assert main(_cli_args(src, out, text, "--resume")) == 0
+    with forked_calibration():  # the calibration child as a fork (the real one: test_stream_cli_never_imports_...)
+        assert main(_cli_args(src, out, text)) == 2 and "--resume" in capsys.readouterr().err
+        assert main(_cli_args(src, out, text, "--resume")) == 0
     assert not partial.exists() and not (tmp_path / ".out.checkpoint").exists()
 
     # equals an uninterrupted run (same calibration text)

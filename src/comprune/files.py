@@ -2,6 +2,7 @@
 
 - `read_config`: config.json parsed, or one line naming it;
 - `check_safetensors`: every safetensors file complete (header readable, data as long as the header says);
+- `check_gguf`: the same for a .gguf file;
 - `refuse_pickles`: a directory whose weights are only pickles (.bin/.pt/.pth) needs --allow-pickle;
 - `weights_digest_sample`: a cheap identity of weight files (headers + strided bytes) for resume fingerprints;
 - `tensor_digest_sample`: the same for in-memory tensors.
@@ -9,7 +10,9 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -66,6 +69,91 @@ def check_safetensors(model_dir) -> list[Path]:
     for f in files:
         safetensors_header(f)
     return files
+
+
+# GGUF metadata value types (gguf.GGUFValueType): struct format of the scalars; 8 = string, 9 = array
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def check_gguf(path) -> None:
+    """One line when a .gguf file is not a GGUF, or shorter than its header says: transformers would fail only
+    after dequantising the tensors before the cut (tens of seconds for SmolLM2), with a reshape error."""
+    if importlib.util.find_spec("gguf") is None:
+        return  # transformers cannot read GGUF without it either, and says so
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            need = _gguf_needs(buf)
+    except (struct.error, ValueError, KeyError, OverflowError, MemoryError):  # ValueError: also an empty file
+        need = None
+    if need is None:
+        raise CompruneError(f"{path} is truncated or not a GGUF file (its header does not parse): re-download or "
+                            "re-export it")
+    if need > size:
+        raise CompruneError(f"{path} is truncated ({size} bytes, its header needs {need}): re-download or "
+                            "re-export it")
+
+
+def _gguf_needs(buf) -> int | None:
+    """The file size a GGUF header implies (data start + the end of its last tensor), None if it is no GGUF."""
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        vals = struct.unpack_from("<" + fmt, buf, pos)
+        pos += struct.calcsize("<" + fmt)
+        return vals[0] if len(vals) == 1 else vals
+
+    def string():
+        nonlocal pos
+        n = take("Q")
+        if pos + n > len(buf):
+            raise ValueError("string past the end")
+        pos += n
+        return bytes(buf[pos - n:pos])
+
+    def value(kind):
+        nonlocal pos
+        if kind == 8:
+            return string()
+        if kind == 9:
+            elem, count = take("I"), take("Q")
+            if elem in _GGUF_SCALARS:  # skip a scalar array at once (token scores: 49k floats)
+                pos += count * struct.calcsize(_GGUF_SCALARS[elem])
+                return None
+            return [value(elem) for _ in range(count)] if count <= len(buf) else None
+        return take(_GGUF_SCALARS[kind])  # KeyError: an unknown type
+
+    if bytes(buf[:4]) != b"GGUF":
+        return None
+    pos = 4
+    version, n_tensors, n_kv = take("I"), take("Q"), take("Q")
+    if version not in (2, 3) or n_tensors > len(buf) or n_kv > len(buf):
+        return None
+    align = 32
+    for _ in range(n_kv):
+        key, kind = string(), take("I")
+        val = value(kind)
+        if key == b"general.alignment":
+            align = int(val)
+    tensors = []
+    for _ in range(n_tensors):
+        string()
+        dims = take(f"{take('I')}Q")
+        dims = dims if isinstance(dims, tuple) else (dims,)
+        tensors.append((dims, take("I"), take("Q")))
+    start = -(-pos // align) * align
+    return start + max((off + _gguf_bytes(dims, kind) for dims, kind, off in tensors), default=0)
+
+
+def _gguf_bytes(dims, kind) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # the reader transformers needs for GGUF anyway
+    block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n // block * nbytes
 
 
 def pickle_files(model_dir) -> list[Path]:

@@ -29,12 +29,14 @@ def check_target(out_dir: Path, force: bool):
 
 def add_auto_map(tmp: Path, model):
     """Non-uniform models: ship the self-contained modeling file so stock transformers can load them
-    with trust_remote_code=True (import comprune makes that unnecessary)."""
+    with trust_remote_code=True (import comprune makes that unnecessary). config.json names the base
+    model_type: stock AutoTokenizer, which always reads the config first, then needs no remote code."""
     if "intermediate_sizes" not in model.config.to_dict():
         return
     shutil.copyfile(MODELING_FILE, tmp / "modeling_comprune.py")
     cfg_path = tmp / "config.json"
     cfg = json.loads(cfg_path.read_text())
+    cfg["model_type"] = base_model_type(model.config)
     cfg["auto_map"] = {"AutoConfig": f"modeling_comprune.{type(model.config).__name__}",
                        "AutoModelForCausalLM": f"modeling_comprune.{architecture(model)}"}
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 from . import deferred, models  # noqa: F401 - models: registers comprune's per-layer-width classes with the Auto* factories
 from .devices import dtype_name, resolve_device, resolve_precision
 from .errors import CompruneError
-from .files import check_safetensors, read_config, refuse_pickles
+from .files import check_gguf, check_safetensors, read_config, refuse_pickles
 from .outputs import OutputLock, io_error
 
 DEFAULT_MODEL = "smollm2"
@@ -82,6 +82,7 @@ def load_gguf(path: str | os.PathLike, dtype=torch.float32):
     path = Path(path)
     if not path.is_file():
         raise CompruneError(f"GGUF file {path} not found: check the path")
+    check_gguf(path)  # a truncated file: one line now, not a reshape error after dequantising most of it
     quiet_transformers()
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
@@ -170,7 +171,7 @@ def load_dir(path: str | os.PathLike, dtype=torch.float32, device="cpu", trust_r
              allow_pickle: bool = False):
     AutoTokenizer = deferred.auto_tokenizer()
     path = Path(path)
-    read_config(path)
+    config_dict = read_config(path)
     pickles = refuse_pickles(path, allow_pickle)
     if not pickles:
         if not check_safetensors(path):
@@ -181,9 +182,11 @@ def load_dir(path: str | os.PathLike, dtype=torch.float32, device="cpu", trust_r
     except Exception as e:  # noqa: BLE001 - any tokenizer failure is one line
         raise load_error(e, path, "tokenizer") from None
     try:
+        per_layer = models.per_layer_config(path, config_dict)  # comprune's own outputs: no remote code needed
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                            use_safetensors=not pickles, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True)  # reported below
+                                                           ignore_mismatched_sizes=True,  # reported below
+                                                           **({"config": per_layer} if per_layer else {}))
     except pickle.UnpicklingError as e:
         raise CompruneError(f"torch's restricted unpickler refused the weights in {path} "
                             f"({str(e).splitlines()[0][:120]}): the pytorch_model.bin pickle holds objects other "

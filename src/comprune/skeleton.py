@@ -26,6 +26,7 @@ from .errors import CompruneError
 from .loading import quiet_transformers, remote_code_error
 from .memory import release_memory
 from .models import lite as lite_models
+from .models import per_layer_config
 from .shards import ShardIndex, SourceTensor, read_rows, read_tensors, save_tensors
 
 STREAM_ATTR = "_comprune_stream"  # walk.resident looks for this attribute on a block
@@ -206,7 +207,8 @@ def build_skeleton(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool 
     130 MB of resident memory for its imports alone - is never loaded; other models get transformers' classes."""
     quiet_transformers()
     try:
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        config = per_layer_config(model_dir) or AutoConfig.from_pretrained(model_dir,
+                                                                           trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError) as e:
         if remote_code_error(e, model_dir) is not None:
             raise remote_code_error(e, model_dir) from None

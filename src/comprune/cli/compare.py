@@ -32,7 +32,8 @@ def cmd_compare(args) -> int:
                      zeroshot_cache_dir=args.zeroshot_cache_dir,
                      stream_ratios=floats(args.stream_ratios) if args.stream_ratios else None,
                      redo=[x.strip() for x in (args.redo or "").split(",") if x.strip()], redo_tag=args.redo_tag,
-                     zeroshot_full=args.zeroshot_full)
+                     zeroshot_full=args.zeroshot_full, trust_remote_code=args.trust_remote_code,
+                     allow_pickle=args.allow_pickle)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

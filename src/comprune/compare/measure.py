@@ -62,6 +62,7 @@ def prune_run(cmp, method: str, ratio: float, stream: bool = False) -> dict:
         cmd += ["--data-dir", str(cmp.data_dir)]
     for k, v in cmp.prune_args.get(method, {}).items():
         cmd += [f"--{k}"] if v is True else [f"--{k}", str(v)]
+    cmd += cmp.load_flags  # --trust-remote-code / --allow-pickle, as given to compare
     if stream:
         cmd += ["--stream"]
     log(f"prune {name}{' (streamed)' if stream else ''}: {' '.join(cmd[1:])}", cmp.show)

@@ -42,7 +42,7 @@ class Comparison:
                  zeroshot_subset: int | None = 200, zeroshot_batch_size=16, speed_tokens=64, speed_repeats=3,
                  data_dir=None, dtype="float32", keep_models=False, skip=(), prune_args=None, progress=True,
                  dense_cache_key=None, zeroshot_cache_dir=None, python=None, stream_ratios=None, redo=(),
-                 redo_tag=None, zeroshot_full=False):
+                 redo_tag=None, zeroshot_full=False, trust_remote_code=False, allow_pickle=False):
         for m in methods:
             if m not in METHODS:
                 raise CompruneError(f"unknown method '{m}': use some of {', '.join(METHODS)}")
@@ -79,6 +79,9 @@ class Comparison:
         # the response cache lives in the output the user owns (never a shared cache someone else can write)
         self.zeroshot_cache_dir = zeroshot_cache_dir or self.out / "zeroshot-cache"
         self.python = python or sys.executable
+        # the source model's consent flags, for the dense model here and every prune process (measure.prune_run)
+        self.trust_remote_code, self.allow_pickle = bool(trust_remote_code), bool(allow_pickle)
+        self.load_flags = ["--trust-remote-code"] * self.trust_remote_code + ["--allow-pickle"] * self.allow_pickle
         # Streamed prunes (memory and time only: the weights are checked equal) at these ratios; default: the
         # zero-shot ratio when it is compared, else every ratio.
         if stream_ratios is None:
@@ -117,7 +120,8 @@ class Comparison:
     # ----------------------------------------------------------------------------------------------- models
     def dense(self):
         if self._dense is None:
-            self._dense = load(self.model_spec, dtype=self.dtype)
+            self._dense = load(self.model_spec, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                               allow_pickle=self.allow_pickle)
         return self._dense
 
     def wikitext_ids(self, tok):

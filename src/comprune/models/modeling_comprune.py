@@ -3,10 +3,13 @@
 
 Self-contained on purpose: comprune copies this file next to every non-uniform pruned model and points
 `auto_map` at it, so stock transformers loads the model with `trust_remote_code=True`; `import comprune`
-registers the same classes so no remote code is needed at all.
+registers the same classes so no remote code is needed at all. config.json keeps the base `model_type`
+(`llama`, ...): stock AutoConfig and AutoTokenizer read it without remote code (no y/N prompt for the
+tokenizer), and stock AutoModelForCausalLM without `trust_remote_code` fails on the per-layer shapes instead
+of loading a wrong model. In memory the config's model_type is `comprune_<base>`.
 
 The config is the base architecture's own config plus `intermediate_sizes` (one MLP width per layer,
-0 = MLP removed) and `comprune_base_model_type`; when attention heads were pruned unevenly, also
+0 = MLP removed); when attention heads were pruned unevenly, also
 `num_attention_heads_per_layer` and `num_key_value_heads_per_layer` (query and KV heads of each layer;
 `head_dim` is then explicit in the config).
 
@@ -60,7 +63,16 @@ def narrow_attention(layers, config):
 
 
 def _config(base_config, base_type):
-    cls = type(f"Comprune{base_config.__name__}", (base_config,), {"model_type": f"comprune_{base_type}"})
+    model_type = f"comprune_{base_type}"
+
+    def get_config_dict(cls, *args, **kwargs):
+        # config.json names the base model_type, so that stock AutoConfig/AutoTokenizer read it without remote
+        # code; loaded through this class, the config is the per-layer one again
+        config_dict, rest = base_config.get_config_dict.__func__(cls, *args, **kwargs)
+        return {**config_dict, "model_type": model_type}, rest
+
+    cls = type(f"Comprune{base_config.__name__}", (base_config,),
+               {"model_type": model_type, "get_config_dict": classmethod(get_config_dict)})
     cls.__module__ = __name__
     return cls
 
@@ -120,6 +132,15 @@ def _deferred(base_type):
     return type(MODEL_NAMES[base_type], (), {"config_class": CONFIGS[base_type], "__module__": __name__,
                                              "from_pretrained": classmethod(from_pretrained),
                                              "_from_config": classmethod(_from_config)})
+
+
+def saved_config_class(config_dict: dict):
+    """The per-layer config class a saved config.json is for (its base `model_type` plus `intermediate_sizes`),
+    or None for any other config."""
+    base_type = str(config_dict.get("model_type", "")).removeprefix("comprune_")
+    if "intermediate_sizes" in config_dict and base_type in CONFIGS:
+        return CONFIGS[base_type]
+    return None
 
 
 def register():
