@@ -68,7 +68,7 @@ def _check_reachable(model, adapter, cfg, target: float):
     blocks = block_params(model, adapter)
     if target >= blocks:
         raise CompruneError(f"--ratio {cfg.ratio} of {'the blocks' if cfg.ratio_of == 'blocks' else 'all'} parameters "
-                            f"is {target / 1e6:.1f} M but the blocks hold only {blocks / 1e6:.1f} M: lower --ratio"
+                            f"is {target:,.0f} but the blocks hold only {blocks:,}: lower --ratio"
                             + _embedding_hint(model, adapter, cfg))
 
 
@@ -81,7 +81,6 @@ def plan_budget(model, adapter, cfg, layer_share: float | None = None) -> Budget
     L = len(layers)
     total = count_params(model)
     target = cfg.ratio * budget_base(model, adapter, cfg)
-    _check_reachable(model, adapter, cfg, target)
     if cfg.head_share > 0:
         check_head_pruning(adapter, model.config)
     block = sum(p.numel() for p in layers[0].parameters())
@@ -91,6 +90,7 @@ def plan_budget(model, adapter, cfg, layer_share: float | None = None) -> Budget
         raise CompruneError(f"the budget asks to remove {k} of {L} layers but only {max(removable, 0)} may go "
                             f"(first {cfg.protect_first} and last {cfg.protect_last} are protected): "
                             "lower --ratio or --layer-share")
+    _check_reachable(model, adapter, cfg, target)
     per = params_per_neuron(adapter, layers[0])
     rest = target - k * block
     kept = L - k
@@ -198,7 +198,6 @@ def plan_layers_only(model, adapter, cfg) -> Budget:
     L = len(layers)
     total = count_params(model)
     target = cfg.ratio * budget_base(model, adapter, cfg)
-    _check_reachable(model, adapter, cfg, target)
     block = sum(p.numel() for p in layers[0].parameters())
     k = max(1, int(round(target / block)))
     removable = L - cfg.protect_first - cfg.protect_last
