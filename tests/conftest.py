@@ -26,12 +26,12 @@ FAMILY_KW = {
     "olmo2": dict(**SPECIAL_TOKENS),
     "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1,
                     logits_scaling=4.0),
-    "smollm3": dict(no_rope_layer_interval=3, **SPECIAL_TOKENS),
+    "smollm3": dict(no_rope_layer_interval=4, **SPECIAL_TOKENS),
 }
 
 
 def tiny_config(family: str = "llama", layers: int = 6, hidden: int = 64, inter: int = 128, heads: int = 4,
-                kv_heads: int = 2, vocab: int = 256):
+                kv_heads: int = 2, vocab: int = 256, head_dim: int | None = None):
     from transformers import AutoConfig
     kw = dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
               num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=512,
@@ -42,6 +42,8 @@ def tiny_config(family: str = "llama", layers: int = 6, hidden: int = 64, inter:
         kw = dict(hidden_size=hidden, ffn_dim=inter, num_hidden_layers=layers, num_attention_heads=heads,
                   vocab_size=vocab, max_position_embeddings=512, word_embed_proj_dim=hidden, **SPECIAL_TOKENS)
     kw.update(FAMILY_KW.get(family, {}))
+    if head_dim is not None and family not in ("phi3", "opt"):  # those two derive it from hidden / heads
+        kw["head_dim"] = head_dim
     if kw.get("head_dim", 0) is None:
         del kw["head_dim"]
     cfg = AutoConfig.for_model(family, **kw)

@@ -271,7 +271,7 @@ def finalize_config(model, adapter) -> list[int]:
     cfg = model.config
     wkey = adapter.width_key
     attn = adapter.attention(layers[0]) if len(layers) else None
-    if attn is not None and getattr(attn, "head_dim", None) and hasattr(cfg, "head_dim"):
+    if attn is not None and getattr(attn, "head_dim", None):
         cfg.head_dim = int(attn.head_dim)  # explicit: hidden/heads may no longer hold after pruning
     base_type = base_model_type(cfg)
     heads_uniform = len(set(heads)) <= 1

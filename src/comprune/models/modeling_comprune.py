@@ -98,9 +98,18 @@ def _config(base_type):
     module, config_name, _ = FAMILIES[base_type]
     base_config = getattr(importlib.import_module(f"transformers.models.{module}.configuration_{module}"), config_name)
     cls = type(f"Comprune{base_config.__name__}", (base_config,),
-               {"model_type": f"comprune_{base_type}", "validate_architecture": validate_architecture})
+               {"model_type": f"comprune_{base_type}", "validate_architecture": validate_architecture,
+                "validate": _validate})
+    # huggingface_hub's strict dataclasses list a class's validators when the base is decorated: list ours
+    cls.__class_validators__ = [getattr(cls, name) for name in dir(cls)
+                                if name.startswith("validate_") and callable(getattr(cls, name))]
     cls.__module__ = __name__
     return cls
+
+
+def _validate(self):
+    for validator in type(self).__class_validators__:
+        validator(self)
 
 
 CONFIGS = {t: _config(t) for t in FAMILIES}
