@@ -189,3 +189,32 @@ def test_gguf_refusals_name_the_reason(tmp_path):
     with pytest.raises(CompruneError, match="every 4th layer"):
         export_gguf(save(smol, tmp_path / "s"), tmp_path / "s.gguf")
     assert not list(tmp_path.glob("*.gguf"))
+
+
+@pytest.mark.parametrize("fam", ["gemma3_text", "opt"])
+def test_stream_equals_in_memory(fam, tmp_path):
+    """Families without comprune's lite modules stream through transformers' classes: same tensors, config and
+    logits as the in-memory prune. Phi-3's fused matrices are refused with the reason."""
+    from comprune import load, prune_streaming
+    from test_stream import _sharded, _weights
+    from test_stream import calib as stream_calib
+    src = _sharded(tmp_path / "src", tiny_model(fam, layers=4))
+    cfg = dict(ratio=0.3, ratio_of="blocks", layer_share=0.5, batch_size=4)
+    model, tok = load(src)
+    model, report = prune(model, tok, PruneConfig(**cfg), calibration=stream_calib(), progress=False)
+    save_pretrained(model, tok, tmp_path / "mem", report)
+    rep = prune_streaming(src, tmp_path / "stream", PruneConfig(**cfg), calibration=stream_calib(), progress=False)
+    assert rep.removed_layers == report.removed_layers and rep.params_after == report.params_after
+    a, b = _weights(tmp_path / "stream"), _weights(tmp_path / "mem")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(_logits(load(tmp_path / "stream")[0], IDS % 96), _logits(model, IDS % 96))
+
+
+def test_phi3_refuses_to_stream(tmp_path):
+    from comprune import prune_streaming
+    from test_stream import _sharded
+    from test_stream import calib as stream_calib
+    src = _sharded(tmp_path / "src", tiny_model("phi3", layers=2))
+    with pytest.raises(CompruneError, match="fused"):
+        prune_streaming(src, tmp_path / "out", PruneConfig(ratio=0.2, batch_size=4), calibration=stream_calib(),
+                        progress=False)
