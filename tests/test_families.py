@@ -218,3 +218,16 @@ def test_phi3_refuses_to_stream(tmp_path):
     with pytest.raises(CompruneError, match="fused"):
         prune_streaming(src, tmp_path / "out", PruneConfig(ratio=0.2, batch_size=4), calibration=stream_calib(),
                         progress=False)
+
+
+@pytest.mark.parametrize("fam", ["granite", "gemma3_text"])
+def test_perplexity_uses_the_familys_logits(fam):
+    """comprune.perplexity computes the head itself: Granite's logits_scaling and Gemma's soft-capping included."""
+    import math
+
+    from comprune import perplexity
+    model = tiny_model(fam, layers=2)
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(model(IDS).logits[:, :-1].reshape(-1, 256), IDS[:, 1:].reshape(-1))
+    got = perplexity(model, None, ids=IDS.flatten(), seqlen=20, progress=False)["ppl"]
+    assert got == pytest.approx(math.exp(ref.item()), rel=1e-5)

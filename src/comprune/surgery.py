@@ -6,9 +6,8 @@ architecture's own (stock transformers loads it); otherwise it becomes comprune'
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -132,7 +131,6 @@ def kv_group_channels(parts: AttnParts, kv: torch.Tensor) -> tuple[torch.Tensor,
     return qo, kvc
 
 
-@torch.no_grad()
 def check_head_pruning(adapter, config):
     """One line naming why this model's heads cannot be pruned, or nothing."""
     reason = adapter.head_pruning_refusal(config)

@@ -46,11 +46,17 @@ def chunked_nll(hidden: torch.Tensor, labels: torch.Tensor, head, chunk: int | N
 
 
 def _logit_fn(model):
-    # Gemma-2 style final soft-capping; a no-op for Llama/Mistral/Qwen2.
+    # What the family's *ForCausalLM does after lm_head: Granite divides by logits_scaling, Gemma soft-caps;
+    # None for Llama/Mistral/Qwen2.
     cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        return lambda x: torch.tanh(x / cap) * cap
-    return None
+    scale = getattr(model.config, "logits_scaling", None)
+    if not cap and scale in (None, 1, 1.0):
+        return None
+
+    def fn(x):
+        x = x / scale if scale not in (None, 1, 1.0) else x
+        return torch.tanh(x / cap) * cap if cap else x
+    return fn
 
 
 @torch.inference_mode()

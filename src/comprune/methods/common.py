@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CompruneError
-from ..evaluate.perplexity import chunked_nll
+from ..evaluate.perplexity import _logit_fn, chunked_nll
 from ..loading import count_params
 from ..surgery import attention_heads, attention_parts, check_head_pruning
 from ..walk import Activations, BlockInfluence, forward_block, progress, resident
@@ -151,6 +151,7 @@ def layer_scores_loss(model, adapter, acts: Activations, input_ids: torch.Tensor
     sub = Activations([h for h in acts.hidden[:nb]], acts.kwargs[:nb])
     layers = adapter.layers(model)
     norm, head = adapter.head(model)
+    logit_fn = _logit_fn(model)  # Gemma's soft-capping, Granite's logits_scaling: the loss the model has
     ids = [b for b in input_ids.split(acts.hidden[0].shape[0])][:nb]
 
     def loss_from(i, x):
@@ -161,7 +162,7 @@ def layer_scores_loss(model, adapter, acts: Activations, input_ids: torch.Tensor
             total, count = 0.0, 0
             for h, y in zip(x.hidden, ids):
                 hn = norm(h)[:, :-1].reshape(-1, h.shape[-1])
-                total += chunked_nll(hn, y[:, 1:].reshape(-1).to(hn.device), head).item()
+                total += chunked_nll(hn, y[:, 1:].reshape(-1).to(hn.device), head, logit_fn=logit_fn).item()
                 count += hn.shape[0]
         return total / count
 
