@@ -76,7 +76,7 @@ def run_one(method: str | None, args) -> dict:
     load_s = time.perf_counter() - t0
     row = {"method": method or "dense", "load_s": round(load_s, 1), "params": comprune.count_params(model)}
     if method is not None:
-        cfg = comprune.PruneConfig(ratio=args.ratio, ratio_of="blocks", method=method, seed=0)
+        cfg = comprune.PruneConfig(ratio=args.ratio, ratio_of="blocks", method=method, seed=0, nsamples=args.nsamples)
         calib = get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
         model, report = comprune.prune(model, tok, cfg, calibration=calib, progress=False, base_model=SPEC)
         row.update({"prune_s": round(report.seconds, 1), "peak_rss_mb": round(report.peak_rss_mb),
@@ -113,7 +113,7 @@ def write_markdown(path: Path, result: dict) -> None:
              f"Model: `{SPEC}` (Q4_K_M GGUF from the PyPI wheels, dequantised to float32 safetensors; "
              f"{dense.get('params', '?'):,} parameters, embeddings ~63 %). Pruning: `--ratio {s['ratio']} --ratio-of "
              f"blocks`, default settings otherwise (calibration {rows[-1].get('calibration', {}).get('source', 'c4')}, "
-             "128 x 128 tokens). Perplexity: WikiText-2 test, first "
+             f"{s['nsamples']} x 128 tokens). Perplexity: WikiText-2 test, first "
              f"{s['ppl_tokens']} tokens in windows of <bos> + {s['seqlen'] - 1} tokens (Gemma needs its <bos>; "
              "transformers, float32). llama.cpp: xllamacpp "
              f"{result['runtime_version']}, GGUF {s['qtype']}, {s['threads']} threads, {s['new_tokens']} new tokens "
@@ -142,6 +142,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--ratio", type=float, default=0.2)
+    ap.add_argument("--nsamples", type=int, default=128, help="calibration windows of 128 tokens")
     ap.add_argument("--ppl-tokens", type=int, default=16384)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--qtype", default="q8_0", choices=["f16", "q8_0", "f32", "none"])
