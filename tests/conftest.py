@@ -10,16 +10,42 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 FAMILIES = ["llama", "mistral", "qwen2"]
+# Families beyond the Llama layout (tests/test_families.py), each configured to exercise what sets it apart.
+OTHER_FAMILIES = ["gemma3_text", "gemma2", "qwen3", "phi3", "opt", "olmo2", "granite", "smollm3"]
+SPECIAL_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # the defaults of some lie outside vocab 256
+FAMILY_KW = {
+    # head_dim != hidden / heads; sliding windows shorter than the test sequences; softcapping; a query scale that
+    # is not head_dim; a sliding/global pattern that removed blocks must keep in step
+    "gemma3_text": dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=8, sliding_window_pattern=3,
+                        final_logit_softcapping=30.0, **SPECIAL_TOKENS),
+    "gemma2": dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0, **SPECIAL_TOKENS),
+    "qwen3": dict(head_dim=32),
+    "phi3": dict(head_dim=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                 "partial_rotary_factor": 0.5}, **SPECIAL_TOKENS),
+    "olmo2": dict(**SPECIAL_TOKENS),
+    "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1,
+                    logits_scaling=4.0),
+    "smollm3": dict(no_rope_layer_interval=4, **SPECIAL_TOKENS),
+}
 
 
 def tiny_config(family: str = "llama", layers: int = 6, hidden: int = 64, inter: int = 128, heads: int = 4,
-                kv_heads: int = 2, vocab: int = 256):
+                kv_heads: int = 2, vocab: int = 256, head_dim: int | None = None):
     from transformers import AutoConfig
     kw = dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
               num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=512,
               tie_word_embeddings=family != "mistral", head_dim=hidden // heads)
     if family == "mistral":
         kw["sliding_window"] = None
+    if family == "opt":  # fc1/fc2 with biases, LayerNorms, learned positions, multi-head attention only
+        kw = dict(hidden_size=hidden, ffn_dim=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                  vocab_size=vocab, max_position_embeddings=512, word_embed_proj_dim=hidden, **SPECIAL_TOKENS)
+    kw.update(FAMILY_KW.get(family, {}))
+    if head_dim is not None and family not in ("phi3", "opt"):  # those two derive it from hidden / heads
+        kw["head_dim"] = head_dim
+    if kw.get("head_dim", 0) is None:
+        del kw["head_dim"]
     cfg = AutoConfig.for_model(family, **kw)
     return cfg
 
@@ -85,6 +111,9 @@ def masked_dense_logits(dense, report, ids, pruned=None):
     from comprune.models import get_adapter
     from comprune.surgery import attention_parts, kv_group_channels
     adapter = get_adapter(dense)
+    for m in (dense, pruned):  # fused families (Phi-3): their parts, as the pruner saw them; fused again below
+        if m is not None:
+            adapter.prepare(m)
     pruned_layers = adapter.layers(pruned) if pruned is not None else None
     handles = []
 
@@ -139,6 +168,9 @@ def masked_dense_logits(dense, report, ids, pruned=None):
     finally:
         for h in handles:
             h.remove()
+        for m in (dense, pruned):
+            if m is not None:
+                adapter.restore(m)
 
 
 def greedy_matches_uncached(model, ids, steps=4):

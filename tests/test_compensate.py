@@ -74,6 +74,8 @@ def _masked_from_pruned(dense, pruned, report):
     removed blocks skipped, cut down_proj / o_proj columns zero, kept ones equal to the pruned model's."""
     ref = copy.deepcopy(dense)
     adapter = get_adapter(ref)
+    adapter.prepare(ref)  # fused families (Phi-3): their parts, as the pruner saw them
+    adapter.prepare(pruned)
     plays = adapter.layers(pruned)
     hooks = []
     with torch.no_grad():
@@ -94,6 +96,7 @@ def _masked_from_pruned(dense, pruned, report):
                 w = torch.zeros_like(parts.o.weight)
                 w[:, ch] = pp.o.weight
                 parts.o.weight.copy_(w)
+    adapter.restore(pruned)
     return ref, hooks
 
 

@@ -24,6 +24,7 @@ PRESETS = {
 @dataclass
 class PruneConfig:
     ratio: float = 0.2                 # fraction of all parameters to remove (embeddings included, tied once)
+    ratio_of: str = "all"              # "all" parameters, or "blocks": the decoder blocks' (no embeddings/LM head)
     method: str = "comp"
     layer_share: float = 0.25          # fraction of the removed parameters taken by whole layers
     nsamples: int = 128                # calibration windows
@@ -81,6 +82,8 @@ class PruneConfig:
             raise CompruneError(f"layer_share must be in [0, 1] (got {self.layer_share})")
         if self.metric not in NEURON_METRICS:
             raise CompruneError(f"unknown metric '{self.metric}': use one of {', '.join(NEURON_METRICS)}")
+        if self.ratio_of not in ("all", "blocks"):
+            raise CompruneError(f"unknown --ratio-of '{self.ratio_of}': use all or blocks")
         if self.layer_score not in LAYER_SCORES:
             raise CompruneError(f"unknown layer score '{self.layer_score}': use one of {', '.join(LAYER_SCORES)}")
         if self.width_allocation not in WIDTH_ALLOCATIONS:

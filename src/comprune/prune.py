@@ -17,7 +17,7 @@ from .files import tensor_digest_sample
 from .loading import count_params
 from .memory import peak_rss_mb
 from .methods import METHODS
-from .methods.common import plan_budget
+from .methods.common import budget_base, plan_budget
 from .models import get_adapter
 from .surgery import drop_layers, finalize_config
 from .version import __version__
@@ -50,6 +50,7 @@ class PruneReport:
     base_model: str | None = None
     details: dict = field(default_factory=dict)      # method-specific extras (e.g. flap bias, llm-pruner taylor)
     precision: dict = field(default_factory=dict)    # the precision that ran, how it was chosen (and saved in)
+    ratio_of: str = "all"                            # ratios are fractions of all parameters or of the blocks'
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -130,6 +131,18 @@ def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Cali
     if cfg.method not in METHODS:
         raise CompruneError(f"method '{cfg.method}' is not available in this build: use one of {', '.join(METHODS)}")
     adapter = get_adapter(model)
+    if adapter.fused and any(getattr(m, "_comprune_stream", None) is not None for m in adapter.layers(model)):
+        raise CompruneError(f"{adapter.family} stores q/k/v and gate/up as fused matrices, which --stream does not "
+                            "split yet: prune it without --stream")
+    adapter.prepare(model)  # fused projections as their parts while pruning; restored below (or on error)
+    try:
+        return _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, checkpoint_dir, resume,
+                      model_digest)
+    finally:
+        adapter.restore(model)
+
+
+def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, checkpoint_dir, resume, model_digest):
     device = resolve_device(cfg.device)
     cfg.device = str(device)
     t0 = time.perf_counter()
@@ -142,6 +155,7 @@ def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Cali
         calibration, fitness_ids = _fitness_windows(tokenizer, calibration, cfg)
     model.eval()
     params_before = count_params(model)
+    base_before = budget_base(model, adapter, cfg)
     _check_round_to(model, adapter, cfg)
     budget = getattr(METHODS[cfg.method], "plan_budget", plan_budget)(model, adapter, cfg)
     torch.manual_seed(cfg.seed)
@@ -170,14 +184,14 @@ def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Cali
     widths = finalize_config(model, adapter)
     params_after = count_params(model)
     report = PruneReport(
-        method=cfg.method, ratio_requested=cfg.ratio, ratio_achieved=1 - params_after / params_before,
+        method=cfg.method, ratio_requested=cfg.ratio, ratio_achieved=(params_before - params_after) / base_before,
         params_before=params_before, params_after=params_after, removed_layers=list(details["removed_layers"]),
         kept_layers=kept, mlp_widths=widths, seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb(),
         config=cfg.to_dict(), calibration=calibration.describe(), budget=budget.to_dict(),
         layer_scores=details.get("layer_scores", []), blocks=details.get("blocks", {}), versions=versions(),
         base_model=base_model,
         details={k: v for k, v in details.items() if k not in ("removed_layers", "layer_scores", "blocks")},
-        precision=precision_record(model))
+        precision=precision_record(model), ratio_of=cfg.ratio_of)
     assert len(kept) + len(report.removed_layers) == n_layers
     _check_ratio(report, cfg, details)
     model.comprune_report = report

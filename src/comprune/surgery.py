@@ -6,12 +6,14 @@ architecture's own (stock transformers loads it); otherwise it becomes comprune'
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .errors import CompruneError
 from .models.adapters import base_model_type
 from .models.lite import CausalLM, class_name
 from .models.modeling_comprune import CONFIGS, model_class
@@ -110,8 +112,9 @@ def attention_parts(adapter, layer) -> AttnParts:
     """q/k/v/o of a Llama-style attention block and its head geometry (read from the weights, so it also
     holds for already-pruned layers)."""
     attn = adapter.attention(layer)
-    head_dim = int(getattr(attn, "head_dim", 0) or attn.o_proj.in_features // attn.config.num_attention_heads)
-    return AttnParts(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, head_dim)
+    q, k, v, o = adapter.attention_linears(layer)
+    head_dim = int(getattr(attn, "head_dim", 0) or o.in_features // attn.config.num_attention_heads)
+    return AttnParts(q, k, v, o, head_dim)
 
 
 def attention_heads(adapter, layer) -> tuple[int, int]:
@@ -126,6 +129,25 @@ def kv_group_channels(parts: AttnParts, kv: torch.Tensor) -> tuple[torch.Tensor,
     qo = (kv[:, None] * rep * hd + torch.arange(rep * hd)[None, :]).flatten()
     kvc = (kv[:, None] * hd + torch.arange(hd)[None, :]).flatten()
     return qo, kvc
+
+
+def check_head_pruning(adapter, config):
+    """One line naming why this model's heads cannot be pruned, or nothing."""
+    reason = adapter.head_pruning_refusal(config)
+    if reason:
+        raise CompruneError(reason)
+
+
+def _set_head_counts(attn, n_heads: int, n_kv: int):
+    for name, val in (("num_heads", n_heads), ("num_attention_heads", n_heads), ("num_key_value_heads", n_kv)):
+        if hasattr(attn, name):
+            setattr(attn, name, val)
+    if hasattr(attn, "num_key_value_groups"):
+        attn.num_key_value_groups = n_heads // max(n_kv, 1)
+    # Phi-3's forward splits its fused qkv at config.num_attention_heads: that attention gets its own config copy
+    if hasattr(attn, "qkv_proj") and getattr(attn, "config", None) is not None:
+        attn.config = copy.copy(attn.config)
+        attn.config.num_attention_heads, attn.config.num_key_value_heads = n_heads, n_kv
 
 
 @torch.no_grad()
@@ -147,13 +169,7 @@ def prune_heads(adapter, layer, keep_kv: torch.Tensor, scales: torch.Tensor | No
     slice_cols(parts.o, qo, col_scales)
     if o_weight is not None:
         parts.o.weight.copy_(o_weight.to(parts.o.weight.dtype))
-    attn = adapter.attention(layer)
-    n_heads, n_kv = int(idx.numel()) * parts.rep, int(idx.numel())
-    for name, val in (("num_heads", n_heads), ("num_attention_heads", n_heads), ("num_key_value_heads", n_kv)):
-        if hasattr(attn, name):
-            setattr(attn, name, val)
-    if hasattr(attn, "num_key_value_groups"):
-        attn.num_key_value_groups = parts.rep
+    _set_head_counts(adapter.attention(layer), int(idx.numel()) * parts.rep, int(idx.numel()))
 
 
 @torch.no_grad()
@@ -171,17 +187,13 @@ def prune_query_heads(adapter, layer, keep_heads: torch.Tensor, o_weight: torch.
     slice_cols(parts.o, ch)
     if o_weight is not None:
         parts.o.weight.copy_(o_weight.to(parts.o.weight.dtype))
-    attn = adapter.attention(layer)
-    n_heads = int(idx.numel())
-    for name in ("num_heads", "num_attention_heads"):
-        if hasattr(attn, name):
-            setattr(attn, name, n_heads)
-    if hasattr(attn, "num_key_value_groups"):
-        attn.num_key_value_groups = n_heads // parts.n_kv
+    _set_head_counts(adapter.attention(layer), int(idx.numel()), parts.n_kv)
 
 
 # Config flags that give a family's linear layers biases (FLAP's bias compensation needs them).
-BIAS_FLAGS = {"llama": {"attention": "attention_bias", "mlp": "mlp_bias"}}
+BIAS_FLAGS = {"llama": {"attention": "attention_bias", "mlp": "mlp_bias"},
+              "granite": {"attention": "attention_bias", "mlp": "mlp_bias"},
+              "opt": {"all": "enable_bias"}}
 
 
 def supports_biases(model) -> bool:
@@ -227,7 +239,7 @@ def drop_layers(model, adapter, remove) -> list[int]:
                 m.layer_idx = new_idx
     adapter.set_layers(model, new_layers)
     cfg = model.config
-    for key in PER_LAYER_KEYS:
+    for key in PER_LAYER_KEYS + adapter.per_layer_keys:
         val = getattr(cfg, key, None)
         if isinstance(val, (list, tuple)) and len(val) == n:
             setattr(cfg, key, [val[i] for i in kept])
@@ -246,39 +258,49 @@ def _replace_config(model, new_cfg):
             m.config = new_cfg
 
 
+def stock_config_accepts(cfg_type: str, hidden: int, heads: int) -> bool:
+    """Llama's and Gemma's configs reject hidden_size % num_attention_heads != 0 even with an explicit head_dim
+    (the check predates head_dim): such a model needs comprune's per-layer config, which checks head_dim instead."""
+    return cfg_type not in ("llama", "gemma2", "gemma3_text") or hidden % max(heads, 1) == 0
+
+
 def finalize_config(model, adapter) -> list[int]:
-    """Record the layers' MLP widths (and attention head counts) in the config: base config when uniform,
-    comprune's per-layer config when not."""
+    """Record the layers' MLP widths (and attention head counts) in the config: base config when uniform (and the
+    base config can describe it), comprune's per-layer config when not."""
     layers = adapter.layers(model)
     widths = [mlp_width(adapter, layer) for layer in layers]
     heads = [attention_heads(adapter, layer) for layer in layers]
     cfg = model.config
+    wkey = adapter.width_key
     attn = adapter.attention(layers[0]) if len(layers) else None
     if attn is not None and getattr(attn, "head_dim", None):
         cfg.head_dim = int(attn.head_dim)  # explicit: hidden/heads may no longer hold after pruning
     base_type = base_model_type(cfg)
     heads_uniform = len(set(heads)) <= 1
-    uniform = len(set(widths)) <= 1 and heads_uniform
     fields = {k: v for k, v in cfg.to_dict().items()
               if k not in ("model_type", "architectures", "transformers_version", "intermediate_sizes", "auto_map",
                            *HEAD_KEYS)}
     if widths:
-        fields["intermediate_size"] = max(widths) if len(set(widths)) > 1 else widths[0]
-    if heads and heads_uniform:
-        fields["num_attention_heads"], fields["num_key_value_heads"] = heads[0]
-    elif heads:
-        # the largest layer's geometry; each layer's own counts are in the per-layer lists
-        fields["num_attention_heads"], fields["num_key_value_heads"] = max(heads)
-    heads_changed = bool(heads) and (cfg.num_attention_heads, cfg.num_key_value_heads) != heads[0]
+        fields[wkey] = max(widths) if len(set(widths)) > 1 else widths[0]
+    has_kv = hasattr(cfg, "num_key_value_heads")
+    if heads:
+        # uniform: the layers' geometry; otherwise the largest layer's, each layer's own counts in the lists
+        fields["num_attention_heads"], kv = heads[0] if heads_uniform else max(heads)
+        if has_kv:
+            fields["num_key_value_heads"] = kv
+    old_heads = (cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads))
+    heads_changed = bool(heads) and old_heads != heads[0]
+    uniform = len(set(widths)) <= 1 and heads_uniform and \
+        stock_config_accepts(base_type, int(cfg.hidden_size), int(fields.get("num_attention_heads", 1)))
     if uniform:
-        if cfg.model_type != base_type or (widths and cfg.intermediate_size != widths[0]) or heads_changed:
+        if cfg.model_type != base_type or (widths and getattr(cfg, wkey) != widths[0]) or heads_changed:
             new_cfg = AutoConfig.for_model(base_type, **fields)
             _replace_config(model, new_cfg)
             _become(model, lambda: _stock_class(new_cfg))
     else:
         config_cls = CONFIGS[base_type]
         extra = {}
-        if not heads_uniform:
+        if not heads_uniform or heads_changed:
             extra = {"num_attention_heads_per_layer": [h for h, _ in heads],
                      "num_key_value_heads_per_layer": [kv for _, kv in heads]}
         new_cfg = config_cls(**fields, intermediate_sizes=widths, **extra)

@@ -25,7 +25,7 @@ _FIELDS = {"ratio": "ratio", "method": "method", "nsamples": "nsamples", "seqlen
            "width_allocation": "width_allocation", "head_share": "head_share", "head_unit": "head_unit",
            "layer_share": "layer_share", "target_mix": "target_mix", "token_weight": "token_weight",
            "search_generations": "search_generations", "search_time": "search_time",
-           "search_nsamples": "search_nsamples"}
+           "search_nsamples": "search_nsamples", "ratio_of": "ratio_of"}
 
 
 def duration(text: str) -> float:
@@ -112,6 +112,9 @@ def add_command(sub):
                    help="with --stream: use transformers' model classes instead of comprune's plain-PyTorch "
                         "Llama-family modules (same result, ~0.05-0.1 GB more memory)")
     p.add_argument("--ratio", type=float, default=None, help="fraction of all parameters to remove (default 0.2)")
+    p.add_argument("--ratio-of", default=None, choices=["all", "blocks"],
+                   help="what --ratio is a fraction of: all parameters (default) or the decoder blocks' only "
+                        "(embeddings and LM head excluded, as Týr's tables; for embedding-heavy models like Gemma 3)")
     p.add_argument("--method", default=None, choices=METHODS, help=f"default {d.method}")
     p.add_argument("--layer-share", type=float, default=None,
                    help=f"fraction of the removed parameters taken by whole layers (default {d.layer_share})")

@@ -45,12 +45,18 @@ def chunked_nll(hidden: torch.Tensor, labels: torch.Tensor, head, chunk: int | N
     return total
 
 
-def _logit_fn(model):
-    # Gemma-2 style final soft-capping; a no-op for Llama/Mistral/Qwen2.
+def family_logits(model):
+    """What the family's *ForCausalLM does after lm_head (Granite divides by logits_scaling, Gemma soft-caps), as a
+    function of the logits; None for Llama/Mistral/Qwen2."""
     cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        return lambda x: torch.tanh(x / cap) * cap
-    return None
+    scale = getattr(model.config, "logits_scaling", None)
+    if not cap and scale in (None, 1, 1.0):
+        return None
+
+    def fn(x):
+        x = x / scale if scale not in (None, 1, 1.0) else x
+        return torch.tanh(x / cap) * cap if cap else x
+    return fn
 
 
 @torch.inference_mode()
@@ -58,7 +64,7 @@ def window_nll(model, windows: torch.Tensor, batch_size: int, progress: bool = T
     """Total NLL and predicted-token count over windows [N, T] (positions 1..T-1 of each window)."""
     device = next(model.parameters()).device
     base, head = model.base_model, model.get_output_embeddings()
-    logit_fn = _logit_fn(model)
+    logit_fn = family_logits(model)
     nll = torch.zeros((), dtype=torch.float64)
     count = 0
     bar = tqdm(total=windows.numel(), desc=desc, unit="tok", unit_scale=True, disable=not progress,

@@ -1,11 +1,11 @@
 """Export a (pruned) Hugging Face model directory to a GGUF file that llama.cpp runs.
 
 Follows llama.cpp's convert_hf_to_gguf.py for tensor names, the Q/K permutation, tokenizer metadata and
-rope/norm keys, for the decoder families comprune prunes (llama, mistral, qwen2).
+rope/norm keys; what differs per family (Gemma, Qwen3, Phi-3, OLMo 2, Granite, SmolLM3) is in gguf_arch.py.
 
-Uniform MLP widths -> llama.cpp's own arch (`llama`, or `qwen2` for Qwen2). Per-layer widths -> `deci`
-(llama.cpp's DeciLM / Nemotron-NAS arch), which reads `feed_forward_length` and the head counts as
-per-layer arrays.
+Uniform MLP widths -> llama.cpp's own arch for the family (`llama` for Llama and Mistral). Per-layer widths ->
+`deci` (llama.cpp's DeciLM / Nemotron-NAS arch), which reads `feed_forward_length` and the head counts as
+per-layer arrays; it exists for the Llama layout only, so other families export uniform widths only.
 
 MLP widths in the file can be larger than the model's, padded with zero neurons (zero gate/up rows, zero
 down columns: silu(0) * 0 = 0, so the output is unchanged):
@@ -31,6 +31,7 @@ from safetensors import safe_open
 from ..errors import CompruneError, require
 from ..files import check_safetensors, check_tensors_match, read_config
 from ..outputs import check_output, guard_output, sibling
+from .gguf_arch import ARCHS, add_family_hparams, check_family_config, pick_arch, rope_dims, spec_for, transform
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +40,6 @@ QTYPES = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-}
-FAMILIES = ("llama", "mistral", "qwen2")
-
-# Hugging Face per-layer tensor suffix -> llama.cpp tensor name (after "blk.N.")
-LAYER_NAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
 }
 GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
@@ -75,6 +62,7 @@ def export_gguf(model_dir, out_path, qtype: str = "f16", force: bool = False) ->
         raise CompruneError(f"{model_dir}/config.json lacks or mis-states {e} for GGUF export: re-save the model") \
             from None
     arch = pick_arch(family, widths, layer_heads(cfg))
+    check_family_config(family, cfg)
     file_widths = [padded_width(w, qtype) for w in widths]
 
     check_output(out_path, force, kind="file", flag="--gguf")
@@ -92,6 +80,7 @@ def _write(model_dir, tmp, cfg, arch, tensors, file_widths, qtype):
     try:
         writer.add_name(model_dir.name)
         _add_hparams(writer, cfg, arch, file_widths, qtype)
+        add_family_hparams(writer, model_family(cfg), cfg)
         add_tokenizer(writer, model_dir, int(cfg["vocab_size"]))
         for name, data in _gguf_tensors(tensors, cfg, arch, file_widths):
             _add_tensor(writer, name, data, qtype)
@@ -108,10 +97,8 @@ def _write(model_dir, tmp, cfg, arch, tensors, file_widths, qtype):
 # ---------------------------------------------------------------- config
 
 def model_family(cfg: dict) -> str:
-    model_type = str(cfg.get("model_type", ""))
-    family = model_type.removeprefix("comprune_")
-    require(family in FAMILIES, f"GGUF export supports {', '.join(FAMILIES)} models, not model_type "
-                                f"'{model_type}'")
+    family = str(cfg.get("model_type", "")).removeprefix("comprune_")
+    spec_for(family)  # refuses families llama.cpp cannot run
     return family
 
 
@@ -120,10 +107,11 @@ def ffn_widths(cfg: dict, tensors: dict) -> list[int]:
     n_layers = int(cfg["num_hidden_layers"])
     widths = [int(w) for w in cfg.get("intermediate_sizes") or [cfg["intermediate_size"]] * n_layers]
     require(len(widths) == n_layers, f"config has {len(widths)} intermediate_sizes for {n_layers} layers")
+    fused = ARCHS[model_family(cfg)].fused_mlp
     for i, w in enumerate(widths):
-        name = f"model.layers.{i}.mlp.up_proj.weight"
+        name = f"model.layers.{i}.mlp.{'gate_up_proj' if fused else 'up_proj'}.weight"
         require(name in tensors, f"tensor {name} missing from the safetensors files")
-        rows = tensors[name].shape[0]
+        rows = tensors[name].shape[0] // (2 if fused else 1)
         require(rows == w, f"layer {i}: config says MLP width {w} but {name} has {rows} rows")
     return widths
 
@@ -150,18 +138,29 @@ def layer_heads(cfg: dict) -> list[tuple[int, int]]:
 def expected_shapes(cfg: dict, widths: list[int]) -> dict:
     """Tensor name -> shape that config.json implies (biases optional)."""
     hidden, vocab, hd = int(cfg["hidden_size"]), int(cfg["vocab_size"]), head_dim(cfg)
+    spec = ARCHS[model_family(cfg)]
     out = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
            "lm_head.weight": (vocab, hidden)}
     for i, (w, (nh, nkv)) in enumerate(zip(widths, layer_heads(cfg))):
         p = f"model.layers.{i}."
-        out.update({p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-                    p + "self_attn.q_proj.weight": (nh * hd, hidden), p + "self_attn.q_proj.bias": (nh * hd,),
-                    p + "self_attn.k_proj.weight": (nkv * hd, hidden), p + "self_attn.k_proj.bias": (nkv * hd,),
-                    p + "self_attn.v_proj.weight": (nkv * hd, hidden), p + "self_attn.v_proj.bias": (nkv * hd,),
-                    p + "self_attn.o_proj.weight": (hidden, nh * hd), p + "self_attn.o_proj.bias": (hidden,),
-                    p + "mlp.gate_proj.weight": (w, hidden), p + "mlp.gate_proj.bias": (w,),
-                    p + "mlp.up_proj.weight": (w, hidden), p + "mlp.up_proj.bias": (w,),
+        norms = [n for n in spec.layer_names if n.endswith("layernorm")]
+        out.update({p + f"{n}.weight": (hidden,) for n in norms})
+        if spec.qk_norm:
+            qn, kn = (hd, hd) if spec.qk_norm == "head" else (nh * hd, nkv * hd)
+            out.update({p + "self_attn.q_norm.weight": (qn,), p + "self_attn.k_norm.weight": (kn,)})
+        out.update({p + "self_attn.o_proj.weight": (hidden, nh * hd), p + "self_attn.o_proj.bias": (hidden,),
                     p + "mlp.down_proj.weight": (hidden, w), p + "mlp.down_proj.bias": (hidden,)})
+        if "self_attn.qkv_proj" in spec.layer_names:
+            out[p + "self_attn.qkv_proj.weight"] = ((nh + 2 * nkv) * hd, hidden)
+        else:
+            out.update({p + "self_attn.q_proj.weight": (nh * hd, hidden), p + "self_attn.q_proj.bias": (nh * hd,),
+                        p + "self_attn.k_proj.weight": (nkv * hd, hidden), p + "self_attn.k_proj.bias": (nkv * hd,),
+                        p + "self_attn.v_proj.weight": (nkv * hd, hidden), p + "self_attn.v_proj.bias": (nkv * hd,)})
+        if spec.fused_mlp:
+            out[p + "mlp.gate_up_proj.weight"] = (2 * w, hidden)
+        else:
+            out.update({p + "mlp.gate_proj.weight": (w, hidden), p + "mlp.gate_proj.bias": (w,),
+                        p + "mlp.up_proj.weight": (w, hidden), p + "mlp.up_proj.bias": (w,)})
     return out
 
 
@@ -172,14 +171,6 @@ def check_shapes(cfg: dict, tensors: dict, widths: list[int], where) -> None:
     found = {k: tuple(v.shape) for k, v in tensors.items()}
     optional = {k for k in want if k.endswith(".bias")} | {"lm_head.weight"}
     check_tensors_match(want, found, where, optional=optional)
-
-
-def pick_arch(family: str, widths: list[int], heads: list | None = None) -> str:
-    if heads and len(set(heads)) > 1:
-        return "deci"  # per-layer head counts: llama.cpp's deci arch reads them per layer
-    if len(set(widths)) == 1 and widths[0] > 0:
-        return "qwen2" if family == "qwen2" else "llama"  # mistral is llama to llama.cpp
-    return "deci"
 
 
 def _rope(cfg: dict) -> dict:
@@ -213,14 +204,18 @@ def _add_hparams(writer, cfg: dict, arch: str, widths: list[int], qtype: str) ->
         writer.add_head_count_kv(n_kv)
     writer.add_key_length(head_dim(cfg))
     writer.add_value_length(head_dim(cfg))
-    writer.add_rope_dimension_count(head_dim(cfg))
+    family = model_family(cfg)
+    writer.add_rope_dimension_count(rope_dims(family, cfg, head_dim(cfg)))
     rope = _rope(cfg)
-    writer.add_rope_freq_base(float(rope["rope_theta"]))
-    if rope["rope_type"] == "linear":
+    if family in ("gemma3_text", "gemma2"):
+        pass  # per layer type: gguf_arch.add_family_hparams
+    elif rope["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
     elif rope["rope_type"] not in ("default", "llama3"):  # llama3 is carried by the rope_freqs tensor
         raise CompruneError(f"GGUF export does not support rope_type '{rope['rope_type']}'")
+    if family not in ("gemma3_text", "gemma2"):
+        writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(int(cfg["vocab_size"]))
     writer.add_file_type(QTYPES[qtype][1])
@@ -279,24 +274,31 @@ def llama3_rope_factors(cfg: dict) -> torch.Tensor:
 def _gguf_tensors(tensors: dict, cfg: dict, arch: str, widths: list[int]):
     """Yield (gguf name, float32 tensor) in llama.cpp order: globals, then each block."""
     heads = layer_heads(cfg)
-    permute = arch != "qwen2"  # qwen2 in llama.cpp uses NEOX rope like HF; llama and deci need the reorder
+    family = model_family(cfg)
+    spec = ARCHS[family]
+    hd = head_dim(cfg)
+    permute = spec.permute_qk or arch == "deci"  # NORM-rope archs rotate adjacent pairs: reorder HF's halves
     for hf, name in GLOBAL_NAMES.items():
         if hf == "lm_head" and (cfg.get("tie_word_embeddings") or "lm_head.weight" not in tensors):
+            if spec.output_required:
+                yield "output.weight", tensors["model.embed_tokens.weight"].load()
             continue  # tied: llama.cpp reuses token_embd
         require(f"{hf}.weight" in tensors, f"tensor {hf}.weight missing from the safetensors files")
-        yield f"{name}.weight", tensors[f"{hf}.weight"].load()
+        yield f"{name}.weight", transform(family, hf, "weight", tensors[f"{hf}.weight"].load(), cfg, hd)
     if _rope(cfg)["rope_type"] == "llama3":
         yield "rope_freqs.weight", llama3_rope_factors(cfg)
     for i, width in enumerate(widths):
         n_head, n_kv = heads[i]
-        for hf, name in LAYER_NAMES.items():
+        for hf, name in spec.layer_names.items():
             for kind in ("weight", "bias"):
                 key = f"model.layers.{i}.{hf}.{kind}"
                 if key not in tensors:
                     require(kind == "bias", f"tensor {key} missing from the safetensors files")
                     continue
-                data = tensors[key].load()
-                if hf.startswith("mlp."):
+                data = transform(family, hf, kind, tensors[key].load(), cfg, hd)
+                if hf == "mlp.gate_up_proj":  # [gate; up]: each half padded on its own
+                    data = torch.cat([_pad_mlp(h, "mlp.up_proj", kind, width) for h in data.chunk(2)])
+                elif hf.startswith("mlp."):
                     data = _pad_mlp(data, hf, kind, width)
                 if permute and hf == "self_attn.q_proj":
                     data = permute_qk(data, n_head)

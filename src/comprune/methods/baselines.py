@@ -137,8 +137,10 @@ def run_flap(model, adapter, acts, input_ids, cfg, budget, show=True) -> dict:
     bias = bool(cfg.flap_bias) and supports_biases(model)
     target = budget.params_to_remove + (_bias_overhead(model, adapter, cfg.ratio) if bias else 0)
     units, n_units = [], {}
+    heads_ok = adapter.head_pruning_refusal(model.config) is None  # else the ranking holds MLP channels only
     for i, st in enumerate(per_layer):
-        units += [(float(s), st["group_params"], i, "attn", g) for g, s in enumerate(st["head"])]
+        if heads_ok:
+            units += [(float(s), st["group_params"], i, "attn", g) for g, s in enumerate(st["head"])]
         units += [(float(s), st["neuron_params"], i, "mlp", j) for j, s in enumerate(st["mlp"])]
         n_units[(i, "attn")], n_units[(i, "mlp")] = len(st["head"]), len(st["mlp"])
     chosen = flap_select(units, target, n_units)
@@ -168,6 +170,8 @@ def run_flap(model, adapter, acts, input_ids, cfg, budget, show=True) -> dict:
                             kept_kv_heads=as_index(keep_kv).tolist(), bias_compensation=bias,
                             head_scores=[float(x) for x in st["head"]])
     out = {"removed_layers": [], "blocks": blocks, "bias_compensation": bias}
+    if not heads_ok:
+        out["heads_kept"] = adapter.head_pruning_refusal(model.config)
     if cfg.flap_bias and not bias:
         out["note"] = "bias compensation skipped: this architecture has no bias flags for o_proj/down_proj"
     return out
@@ -213,6 +217,7 @@ def run_llm_pruner(model, adapter, acts, input_ids, cfg, budget, show=True) -> d
     ids = input_ids[:n, :t]
     layers = adapter.layers(model)
     start, end = middle_blocks(len(layers), cfg)
+    heads_ok = adapter.head_pruning_refusal(model.config) is None
     params = list(model.parameters())
     was_training = model.training
     model.eval()  # no dropout; gradients still flow
@@ -235,7 +240,7 @@ def run_llm_pruner(model, adapter, acts, input_ids, cfg, budget, show=True) -> d
             if r >= 1:
                 raise CompruneError(f"llm-pruner: ratio {cfg.ratio} needs {r:.0%} of every block in "
                                     f"[{start}, {end}): lower --ratio")
-            g_rm = min(int(round(r * a.n_kv)), a.n_kv - 1)
+            g_rm = min(int(round(r * a.n_kv)), a.n_kv - 1) if heads_ok else 0
             width = m.down.in_features
             n_rm = int(round((per_block - g_rm * a.group_params()) / params_per_neuron(adapter, layer)))
             n_rm = min(max(n_rm, 0), width - 1)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CompruneError
-from ..evaluate.perplexity import chunked_nll
+from ..evaluate.perplexity import family_logits, chunked_nll
 from ..loading import count_params
-from ..surgery import attention_heads, attention_parts
+from ..surgery import attention_heads, attention_parts, check_head_pruning
 from ..walk import Activations, BlockInfluence, forward_block, progress, resident
 
 
@@ -40,14 +40,49 @@ def params_per_neuron(adapter, layer) -> int:
     return n
 
 
+def block_params(model, adapter) -> int:
+    """Parameters of the decoder blocks (what every method prunes: no embeddings, final norm or LM head)."""
+    seen, n = set(), 0
+    for layer in adapter.layers(model):
+        for p in layer.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+    return n
+
+
+def budget_base(model, adapter, cfg) -> int:
+    """What `ratio` is a fraction of: all parameters, or the blocks' alone (cfg.ratio_of)."""
+    return block_params(model, adapter) if cfg.ratio_of == "blocks" else count_params(model)
+
+
+def _embedding_hint(model, adapter, cfg) -> str:
+    if cfg.ratio_of == "blocks":
+        return ""
+    share = 1 - block_params(model, adapter) / max(count_params(model), 1)
+    return (f"; {share:.0%} of this model's parameters are embeddings/LM head, which no method prunes: "
+            "--ratio-of blocks budgets over the blocks alone") if share > 0.2 else ""
+
+
+def _check_reachable(model, adapter, cfg, target: float):
+    blocks = block_params(model, adapter)
+    if target >= blocks:
+        raise CompruneError(f"--ratio {cfg.ratio} of {'the blocks' if cfg.ratio_of == 'blocks' else 'all'} parameters "
+                            f"is {target:,.0f} but the blocks hold only {blocks:,}: lower --ratio"
+                            + _embedding_hint(model, adapter, cfg))
+
+
 def plan_budget(model, adapter, cfg, layer_share: float | None = None) -> Budget:
-    """Split `ratio` of all parameters between whole blocks (floor of layer_share) and MLP neurons (the rest),
-    so the achieved ratio lands within one neuron per layer (or one width quantum) of the request."""
+    """Split `ratio` of all (or the blocks') parameters between whole blocks (floor of layer_share) and MLP
+    neurons (the rest), so the achieved ratio lands within one neuron per layer (or one width quantum) of the
+    request."""
     share = cfg.layer_share if layer_share is None else layer_share
     layers = adapter.layers(model)
     L = len(layers)
     total = count_params(model)
-    target = cfg.ratio * total
+    target = cfg.ratio * budget_base(model, adapter, cfg)
+    if cfg.head_share > 0:
+        check_head_pruning(adapter, model.config)
     block = sum(p.numel() for p in layers[0].parameters())
     k = int(math.floor(share * target / block + 1e-9))
     removable = L - cfg.protect_first - cfg.protect_last
@@ -55,6 +90,7 @@ def plan_budget(model, adapter, cfg, layer_share: float | None = None) -> Budget
         raise CompruneError(f"the budget asks to remove {k} of {L} layers but only {max(removable, 0)} may go "
                             f"(first {cfg.protect_first} and last {cfg.protect_last} are protected): "
                             "lower --ratio or --layer-share")
+    _check_reachable(model, adapter, cfg, target)
     per = params_per_neuron(adapter, layers[0])
     rest = target - k * block
     kept = L - k
@@ -79,7 +115,8 @@ def plan_budget(model, adapter, cfg, layer_share: float | None = None) -> Budget
     widths = [adapter.mlp(layer).down.in_features for layer in layers]
     if n > min(widths) - cfg.min_width:
         raise CompruneError(f"ratio {cfg.ratio} needs {n} neurons removed per MLP but layers have only "
-                            f"{min(widths)}: raise --layer-share (remove whole layers) or lower --ratio")
+                            f"{min(widths)}: raise --layer-share (remove whole layers) or lower --ratio"
+                            + _embedding_hint(model, adapter, cfg))
     return Budget(total, int(round(target)), L, block, k, n, per, groups, group_params, qheads, qhead_params)
 
 
@@ -114,6 +151,7 @@ def layer_scores_loss(model, adapter, acts: Activations, input_ids: torch.Tensor
     sub = Activations([h for h in acts.hidden[:nb]], acts.kwargs[:nb])
     layers = adapter.layers(model)
     norm, head = adapter.head(model)
+    logit_fn = family_logits(model)  # Gemma's soft-capping, Granite's logits_scaling: the loss the model has
     ids = [b for b in input_ids.split(acts.hidden[0].shape[0])][:nb]
 
     def loss_from(i, x):
@@ -124,7 +162,7 @@ def layer_scores_loss(model, adapter, acts: Activations, input_ids: torch.Tensor
             total, count = 0.0, 0
             for h, y in zip(x.hidden, ids):
                 hn = norm(h)[:, :-1].reshape(-1, h.shape[-1])
-                total += chunked_nll(hn, y[:, 1:].reshape(-1).to(hn.device), head).item()
+                total += chunked_nll(hn, y[:, 1:].reshape(-1).to(hn.device), head, logit_fn=logit_fn).item()
                 count += hn.shape[0]
         return total / count
 
@@ -160,13 +198,14 @@ def plan_layers_only(model, adapter, cfg) -> Budget:
     layers = adapter.layers(model)
     L = len(layers)
     total = count_params(model)
-    target = cfg.ratio * total
+    target = cfg.ratio * budget_base(model, adapter, cfg)
     block = sum(p.numel() for p in layers[0].parameters())
     k = max(1, int(round(target / block)))
     removable = L - cfg.protect_first - cfg.protect_last
     if k > removable:
         raise CompruneError(f"ratio {cfg.ratio} needs {k} of {L} layers removed but only {max(removable, 0)} may go "
-                            f"(first {cfg.protect_first} and last {cfg.protect_last} are protected): lower --ratio")
+                            f"(first {cfg.protect_first} and last {cfg.protect_last} are protected): lower --ratio"
+                            + _embedding_hint(model, adapter, cfg))
     return Budget(total, int(round(target)), L, block, k, 0, params_per_neuron(adapter, layers[0]))
 
 

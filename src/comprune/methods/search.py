@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import compensate as LS
+from ..evaluate.perplexity import family_logits
 from ..walk import Activations, capture, collect_stats, forward_block, progress, resident
 from .common import kept_width
 
@@ -79,6 +80,7 @@ class Fitness:
         self.adapter, self.cfg, self.db = adapter, cfg, db
         self.layers = adapter.layers(model)
         self.norm, self.head = adapter.head(model)
+        self.logit_fn = family_logits(model) or (lambda x: x)
         self.kept = [i for i in range(len(self.layers)) if i not in set(removed)]
         self.x0 = capture(model, adapter, fit_ids, cfg.batch_size, cfg.device)
         self.nbatches = len(self.x0.hidden)
@@ -90,7 +92,7 @@ class Fitness:
 
     def _logprobs(self, h: torch.Tensor) -> torch.Tensor:
         with resident(self.norm, self.cfg.device), resident(self.head, self.cfg.device):
-            return torch.log_softmax(self.head(self.norm(h)).float(), -1)
+            return torch.log_softmax(self.logit_fn(self.head(self.norm(h)).float()), -1)
 
     def _run(self, acts, blocks, levels=None) -> Activations:
         for i in blocks:

@@ -1,6 +1,9 @@
 """Where things live in each decoder family. Methods ask an adapter; they never hard-code module names.
 
-A new family is one Adapter (usually a subclass overriding a name or two) plus a tiny-model test.
+A new family is one Adapter (usually a subclass overriding a name or two) plus a tiny-model test. What an
+adapter says: the blocks and their MLP/attention linears, the norm in front of the MLP, whether the MLP output
+is the block's last, unnormalised residual add (COMP's fast output rebuild), the config key of the MLP width,
+config lists that follow the blocks when some are removed, and whether (and why not) attention heads can go.
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from ..errors import CompruneError
+from .fused import SplitLinear, fuse, split
 
 
 @dataclass(frozen=True)
@@ -19,19 +23,27 @@ class MLPParts:
 
 
 class LlamaAdapter:
-    """Llama (incl. GQA), and the families that share its module names: Mistral, Qwen2."""
+    """Llama (incl. GQA), and the families that share its module names: Mistral, Qwen2, Qwen3 (per-head q/k
+    norms, which head pruning leaves alone), SmolLM3."""
     family = "llama"
     # block(h) = r + mlp(norm(r)) with r = h + attn(norm(h)): the MLP's output is added last, unnormalised
     mlp_output_is_residual = True
+    width_key = "intermediate_size"   # the config field of the MLP width
+    per_layer_keys: tuple = ()        # config lists (one entry per block) beyond the common ones, sliced with them
+    fused = False                     # q/k/v or gate/up stored as one matrix (split while pruning)
+
+    def head_pruning_refusal(self, config) -> str | None:
+        """Why attention heads of this model cannot be pruned (None: they can)."""
+        return None
 
     def decoder(self, model) -> nn.Module:
         return model.model
 
     def layers(self, model) -> nn.ModuleList:
-        return model.model.layers
+        return self.decoder(model).layers
 
     def set_layers(self, model, layers: list[nn.Module]) -> None:
-        model.model.layers = nn.ModuleList(layers)
+        self.decoder(model).layers = nn.ModuleList(layers)
 
     def mlp(self, layer) -> MLPParts:
         m = layer.mlp
@@ -46,6 +58,10 @@ class LlamaAdapter:
     def attention(self, layer) -> nn.Module:
         return layer.self_attn
 
+    def attention_linears(self, layer) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        a = self.attention(layer)
+        return a.q_proj, a.k_proj, a.v_proj, a.o_proj
+
     def embeddings(self, model) -> list[nn.Module]:
         return [model.model.embed_tokens, model.model.rotary_emb]
 
@@ -54,6 +70,12 @@ class LlamaAdapter:
 
     def mlp_act(self, layer):
         return layer.mlp.act_fn
+
+    def prepare(self, model) -> None:
+        """Before pruning: make every prunable unit its own nn.Linear (fused families split theirs)."""
+
+    def restore(self, model) -> None:
+        """After pruning: back to the family's own module layout (what its checkpoints hold)."""
 
 
 class MistralAdapter(LlamaAdapter):
@@ -64,7 +86,158 @@ class Qwen2Adapter(LlamaAdapter):
     family = "qwen2"
 
 
-ADAPTERS = {"llama": LlamaAdapter, "mistral": MistralAdapter, "qwen2": Qwen2Adapter}
+class Qwen3Adapter(LlamaAdapter):
+    family = "qwen3"
+
+
+class SmolLM3Adapter(LlamaAdapter):
+    family = "smollm3"
+    per_layer_keys = ("no_rope_layers",)  # 1 = the layer uses RoPE; transformers indexes it by layer_idx
+
+
+class GemmaAdapter(LlamaAdapter):
+    """Gemma 2 / 3: four (1 + w) RMSNorms per block. The MLP reads pre_feedforward_layernorm; post_attention_
+    layernorm and post_feedforward_layernorm normalise the attention and MLP outputs before their residual adds,
+    so the MLP output is not the block's last unnormalised add. Embedding scaling, soft-capping and
+    query_pre_attn_scalar live in the modules and config, untouched by pruning; layer_types follows the blocks."""
+    family = "gemma3_text"
+    mlp_output_is_residual = False
+
+    def mlp_input_norm(self, layer) -> nn.Module:
+        return layer.pre_feedforward_layernorm
+
+
+class Gemma2Adapter(GemmaAdapter):
+    family = "gemma2"
+
+
+class GraniteAdapter(LlamaAdapter):
+    """Granite: Llama's names with scalar multipliers (embedding, residual, attention, logits); the residual
+    multiplier scales the MLP output before its add."""
+    family = "granite"
+    mlp_output_is_residual = False
+
+
+class Olmo2Adapter(LlamaAdapter):
+    """OLMo 2: norms after attention and MLP only (post_attention_layernorm, post_feedforward_layernorm)."""
+    family = "olmo2"
+    mlp_output_is_residual = False
+
+    def head_pruning_refusal(self, config) -> str | None:
+        return ("OLMo 2's q_norm/k_norm normalise over all heads together, so removing a head changes the others: "
+                "prune layers and MLP neurons only (--head-share 0; flap and llm-pruner keep every head here)")
+
+
+class Phi3Adapter(LlamaAdapter):
+    """Phi-3 / Phi-4-mini: fused qkv_proj ([q; k; v] rows) and gate_up_proj ([gate; up] rows), split into
+    their parts while pruning (models/fused.py) and fused again after, so slicing stays split-aware."""
+    family = "phi3"
+    fused = True
+
+    def head_pruning_refusal(self, config) -> str | None:
+        rope = getattr(config, "rope_parameters", None) or {}
+        if isinstance(rope, dict) and rope.get("rope_type") == "longrope":
+            return ("this Phi-3 uses longrope, whose short/long factors are fitted to the full head set: prune "
+                    "layers and MLP neurons only (--head-share 0)")
+        return None
+
+    def mlp(self, layer) -> MLPParts:
+        gu = layer.mlp.gate_up_proj
+        if not isinstance(gu, SplitLinear):
+            raise CompruneError("Phi-3's gate_up_proj is still fused: call adapter.prepare(model) first")
+        return MLPParts(up=gu.parts[1], down=layer.mlp.down_proj, gate=gu.parts[0])
+
+    def mlp_act(self, layer):
+        return layer.mlp.activation_fn
+
+    def attention_linears(self, layer):
+        a = layer.self_attn
+        if not isinstance(a.qkv_proj, SplitLinear):
+            raise CompruneError("Phi-3's qkv_proj is still fused: call adapter.prepare(model) first")
+        q, k, v = a.qkv_proj.parts
+        return q, k, v, a.o_proj
+
+    def prepare(self, model) -> None:
+        for layer in self.layers(model):
+            a = layer.self_attn
+            if not isinstance(a.qkv_proj, SplitLinear):
+                hd = a.head_dim
+                nq = a.o_proj.in_features // hd
+                nkv = (a.qkv_proj.out_features // hd - nq) // 2
+                a.qkv_proj = split(a.qkv_proj, [nq * hd, nkv * hd, nkv * hd])
+            gu = layer.mlp.gate_up_proj
+            if not isinstance(gu, SplitLinear):
+                f = gu.out_features // 2
+                layer.mlp.gate_up_proj = split(gu, [f, f])
+
+    def restore(self, model) -> None:
+        for layer in self.layers(model):
+            a = layer.self_attn
+            if isinstance(a.qkv_proj, SplitLinear):
+                a.qkv_proj = fuse(a.qkv_proj)
+            if isinstance(layer.mlp.gate_up_proj, SplitLinear):
+                layer.mlp.gate_up_proj = fuse(layer.mlp.gate_up_proj)
+
+
+class OPTAdapter(LlamaAdapter):
+    """OPT: blocks under model.decoder, a non-gated fc1 -> act -> fc2 MLP with biases held by the block itself,
+    LayerNorms, learned positions, attention output `out_proj`."""
+    family = "opt"
+    mlp_output_is_residual = False
+    width_key = "ffn_dim"
+
+    def head_pruning_refusal(self, config) -> str | None:
+        return ("OPT computes head_dim as hidden_size / num_attention_heads, so a model with fewer heads cannot be "
+                "described by its config: prune layers and MLP neurons only (--head-share 0)")
+
+    def decoder(self, model) -> nn.Module:
+        return model.model.decoder
+
+    def mlp(self, layer) -> MLPParts:
+        return MLPParts(up=layer.fc1, down=layer.fc2, gate=None)
+
+    def mlp_module(self, layer) -> nn.Module:
+        # the MLP has no module of its own: a container of its two linears (parameters shared, not registered)
+        return _Pair(layer.fc1, layer.fc2)
+
+    def mlp_input_norm(self, layer) -> nn.Module:
+        return layer.final_layer_norm
+
+    def attention_linears(self, layer):
+        a = layer.self_attn
+        return a.q_proj, a.k_proj, a.v_proj, a.out_proj
+
+    def embeddings(self, model) -> list[nn.Module]:
+        d = self.decoder(model)
+        return [m for m in (d.embed_tokens, d.embed_positions, d.project_in) if m is not None]
+
+    def head(self, model) -> list[nn.Module]:
+        d = self.decoder(model)
+        if d.project_out is not None or d.final_layer_norm is None:
+            return [_Chain(*(m for m in (d.final_layer_norm, d.project_out) if m is not None)), model.lm_head]
+        return [d.final_layer_norm, model.lm_head]
+
+    def mlp_act(self, layer):
+        return layer.activation_fn
+
+
+class _Pair(nn.Module):
+    def __init__(self, fc1, fc2):
+        super().__init__()
+        object.__setattr__(self, "_linears", (fc1, fc2))
+
+    def parameters(self, recurse=True):
+        for lin in self._linears:
+            yield from lin.parameters()
+
+
+class _Chain(nn.Sequential):
+    pass
+
+
+ADAPTERS = {"llama": LlamaAdapter, "mistral": MistralAdapter, "qwen2": Qwen2Adapter, "qwen3": Qwen3Adapter,
+            "smollm3": SmolLM3Adapter, "gemma3_text": GemmaAdapter, "gemma2": Gemma2Adapter,
+            "granite": GraniteAdapter, "olmo2": Olmo2Adapter, "phi3": Phi3Adapter, "opt": OPTAdapter}
 
 
 def base_model_type(config) -> str:

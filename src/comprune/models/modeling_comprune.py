@@ -20,10 +20,30 @@ prune should not pay.
 import copy
 import importlib
 
+import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.models.llama.configuration_llama import LlamaConfig
-from transformers.models.mistral.configuration_mistral import MistralConfig
-from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
+
+# base model type -> (transformers module, config class, model class); the comprune names are Comprune + those
+FAMILIES = {"llama": ("llama", "LlamaConfig", "LlamaForCausalLM"),
+            "mistral": ("mistral", "MistralConfig", "MistralForCausalLM"),
+            "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
+            "qwen3": ("qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
+            "smollm3": ("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM"),
+            "gemma2": ("gemma2", "Gemma2Config", "Gemma2ForCausalLM"),
+            "gemma3_text": ("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM"),
+            "granite": ("granite", "GraniteConfig", "GraniteForCausalLM"),
+            "olmo2": ("olmo2", "Olmo2Config", "Olmo2ForCausalLM"),
+            "phi3": ("phi3", "Phi3Config", "Phi3ForCausalLM"),
+            "opt": ("opt", "OPTConfig", "OPTForCausalLM")}
+
+
+def _width_key(config) -> str:
+    return "ffn_dim" if hasattr(config, "ffn_dim") else "intermediate_size"  # OPT names it ffn_dim
+
+
+def decoder_layers(model):
+    inner = model.model
+    return inner.decoder.layers if hasattr(inner, "decoder") else inner.layers
 
 
 def narrow_mlps(layers, config):
@@ -33,11 +53,17 @@ def narrow_mlps(layers, config):
         return
     if len(sizes) != len(layers):
         raise ValueError(f"intermediate_sizes has {len(sizes)} entries for {len(layers)} layers")
+    key = _width_key(config)
     for layer, width in zip(layers, sizes):
-        if width == config.intermediate_size:
+        if width == getattr(config, key):
+            continue
+        if hasattr(layer, "fc1"):  # OPT: the block holds its MLP's two linears itself
+            bias = layer.fc1.bias is not None
+            layer.fc1 = nn.Linear(layer.fc1.in_features, int(width), bias=bias)
+            layer.fc2 = nn.Linear(int(width), layer.fc2.out_features, bias=bias)
             continue
         sub = copy.copy(config)
-        sub.intermediate_size = int(width)
+        setattr(sub, key, int(width))
         layer.mlp = type(layer.mlp)(sub)
 
 
@@ -58,11 +84,22 @@ def narrow_attention(layers, config):
         sub = copy.copy(config)
         sub.num_attention_heads, sub.num_key_value_heads, sub.head_dim = int(h), int(kv), int(head_dim)
         attn = type(layer.self_attn)(sub, getattr(layer.self_attn, "layer_idx", i))
-        attn.config = config  # geometry lives in the weights; the shared config keeps the attention backend
+        if not hasattr(attn, "qkv_proj"):  # Phi-3 splits its fused qkv at config.num_attention_heads: keeps `sub`
+            attn.config = config  # geometry lives in the weights; the shared config keeps the attention backend
         layer.self_attn = attn
 
 
-def _config(base_config, base_type):
+def validate_architecture(self):
+    """The base check (hidden_size % num_attention_heads == 0) predates explicit head_dim; pruned heads break
+    it while the geometry stays well defined: only q/o widths built from head_dim must be whole."""
+    if not getattr(self, "head_dim", None) and self.hidden_size % self.num_attention_heads != 0:
+        raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                         f"{self.num_attention_heads} and head_dim is not given")
+
+
+def _config(base_type):
+    module, config_name, _ = FAMILIES[base_type]
+    base_config = getattr(importlib.import_module(f"transformers.models.{module}.configuration_{module}"), config_name)
     model_type = f"comprune_{base_type}"
 
     def get_config_dict(cls, *args, **kwargs):
@@ -72,18 +109,23 @@ def _config(base_config, base_type):
         return {**config_dict, "model_type": model_type}, rest
 
     cls = type(f"Comprune{base_config.__name__}", (base_config,),
-               {"model_type": model_type, "get_config_dict": classmethod(get_config_dict)})
+               {"model_type": model_type, "get_config_dict": classmethod(get_config_dict),
+                "validate_architecture": validate_architecture, "validate": _validate})
+    # huggingface_hub's strict dataclasses list a class's validators when the base is decorated: list ours
+    cls.__class_validators__ = [getattr(cls, name) for name in dir(cls)
+                                if name.startswith("validate_") and callable(getattr(cls, name))]
     cls.__module__ = __name__
     return cls
 
 
-CompruneLlamaConfig = _config(LlamaConfig, "llama")
-CompruneMistralConfig = _config(MistralConfig, "mistral")
-CompruneQwen2Config = _config(Qwen2Config, "qwen2")
-CONFIGS = {"llama": CompruneLlamaConfig, "mistral": CompruneMistralConfig, "qwen2": CompruneQwen2Config}
-# base model type -> (transformers module, base model class); the class names are Comprune + the base name
-BASE_MODELS = {"llama": ("llama", "LlamaForCausalLM"), "mistral": ("mistral", "MistralForCausalLM"),
-               "qwen2": ("qwen2", "Qwen2ForCausalLM")}
+def _validate(self):
+    for validator in type(self).__class_validators__:
+        validator(self)
+
+
+CONFIGS = {t: _config(t) for t in FAMILIES}
+CompruneLlamaConfig, CompruneMistralConfig, CompruneQwen2Config = CONFIGS["llama"], CONFIGS["mistral"], CONFIGS["qwen2"]
+BASE_MODELS = {t: (module, name) for t, (module, _, name) in FAMILIES.items()}
 MODEL_NAMES = {t: f"Comprune{name}" for t, (_, name) in BASE_MODELS.items()}
 _built = {}
 
@@ -94,8 +136,8 @@ def _make_model(base_type):
 
     def __init__(self, config):
         base_model.__init__(self, config)
-        narrow_mlps(self.model.layers, config)
-        narrow_attention(self.model.layers, config)
+        narrow_mlps(decoder_layers(self), config)
+        narrow_attention(decoder_layers(self), config)
         self.post_init()
 
     return type(MODEL_NAMES[base_type], (base_model,),
@@ -150,3 +192,6 @@ def register():
         except ValueError:  # already registered
             pass
         AutoModelForCausalLM.register(config_cls, _built.get(base_type) or _deferred(base_type), exist_ok=True)
+
+
+globals().update({cls.__name__: cls for cls in CONFIGS.values()})  # auto_map names them: modeling_comprune.<Config>
