@@ -145,7 +145,7 @@ def masked_dense_logits(dense, report, ids, pruned=None):
             if "head_scales" in rec:  # COMP's per-query-head scales of the kept groups
                 kept_qo, _ = kv_group_channels(parts, torch.tensor(rec["kept_kv_heads"]))
                 hmask[kept_qo] = torch.tensor(rec["head_scales"]).float().repeat_interleave(parts.head_dim)
-            if "head_scales" in rec or pruned_layers is None:
+            if "head_scales" in rec or pruned_layers is None or "head_rel_error_tuned" not in rec:  # not refitted
                 add_hook(parts.o, lambda m, args, hmask=hmask: (args[0] * hmask,), pre=True)
             else:  # least-squares recovery: the kept groups' o_proj columns carry the refitted weights
                 pp = attention_parts(adapter, pruned_layers[report.kept_layers.index(i)])

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from comprune import PruneConfig, prune, save_pretrained
 from comprune.errors import CompruneError
+from comprune.models.saved import per_layer_config
 from comprune.models import get_adapter
 from conftest import OTHER_FAMILIES, calib, greedy_matches_uncached, masked_dense_logits, tiny_model
 from test_compensate import _masked_from_pruned
@@ -34,8 +35,10 @@ def _reloaded(model, report, path, stock: bool):
     the Auto factories by `import comprune` (what comprune.load uses), with no remote code."""
     save_pretrained(model, None, path, report)
     cfg = (path / "config.json").read_text()
-    assert ('"comprune_' in cfg) != stock
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert ('"intermediate_sizes"' in cfg) != stock
+    # per-layer outputs name the base model_type (stock tokenizers need no remote code): their config class
+    # comes from comprune (models/saved.py), as comprune.load does
+    return AutoModelForCausalLM.from_pretrained(path, config=per_layer_config(path), dtype=torch.float32).eval()
 
 
 @pytest.fixture(params=OTHER_FAMILIES)
