@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import compensate as LS
+from ..errors import CompruneError
 from ..evaluate.perplexity import family_logits
 from ..walk import Activations, capture, collect_stats, forward_block, progress, resident
 from .common import kept_width
@@ -248,8 +249,8 @@ def search_allocation(model, adapter, acts, removed: list[int], n_remove: int, c
     exact = sum(w - kept_width(w, n_remove, cfg.round_to, cfg.min_width) for w in widths.values())
     total, rest = divmod(exact, ladder.step)
     if total > ladder.top * len(kept):
-        raise ValueError(f"the budget needs {total} levels of {ladder.step} neurons but the ladder holds "
-                         f"{ladder.top} per block")
+        raise CompruneError(f"the budget needs {total} levels of {ladder.step} neurons but the search's ladder "
+                            f"holds {ladder.top} per block: raise --layer-share or lower --ratio")
     db = build_database(model, adapter, acts, kept, ladder, cfg, show)
     fitness = Fitness(model, adapter, removed, db, fit_ids, cfg)
     few = fitness.windows[: cfg.search_filter]
