@@ -22,13 +22,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT = HERE / "results" / "compare"
 DOC = ROOT / "docs" / "comparison.md"
-METHODS = "comp,llm-pruner,flap,layer-drop,wanda-sp"
+METHODS = "comp,comp-search,wanda-sp,flap,llm-pruner,layer-drop"
 
 
 def command_line(args) -> str:
     return (f"python benchmarks/compare.py --model {args.model} --ratios {args.ratios} --methods {args.methods} "
             f"--max-tokens {args.max_tokens} --subset {args.subset} --speed-tokens {args.speed_tokens}"
-            + (" --zeroshot-full" if args.zeroshot_full else "") + (f" --dtype {args.dtype}"
+            + f" --full-seqlens {args.full_seqlens}" + (" --zeroshot-full" if args.zeroshot_full else "") + (f" --dtype {args.dtype}"
                                                                      if args.dtype != "float32" else ""))
 
 
@@ -252,6 +252,9 @@ def main(argv=None):
     ap.add_argument("--speed-tokens", type=int, default=32)
     ap.add_argument("--subset", type=int, default=200)
     ap.add_argument("--skip", default="")
+    ap.add_argument("--full-seqlens", default="2048",
+                    help="window lengths of the full-test-set perplexity (default 2048, the headline length: the "
+                         "full set costs ~18x the slice, ~15 min a model per length on an AVX2 host)")
     ap.add_argument("--redo", default="", help="stages to measure again: prune (time, memory), speed, llamacpp")
     ap.add_argument("--redo-tag", default=None, help="name of the --redo pass (resume it with the same tag)")
     ap.add_argument("--dtype", default="float32",
@@ -270,7 +273,8 @@ def main(argv=None):
                 ppl_max_tokens=args.max_tokens, zeroshot_subset=args.subset, speed_tokens=args.speed_tokens,
                 zeroshot_cache_dir=str(HERE / "cache" / "lm_eval"),
                 skip=[s for s in args.skip.split(",") if s], redo=[s for s in args.redo.split(",") if s],
-                redo_tag=args.redo_tag, zeroshot_full=args.zeroshot_full, dtype=args.dtype)
+                redo_tag=args.redo_tag, zeroshot_full=args.zeroshot_full, dtype=args.dtype,
+                full_seqlens=[int(x) for x in args.full_seqlens.split(",")])
     write_doc(args)
 
 

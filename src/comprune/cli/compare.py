@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from ..compare import DEFAULT_METHODS, DEFAULT_OUT, STAGES, compare
-from ..config import METHODS, PruneConfig
+from ..config import METHODS, PRESETS, PruneConfig
 from ..errors import CompruneError
 from .format import add_common, floats
 
@@ -33,7 +33,8 @@ def cmd_compare(args) -> int:
                      stream_ratios=floats(args.stream_ratios) if args.stream_ratios else None,
                      redo=[x.strip() for x in (args.redo or "").split(",") if x.strip()], redo_tag=args.redo_tag,
                      zeroshot_full=args.zeroshot_full, trust_remote_code=args.trust_remote_code,
-                     allow_pickle=args.allow_pickle)
+                     allow_pickle=args.allow_pickle,
+                     full_seqlens=[int(x) for x in floats(args.full_seqlens)] if args.full_seqlens else None)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -48,7 +49,7 @@ def add_command(sub):
                                        "evaluate them alike (resumable)")
     p.add_argument("model", help="'smollm2', a model directory, a .gguf file or a hub id")
     p.add_argument("--ratios", default="0.1,0.2,0.3", help="comma-separated pruning ratios (default 0.1,0.2,0.3)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, any of {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, any of {', '.join(METHODS)}, or a preset ({', '.join(PRESETS)})")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT}); reruns resume")
     p.add_argument("--calib", default=d.calib)
     p.add_argument("--nsamples", type=int, default=d.nsamples)
@@ -56,6 +57,9 @@ def add_command(sub):
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-tokens", type=int, default=65536, help="perplexity slice: first N test tokens (65536)")
     p.add_argument("--full-ratio", type=float, default=0.2, help="ratio evaluated on the full test set too (-1: none)")
+    p.add_argument("--full-seqlens", default=None,
+                   help="window lengths of the full-test-set perplexity, comma-separated (default: those of the "
+                        "slice, 128,2048); e.g. 2048 alone halves that stage on a slow host")
     p.add_argument("--zeroshot-ratio", type=float, default=0.2, help="ratio with zero-shot scores (-1: none)")
     p.add_argument("--subset", type=int, default=200, help="zero-shot examples per task (fixed-seed draw)")
     p.add_argument("--zeroshot-full", action="store_true",

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import PRESETS
 from ..errors import CompruneError
 from ..io import weights_digest
 from ..stream import resolve_stream_source
@@ -55,7 +56,9 @@ def prune_run(cmp, method: str, ratio: float, stream: bool = False) -> dict:
     out = cmp.model_dir(name + ("-stream" if stream else ""))
     log_path = cmp.out / "logs" / f"{name}.prune{'-stream' if stream else ''}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [cmp.python, "-m", "comprune.cli", "prune", cmp.model_spec, "--method", method, "--ratio", str(ratio),
+    # a preset runs as `--preset NAME` (its own method and knobs), a method as `--method NAME` with its defaults
+    how = ["--preset", method] if method in PRESETS else ["--method", method]
+    cmd = [cmp.python, "-m", "comprune.cli", "prune", cmp.model_spec, *how, "--ratio", str(ratio),
            "--calib", cmp.calib, "--nsamples", str(cmp.nsamples), "--seqlen", str(cmp.seqlen),
            "--seed", str(cmp.seed), "--dtype", cmp.dtype, "--out", str(out), "--force", "--json"]
     if cmp.data_dir:

@@ -205,7 +205,8 @@ def markdown_table(rows: list[dict], settings: dict, shas=(), floor_mb: float | 
 
 
 COLORS = {"dense": "black", "comp": "tab:red", "llm-pruner": "tab:blue", "flap": "tab:green",
-          "layer-drop": "tab:purple", "wanda-sp": "tab:orange", "magnitude": "tab:gray"}
+          "layer-drop": "tab:purple", "wanda-sp": "tab:orange", "magnitude": "tab:gray", "comp-search": "darkred",
+          "comp-spec": "lightcoral"}
 
 
 def plot(rows: list[dict], path: Path, settings: dict):

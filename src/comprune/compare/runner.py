@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import METHODS
+from ..config import METHODS, PRESETS
 from ..data import load_ids
 from ..errors import CompruneError
 from ..evaluate.perplexity import perplexity
@@ -42,10 +42,10 @@ class Comparison:
                  zeroshot_subset: int | None = 200, zeroshot_batch_size=16, speed_tokens=64, speed_repeats=3,
                  data_dir=None, dtype="float32", keep_models=False, skip=(), prune_args=None, progress=True,
                  dense_cache_key=None, zeroshot_cache_dir=None, python=None, stream_ratios=None, redo=(),
-                 redo_tag=None, zeroshot_full=False, trust_remote_code=False, allow_pickle=False):
-        for m in methods:
-            if m not in METHODS:
-                raise CompruneError(f"unknown method '{m}': use some of {', '.join(METHODS)}")
+                 redo_tag=None, zeroshot_full=False, trust_remote_code=False, allow_pickle=False, full_seqlens=None):
+        for m in methods:  # a preset (e.g. comp-search) is compared as a method of its own
+            if m not in METHODS and m not in PRESETS:
+                raise CompruneError(f"unknown method '{m}': use some of {', '.join(METHODS + tuple(PRESETS))}")
         for r in ratios:
             if not 0 < r <= 0.9:
                 raise CompruneError(f"ratio {r} out of (0, 0.9]: e.g. --ratios 0.1,0.2,0.3")
@@ -63,6 +63,10 @@ class Comparison:
         self.out = Path(out_dir)
         self.calib, self.nsamples, self.seqlen, self.seed = calib, nsamples, seqlen, seed
         self.ppl_seqlens, self.ppl_max_tokens = [int(s) for s in ppl_seqlens], ppl_max_tokens
+        # the full test set costs ~18x the slice: on a slow host it can be run at the headline length only
+        self.full_seqlens = [int(s) for s in full_seqlens] if full_seqlens else self.ppl_seqlens
+        if not set(self.full_seqlens) <= set(self.ppl_seqlens):
+            raise CompruneError(f"--full-seqlens {self.full_seqlens} must be among the slice's {self.ppl_seqlens}")
         self.full_ratio, self.zeroshot_ratio = full_ratio, zeroshot_ratio
         self.zeroshot_tasks, self.zeroshot_subset, self.zeroshot_batch_size = zeroshot_tasks, zeroshot_subset, \
             zeroshot_batch_size
@@ -96,6 +100,7 @@ class Comparison:
         return {"model": self.model_spec, "ratios": self.ratios, "methods": self.methods, "calib": self.calib,
                 "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed,
                 "ppl_seqlens": self.ppl_seqlens, "ppl_max_tokens": self.ppl_max_tokens,
+                "full_seqlens": self.full_seqlens,
                 "full_ratio": self.full_ratio, "zeroshot_ratio": self.zeroshot_ratio,
                 "zeroshot_tasks": self.zeroshot_tasks, "zeroshot_subset": self.zeroshot_subset,
                 "zeroshot_full": self.zeroshot_full,
@@ -166,7 +171,7 @@ class Comparison:
     # -------------------------------------------------------------------------------------------- metrics
     def eval_ppl(self, model, tok, full: bool, have=()):
         """Yields (key, result) per window length not already in `have`."""
-        for s in self.ppl_seqlens:
+        for s in self.full_seqlens if full else self.ppl_seqlens:
             key = self.ppl_key(s, full)
             if key in have:
                 continue
@@ -207,7 +212,9 @@ class Comparison:
         if self.redo_pending(name, stage, rec):
             return True
         if stage in ("ppl", "full"):
-            return any(self.ppl_key(s, stage == "full") not in rec.get("ppl", {}) for s in self.ppl_seqlens)
+            full = stage == "full"
+            return any(self.ppl_key(s, full) not in rec.get("ppl", {})
+                       for s in (self.full_seqlens if full else self.ppl_seqlens))
         if stage == "prune":
             return name != "dense" and rec.get("prune", {}).get("rss_probe") != RSS_PROBE
         if stage in ("zeroshot", "zeroshot_full"):
@@ -215,7 +222,7 @@ class Comparison:
         if stage in ("speed", "llamacpp"):
             return name != "dense" and stage not in rec
         if stage == "stream":
-            return name != "dense" and can_stream(rec["method"]) and \
+            return name != "dense" and can_stream(rec["method"]) and rec["method"] not in PRESETS and \
                 any(abs(rec["ratio"] - r) < 1e-9 for r in self.stream_ratios) and \
                 (rec.get("stream", {}).get("rss_probe") != RSS_PROBE or
                  rec.get("stream", {}).get("record_version") != STREAM_RECORD)
@@ -297,9 +304,12 @@ class Comparison:
             if stage in self.redo:
                 rec["llamacpp"]["redo_tag"] = self.redo_tag
         elif stage in ("zeroshot", "zeroshot_full"):
+            # keyed by the weights' digest too: a method whose code changed prunes another model under the same
+            # name and calibration, and must not be answered from the old model's cached responses
             calib = rec.get("prune", {}).get("calibration", {}).get("sha256", "")[:12]
+            weights = rec.get("prune", {}).get("weights_sha256", "")[:12]
             key = ((self.dense_cache_key or f"{self.model_spec}-dense-{self.dtype}") if is_dense else
-                   f"compare-{self.model_spec}-{name}-{calib}-{self.dtype}")
+                   f"compare-{self.model_spec}-{name}-{calib}-{weights}-{self.dtype}")
             self.eval_zeroshot(name, stage, rec, model, tok, key)
         rec.setdefault("eval_seconds", {})[stage] = round(time.perf_counter() - t0, 1)
 
