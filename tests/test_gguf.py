@@ -212,3 +212,42 @@ def test_export_errors(tmp_path):
     with pytest.raises(CompruneError, match="unknown GGUF type"):
         export_gguf(src, tmp_path / "x.gguf", "q4_k")
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0", "f32"])
+def test_gguf_size_is_exact_without_writing(tmp_path, qtype):
+    """export.size.gguf_bytes (no tensor written) equals the size of the file the export writes, uniform and
+    non-uniform (odd and removed widths, q8_0 padding and f16 fallback rows)."""
+    from comprune.export.size import gguf_bytes
+    for name, model in (("u", tiny_model("llama", vocab=VOCAB)), ("n", nonuniform_llama([128, 40, 0, 96, 7, 0]))):
+        src = save(model, tmp_path / name)
+        assert gguf_bytes(src, qtype) == export_gguf(src, tmp_path / f"{name}.gguf", qtype)["bytes"]
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+def test_prune_to_target_size(tmp_path, qtype):
+    """--target-size: the pruned model's GGUF is at most the target and within a few width quanta of it; the
+    real size is recorded in pruning.json."""
+    import subprocess
+    import sys
+    from comprune.export.size import gguf_bytes
+    model = tiny_model("llama", vocab=VOCAB, layers=4, inter=1024)
+    src = save(model, tmp_path / "m")
+    dense = gguf_bytes(src, qtype)
+    target = int(dense * 0.8)
+    out = tmp_path / "p"
+    r = subprocess.run([sys.executable, "-m", "comprune.cli", "prune", str(src), "--out", str(out), "--target-size",
+                        str(target), "--target-type", qtype, "--nsamples", "8", "--seqlen", "32", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(r.stdout)["target_size"]
+    got = export_gguf(out, tmp_path / "p.gguf", qtype)["bytes"]
+    assert rec["gguf_bytes"] == got <= target and rec["met"]
+    hidden = model.config.hidden_size
+    quantum = 3 * hidden * (32 if qtype == "q8_0" else 1) * (2 if qtype == "f16" else 34 / 32)
+    assert target - got < 3 * 4 * quantum  # under the target by little more than the margin
+    assert json.loads((out / "pruning.json").read_text())["target_size"]["gguf_bytes"] == got
+    r = subprocess.run([sys.executable, "-m", "comprune.cli", "prune", str(src), "--out", str(tmp_path / "q"),
+                        "--target-size", str(dense + 1), "--target-type", qtype], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "already within" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -49,22 +49,7 @@ def export_gguf(model_dir, out_path, qtype: str = "f16", force: bool = False) ->
     replaced only with `force`; every tensor's shape is checked against the config before anything is written."""
     start = time.time()
     model_dir, out_path = Path(model_dir), Path(out_path)
-    require(model_dir.is_dir(), f"model directory {model_dir} not found")
-    require(qtype in QTYPES, f"unknown GGUF type '{qtype}': use one of {', '.join(QTYPES)}")
-    cfg = read_config(model_dir)
-    family = model_family(cfg)
-    check_safetensors(model_dir)
-    tensors = _open_safetensors(model_dir)
-    try:
-        widths = ffn_widths(cfg, tensors)
-        check_shapes(cfg, tensors, widths, model_dir)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CompruneError(f"{model_dir}/config.json lacks or mis-states {e} for GGUF export: re-save the model") \
-            from None
-    arch = pick_arch(family, widths, layer_heads(cfg))
-    check_family_config(family, cfg)
-    file_widths = [padded_width(w, qtype) for w in widths]
-
+    cfg, arch, tensors, widths, file_widths = prepare(model_dir, qtype)
     check_output(out_path, force, kind="file", flag="--gguf")
     with guard_output(out_path):
         tmp = sibling(out_path, f"tmp{os.getpid()}")
@@ -75,21 +60,49 @@ def export_gguf(model_dir, out_path, qtype: str = "f16", force: bool = False) ->
             "seconds": round(time.time() - start, 2)}
 
 
-def _write(model_dir, tmp, cfg, arch, tensors, file_widths, qtype):
-    writer = gguf.GGUFWriter(tmp, arch)
+def prepare(model_dir: Path, qtype: str):
+    """(config, llama.cpp arch, lazy tensors, MLP widths, widths as written) of a model directory, every shape
+    checked against its config."""
+    require(model_dir.is_dir(), f"model directory {model_dir} not found")
+    require(qtype in QTYPES, f"unknown GGUF type '{qtype}': use one of {', '.join(QTYPES)}")
+    cfg = read_config(model_dir)
+    family = model_family(cfg)
+    check_safetensors(model_dir)
+    tensors = open_safetensors(model_dir)
     try:
-        writer.add_name(model_dir.name)
-        _add_hparams(writer, cfg, arch, file_widths, qtype)
-        add_family_hparams(writer, model_family(cfg), cfg)
-        add_tokenizer(writer, model_dir, int(cfg["vocab_size"]))
-        for name, data in _gguf_tensors(tensors, cfg, arch, file_widths):
+        widths = ffn_widths(cfg, tensors)
+        check_shapes(cfg, tensors, widths, model_dir)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CompruneError(f"{model_dir}/config.json lacks or mis-states {e} for GGUF export: re-save the model") \
+            from None
+    arch = pick_arch(family, widths, layer_heads(cfg))
+    check_family_config(family, cfg)
+    return cfg, arch, tensors, widths, [padded_width(w, qtype) for w in widths]
+
+
+def new_writer(model_dir: Path, path: Path, cfg: dict, arch: str, file_widths: list[int], qtype: str):
+    """A GGUF writer holding every key/value of the export (hyperparameters and tokenizer), no tensors yet."""
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name(model_dir.name)
+    add_hparams(writer, cfg, arch, file_widths, qtype)
+    add_family_hparams(writer, model_family(cfg), cfg)
+    add_tokenizer(writer, model_dir, int(cfg["vocab_size"]))
+    return writer
+
+
+def _write(model_dir, tmp, cfg, arch, tensors, file_widths, qtype):
+    writer = None
+    try:
+        writer = new_writer(model_dir, tmp, cfg, arch, file_widths, qtype)
+        for name, data in gguf_tensors(tensors, cfg, arch, file_widths):
             _add_tensor(writer, name, data, qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
     except BaseException:
-        writer.close()
+        if writer is not None:
+            writer.close()
         tmp.unlink(missing_ok=True)
         raise
 
@@ -186,7 +199,7 @@ def head_dim(cfg: dict) -> int:
     return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
 
 
-def _add_hparams(writer, cfg: dict, arch: str, widths: list[int], qtype: str) -> None:
+def add_hparams(writer, cfg: dict, arch: str, widths: list[int], qtype: str) -> None:
     n_layers = len(widths)
     heads = layer_heads(cfg)
     n_head, n_kv = heads[0]
@@ -235,7 +248,7 @@ class _Lazy:
         return self.handle.get_tensor(self.name).float()
 
 
-def _open_safetensors(model_dir: Path) -> dict:
+def open_safetensors(model_dir: Path) -> dict:
     files = sorted(model_dir.glob("*.safetensors"))
     require(bool(files), f"{model_dir} has no *.safetensors weights (save the model with safetensors)")
     tensors = {}
@@ -271,7 +284,7 @@ def llama3_rope_factors(cfg: dict) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
-def _gguf_tensors(tensors: dict, cfg: dict, arch: str, widths: list[int]):
+def gguf_tensors(tensors: dict, cfg: dict, arch: str, widths: list[int]):
     """Yield (gguf name, float32 tensor) in llama.cpp order: globals, then each block."""
     heads = layer_heads(cfg)
     family = model_family(cfg)
@@ -315,12 +328,17 @@ def _pad_mlp(data: torch.Tensor, hf: str, kind: str, width: int) -> torch.Tensor
     return torch.nn.functional.pad(data, pad)
 
 
-def _add_tensor(writer, name: str, data: torch.Tensor, qtype: str) -> None:
+def tensor_type(shape, qtype: str):
     """Norms, biases and rope factors stay f32 (as in llama.cpp's converter); 2-D weights take `qtype`."""
-    arr = data.contiguous().numpy().astype(np.float32)
-    target = QTYPES[qtype][0] if arr.ndim == 2 else gguf.GGMLQuantizationType.F32
-    if target == gguf.GGMLQuantizationType.Q8_0 and arr.shape[-1] % gguf.GGML_QUANT_SIZES[target][0] != 0:
+    target = QTYPES[qtype][0] if len(shape) == 2 else gguf.GGMLQuantizationType.F32
+    if target == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[target][0] != 0:
         target = gguf.GGMLQuantizationType.F16  # q8_0 blocks are 32 wide along a row (e.g. odd head sizes)
+    return target
+
+
+def _add_tensor(writer, name: str, data: torch.Tensor, qtype: str) -> None:
+    arr = data.contiguous().numpy().astype(np.float32)
+    target = tensor_type(arr.shape, qtype)
     if target == gguf.GGMLQuantizationType.F32:
         writer.add_tensor(name, arr)
     elif target == gguf.GGMLQuantizationType.F16:

@@ -1,0 +1,89 @@
+"""A budget in bytes: what `comprune export` would write for a model directory, computed without writing its
+tensors, and the pruning ratio that brings a model under a GGUF file size (`comprune prune --target-size 80MB`).
+
+The size is exact: the same key/value data, tensor list, tensor types and alignment as the export, with each
+tensor's byte count taken from its type instead of from quantised data. Pruning removes rows and columns of
+2-D weights (and, with a whole layer, its norms), so the bytes a ratio saves are its parameters times the
+bytes of one 2-D weight at that type; the ratio is then checked on the pruned directory itself.
+"""
+from __future__ import annotations
+
+import math
+import re
+import tempfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from ..errors import CompruneError
+from ..files import read_config
+from .gguf import QTYPES, gguf_tensors, new_writer, open_safetensors, prepare, tensor_type
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '80MB', '80 MiB', '0.1GB' or '123456' (MB = 10^6 bytes, MiB = 2^20)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]i?b|b)?\s*", str(text).lower())
+    if not m or float(m.group(1)) <= 0:
+        raise CompruneError(f"'{text}' is not a file size: use e.g. 80MB, 75MiB or 0.1GB")
+    return int(float(m.group(1)) * UNITS[m.group(2) or ""])
+
+
+def weight_bytes(qtype: str) -> float:
+    """Bytes per element of a 2-D weight at `qtype` (f16: 2, q8_0: 34 per 32)."""
+    block, size = gguf.GGML_QUANT_SIZES[QTYPES[qtype][0]]
+    return size / block
+
+
+def gguf_bytes(model_dir, qtype: str = "f16") -> int:
+    """The exact size of `comprune export model_dir --type qtype`, without writing a tensor."""
+    model_dir = Path(model_dir)
+    cfg, arch, tensors, _, file_widths = prepare(model_dir, qtype)
+    with tempfile.TemporaryDirectory() as d:
+        writer = new_writer(model_dir, Path(d) / "meta.gguf", cfg, arch, file_widths, qtype)
+        align, data = writer.data_alignment, 0
+        try:
+            for name, t in gguf_tensors(tensors, cfg, arch, file_widths):
+                kind = tensor_type(tuple(t.shape), qtype)
+                block, size = gguf.GGML_QUANT_SIZES[kind]
+                nbytes = t.numel() // block * size
+                writer.add_tensor_info(name, tuple(t.shape), np.float32, nbytes, raw_dtype=kind)
+                data += gguf.GGUFWriter.ggml_pad(nbytes, align)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            head = writer.fout[0].tell()
+        finally:
+            writer.close()
+    return gguf.GGUFWriter.ggml_pad(head, align) + data
+
+
+def _param_counts(model_dir: Path) -> tuple[int, int]:
+    """(all parameters, the decoder blocks') from the safetensors headers (a tied head is stored once)."""
+    tensors = open_safetensors(model_dir)
+    shapes = {name: math.prod(t.shape) for name, t in tensors.items()}
+    return sum(shapes.values()), sum(n for k, n in shapes.items() if ".layers." in k)
+
+
+def ratio_for_size(model_dir, target_bytes: int, qtype: str, ratio_of: str = "all", round_to: int = 1) -> dict:
+    """The ratio whose pruned model's `qtype` GGUF is at most `target_bytes`, with what it was derived from.
+    The margin of one width quantum per layer covers the rounding of the per-layer neuron counts."""
+    model_dir = Path(model_dir)
+    dense = gguf_bytes(model_dir, qtype)
+    if dense <= target_bytes:
+        raise CompruneError(f"the dense model's {qtype} GGUF is {dense / 1e6:.1f} MB, already within "
+                            f"--target-size {target_bytes / 1e6:.1f} MB: nothing to prune (ask for a smaller size)")
+    total, blocks = _param_counts(model_dir)
+    cfg = read_config(model_dir)
+    margin = int(cfg["num_hidden_layers"]) * 3 * int(cfg["hidden_size"]) * max(1, round_to)
+    params = math.ceil((dense - target_bytes) / weight_bytes(qtype)) + margin
+    base = blocks if ratio_of == "blocks" else total
+    ratio = params / base
+    if ratio > 0.9:
+        raise CompruneError(f"--target-size {target_bytes / 1e6:.1f} MB needs {ratio:.0%} of the "
+                            f"{'blocks' if ratio_of == 'blocks' else 'model'}'s parameters removed (at most 90 %): "
+                            f"the dense {qtype} GGUF is {dense / 1e6:.1f} MB; ask for more, or a smaller --size-type")
+    return {"requested_bytes": int(target_bytes), "qtype": qtype, "dense_gguf_bytes": dense, "ratio": ratio,
+            "params_to_remove": params}
