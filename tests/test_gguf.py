@@ -251,3 +251,51 @@ def test_prune_to_target_size(tmp_path, qtype):
                         "--target-size", str(dense + 1), "--target-type", qtype], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 2 and "already within" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_latency_fit_and_speedup_ratio():
+    """The latency model: exact coefficients from exact points, never negative from noisy ones; the ratio
+    found for a target speedup is the smallest whose plan is predicted to reach it."""
+    from comprune.config import PruneConfig
+    from comprune.export.latency import fit, plan_speedup, ratio_for_speedup
+    from comprune.models.adapters import get_adapter
+    c, a, m = 0.2, 0.3, 0.5
+    pts = [(l, n, c + a * l + m * n) for l, n in ((1, 0.5), (1, 0.25), (0.5, 0.5))]
+    got = fit(pts)
+    assert all(abs(got[k] - v) < 1e-9 for k, v in (("c", c), ("a", a), ("m", m)))
+    noisy = fit([(1, 0.5, 1.02), (1, 0.25, 1.01), (0.5, 0.5, 0.99)])  # slower when pruned: noise only
+    assert min(noisy.values()) >= 0 and abs(sum(noisy.values()) - 1) < 1e-9
+    model = tiny_model("llama", vocab=VOCAB, layers=8, inter=512)
+    adapter = get_adapter(model)
+    table = {"c": c, "a": a, "m": m, "qtype": "f16", "threads": 2, "cpu": "x", "points": pts}
+    cfg = PruneConfig(ratio=0.2).validate()
+    res = ratio_for_speedup(model, adapter, cfg, table, 1.25)
+    assert res["predicted"] >= 1.25 and cfg.ratio == 0.2  # cfg untouched
+    cfg.ratio = res["ratio"] - 1e-3
+    assert plan_speedup(model, adapter, cfg, table) < 1.25
+    with pytest.raises(CompruneError, match="beyond"):
+        ratio_for_speedup(model, adapter, PruneConfig().validate(), table, 50.0)
+
+
+@needs_llamacpp
+def test_prune_to_target_speedup_measures_a_table_once(tmp_path):
+    """--target-speedup times sliced variants in llama.cpp once (cached), and records the plan's prediction."""
+    import os
+    import subprocess
+    import sys
+    src = save(tiny_model("llama", vocab=VOCAB, layers=4, inter=1024), tmp_path / "m")
+    env = {**os.environ, "COMPRUNE_CACHE": str(tmp_path / "cache")}
+    run = lambda out: subprocess.run([sys.executable, "-m", "comprune.cli", "prune", str(src), "--out", str(out),  # noqa: E731
+                                      "--target-speedup", "1.2", "--layer-share", "0.5", "--nsamples", "8",
+                                      "--seqlen", "32", "--json"], capture_output=True, text=True, timeout=300, env=env)
+    r = run(tmp_path / "p")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(r.stdout)["target_speedup"]
+    print(rec["table"])
+    assert rec["predicted"] >= 1.2 and len(rec["table"]["points"]) == 3
+    assert min(rec["table"][k] for k in "cam") >= 0
+    tables = list((tmp_path / "cache" / "latency").glob("*.json"))
+    assert len(tables) == 1
+    stamp = tables[0].stat().st_mtime_ns
+    r = run(tmp_path / "q")
+    assert r.returncode == 0 and tables[0].stat().st_mtime_ns == stamp  # the table is not measured again

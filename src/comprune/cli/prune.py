@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import shutil
 from pathlib import Path
 
@@ -12,12 +10,12 @@ from ..checkpoint import checkpoint_dir
 from ..config import LAYER_SCORES, METHODS, NEURON_METRICS, PRESETS, WIDTH_ALLOCATIONS, PruneConfig
 from ..data import get_calibration
 from ..errors import CompruneError
-from ..export.size import gguf_bytes, parse_size, ratio_for_size
-from ..io import MANIFEST, read_manifest, save_pretrained, write_manifest
+from ..io import save_pretrained
 from ..loading import load
 from ..outputs import check_output, guard_output
 from ..prune import prune
-from ..stream import prune_streaming, resolve_stream_source
+from ..stream import prune_streaming
+from .budgets import add_budget_options, budget_record, finish_budget, print_budget, resolve_budget
 from .format import add_common, table
 
 
@@ -55,52 +53,6 @@ def _config_from_args(args):
     return cfg.validate()
 
 
-def _size_budget(args, cfg) -> dict | None:
-    """--target-size: the ratio whose GGUF (at --target-type) fits, set on cfg; None without it."""
-    if args.target_size is None:
-        return None
-    if args.ratio is not None:
-        raise CompruneError("give --ratio or --target-size, not both (the size decides the ratio)")
-    try:
-        src = resolve_stream_source(args.model)
-    except CompruneError:
-        raise CompruneError(f"--target-size needs a model directory of safetensors (or 'smollm2'), not "
-                            f"'{args.model}': convert it first, or give --ratio") from None
-    if args.target_type == "q8_0" and cfg.round_to % 32:
-        cfg.round_to = math.lcm(cfg.round_to, 32)  # else the export pads every width to 32 with zero neurons
-    budget = ratio_for_size(src, parse_size(args.target_size), args.target_type, cfg.ratio_of, cfg.round_to)
-    cfg.ratio = budget["ratio"]
-    cfg.validate()
-    return budget
-
-
-def _check_size(out: Path, budget: dict | None):
-    """Record the pruned model's real GGUF size in pruning.json; refuse a miss (the margin should prevent it)."""
-    if budget is None:
-        return
-    got = gguf_bytes(out, budget["qtype"])
-    manifest = read_manifest(out)
-    manifest["target_size"] = {**budget, "gguf_bytes": got, "met": got <= budget["requested_bytes"]}
-    tmp = out / (MANIFEST + ".tmp")
-    write_manifest(tmp, manifest)
-    os.replace(tmp, out / MANIFEST)
-    if got > budget["requested_bytes"]:
-        raise CompruneError(f"the pruned model's {budget['qtype']} GGUF is {got / 1e6:.2f} MB, over --target-size "
-                            f"{budget['requested_bytes'] / 1e6:.2f} MB: rerun with --ratio "
-                            f"{budget['ratio'] * got / budget['requested_bytes']:.4f} (and report this)")
-
-
-def _size_record(out: Path, budget: dict | None) -> dict:
-    return {"target_size": read_manifest(out)["target_size"]} if budget else {}
-
-
-def _print_size(out: Path, budget: dict | None):
-    if budget:
-        t = read_manifest(out)["target_size"]
-        print(f"GGUF {t['qtype']}: {t['gguf_bytes'] / 1e6:.2f} MB (target {t['requested_bytes'] / 1e6:.2f} MB, dense "
-              f"{t['dense_gguf_bytes'] / 1e6:.2f} MB, ratio {t['ratio']:.4f})")
-
-
 def _refuse_stale_checkpoint(out: Path, args):
     ckpt_dir = checkpoint_dir(out)
     if (ckpt_dir / "state.json").exists() and not (args.resume or args.force):
@@ -111,21 +63,21 @@ def _refuse_stale_checkpoint(out: Path, args):
 def cmd_prune_stream(args, cfg) -> int:
     """comprune prune DIR --stream: the same prune, one decoder block in memory at a time (comprune.stream)."""
     out = check_output(Path(args.out), args.force)
-    size = _size_budget(args, cfg)
+    size = resolve_budget(args, cfg)
     with guard_output(out, resume=args.resume, before=lambda: _refuse_stale_checkpoint(out, args)):
         report = prune_streaming(args.model, out, cfg, resume=args.resume, force=args.force, progress=not args.json,
                                  dtype=args.dtype, save_dtype=args.save_dtype, base_model=args.model,
                                  trust_remote_code=args.trust_remote_code,
                                  data_dir=args.data_dir,
                                  lite=not getattr(args, "stream_transformers_modules", False))
-    _check_size(out, size)
+    finish_budget(out, size)
     if args.json:
         print(json.dumps({"out": str(out), **{k: v for k, v in report.to_dict().items() if k != "blocks"},
-                          **_size_record(out, size)}, indent=2))
+                          **budget_record(out, size)}, indent=2))
     else:
         print(table(report.summary_rows(), list(report.summary_rows()[0])))
         print(f"removed layers: {report.removed_layers or 'none'}; saved to {out} (streamed)")
-        _print_size(out, size)
+        print_budget(out, size)
     return 0
 
 
@@ -134,7 +86,7 @@ def cmd_prune(args) -> int:
         return cmd_prune_stream(args, _config_from_args(args))
     cfg = _config_from_args(args)
     out = check_output(Path(args.out), args.force)  # fail before any work, and never leave a half-written directory
-    size = _size_budget(args, cfg)
+    size = resolve_budget(args, cfg)
     ckpt_dir = checkpoint_dir(out)
     with guard_output(out, resume=args.resume, before=lambda: _refuse_stale_checkpoint(out, args)):
         model, tok = load(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code,
@@ -144,14 +96,14 @@ def cmd_prune(args) -> int:
                               checkpoint_dir=ckpt_dir, resume=args.resume)
         save_pretrained(model, tok, out, report, force=args.force, dtype=args.save_dtype)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    _check_size(out, size)
+    finish_budget(out, size)
     if args.json:
         print(json.dumps({"out": str(out), **{k: v for k, v in report.to_dict().items() if k != "blocks"},
-                          **_size_record(out, size)}, indent=2))
+                          **budget_record(out, size)}, indent=2))
     else:
         print(table(report.summary_rows(), list(report.summary_rows()[0])))
         print(f"removed layers: {report.removed_layers or 'none'}; saved to {out}")
-        _print_size(out, size)
+        print_budget(out, size)
     return 0
 
 
@@ -169,12 +121,7 @@ def add_command(sub):
                    help="with --stream: use transformers' model classes instead of comprune's plain-PyTorch "
                         "Llama-family modules (same result, ~0.05-0.1 GB more memory)")
     p.add_argument("--ratio", type=float, default=None, help="fraction of all parameters to remove (default 0.2)")
-    p.add_argument("--target-size", default=None,
-                   help="instead of --ratio: the largest GGUF file the pruned model may make at --target-type, "
-                        "e.g. 80MB or 75MiB (the ratio is derived exactly from the export's layout; the real size "
-                        "is checked and recorded in pruning.json)")
-    p.add_argument("--target-type", default="f16", choices=["f32", "f16", "q8_0"],
-                   help="GGUF type --target-size is measured at (default f16; q8_0 rounds widths to 32)")
+    add_budget_options(p)
     p.add_argument("--ratio-of", default=None, choices=["all", "blocks"],
                    help="what --ratio is a fraction of: all parameters (default) or the decoder blocks' only "
                         "(embeddings and LM head excluded, as Týr's tables; for embedding-heavy models like Gemma 3)")

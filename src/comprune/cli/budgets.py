@@ -1,0 +1,99 @@
+"""Budgets a user has instead of a ratio: a GGUF file size (--target-size) or a llama.cpp speedup on this
+machine (--target-speedup). Each resolves to the ratio that meets it before any pruning, and is recorded,
+with what it was derived from and what the pruned model reached, in pruning.json."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import CompruneError
+from ..export.latency import latency_table, ratio_for_speedup
+from ..export.size import gguf_bytes, parse_size, ratio_for_size
+from ..io import MANIFEST, read_manifest, write_manifest
+from ..models.adapters import get_adapter
+from ..skeleton import build_skeleton
+from ..stream import resolve_stream_source
+
+
+def add_budget_options(p):
+    p.add_argument("--target-size", default=None,
+                   help="instead of --ratio: the largest GGUF file the pruned model may make at --target-type, "
+                        "e.g. 80MB or 75MiB (the ratio is derived exactly from the export's layout; the real size "
+                        "is checked and recorded in pruning.json)")
+    p.add_argument("--target-speedup", type=float, default=None,
+                   help="instead of --ratio: llama.cpp generation this many times faster than the dense model on "
+                        "this machine (e.g. 1.5), from a latency table timed once per model, machine, type and "
+                        "thread count (cached; docs/budgets.md)")
+    p.add_argument("--target-type", default="f16", choices=["f32", "f16", "q8_0"],
+                   help="GGUF type of --target-size and --target-speedup (default f16; q8_0 rounds widths to 32)")
+
+
+def _source(args, flag: str) -> Path:
+    given = [f for f, v in (("--ratio", args.ratio), ("--target-size", args.target_size),
+                            ("--target-speedup", args.target_speedup)) if v is not None]
+    if len(given) > 1:
+        raise CompruneError(f"give one of {', '.join(given)}, not several (each decides the ratio)")
+    try:
+        return resolve_stream_source(args.model)
+    except CompruneError:
+        raise CompruneError(f"{flag} needs a model directory of safetensors (or 'smollm2'), not '{args.model}': "
+                            "convert it first, or give --ratio") from None
+
+
+def resolve_budget(args, cfg) -> dict | None:
+    """Set cfg.ratio from --target-size or --target-speedup; the budget's record, or None without either."""
+    if args.target_size is None and args.target_speedup is None:
+        return None
+    flag = "--target-size" if args.target_size is not None else "--target-speedup"
+    src = _source(args, flag)
+    if args.target_type == "q8_0" and cfg.round_to % 32:
+        cfg.round_to = math.lcm(cfg.round_to, 32)  # else the export pads every width to 32 with zero neurons
+    if args.target_size is not None:
+        budget = {"kind": "target_size",
+                  **ratio_for_size(src, parse_size(args.target_size), args.target_type, cfg.ratio_of, cfg.round_to)}
+    else:
+        table = latency_table(src, args.target_type, threads=torch.get_num_threads(), show=not args.json)
+        skeleton = build_skeleton(src, torch.float32, lite=True)  # shapes only: the plan needs no weights
+        budget = {"kind": "target_speedup",
+                  **ratio_for_speedup(skeleton, get_adapter(skeleton), cfg, table, args.target_speedup)}
+    cfg.ratio = budget["ratio"]
+    cfg.validate()
+    return budget
+
+
+def finish_budget(out: Path, budget: dict | None):
+    """Record the budget and what the pruned model reached in pruning.json; a size over its target is refused
+    (the margin should prevent it)."""
+    if budget is None:
+        return
+    if budget["kind"] == "target_size":
+        got = gguf_bytes(out, budget["qtype"])
+        budget = {**budget, "gguf_bytes": got, "met": got <= budget["requested_bytes"]}
+    manifest = read_manifest(out)
+    manifest[budget["kind"]] = budget
+    tmp = out / (MANIFEST + ".tmp")
+    write_manifest(tmp, manifest)
+    os.replace(tmp, out / MANIFEST)
+    if budget["kind"] == "target_size" and not budget["met"]:
+        raise CompruneError(f"the pruned model's {budget['qtype']} GGUF is {got / 1e6:.2f} MB, over --target-size "
+                            f"{budget['requested_bytes'] / 1e6:.2f} MB: rerun with --ratio "
+                            f"{budget['ratio'] * got / budget['requested_bytes']:.4f} (and report this)")
+
+
+def budget_record(out: Path, budget: dict | None) -> dict:
+    return {budget["kind"]: read_manifest(out)[budget["kind"]]} if budget else {}
+
+
+def print_budget(out: Path, budget: dict | None):
+    if not budget:
+        return
+    t = read_manifest(out)[budget["kind"]]
+    if budget["kind"] == "target_size":
+        print(f"GGUF {t['qtype']}: {t['gguf_bytes'] / 1e6:.2f} MB (target {t['requested_bytes'] / 1e6:.2f} MB, dense "
+              f"{t['dense_gguf_bytes'] / 1e6:.2f} MB, ratio {t['ratio']:.4f})")
+    else:
+        print(f"llama.cpp generation: {t['predicted']:.2f}x dense predicted (target {t['target']:.2f}x, ratio "
+              f"{t['ratio']:.4f}; measure it: comprune compare, or benchmarks/gguf_speed.py)")

@@ -1,0 +1,182 @@
+"""A budget in speed: `comprune prune --target-speedup 1.5` asks for llama.cpp generation 1.5x faster than the
+dense model's, on this machine.
+
+ZipLM times every module at every width once and sums the table. Here the table is a model of llama.cpp's
+per-token generation time, fitted once per architecture, GGUF type, thread count and CPU to variants of the
+model itself, timed alternately with its dense export:
+
+    time / dense time = c + a * (layers kept / L) + m * (MLP neurons kept / (L * W))
+
+(c: embeddings, head and per-token overhead; a: one block's attention, norms and per-op cost; m: the MLP's
+weights, which generation reads once per token). The variants are the dense weights sliced (halved and
+quartered MLPs; half the blocks), so the timing sees the real shapes; their values do not matter to the time.
+Attention heads are not in the model: pruning them is predicted to save nothing (conservative).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import CompruneError
+from ..files import read_config
+from ..loading import cache_dir
+from ..methods.common import plan_budget
+from .gguf import export_gguf, open_safetensors
+from .llamacpp import relative_llamacpp_speed
+
+NEW_TOKENS, REPEATS = 64, 3
+TABLE_VERSION = 1
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _key(cfg: dict, qtype: str, threads: int) -> str:
+    dims = {k: cfg.get(k) for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                    "num_attention_heads", "num_key_value_heads", "vocab_size", "head_dim")}
+    text = json.dumps([dims, qtype, threads, _cpu_name(), os.cpu_count(), TABLE_VERSION], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _variant(src: Path, dst: Path, n_layers: int, width: int):
+    """A copy of `src` with its first `n_layers` blocks at MLP width `width` (the dense weights sliced)."""
+    cfg = read_config(src)
+    tensors = open_safetensors(src)
+    out = {}
+    for name, lazy in tensors.items():
+        parts = name.split(".")
+        if ".layers." in name and int(parts[2]) >= n_layers:
+            continue
+        t = lazy.load()
+        if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
+            t = t[:width]
+        elif name.endswith("mlp.down_proj.weight"):
+            t = t[:, :width]
+        out[name] = t.contiguous()
+    dst.mkdir(parents=True)
+    save_file(out, str(dst / "model.safetensors"))
+    cfg = {**cfg, "num_hidden_layers": n_layers, "intermediate_size": width}
+    cfg.pop("intermediate_sizes", None)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (src / f).is_file():
+            shutil.copyfile(src / f, dst / f)
+
+
+def fit(points: list[tuple[float, float, float]]) -> dict:
+    """(c, a, m) from (layer fraction, neuron fraction, relative time) points with the dense model's (1, 1, 1):
+    least squares under c + a + m = 1, every coefficient at least 0 (timing noise must not make a block or a
+    neuron cost negative time)."""
+    # substitute c = 1 - a - m: t - 1 = a (l - 1) + m (n - 1)
+    A = torch.tensor([[l - 1.0, n - 1.0] for l, n, _ in points], dtype=torch.float64)
+    b = torch.tensor([t - 1.0 for _, _, t in points], dtype=torch.float64)
+    a, m = torch.linalg.lstsq(A, b.unsqueeze(1)).solution.flatten().tolist()
+    a, m = max(a, 0.0), max(m, 0.0)
+    if a + m > 1:
+        a, m = a / (a + m), m / (a + m)
+    return {"c": max(1 - a - m, 0.0), "a": a, "m": m}
+
+
+def predict(table: dict, layer_fraction: float, neuron_fraction: float) -> float:
+    """Generation speedup (dense time / pruned time) of a model keeping these fractions."""
+    t = table["c"] + table["a"] * layer_fraction + table["m"] * neuron_fraction
+    return 1.0 / max(t, 1e-9)
+
+
+def latency_table(src, qtype: str = "f16", threads: int | None = None, show: bool = True, refresh: bool = False,
+                  prompt: list[int] | None = None) -> dict:
+    """The fitted table for the model in directory `src`, measured once and cached (COMPRUNE_CACHE)."""
+    src = Path(src)
+    cfg = read_config(src)
+    threads = threads or torch.get_num_threads()
+    path = cache_dir() / "latency" / f"{_key(cfg, qtype, threads)}.json"
+    if path.is_file() and not refresh:
+        return json.loads(path.read_text())
+    L, W = int(cfg["num_hidden_layers"]), int(cfg["intermediate_size"])
+    if not all(f"model.layers.0.mlp.{p}_proj.weight" in open_safetensors(src) for p in ("gate", "up", "down")):
+        raise CompruneError("--target-speedup models Llama-style MLPs (gate/up/down projections): give --ratio "
+                            "for this family")
+    q = lambda w: max(32, int(round(w / 32)) * 32)  # noqa: E731  (kernel-friendly widths)
+    variants = [(L, q(W / 2)), (L, q(W / 4)), (max(1, L // 2), W)]
+    prompt = prompt or list(range(1, 65))
+    points, runs = [], []
+    with tempfile.TemporaryDirectory(prefix="comprune-latency-") as d:
+        d = Path(d)
+        dense = export_gguf(src, d / "dense.gguf", qtype)["path"]
+        for i, (n, w) in enumerate(variants):
+            if show:
+                print(f"latency table: timing {n}/{L} blocks at MLP width {w}/{W} in llama.cpp ({qtype}, "
+                      f"{threads} threads)", flush=True)
+            _variant(src, d / f"v{i}", n, w)
+            path_v = export_gguf(d / f"v{i}", d / f"v{i}.gguf", qtype)["path"]
+            rec = relative_llamacpp_speed(path_v, dense, prompt, new_tokens=NEW_TOKENS, repeats=REPEATS,
+                                          threads=threads)
+            points.append((n / L, n * w / (L * W), 1.0 / rec["gen_relative"]))
+            runs.append({"layers": n, "width": w, **rec})
+            shutil.rmtree(d / f"v{i}")
+            os.unlink(path_v)
+    table = {**fit(points), "layers": L, "width": W, "qtype": qtype, "threads": threads, "cpu": _cpu_name(),
+             "points": points, "runs": runs, "version": TABLE_VERSION}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table, indent=1))
+    os.replace(tmp, path)
+    return table
+
+
+def plan_speedup(model, adapter, cfg, table: dict) -> float:
+    """Predicted speedup of the plan `cfg.ratio` makes for this model."""
+    b = plan_budget(model, adapter, cfg)
+    layers = adapter.layers(model)
+    L, kept = len(layers), len(layers) - b.layers_to_remove
+    W = max(adapter.mlp(layer).down.in_features for layer in layers)
+    return predict(table, kept / L, kept * (W - b.neurons_per_layer) / (L * W))
+
+
+def ratio_for_speedup(model, adapter, cfg, table: dict, target: float, tol: float = 1e-4) -> dict:
+    """The smallest ratio whose plan is predicted to reach `target` (bisection: the speedup grows with it)."""
+    if target <= 1:
+        raise CompruneError(f"--target-speedup {target} must be above 1 (e.g. 1.3)")
+    ratio0 = cfg.ratio
+
+    def speed(r):
+        cfg.ratio = r
+        try:
+            return plan_speedup(model, adapter, cfg, table)
+        except CompruneError:
+            return None  # the plan cannot be made at this ratio (too many neurons per layer)
+        finally:
+            cfg.ratio = ratio0
+    lo, hi = 0.0, 0.9
+    top = speed(hi)
+    while top is None and hi > 0.05:
+        hi -= 0.05
+        top = speed(hi)
+    if top is None or top < target:
+        raise CompruneError(f"--target-speedup {target} is beyond what this model's plans reach on this machine "
+                            f"(at most {top or 1:.2f}x predicted at ratio {hi:.2f}): ask for less, or raise "
+                            "--layer-share (whole blocks save more time per parameter)")
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        s = speed(mid)
+        if s is not None and s >= target:
+            hi = mid
+        else:
+            lo = mid
+    return {"target": target, "ratio": hi, "predicted": speed(hi), "table": {k: table[k] for k in
+            ("c", "a", "m", "qtype", "threads", "cpu", "points")}}
