@@ -9,7 +9,7 @@ import torch
 from conftest import calib, masked_dense_logits, tiny_model
 
 from comprune import PruneConfig, prune
-from comprune.methods.search import Fitness, build_database, dp_allocate, evolve, make_ladder, mutate
+from comprune.methods.search import Database, Fitness, build_database, dp_allocate, evolve, make_ladder, mutate
 from comprune.models import get_adapter
 from comprune.surgery import drop_layers, finalize_config, prune_mlp
 from comprune.walk import capture, forward_block
@@ -61,21 +61,39 @@ def test_search_prune_keeps_the_budget_is_deterministic_and_equals_masked_dense(
     assert torch.allclose(got, masked_dense_logits(dense, rep, ids, pruned=model), atol=1e-4, rtol=0)
 
 
-def _fitness(model, cfg):
+def _fitness(model, cfg, root):
     adapter = get_adapter(model)
     ids = calib(16, 16).input_ids
     n = adapter.layers(model)[0].mlp.down_proj.in_features
     ladder = make_ladder(n, cfg)
     kept = list(range(len(adapter.layers(model))))
-    db = build_database(model, adapter, capture(model, adapter, ids[:12], 4, "cpu"), kept, ladder, cfg, False)
+    db = build_database(model, adapter, capture(model, adapter, ids[:12], 4, "cpu"), kept, ladder, cfg,
+                        Database(root), False)
     return Fitness(model, adapter, [], db, ids[12:], cfg), ladder, db
 
 
-def test_single_windows_score_what_their_batches_score():
+def test_database_resumes_block_by_block(tmp_path):
+    """The variants live on disk, one file per block; a rebuild keeps the blocks already there and rebuilds a
+    missing one bit for bit."""
+    model = tiny_model("llama", layers=3)
+    _, ladder, db = _fitness(model, _search_cfg(), tmp_path / "db")
+    files = sorted((tmp_path / "db").glob("block*.safetensors"))
+    assert len(files) == 3
+    before = {f.name: f.stat().st_mtime_ns for f in files}
+    lost = db.variant(1, ladder.top)
+    files[1].unlink()
+    _fitness(model, _search_cfg(), tmp_path / "db")
+    assert {f.name: f.stat().st_mtime_ns for f in (files[0], files[2])} == {f.name: before[f.name]
+                                                                           for f in (files[0], files[2])}
+    again = db.variant(1, ladder.top)
+    assert torch.equal(lost[0], again[0]) and torch.equal(lost[1], again[1])
+
+
+def test_single_windows_score_what_their_batches_score(tmp_path):
     """The cheap stages read windows one by one (kwargs sliced per row): over all windows they must give the
     batched KL."""
     model = tiny_model("llama", layers=3)
-    fit, ladder, _ = _fitness(model, _search_cfg())
+    fit, ladder, _ = _fitness(model, _search_cfg(), tmp_path)
     levels = {0: 1, 1: ladder.top, 2: 2}
     assert fit(levels, fit.windows) == pytest.approx(fit(levels), rel=1e-5)
     assert fit(levels) > fit({0: 0, 1: 0, 2: 0}) >= 0
@@ -84,7 +102,7 @@ def test_single_windows_score_what_their_batches_score():
 def test_evolution_resumes_where_it_was_killed(tmp_path):
     model = tiny_model("llama", layers=3)
     cfg = _search_cfg()
-    fit, ladder, _ = _fitness(model, cfg)
+    fit, ladder, _ = _fitness(model, cfg, tmp_path / "db")
     start = {0: 2, 1: 2, 2: 2}
     cfg.search_generations = 4
     straight, trace = evolve(fit, start, ladder.top, cfg, None, False)
@@ -95,18 +113,21 @@ def test_evolution_resumes_where_it_was_killed(tmp_path):
     assert resumed == straight and trace2 == trace and sum(resumed.values()) == 6
 
 
-def test_stitched_model_equals_the_physically_pruned_one():
+def test_stitched_model_equals_the_physically_pruned_one(tmp_path):
     """What the search scores (dense columns zeroed, refitted columns in place) is the model that slicing to the
     database's variants builds."""
     model = tiny_model("llama", layers=3)
     cfg = _search_cfg()
-    fit, ladder, db = _fitness(model, cfg)
+    fit, ladder, db = _fitness(model, cfg, tmp_path)
     levels = {0: 1, 1: ladder.top, 2: 0}
+    dense = {i: (torch.arange(b.mlp.down_proj.in_features), b.mlp.down_proj.weight.detach().clone())
+             for i, b in enumerate(get_adapter(model).layers(model))}
+    variant = lambda i, lv: db.variant(i, lv) if lv else dense[i]  # noqa: E731  (level 0: the dense block)
     stitched = fit._run(type(fit.x0)(fit.x0.hidden[:1], fit.x0.kwargs[:1]), fit.kept, levels).hidden[0]
     pruned = copy.deepcopy(model)
     adapter = get_adapter(pruned)
     for i, lv in levels.items():
-        idx, W = db[i][lv]
+        idx, W = variant(i, lv)
         layer = adapter.layers(pruned)[i]
         prune_mlp(adapter, layer, idx)
         with torch.no_grad():
@@ -116,6 +137,17 @@ def test_stitched_model_equals_the_physically_pruned_one():
     x = capture(pruned, adapter, calib(16, 16).input_ids[12:16], 4, "cpu")
     for layer in adapter.layers(pruned):
         x = forward_block(layer, x)
-    assert [len(db[i][lv][0]) for i, lv in levels.items()] == [adapter.mlp(b).down.in_features
+    assert [len(variant(i, lv)[0]) for i, lv in levels.items()] == [adapter.mlp(b).down.in_features
                                                                 for b in adapter.layers(pruned)]
     assert torch.allclose(stitched, x.hidden[0], atol=1e-5, rtol=0), (stitched - x.hidden[0]).abs().max()
+
+
+def test_a_fresh_run_never_resumes_an_old_search(tmp_path):
+    """Starting over (not --resume) clears the search's state and database with the rest of the checkpoint."""
+    from comprune.checkpoint import Checkpoint
+    ckpt = Checkpoint(tmp_path / "ckpt", "fingerprint")
+    ckpt.dir.mkdir(parents=True, exist_ok=True)
+    (ckpt.dir / "search.json").write_text("{}")
+    Database(ckpt.dir / "search-db").save(0, [(torch.arange(2), torch.ones(3, 2))])
+    ckpt.clear()
+    assert not (ckpt.dir / "search.json").exists() and not (ckpt.dir / "search-db").exists()

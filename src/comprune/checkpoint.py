@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -132,6 +133,9 @@ class Checkpoint:
             path.unlink()
         for path in self.dir.glob("block*.safetensors"):
             path.unlink()
+        # the width search's state and database (methods.search): another run must not resume them
+        (self.dir / "search.json").unlink(missing_ok=True)
+        shutil.rmtree(self.dir / "search-db", ignore_errors=True)
         try:
             self.dir.rmdir()
         except OSError:

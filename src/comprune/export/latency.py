@@ -8,8 +8,8 @@ model itself, timed alternately with its dense export:
     time / dense time = c + a * (layers kept / L) + m * (MLP neurons kept / (L * W))
 
 (c: embeddings, head and per-token overhead; a: one block's attention, norms and per-op cost; m: the MLP's
-weights, which generation reads once per token). The variants are the dense weights sliced (halved and
-quartered MLPs; half the blocks), so the timing sees the real shapes; their values do not matter to the time.
+weights, which generation reads once per token). The variants are the dense weights sliced (MLPs at 3/4, 1/2
+and 1/4 of their width; 3/4 and 1/2 of the blocks), so the timing sees the real shapes; their values do not matter to the time.
 Attention heads are not in the model: pruning them is predicted to save nothing (conservative).
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .gguf import export_gguf, open_safetensors
 from .llamacpp import relative_llamacpp_speed
 
 NEW_TOKENS, REPEATS = 64, 3
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 
 
 def _cpu_name() -> str:
@@ -112,7 +112,7 @@ def latency_table(src, qtype: str = "f16", threads: int | None = None, show: boo
         raise CompruneError("--target-speedup models Llama-style MLPs (gate/up/down projections): give --ratio "
                             "for this family")
     q = lambda w: max(32, int(round(w / 32)) * 32)  # noqa: E731  (kernel-friendly widths)
-    variants = [(L, q(W / 2)), (L, q(W / 4)), (max(1, L // 2), W)]
+    variants = [(L, q(W * 3 / 4)), (L, q(W / 2)), (L, q(W / 4)), (max(1, L * 3 // 4), W), (max(1, L // 2), W)]
     prompt = prompt or list(range(1, 65))
     points, runs = [], []
     with tempfile.TemporaryDirectory(prefix="comprune-latency-") as d:

@@ -17,11 +17,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .. import compensate as LS
 from ..errors import CompruneError
@@ -43,14 +46,45 @@ def make_ladder(width: int, cfg) -> Ladder:
     return Ladder(step, top)
 
 
+class Database:
+    """The block variants on disk, one safetensors file per block (levels 1..top: kept neuron indices and the
+    refitted down_proj weight; level 0 is the dense block). Memory holds one variant at a time, so the
+    database may be larger than RAM; a killed build resumes at the first block without a file."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, block: int) -> Path:
+        return self.root / f"block{block}.safetensors"
+
+    def has(self, block: int) -> bool:
+        return self.path(block).is_file()
+
+    def save(self, block: int, variants: list[tuple[torch.Tensor, torch.Tensor]]):
+        tensors = {}
+        for level, (idx, w) in enumerate(variants, start=1):
+            tensors[f"idx{level}"], tensors[f"w{level}"] = idx.contiguous(), w.contiguous()
+        tmp = self.path(block).with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.path(block))  # a kill leaves no half-written block
+
+    def variant(self, block: int, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with safe_open(str(self.path(block)), framework="pt") as f:
+            return f.get_tensor(f"idx{level}"), f.get_tensor(f"w{level}")
+
+
 @torch.inference_mode()
-def build_database(model, adapter, acts, kept: list[int], ladder: Ladder, cfg, show=True) -> dict:
-    """{block: [(kept neuron indices, refitted down_proj weight [d, k]) per level]}. `acts` is consumed."""
+def build_database(model, adapter, acts, kept: list[int], ladder: Ladder, cfg, db: Database, show=True) -> Database:
+    """Every kept block's variants at levels 1..top into `db` (blocks already there are kept). `acts` is
+    consumed."""
     layers = adapter.layers(model)
-    db = {}
     for i in progress(kept, "COMP search: variants", show):
         layer = layers[i]
         with resident(layer, cfg.device):
+            if db.has(i):  # built by an interrupted run: only carry the activations on
+                acts = forward_block(layer, acts, consume=True)
+                continue
             down = adapter.mlp(layer).down
             own = LS.BlockStats(down, cfg.token_weight)
             hooks = own.attach(layer)
@@ -63,14 +97,14 @@ def build_database(model, adapter, acts, kept: list[int], ladder: Ladder, cfg, s
             C = LS.dense_cross(G, W)
             order: list[int] = []
             LS.obs_select(G, C, ladder.top * ladder.step, cfg.damp, cfg.chunk, order=order)
-            variants = [(torch.arange(W.shape[1]), W.float().cpu().clone())]
+            variants = []
             for level in range(1, ladder.top + 1):
                 keep = torch.ones(W.shape[1], dtype=torch.bool)
                 keep[torch.tensor(order[:level * ladder.step], dtype=torch.long)] = False
                 idx = keep.nonzero().flatten()
                 variants.append((idx, LS.refit(G, C, idx.to(G.device), cfg.damp).float().cpu()))
-            db[i] = variants
-            del G, C
+            db.save(i, variants)
+            del G, C, variants
     return db
 
 
@@ -102,7 +136,7 @@ class Fitness:
                     acts = forward_block(self.layers[i], acts)
                     continue
                 down = self.adapter.mlp(self.layers[i]).down
-                idx, Wl = self.db[i][levels[i]]
+                idx, Wl = self.db.variant(i, levels[i])
                 full = torch.zeros_like(down.weight)
                 full[:, idx.to(full.device)] = Wl.to(full)
                 dense, down.weight.data = down.weight.data, full  # zero columns = the pruned neurons
@@ -251,7 +285,15 @@ def search_allocation(model, adapter, acts, removed: list[int], n_remove: int, c
     if total > ladder.top * len(kept):
         raise CompruneError(f"the budget needs {total} levels of {ladder.step} neurons but the search's ladder "
                             f"holds {ladder.top} per block: raise --layer-share or lower --ratio")
-    db = build_database(model, adapter, acts, kept, ladder, cfg, show)
+    with tempfile.TemporaryDirectory(prefix="comprune-search-db-") as tmp:
+        # with a checkpoint the database lives beside it (a resumed run keeps the blocks already built)
+        db = Database(Path(state_dir) / "search-db" if state_dir is not None else tmp)
+        build_database(model, adapter, acts, kept, ladder, cfg, db, show)
+        return _search(model, adapter, removed, kept, layers, ladder, total, rest, db, fit_ids, cfg, show,
+                       state_dir, t0)
+
+
+def _search(model, adapter, removed, kept, layers, ladder, total, rest, db, fit_ids, cfg, show, state_dir, t0):
     fitness = Fitness(model, adapter, removed, db, fit_ids, cfg)
     few = fitness.windows[: cfg.search_filter]
     inputs = fitness.block_inputs(few)
