@@ -234,3 +234,18 @@ def test_perplexity_uses_the_familys_logits(fam):
         ref = torch.nn.functional.cross_entropy(model(IDS).logits[:, :-1].reshape(-1, 256), IDS[:, 1:].reshape(-1))
     got = perplexity(model, None, ids=IDS.flatten(), seqlen=20, progress=False)["ppl"]
     assert got == pytest.approx(math.exp(ref.item()), rel=1e-5)
+
+
+def test_gemma_calibration_windows_begin_with_bos():
+    """Block-0 inputs of a Gemma model see <bos> first whatever the window's first token was (it is trained
+    that way); a Llama model sees its tokens as they are."""
+    from comprune.models.adapters import get_adapter
+    from comprune.walk import capture
+    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(5))
+    with_bos = ids.clone()
+    for family, same in (("gemma3_text", True), ("llama", False)):
+        model = tiny_model(family)
+        with_bos[:, 0] = model.config.bos_token_id
+        a = capture(model, get_adapter(model), ids, 2, "cpu").hidden[0]
+        b = capture(model, get_adapter(model), with_bos, 2, "cpu").hidden[0]
+        assert torch.equal(a, b) == same

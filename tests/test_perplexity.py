@@ -28,6 +28,22 @@ def test_perplexity_matches_direct_loop(seqlen):
     assert r["ppl"] == pytest.approx(expect, rel=1e-5)
 
 
+def test_gemma_windows_start_with_bos():
+    """Gemma is evaluated (and calibrated) with <bos> first: windows of <bos> + seqlen-1 text tokens, every
+    text token scored, the same number as a BOS-less family scores one window later."""
+    model = tiny_model("gemma3_text")
+    bos = model.config.bos_token_id
+    assert bos is not None
+    ids = torch.randint(3, 256, (1000,), generator=torch.Generator().manual_seed(4))
+    r = perplexity(model, None, ids=ids, seqlen=32, progress=False)
+    windows = token_windows(ids, 32, bos=bos)
+    assert r["bos"] and windows.shape == (1000 // 31, 32) and (windows[:, 0] == bos).all()
+    assert torch.equal(windows[1, 1:], ids[31:62])
+    assert r["scored_tokens"] == windows.shape[0] * 31
+    assert r["ppl"] == pytest.approx(direct_ppl(model, windows), rel=1e-5)
+    assert not perplexity(tiny_model("llama"), None, ids=ids, seqlen=32, progress=False)["bos"]
+
+
 def test_max_tokens_slices_the_stream():
     model = tiny_model("llama")
     ids = torch.randint(0, 256, (1000,), generator=torch.Generator().manual_seed(2))

@@ -194,6 +194,9 @@ def capture(model, adapter, input_ids: torch.Tensor, batch_size: int, device) ->
     try:
         for i in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[i:i + batch_size].to(src)
+            if getattr(adapter, "needs_bos", False) and model.config.bos_token_id is not None:
+                ids = ids.clone()  # the window's first token becomes <bos> (the calibration's digest is unchanged)
+                ids[:, 0] = model.config.bos_token_id
             inputs = {"input_ids": ids} if rows is None else {"inputs_embeds": rows.embed(ids)}
             try:
                 model.base_model(**inputs, use_cache=False)

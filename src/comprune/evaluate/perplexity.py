@@ -15,21 +15,36 @@ from tqdm.auto import tqdm
 
 from ..data import load_ids
 from ..errors import CompruneError
+from ..models.adapters import get_adapter
 
 HEAD_CHUNK = 1024  # positions per head/cross-entropy chunk
 
 
-def token_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:
+def token_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None, bos: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of `seqlen` tokens; with `bos`, each is <bos> + seqlen-1 text tokens (every text
+    token is then scored, the first one after <bos>)."""
     if seqlen <= 1:
         raise CompruneError(f"seqlen must be > 1 (got {seqlen}): use e.g. --seqlen 128")
     if max_tokens is not None:
         if max_tokens < seqlen:
             raise CompruneError(f"--max-tokens {max_tokens} is smaller than seqlen {seqlen}: raise it")
         ids = ids[:max_tokens]
-    n = ids.numel() // seqlen
+    body = seqlen - (bos is not None)
+    n = ids.numel() // body
     if n == 0:
         raise CompruneError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    return ids[: n * seqlen].view(n, seqlen)
+    w = ids[: n * body].view(n, body)
+    return w if bos is None else torch.cat([torch.full((n, 1), bos, dtype=w.dtype), w], 1)
+
+
+def bos_of(model) -> int | None:
+    """The <bos> id every evaluation window starts with, for families trained that way (Gemma); else None."""
+    try:
+        if not get_adapter(model).needs_bos:
+            return None
+    except CompruneError:  # a family comprune cannot prune is still evaluated, as it comes
+        return None
+    return model.config.bos_token_id
 
 
 def chunked_nll(hidden: torch.Tensor, labels: torch.Tensor, head, chunk: int | None = None,
@@ -86,7 +101,8 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 128, 
     """Perplexity on a named dataset (or a pre-tokenised stream `ids`). Returns a JSON-ready dict."""
     if ids is None:
         ids = load_ids(tokenizer, dataset, data_dir)
-    windows = token_windows(ids, seqlen, max_tokens)
+    bos = bos_of(model)
+    windows = token_windows(ids, seqlen, max_tokens, bos)
     # ~2k tokens per forward keeps the matmuls large (near the CPU's peak) with bounded activations.
     batch_size = batch_size or max(1, 2048 // seqlen)
     was_training = model.training
@@ -97,6 +113,6 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 128, 
     model.train(was_training)
     ppl = math.exp(nll / count)
     return {"dataset": dataset, "seqlen": seqlen, "max_tokens": max_tokens, "windows": int(windows.shape[0]),
-            "tokens": int(windows.numel()), "ppl": ppl, "seconds": round(seconds, 3),
+            "tokens": int(windows.numel()), "scored_tokens": count, "bos": bos is not None, "ppl": ppl, "seconds": round(seconds, 3),
             "tokens_per_second": round(windows.numel() / seconds, 1),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}

@@ -31,6 +31,9 @@ class LlamaAdapter:
     width_key = "intermediate_size"   # the config field of the MLP width
     per_layer_keys: tuple = ()        # config lists (one entry per block) beyond the common ones, sliced with them
     fused = False                     # q/k/v or gate/up stored as one matrix (split while pruning)
+    # Trained with <bos> first in every sequence (Gemma): without it the first text token becomes the attention
+    # sink and every statistic and perplexity describes a model off its distribution
+    needs_bos = False
 
     def head_pruning_refusal(self, config) -> str | None:
         """Why attention heads of this model cannot be pruned (None: they can)."""
@@ -102,6 +105,7 @@ class GemmaAdapter(LlamaAdapter):
     query_pre_attn_scalar live in the modules and config, untouched by pruning; layer_types follows the blocks."""
     family = "gemma3_text"
     mlp_output_is_residual = False
+    needs_bos = True
 
     def mlp_input_norm(self, layer) -> nn.Module:
         return layer.pre_feedforward_layernorm
