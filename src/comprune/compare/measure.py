@@ -49,13 +49,8 @@ def check_same_model(name: str, old: dict, new: dict):
                             f"no longer apply; delete its runs/{name}.json to evaluate the new model")
 
 
-def prune_run(cmp, method: str, ratio: float, stream: bool = False) -> dict:
-    """`cmp`: the Comparison (settings and paths). Prune one run in its own process (`comprune prune ... --json`, `--stream` with `stream`): its manifest's
-    numbers, wall seconds, the peak RSS of the larger of wait4 and its own VmHWM, and the weights' digest."""
-    name = run_name(method, ratio)
-    out = cmp.model_dir(name + ("-stream" if stream else ""))
-    log_path = cmp.out / "logs" / f"{name}.prune{'-stream' if stream else ''}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+def prune_command(cmp, method: str, ratio: float, out: Path, stream: bool = False) -> list[str]:
+    """The `comprune prune` command line of one run (a fresh process each)."""
     # a preset runs as `--preset NAME` (its own method and knobs), a method as `--method NAME` with its defaults
     how = ["--preset", method] if method in PRESETS else ["--method", method]
     cmd = [cmp.python, "-m", "comprune.cli", "prune", cmp.model_spec, *how, "--ratio", str(ratio),
@@ -68,6 +63,17 @@ def prune_run(cmp, method: str, ratio: float, stream: bool = False) -> dict:
     cmd += cmp.load_flags  # --trust-remote-code / --allow-pickle, as given to compare
     if stream:
         cmd += ["--stream"]
+    return cmd
+
+
+def prune_run(cmp, method: str, ratio: float, stream: bool = False) -> dict:
+    """`cmp`: the Comparison (settings and paths). Prune one run in its own process (`comprune prune ... --json`, `--stream` with `stream`): its manifest's
+    numbers, wall seconds, the peak RSS of the larger of wait4 and its own VmHWM, and the weights' digest."""
+    name = run_name(method, ratio)
+    out = cmp.model_dir(name + ("-stream" if stream else ""))
+    log_path = cmp.out / "logs" / f"{name}.prune{'-stream' if stream else ''}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = prune_command(cmp, method, ratio, out, stream)
     log(f"prune {name}{' (streamed)' if stream else ''}: {' '.join(cmd[1:])}", cmp.show)
     t0 = time.perf_counter()
     code, stdout, peak = run_with_peak_rss(cmd, subprocess.PIPE, log_path,
