@@ -102,7 +102,7 @@ def prune_run(cmp, method: str, ratio: float, stream: bool = False) -> dict:
     return rec
 
 
-def runtime_floor(out: Path, model_spec: str, dtype: str, python: str) -> dict:
+def runtime_floor(out: Path, model_spec: str, dtype: str, python: str, trust_remote_code: bool = False) -> dict:
     """Peak RSS of a process that imports comprune and builds the model's skeleton without weights: what
     every pruning process pays before its own work. Two floors: with transformers' model classes (their
     modeling code imported: an in-memory prune) and with comprune's plain-PyTorch modules (a streamed
@@ -116,12 +116,14 @@ def runtime_floor(out: Path, model_spec: str, dtype: str, python: str) -> dict:
             "from comprune.stream import resolve_stream_source; from comprune.devices import resolve_dtype; "
             "from comprune.memory import peak_rss_mb; "
             "build_skeleton(resolve_stream_source(sys.argv[1]), resolve_dtype(sys.argv[2]), "
-            "lite=sys.argv[3] == 'lite'); print(json.dumps({'peak_rss_mb': peak_rss_mb()}))")
+            "lite=sys.argv[3] == 'lite', trust_remote_code=sys.argv[4] == 'trust'); "
+            "print(json.dumps({'peak_rss_mb': peak_rss_mb()}))")
     rec = {"rss_probe": RSS_PROBE}
     for modules, key in (("transformers", "peak_rss_mb"), ("lite", "stream_peak_rss_mb")):
         log_path = out / "logs" / f"runtime_floor-{modules}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        code_, stdout, peak = run_with_peak_rss([python, "-c", code, model_spec, dtype, modules],
+        code_, stdout, peak = run_with_peak_rss([python, "-c", code, model_spec, dtype, modules,
+                                                 "trust" if trust_remote_code else "no"],
                                                 subprocess.PIPE, log_path,
                                                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         try:

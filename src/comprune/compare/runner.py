@@ -353,7 +353,7 @@ class Comparison:
         return self.write_reports()
 
     def runtime_floor(self) -> dict:
-        return runtime_floor(self.out, self.model_spec, self.dtype, self.python)
+        return runtime_floor(self.out, self.model_spec, self.dtype, self.python, self.trust_remote_code)
 
     def write_reports(self) -> dict:
         return write_reports(self.out, self.settings())
