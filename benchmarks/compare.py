@@ -75,9 +75,8 @@ def write_doc(args):
         "--out benchmarks/results/compare`). Raw results: `benchmarks/results/compare/"
         "results.json`, one file per run in `benchmarks/results/compare/runs/`, prune logs in `.../logs/`.",
         "",
-        f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores (pruning times, memory and speeds measured on "
-        f"the quiet machine, evaluations while it was shared: see the caveats; the relative speed is measured "
-        f"alternately with the dense model to cancel drift), "
+        f"Machine: {platform.machine()} CPU ({_cpu()}), {os.cpu_count()} cores, shared with other work during the "
+        f"run (see the caveats; relative speeds are measured alternately with the dense model to cancel drift), "
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{res['settings'].get('dtype', 'float32')}.",
         "",
@@ -93,28 +92,27 @@ def write_doc(args):
                   + ", ".join(f"{m} {100 * r:.0f} %" for m, r in missing) + ".", ""]
     lines += standing(res)
     lines += [
-        "Caveats of this run: evaluations ran while the machine's 2 cores were shared with other benchmarks (load "
-        "average 3–10), so evaluation throughput was 35–120 tokens/s instead of ~400 and the perplexity slice was "
-        f"cut to the first {res['settings']['ppl_max_tokens']:,} test tokens (128 windows of 128, 8 windows of "
-        "2048). Pruning seconds, pruning peak RSS and generation speed were measured again on a quiet machine "
-        "(`--redo prune,speed --redo-tag quiet-2026-11-25`; every re-pruned model was checked to be the evaluated "
-        "one by the sha256 of its weights). Generation speed is transformers' eager `generate` at batch 1 on 2 "
-        "threads: 15–20 tokens/s absolute, dominated by per-operation overhead rather than by the weights, so the "
-        "ratios say little about the compute saved (COMP 10 % keeps all 30 blocks and still shows ~1.2×; the "
-        "dense model against a save→reload copy of itself measures 0.96–1.0×). The deployment figure is the "
-        "llama.cpp column (and `benchmarks/results/gguf_speed.md`: COMP 20 %: 1.35× generation tokens/s in "
-        "f16, 1.33× in q8_0). Peak RSS is each pruning process's own high-water mark (wait4's ru_maxrss through "
-        "a small launcher process, or the VmHWM it reads of itself if larger); an in-memory prune pays the "
-        f"runtime floor ({res.get('runtime_floor_mb') or 0:.0f} MB) before its own work. Records made before "
-        "2026-11-25 used getrusage's ru_maxrss, which Linux carries across exec from the launching process (here "
-        "the comparison driver, holding the dense model and the evaluation): those figures (up to 4.9 GB) were "
-        "the driver's, not the methods'.",
+        "Caveats of this run: the machine's 2 cores were shared with other work for most of it (see each run's "
+        "load in its JSON), so pruning seconds and tokens/s are inflated and noisy; quality numbers are "
+        "unaffected. Generation speed in transformers is eager `generate` at batch 1, dominated by per-operation "
+        "overhead; the deployment figure is the llama.cpp column (GGUF f16 via xllamacpp, alternated with the "
+        "dense export run by run). Peak RSS is each pruning process's own high-water mark (wait4's ru_maxrss "
+        "through a small launcher process, or its VmHWM if larger); an in-memory prune pays the runtime floor "
+        f"({res.get('runtime_floor_mb') or 0:.0f} MB) before its own work. The full-test-set perplexity is at "
+        f"window length {', '.join(str(x) for x in res['settings'].get('full_seqlens', [2048]))} only for the "
+        "pruned models (the dense row's other length comes from benchmarks/results/ppl_dense.json).",
         "",
         "## How each baseline is run (same harness as COMP)",
         "",
-        "- **comp**: COMP as specified by comprune ([method.md](method.md)): 25 % of the removed parameters as whole blocks "
-        "(lowest block influence), the rest as MLP neurons by the condition score with G⁻¹ downdates, sequential, "
-        "least-squares mask tuning folded into down_proj.",
+        "- **comp**: COMP with comprune's default (`--method comp`, [method.md](method.md), chosen on held-out "
+        "validation in [ablation.md](ablation.md)): 25 % of the removed parameters as whole blocks (lowest block "
+        "influence), the rest as MLP neurons chosen by structured OBS (the condition score with the kept columns "
+        "updated after every removal), each token weighted by its block output's scale, and the kept down_proj "
+        "refitted by damped least squares on the already-pruned prefix's inputs, folded into the weights. "
+        "Uniform widths.",
+        "- **comp-search** (`--preset comp-search`): the same per-block machinery with per-block widths chosen by "
+        "an evolutionary search (40 generations) against KL(dense ‖ pruned) on calibration-source windows held "
+        "apart from the calibration windows (methods/search.py); not streamed (the search holds the whole model).",
         "- **llm-pruner**: block-wise first-order Taylor importance |W ⊙ ∂L/∂W| (one backward pass of the LM loss "
         "on the first 10 calibration windows cut to 64 tokens, gradients for every parameter as LLM-Pruner does) "
         "summed over coupled groups: a KV head with its query heads (q/k/v rows + o columns; GQA-aware) and an MLP "
@@ -139,6 +137,13 @@ def write_doc(args):
     ]
     DOC.write_text("\n".join(lines))
     print(f"wrote {DOC}")
+
+
+def _cpu() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "?"
 
 
 def standing(res) -> list[str]:
