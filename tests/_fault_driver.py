@@ -34,6 +34,7 @@ import sys
 import tempfile
 
 from _forked_calibration import ForkedCalibration
+from _forking import fork
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -104,32 +105,18 @@ def _start(job: dict, tmp: str, environ, cwd) -> tuple[int, str]:
     stdin = os.path.join(tmp, "in")
     with open(stdin, "w") as f:
         f.write(job.get("stdin", ""))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.dup2(os.open(stdin, os.O_RDONLY), 0)
-            os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT), 1)
-            os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT), 2)
-            if environ is not None:
-                os.environ.clear()
-                os.environ.update(environ)
-            os.environ.update(job.get("env", {}))
-            if job.get("cwd") or cwd:
-                os.chdir(job.get("cwd") or cwd)
-            code = _child(job, cnt)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-            code = 1
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code if isinstance(code, int) else 1)
+    def body():
+        os.dup2(os.open(stdin, os.O_RDONLY), 0)
+        os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT), 1)
+        os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT), 2)
+        if environ is not None:
+            os.environ.clear()
+            os.environ.update(environ)
+        os.environ.update(job.get("env", {}))
+        if job.get("cwd") or cwd:
+            os.chdir(job.get("cwd") or cwd)
+        return _child(job, cnt)
+    pid = fork(body)
     return pid, tmp
 
 

@@ -7,8 +7,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import traceback
 from contextlib import contextmanager
+
+from _forking import fork
 
 
 class ForkedCalibration:
@@ -22,31 +23,20 @@ class ForkedCalibration:
         if cmd[:2] != [sys.executable, "-c"] or "child_main" not in cmd[2]:
             return subprocess.run(cmd, **kw)
         with tempfile.TemporaryFile() as err:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                code = 1
-                try:
-                    if self.real_renames:  # a child's renames are not the job's
-                        os.replace, os.rename = self.real_renames
-                    import torch
-                    torch.set_num_threads(1)  # no thread pool of the parent's survives a fork
-                    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-                    os.dup2(err.fileno(), 2)
-                    # the caller's sys.stderr may be pytest's capture buffer, not fd 2
-                    sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
-                    from comprune.calibration import child_main
-                    child_main(*cmd[3:])
-                    code = 0
-                except SystemExit as e:
-                    code = e.code if isinstance(e.code, int) else 1
-                except BaseException:
-                    traceback.print_exc()
-                finally:
-                    sys.stderr.flush()
-                    os._exit(code)
+            def body():
+                if self.real_renames:  # a child's renames are not the job's
+                    os.replace, os.rename = self.real_renames
+                import torch
+                torch.set_num_threads(1)  # no thread pool of the parent's survives a fork
+                os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+                os.dup2(err.fileno(), 2)
+                # the caller's sys.stderr may be pytest's capture buffer, not fd 2
+                sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
+                from comprune.calibration import child_main
+                child_main(*cmd[3:])
+                return 0
+            pid = fork(body)
             _, status = os.waitpid(pid, 0)
             err.seek(0)
             return subprocess.CompletedProcess(cmd, os.waitstatus_to_exitcode(status), "",

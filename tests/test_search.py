@@ -151,3 +151,37 @@ def test_a_fresh_run_never_resumes_an_old_search(tmp_path):
     Database(ckpt.dir / "search-db").save(0, [(torch.arange(2), torch.ones(3, 2))])
     ckpt.clear()
     assert not (ckpt.dir / "search.json").exists() and not (ckpt.dir / "search-db").exists()
+
+
+def test_removal_mutations_keep_the_budget():
+    """With block removal, a mutation may remove a block (level R, paid by others) or restore one: the total
+    stays, every level is on the ladder or R, and only removable blocks are ever removed."""
+    rng = random.Random(2)
+    levels = {0: 2, 1: 3, 2: 4, 3: 1, 4: 2}
+    seen = set()
+    for _ in range(400):
+        levels = mutate(levels, 5, rng, rng.randint(1, 3), removed_level=9, removable=(1, 2, 3))
+        assert sum(levels.values()) == 12
+        assert all(0 <= v <= 5 or (v == 9 and i in (1, 2, 3)) for i, v in levels.items())
+        seen.add(tuple(i for i, v in levels.items() if v == 9))
+    assert len(seen) > 2  # blocks do go and come back
+
+
+def test_search_removes_a_block_that_does_nothing():
+    """A block whose output projections are zero is the identity: with --search-layers the search removes it
+    (it costs nothing and pays for many levels), the budget stays exact and the pruned model equals the masked
+    dense one."""
+    dense = tiny_model("llama", layers=5)
+    with torch.no_grad():
+        get_adapter(dense).layers(dense)[2].self_attn.o_proj.weight.zero_()
+        get_adapter(dense).layers(dense)[2].mlp.down_proj.weight.zero_()
+    cfg = _search_cfg(search_layers=True)
+    cfg.ratio = 0.3
+    model, rep = prune(copy.deepcopy(dense), None, cfg, calibration=calib(20, 16), progress=False)
+    search = rep.details["search"]
+    assert search["removed_blocks"] == [2] and rep.removed_layers == [2]
+    assert abs(rep.ratio_achieved - 0.3) < 0.005
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = model(ids).logits
+    assert torch.allclose(got, masked_dense_logits(dense, rep, ids, pruned=model), atol=1e-4, rtol=0)

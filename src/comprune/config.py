@@ -57,6 +57,7 @@ class PruneConfig:
     search_offspring: int = 8
     search_survivors: int = 2
     search_filter: int = 2             # windows of the cheap stages: error curves, and offspring before the survivors
+    search_layers: bool = False        # the search may also remove whole blocks (one more level per block)
     head_share: float = 0.0            # fraction of the non-layer budget taken from attention (0: MLPs only)
     head_unit: str = "query"           # what attention loses: "query" heads (as many per KV group) or whole "kv" groups
     # Stage 3 (mask tuning)

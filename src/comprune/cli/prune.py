@@ -26,7 +26,7 @@ _FIELDS = {"ratio": "ratio", "method": "method", "nsamples": "nsamples", "seqlen
            "width_allocation": "width_allocation", "head_share": "head_share", "head_unit": "head_unit",
            "layer_share": "layer_share", "target_mix": "target_mix", "token_weight": "token_weight",
            "search_generations": "search_generations", "search_time": "search_time",
-           "search_nsamples": "search_nsamples", "ratio_of": "ratio_of"}
+           "search_nsamples": "search_nsamples", "ratio_of": "ratio_of", "search_layers": "search_layers"}
 
 
 def duration(text: str) -> float:
@@ -166,6 +166,10 @@ def add_command(sub):
     p.add_argument("--search-time", type=duration, default=None,
                    help="search: wall-clock limit of the evolution, e.g. 20m (default: none; with a limit the result "
                         "depends on the machine's speed)")
+    p.add_argument("--search-layers", action="store_const", const=True, default=None,
+                   help="search: a block may also be removed whole (its level costs the block's parameters), "
+                        "so the search chooses which blocks go as well as the widths; with --layer-share 0 it "
+                        "chooses them all")
     p.add_argument("--search-nsamples", type=int, default=None,
                    help="search: fitness windows, apart from the calibration windows (default 16)")
     p.add_argument("--damp", type=float, default=None, help=f"default {d.damp}")

@@ -36,7 +36,7 @@ NEW_TOKENS, REPEATS = 64, 3
 TABLE_VERSION = 2
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -49,11 +49,11 @@ def _cpu_name() -> str:
 def _key(cfg: dict, qtype: str, threads: int) -> str:
     dims = {k: cfg.get(k) for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                                     "num_attention_heads", "num_key_value_heads", "vocab_size", "head_dim")}
-    text = json.dumps([dims, qtype, threads, _cpu_name(), os.cpu_count(), TABLE_VERSION], sort_keys=True)
+    text = json.dumps([dims, qtype, threads, cpu_name(), os.cpu_count(), TABLE_VERSION], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _variant(src: Path, dst: Path, n_layers: int, width: int):
+def sliced_variant(src: Path, dst: Path, n_layers: int, width: int):
     """A copy of `src` with its first `n_layers` blocks at MLP width `width` (the dense weights sliced)."""
     cfg = read_config(src)
     tensors = open_safetensors(src)
@@ -122,7 +122,7 @@ def latency_table(src, qtype: str = "f16", threads: int | None = None, show: boo
             if show:
                 print(f"latency table: timing {n}/{L} blocks at MLP width {w}/{W} in llama.cpp ({qtype}, "
                       f"{threads} threads)", flush=True)
-            _variant(src, d / f"v{i}", n, w)
+            sliced_variant(src, d / f"v{i}", n, w)
             path_v = export_gguf(d / f"v{i}", d / f"v{i}.gguf", qtype)["path"]
             rec = relative_llamacpp_speed(path_v, dense, prompt, new_tokens=NEW_TOKENS, repeats=REPEATS,
                                           threads=threads)
@@ -130,7 +130,7 @@ def latency_table(src, qtype: str = "f16", threads: int | None = None, show: boo
             runs.append({"layers": n, "width": w, **rec})
             shutil.rmtree(d / f"v{i}")
             os.unlink(path_v)
-    table = {**fit(points), "layers": L, "width": W, "qtype": qtype, "threads": threads, "cpu": _cpu_name(),
+    table = {**fit(points), "layers": L, "width": W, "qtype": qtype, "threads": threads, "cpu": cpu_name(),
              "points": points, "runs": runs, "version": TABLE_VERSION}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

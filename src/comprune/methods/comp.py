@@ -316,6 +316,7 @@ def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None
             allocation, search = search_allocation(model, adapter, acts.take(), removed, budget.neurons_per_layer,
                                                    cfg, fitness_ids, show,
                                                    checkpoint.dir if checkpoint is not None else None)
+            removed = sorted(set(removed) | set(search.get("removed_blocks", ())))  # search_layers
             acts = capture(model, adapter, input_ids, cfg.batch_size, device)
         start, records = 0, {}
         if uses_dense:

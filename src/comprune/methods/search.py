@@ -30,7 +30,7 @@ from .. import compensate as LS
 from ..errors import CompruneError
 from ..evaluate.perplexity import family_logits
 from ..walk import Activations, capture, collect_stats, forward_block, progress, resident
-from .common import kept_width
+from .common import kept_width, params_per_neuron
 
 
 @dataclass
@@ -113,6 +113,7 @@ class Fitness:
 
     def __init__(self, model, adapter, removed: list[int], db: dict, fit_ids: torch.Tensor, cfg):
         self.adapter, self.cfg, self.db = adapter, cfg, db
+        self.removed_level = None  # the level that removes a whole block (search_layers), above every ladder level
         self.layers = adapter.layers(model)
         self.norm, self.head = adapter.head(model)
         self.logit_fn = family_logits(model) or (lambda x: x)
@@ -132,6 +133,8 @@ class Fitness:
     def _run(self, acts, blocks, levels=None) -> Activations:
         for i in blocks:
             with resident(self.layers[i], self.cfg.device):
+                if levels is not None and levels[i] == self.removed_level:
+                    continue  # the block is skipped: its inputs go on to the next
                 if levels is None or levels[i] == 0:
                     acts = forward_block(self.layers[i], acts)
                     continue
@@ -220,12 +223,18 @@ def dp_allocate(costs: dict[int, list[float]], total: int) -> dict[int, int]:
     return dict(sorted(levels.items()))
 
 
-def mutate(levels: dict, top: int, rng: random.Random, n: int) -> dict:
-    """n level shifts: one block gives a level to another, so the total (the budget) never changes."""
+def mutate(levels: dict, top: int, rng: random.Random, n: int, removed_level: int | None = None,
+           removable=()) -> dict:
+    """n level shifts: one block gives a level to another, so the total (the budget) never changes. With
+    `removed_level`, a shift may instead remove a `removable` block (the levels it costs beyond its own taken
+    from others) or bring a removed one back (its levels given to others)."""
     child = dict(levels)
     blocks = sorted(child)
     for _ in range(n):
-        donors = [i for i in blocks if child[i] > 0]
+        if removed_level is not None and rng.random() < 0.25:
+            _toggle_block(child, top, rng, removed_level, removable)
+            continue
+        donors = [i for i in blocks if 0 < child[i] <= top]
         takers = [i for i in blocks if child[i] < top]
         if not donors or not takers:
             break
@@ -236,7 +245,32 @@ def mutate(levels: dict, top: int, rng: random.Random, n: int) -> dict:
     return child
 
 
-def evolve(fitness: Fitness, start: dict, top: int, cfg, state_file: Path | None = None, show=True) -> tuple[dict, list]:
+def _toggle_block(child: dict, top: int, rng: random.Random, removed: int, removable):
+    """Remove one block or restore one, in place, keeping the total; nothing when the others cannot pay."""
+    out = [i for i in removable if child[i] == removed]
+    cand = [i for i in removable if child[i] != removed]
+    if out and (not cand or rng.random() < 0.5):
+        a, lv = rng.choice(out), rng.randint(0, top)
+        takers = [i for i in child if i != a and child[i] < top]
+        if sum(top - child[i] for i in takers) < removed - lv:
+            return
+        child[a] = lv
+        for _ in range(removed - lv):
+            b = rng.choice([i for i in takers if child[i] < top])
+            child[b] += 1
+    elif cand:
+        a = rng.choice(cand)
+        donors = [i for i in child if i != a and 0 < child[i] <= top]
+        if sum(child[i] for i in donors) < removed - child[a]:
+            return
+        for _ in range(removed - child[a]):
+            b = rng.choice([i for i in donors if child[i] > 0])
+            child[b] -= 1
+        child[a] = removed
+
+
+def evolve(fitness: Fitness, start: dict, top: int, cfg, state_file: Path | None = None, show=True,
+           removable=()) -> tuple[dict, list]:
     """(1 + λ) evolution from `start`; every generation's randomness comes from (seed, generation), so a resumed
     search continues exactly where the killed one stopped."""
     state = json.loads(state_file.read_text()) if state_file is not None and state_file.exists() else None
@@ -253,7 +287,8 @@ def evolve(fitness: Fitness, start: dict, top: int, cfg, state_file: Path | None
         if time.monotonic() > deadline:
             break
         rng = random.Random(f"{cfg.seed}:{gen}")
-        kids = [mutate(parent, top, rng, rng.randint(1, 3)) for _ in range(cfg.search_offspring)]
+        kids = [mutate(parent, top, rng, rng.randint(1, 3), fitness.removed_level, removable)
+                for _ in range(cfg.search_offspring)]
         kids = [k for k in kids if k != parent] or kids
         n = len(fitness.windows)
         few = [fitness.windows[(gen * cfg.search_filter + k) % n] for k in range(cfg.search_filter)]  # stage 1
@@ -271,51 +306,107 @@ def evolve(fitness: Fitness, start: dict, top: int, cfg, state_file: Path | None
     return parent, trace
 
 
+@dataclass
+class Plan:
+    """What the search allocates: `total` levels of `ladder.step` neurons over the kept blocks (`exact` neurons
+    in all); with search_layers, level `removed_level` removes a `removable` block, worth `block_neurons`."""
+    kept: list[int]
+    ladder: Ladder
+    total: int
+    exact: int
+    block_neurons: float = 0.0
+    removed_level: int | None = None
+    removable: tuple = ()
+
+
 def search_allocation(model, adapter, acts, removed: list[int], n_remove: int, cfg, fit_ids: torch.Tensor,
                       show=True, state_dir=None) -> tuple[list[int], dict]:
     """Neurons to remove per block (0 for removed blocks), summing to what the uniform plan removes, and the
-    search's record for pruning.json. `acts` (block-0 calibration inputs) is consumed."""
+    search's record for pruning.json (with search_layers, `removed_blocks`: blocks the search removes whole).
+    `acts` (block-0 calibration inputs) is consumed."""
     t0 = time.perf_counter()
     layers = adapter.layers(model)
     kept = [i for i in range(len(layers)) if i not in set(removed)]
     widths = {i: adapter.mlp(layers[i]).down.in_features for i in kept}
     ladder = make_ladder(min(widths.values()), cfg)
     exact = sum(w - kept_width(w, n_remove, cfg.round_to, cfg.min_width) for w in widths.values())
-    total, rest = divmod(exact, ladder.step)
-    if total > ladder.top * len(kept):
-        raise CompruneError(f"the budget needs {total} levels of {ladder.step} neurons but the search's ladder "
-                            f"holds {ladder.top} per block: raise --layer-share or lower --ratio")
+    plan = Plan(kept, ladder, exact // ladder.step, exact)
+    if cfg.search_layers:
+        # a whole block costs its parameters, counted in neurons of its MLP (attention and norms included)
+        plan.block_neurons = sum(p.numel() for p in layers[kept[0]].parameters()) / \
+            params_per_neuron(adapter, layers[kept[0]])
+        plan.removed_level = max(ladder.top + 1, int(round(plan.block_neurons / ladder.step)))
+        plan.removable = tuple(i for i in kept if cfg.protect_first <= i < len(layers) - cfg.protect_last)
+    if plan.total > ladder.top * len(kept) and not plan.removable:
+        raise CompruneError(f"the budget needs {plan.total} levels of {ladder.step} neurons but the search's "
+                            f"ladder holds {ladder.top} per block: raise --layer-share or lower --ratio")
     with tempfile.TemporaryDirectory(prefix="comprune-search-db-") as tmp:
         # with a checkpoint the database lives beside it (a resumed run keeps the blocks already built)
         db = Database(Path(state_dir) / "search-db" if state_dir is not None else tmp)
         build_database(model, adapter, acts, kept, ladder, cfg, db, show)
-        return _search(model, adapter, removed, kept, layers, ladder, total, rest, db, fit_ids, cfg, show,
-                       state_dir, t0)
+        return _search(model, adapter, removed, layers, plan, db, fit_ids, cfg, show, state_dir, t0)
 
 
-def _search(model, adapter, removed, kept, layers, ladder, total, rest, db, fit_ids, cfg, show, state_dir, t0):
+def _search(model, adapter, removed, layers, plan: Plan, db, fit_ids, cfg, show, state_dir, t0):
+    kept, ladder, R = plan.kept, plan.ladder, plan.removed_level
     fitness = Fitness(model, adapter, removed, db, fit_ids, cfg)
+    fitness.removed_level = R
     few = fitness.windows[: cfg.search_filter]
     inputs = fitness.block_inputs(few)
     costs = {}
     for i in progress(kept, "COMP search: error curves", show):
-        costs[i] = [0.0] + [fitness({**{j: 0 for j in kept}, i: lv}, few, start=i, acts=inputs[i])
+        base = {j: 0 for j in kept}
+        costs[i] = [0.0] + [fitness({**base, i: lv}, few, start=i, acts=inputs[i])
                             for lv in range(1, ladder.top + 1)]
+        if i in plan.removable:  # unreachable levels up to the removal's
+            costs[i] += [float("inf")] * (R - ladder.top - 1) + [fitness({**base, i: R}, few, start=i,
+                                                                          acts=inputs[i])]
     del inputs
-    levels = dp_allocate(costs, total)
+    try:
+        levels = dp_allocate(costs, plan.total)
+    except ValueError:
+        raise CompruneError(f"no allocation of the budget fits the search's ladders ({ladder.top} levels of "
+                            f"{ladder.step} neurons a block): raise --layer-share or lower --ratio") from None
     dp_fit = fitness(levels)
     state_file = Path(state_dir) / "search.json" if state_dir is not None else None
-    levels, trace = evolve(fitness, levels, ladder.top, cfg, state_file, show) if cfg.search_generations else \
-        (levels, [[0, dp_fit]])
-    counts = [0] * len(layers)
-    for i in kept:
-        counts[i] = levels[i] * ladder.step
-    if rest:  # the remainder below one level goes where the next level costs least
-        cand = [i for i in kept if levels[i] < ladder.top]
-        j = min(cand, key=lambda i: costs[i][levels[i] + 1] - costs[i][levels[i]])
-        counts[j] += rest
+    levels, trace = evolve(fitness, levels, ladder.top, cfg, state_file, show, plan.removable) \
+        if cfg.search_generations else (levels, [[0, dp_fit]])
+    gone = [i for i in kept if levels[i] == R]
+    counts = _neuron_counts(levels, gone, costs, plan, len(layers))
     record = {"step": ladder.step, "top_level": ladder.top, "levels": {str(i): levels[i] for i in kept},
               "dp_fitness": dp_fit, "fitness": trace[-1][1], "trace": trace, "error_curves": {str(i): c for i, c in costs.items()},
               "fitness_tokens": int(fit_ids.numel()), "evaluations": fitness.evaluations,
               "seconds": round(time.perf_counter() - t0, 1)}
+    if R is not None:
+        record.update(removed_level=R, removed_blocks=gone, block_neurons=plan.block_neurons)
     return counts, record
+
+
+def _neuron_counts(levels: dict, gone: list[int], costs: dict, plan: Plan, n_layers: int) -> list[int]:
+    """Neurons per block from the levels, corrected to the budget exactly: the part below one level (and, for
+    blocks removed whole, the difference between their levels and their real size) goes to or comes back from
+    the blocks where that costs least."""
+    step, top = plan.ladder.step, plan.ladder.top
+    live = [i for i in plan.kept if i not in gone]
+    counts = [0] * n_layers
+    for i in live:
+        counts[i] = levels[i] * step
+    diff = plan.exact - int(round(len(gone) * plan.block_neurons)) - sum(counts)
+    marginal = lambda i, d: costs[i][min(top, levels[i] + d)] - costs[i][levels[i]]  # noqa: E731
+    while diff > 0:
+        cand = [i for i in live if counts[i] < top * step]
+        if not cand:
+            break
+        j = min(cand, key=lambda i: marginal(i, 1))
+        add = min(diff, top * step - counts[j], step)
+        counts[j] += add
+        diff -= add
+    while diff < 0:
+        cand = [i for i in live if counts[i] > 0]
+        if not cand:
+            break
+        j = max(cand, key=lambda i: costs[i][levels[i]] - costs[i][max(0, levels[i] - 1)])
+        back = min(-diff, counts[j], step)
+        counts[j] -= back
+        diff += back
+    return counts
