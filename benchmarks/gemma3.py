@@ -28,8 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import comprune  # noqa: E402
-from comprune.data import get_calibration, load_ids  # noqa: E402
-from comprune.evaluate.perplexity import window_nll  # noqa: E402
+from comprune.data import get_calibration  # noqa: E402
 from comprune.export.gguf import export_gguf  # noqa: E402
 from comprune.export.llamacpp import complete, llamacpp_server  # noqa: E402
 from comprune.memory import peak_rss_mb  # noqa: E402
@@ -37,16 +36,6 @@ from gguf_speed import PROMPT, measure_speed  # noqa: E402
 
 SPEC = "gemma3-270m"
 METHODS = ["comp", "wanda-sp", "flap", "layer-drop", "llm-pruner"]
-
-
-def bos_windows(tok, n_tokens: int, seqlen: int) -> torch.Tensor:
-    """WikiText-2 test windows of <bos> + seqlen-1 text tokens: Gemma is trained with <bos> first and without it
-    its perplexity is ~10x worse (its first position is the attention sink), which would swamp the comparison."""
-    ids = load_ids(tok, "wikitext2")
-    body = seqlen - 1
-    n = min(n_tokens, ids.numel()) // body
-    w = ids[: n * body].view(n, body)
-    return torch.cat([torch.full((n, 1), tok.bos_token_id, dtype=w.dtype), w], 1)
 
 
 def greedy_text(server, tokenizer, prompt="The capital of France is", n=48) -> str:
@@ -87,11 +76,11 @@ def run_one(method: str | None, args) -> dict:
                     "heads": sorted(set(model.config.to_dict().get("num_attention_heads_per_layer")
                                         or [model.config.num_attention_heads])),
                     "calibration": report.calibration})
-    windows = bos_windows(tok, args.ppl_tokens, args.seqlen)
-    t1 = time.perf_counter()
-    nll, count = window_nll(model, windows, batch_size=16, progress=False)
-    row["wikitext2_ppl"] = round(float(torch.tensor(nll / count).exp()), 3)
-    row["ppl_tokens"], row["ppl_s"] = count, round(time.perf_counter() - t1, 1)
+    # comprune's evaluator starts every Gemma window with <bos> (<bos> + seqlen-1 text tokens)
+    ppl = comprune.perplexity(model, tok, "wikitext2", seqlen=args.seqlen, max_tokens=args.ppl_tokens, progress=False)
+    assert ppl["bos"]
+    row["wikitext2_ppl"] = round(ppl["ppl"], 3)
+    row["ppl_tokens"], row["ppl_s"] = ppl["scored_tokens"], round(ppl["seconds"], 1)
     out = Path(args.work) / f"gemma3-270m-{row['method']}"
     if method is None:
         out = comprune.loading.embedded_cached_dir(SPEC)
