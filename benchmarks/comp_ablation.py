@@ -79,6 +79,8 @@ CONFIGS = [
     ("search-dp", "search", SPEC | LSOBS | {"token_weight": "output", "width_allocation": "search"}),
     ("search-evo-40", "search", SPEC | LSOBS | {"token_weight": "output", "width_allocation": "search",
                                                 "search_generations": 40}),
+    ("search-evo-40-ls0", "search", SPEC | LSOBS | {"token_weight": "output", "width_allocation": "search",
+                                                    "search_generations": 40, "layer_share": 0.0}),
     ("search-layers-evo-40", "search", SPEC | LSOBS | {"token_weight": "output", "width_allocation": "search",
                                                        "search_generations": 40, "search_layers": True,
                                                        "layer_share": 0.0}),
