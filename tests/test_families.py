@@ -229,9 +229,12 @@ def test_perplexity_uses_the_familys_logits(fam):
     import math
 
     from comprune import perplexity
+    from comprune.evaluate.perplexity import bos_of, token_windows
     model = tiny_model(fam, layers=2)
+    w = token_windows(IDS.flatten(), 20, bos=bos_of(model))  # Gemma's windows start with <bos>
+    assert (bos_of(model) is not None) == (fam == "gemma3_text")
     with torch.no_grad():
-        ref = torch.nn.functional.cross_entropy(model(IDS).logits[:, :-1].reshape(-1, 256), IDS[:, 1:].reshape(-1))
+        ref = torch.nn.functional.cross_entropy(model(w).logits[:, :-1].reshape(-1, 256), w[:, 1:].reshape(-1))
     got = perplexity(model, None, ids=IDS.flatten(), seqlen=20, progress=False)["ppl"]
     assert got == pytest.approx(math.exp(ref.item()), rel=1e-5)
 
