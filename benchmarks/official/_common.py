@@ -158,6 +158,14 @@ def load_pruned(out_dir: Path):
     if missing or unexpected:
         sys.exit(f"pruned checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.eval()
+    if "probe_logits" in meta:  # the official process's logits on a fixed input: the load must reproduce them
+        from shims.offline import PROBE
+        with torch.no_grad():
+            got = model(torch.tensor([PROBE])).logits[0, -1, :8].double()
+        want = torch.tensor(meta["probe_logits"], dtype=torch.float64)
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            sys.exit(f"the loaded model's probe logits {got.tolist()} differ from the official run's {want.tolist()}")
+        meta["probe_check"] = "passed"
     return model, tok, meta
 
 
@@ -213,7 +221,7 @@ def finish(method: str, repo: str, commit: str | None, recipe: list[str], comman
     result = {"method": method, "kind": "official", "source": {"repo": repo, "commit": commit},
               "command": command, "official_recipe": recipe, "params_before": before, "params_after": after,
               "params_removed_pct": round(100 * (1 - after / before), 2), "official_param_count": meta["params"],
-              "removed_layers": meta.get("removed_layers", []), **{k: v for k, v in meta.items() if k in ("layer_scores",)},
+              "removed_layers": meta.get("removed_layers", []), **{k: v for k, v in meta.items() if k in ("layer_scores", "probe_check")},
               "prune": run, "official_env": venv_versions(venv), "slice": SLICE, "machine": machine(), "notes": notes}
     result.update(evaluate(model, tok))
     write_result(method, result)

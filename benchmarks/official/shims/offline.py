@@ -13,6 +13,7 @@ import sys
 import types
 from pathlib import Path
 
+PROBE = [1, 504, 3458, 314, 253, 1345, 28, 3011, 4075, 30, 216, 1033]  # fixed token ids for the load check
 C4 = Path(os.environ.get("COMPRUNE_C4", "/work/shared/data/c4/c4-sample.00000-of-00001.json.gz"))
 
 
@@ -62,7 +63,9 @@ def save_pruned(model, out_dir: str | os.PathLike, removed_layers=(), extra: dic
           if not (tied and k == "lm_head.weight") and "rotary_emb" not in k}
     save_file(sd, str(out / "pruned.safetensors"))
     params = sum(p.numel() for p in model.parameters())
-    meta = {"params": int(params), "removed_layers": sorted(int(i) for i in removed_layers),
+    with torch.no_grad():  # a probe the loader in comprune's environment must reproduce
+        probe = model(torch.tensor([PROBE]), use_cache=False).logits[0, -1, :8].double().tolist()
+    meta = {"params": int(params), "removed_layers": sorted(int(i) for i in removed_layers), "probe_logits": probe,
             "shapes": {k: list(v.shape) for k, v in sd.items()}, **(extra or {})}
     (out / "shapes.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(f"[shim] saved pruned model ({params:,} params) to {out}", flush=True)
