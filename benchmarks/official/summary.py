@@ -12,8 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-PAIRS = [("llm-pruner", "harness-llm-pruner"), ("flap", "harness-flap"), ("wanda-sp", "harness-wanda-sp"),
-         ("shortgpt", "harness-layer-drop")]
+PAIRS = [("llm-pruner", ("harness-llm-pruner", "harness-llm-pruner-folded")), ("flap", ("harness-flap",)),
+         ("wanda-sp", ("harness-wanda-sp",)), ("shortgpt", ("harness-layer-drop",))]
 
 
 def row(r: dict, ref: dict | None) -> str:
@@ -46,9 +46,8 @@ def main():
         ref = rows.get(official)
         if ref:
             lines.append(row(ref, None))
-        if harness in rows:
-            lines.append(row(rows[harness], ref))
-    rest = [k for k in rows if k not in {n for pair in PAIRS for n in pair}]
+        lines += [row(rows[h], ref) for h in harness if h in rows]
+    rest = [k for k in rows if k not in {official for official, _ in PAIRS} | {h for _, hs in PAIRS for h in hs}]
     for k in rest:
         lines.append(row(rows[k], None))
     notes = sorted({n for r in rows.values() for n in r.get("notes", [])})

@@ -8,7 +8,7 @@
               ranking of KV groups and MLP channels across all blocks (a group weighted by its parameter count),
               bias compensation stored as real biases (Llama's attention_bias/mlp_bias flags).
 - llm-pruner: block-wise first-order Taylor |W * dL/dW| over coupled groups (GQA KV group: q/k/v rows + o
-              columns, scored as LLM-Pruner's code folds q/o onto k; MLP channel: gate/up rows + down column),
+              columns; gqa_score='folded' scores it as LLM-Pruner's code does; MLP channel: gate/up rows + down column),
               uniform ratio over the middle blocks, no LoRA.
               The only method with a backward pass (needs_gradients).
 
@@ -212,10 +212,10 @@ GQA_SCORES = {"group": S.taylor_kv_groups, "folded": S.taylor_kv_groups_folded}
 
 
 def taylor_group_score(cfg):
-    """cfg.extra['gqa_score']: 'folded' (the default: what LLM-Pruner's own code computes on GQA models, crediting
-    query head h to KV head h mod n_kv; on SmolLM2 it selects better groups than 'group', docs/baselines.md) or
-    'group' (a KV group's own q/k/v rows and o columns)."""
-    name = cfg.extra.get("gqa_score", "folded")
+    """cfg.extra['gqa_score']: 'group' (the default: a KV group's own q/k/v rows and o columns) or 'folded'
+    (what LLM-Pruner's own code computes on GQA models, crediting query head h to KV head h mod n_kv: it
+    reproduces the official runs; neither is reliably better on SmolLM2, docs/baselines.md)."""
+    name = cfg.extra.get("gqa_score", "group")
     if name not in GQA_SCORES:
         raise CompruneError(f"llm-pruner: gqa_score '{name}' is not one of {', '.join(GQA_SCORES)}")
     return GQA_SCORES[name]
@@ -276,7 +276,7 @@ def run_llm_pruner(model, adapter, acts, input_ids, cfg, budget, show=True) -> d
         model.train(was_training)
     return {"removed_layers": [], "blocks": blocks, "taylor": {"nsamples": n, "seqlen": t, "loss": loss,
                                                                "blocks": [start, end],
-                                                               "gqa_score": cfg.extra.get("gqa_score", "folded")}}
+                                                               "gqa_score": cfg.extra.get("gqa_score", "group")}}
 
 
 run_llm_pruner.needs_gradients = True
