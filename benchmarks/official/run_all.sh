@@ -11,7 +11,7 @@ step() { local name=$1; shift; [ -f "$R/$name.json" ] && { echo "skip $name"; re
 step llm-pruner          benchmarks/official/llm_pruner.py
 step harness-llm-pruner  benchmarks/official/harness.py --method llm-pruner --ratio 0.21047
 step flap                benchmarks/official/flap.py --method flap --nsamples 128
-step harness-flap        benchmarks/official/harness.py --method flap --ratio 0.1996
+step harness-flap        benchmarks/official/harness.py --method flap --ratio 0.20056
 step wanda-sp            benchmarks/official/flap.py --method wanda-sp
 step harness-wanda-sp    benchmarks/official/harness.py --method wanda-sp --ratio 0.19693
 step shortgpt            benchmarks/official/shortgpt.py --docs 32
