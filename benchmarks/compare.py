@@ -104,12 +104,15 @@ def write_doc(args):
         "",
         "## How each baseline is run (same harness as COMP)",
         "",
+        "Each harness baseline is checked against its authors' code on the same model and slice in "
+        "[baselines.md](baselines.md) (`benchmarks/official/`, rows in `benchmarks/results/official/summary.md`).",
+        "",
         "- **comp**: COMP with comprune's default (`--method comp`, [method.md](method.md), chosen on held-out "
-        "validation in [ablation.md](ablation.md)): 25 % of the removed parameters as whole blocks (lowest block "
-        "influence), the rest as MLP neurons chosen by structured OBS (the condition score with the kept columns "
-        "updated after every removal), each token weighted by its block output's scale, and the kept down_proj "
-        "refitted by damped least squares on the already-pruned prefix's inputs, folded into the weights. "
-        "Uniform widths.",
+        "validation in [ablation.md](ablation.md)): every block kept at 20 % (layer share 0, the held-out winner; "
+        "COMP's hybrid split is `--layer-share 0.25`), MLP neurons chosen by structured OBS (the condition score "
+        "with the kept columns updated after every removal), each token weighted by its block output's scale, "
+        "and the kept down_proj refitted by damped least squares on the already-pruned prefix's inputs, folded "
+        "into the weights. Uniform widths.",
         "- **comp-search** (`--preset comp-search`): the same per-block machinery with per-block widths chosen by "
         "an evolutionary search (40 generations) against KL(dense ‖ pruned) on calibration-source windows held "
         "apart from the calibration windows (methods/search.py); not streamed (the search holds the whole model).",

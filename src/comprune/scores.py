@@ -178,3 +178,16 @@ def taylor_kv_groups(q, k, v, o, head_dim: int, rep: int) -> torch.Tensor:
     those query heads, the k and v rows of head g, and the o columns of those query heads. (W, grad) pairs."""
     return (taylor_rows(*q, rep * head_dim) + taylor_rows(*k, head_dim) + taylor_rows(*v, head_dim)
             + taylor_cols(*o, rep * head_dim))
+
+
+def taylor_kv_groups_folded(q, k, v, o, head_dim: int, rep: int) -> torch.Tensor:
+    """The attention group score of LLM-Pruner's own code on GQA models (llama3.py through its torch_pruning):
+    the importance vectors of q rows and o columns (n_heads * head_dim long) are aligned with k's
+    (n_kv * head_dim) by folding, channel c counting for KV channel c mod (n_kv * head_dim), so query head h is
+    credited to KV head h mod n_kv, while the group that is then removed holds query heads g*rep .. g*rep+rep-1.
+    Kept to reproduce the official runs; taylor_kv_groups scores the heads that are actually removed."""
+    width = k[0].shape[0]
+    fold = lambda v: v.view(-1, width).sum(0)  # noqa: E731
+    per_channel = (fold(taylor_importance(*q).sum(1)) + fold(taylor_importance(*o).sum(0))
+                   + taylor_importance(*k).sum(1) + taylor_importance(*v).sum(1))
+    return per_channel.view(-1, head_dim).sum(1)

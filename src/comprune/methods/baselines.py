@@ -8,7 +8,8 @@
               ranking of KV groups and MLP channels across all blocks (a group weighted by its parameter count),
               bias compensation stored as real biases (Llama's attention_bias/mlp_bias flags).
 - llm-pruner: block-wise first-order Taylor |W * dL/dW| over coupled groups (GQA KV group: q/k/v rows + o
-              columns; MLP channel: gate/up rows + down column), uniform ratio over the middle blocks, no LoRA.
+              columns; gqa_score='folded' scores it as LLM-Pruner's code does; MLP channel: gate/up rows + down column),
+              uniform ratio over the middle blocks, no LoRA.
               The only method with a backward pass (needs_gradients).
 
 Each run function carries `plan_budget` (its own split of the parameter budget; prune() uses it) and the
@@ -207,6 +208,19 @@ def loss_gradients(model, input_ids: torch.Tensor, batch_size: int) -> float:
     return total
 
 
+GQA_SCORES = {"group": S.taylor_kv_groups, "folded": S.taylor_kv_groups_folded}
+
+
+def taylor_group_score(cfg):
+    """cfg.extra['gqa_score']: 'group' (the default: a KV group's own q/k/v rows and o columns) or 'folded'
+    (what LLM-Pruner's own code computes on GQA models, crediting query head h to KV head h mod n_kv: it
+    reproduces the official runs; neither is reliably better on SmolLM2, docs/baselines.md)."""
+    name = cfg.extra.get("gqa_score", "group")
+    if name not in GQA_SCORES:
+        raise CompruneError(f"llm-pruner: gqa_score '{name}' is not one of {', '.join(GQA_SCORES)}")
+    return GQA_SCORES[name]
+
+
 def plan_llm_pruner(model, adapter, cfg):
     return plan_neurons_only(model, adapter, cfg)
 
@@ -218,6 +232,7 @@ def run_llm_pruner(model, adapter, acts, input_ids, cfg, budget, show=True) -> d
     layers = adapter.layers(model)
     start, end = middle_blocks(len(layers), cfg)
     heads_ok = adapter.head_pruning_refusal(model.config) is None
+    group_score = taylor_group_score(cfg)
     params = list(model.parameters())
     was_training = model.training
     model.eval()  # no dropout; gradients still flow
@@ -233,7 +248,7 @@ def run_llm_pruner(model, adapter, acts, input_ids, cfg, budget, show=True) -> d
             a = attention_parts(adapter, layer)
             m = adapter.mlp(layer)
             pair = lambda lin: (lin.weight.detach(), lin.weight.grad)  # noqa: E731
-            g_scores = S.taylor_kv_groups(pair(a.q), pair(a.k), pair(a.v), pair(a.o), a.head_dim, a.rep)
+            g_scores = group_score(pair(a.q), pair(a.k), pair(a.v), pair(a.o), a.head_dim, a.rep)
             n_scores = S.taylor_mlp_channels(pair(m.gate) if m.gate is not None else None, pair(m.up), pair(m.down))
             block_params = sum(p.numel() for p in layer.parameters())
             r = per_block / block_params
@@ -260,7 +275,8 @@ def run_llm_pruner(model, adapter, acts, input_ids, cfg, budget, show=True) -> d
             p.requires_grad_(False)
         model.train(was_training)
     return {"removed_layers": [], "blocks": blocks, "taylor": {"nsamples": n, "seqlen": t, "loss": loss,
-                                                               "blocks": [start, end]}}
+                                                               "blocks": [start, end],
+                                                               "gqa_score": cfg.extra.get("gqa_score", "group")}}
 
 
 run_llm_pruner.needs_gradients = True
