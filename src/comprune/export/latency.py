@@ -108,7 +108,8 @@ def latency_table(src, qtype: str = "f16", threads: int | None = None, show: boo
     if path.is_file() and not refresh:
         return json.loads(path.read_text())
     L, W = int(cfg["num_hidden_layers"]), int(cfg["intermediate_size"])
-    if not all(f"model.layers.0.mlp.{p}_proj.weight" in open_safetensors(src) for p in ("gate", "up", "down")):
+    names = open_safetensors(src)
+    if not all(f"model.layers.0.mlp.{p}_proj.weight" in names for p in ("gate", "up", "down")):
         raise CompruneError("--target-speedup models Llama-style MLPs (gate/up/down projections): give --ratio "
                             "for this family")
     q = lambda w: max(32, int(round(w / 32)) * 32)  # noqa: E731  (kernel-friendly widths)

@@ -392,12 +392,11 @@ def _neuron_counts(levels: dict, gone: list[int], costs: dict, plan: Plan, n_lay
     for i in live:
         counts[i] = levels[i] * step
     diff = plan.exact - int(round(len(gone) * plan.block_neurons)) - sum(counts)
-    marginal = lambda i, d: costs[i][min(top, levels[i] + d)] - costs[i][levels[i]]  # noqa: E731
     while diff > 0:
         cand = [i for i in live if counts[i] < top * step]
         if not cand:
             break
-        j = min(cand, key=lambda i: marginal(i, 1))
+        j = min(cand, key=lambda i: costs[i][min(top, levels[i] + 1)] - costs[i][levels[i]])
         add = min(diff, top * step - counts[j], step)
         counts[j] += add
         diff -= add
