@@ -61,6 +61,9 @@ class PruneConfig:
     search_filter: int = 2             # windows of the cheap stages: error curves, and offspring before the survivors
     search_layers: bool = False        # the search may also remove whole blocks (one more level per block)
     head_share: float = 0.0            # fraction of the non-layer budget taken from attention (0: MLPs only)
+    # mixture-of-experts models: fraction of the MLP budget taken by whole experts (the rest: neurons inside the
+    # kept experts). A fill-in: no real MoE model is available offline to choose it on validation data
+    expert_share: float = 0.5
     head_unit: str = "query"           # what attention loses: "query" heads (as many per KV group) or whole "kv" groups
     # Stage 3 (mask tuning)
     mask_tuning: bool = True
@@ -75,7 +78,7 @@ class PruneConfig:
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "PruneConfig":
-        for name in ("ratio", "layer_share", "damp", "ridge", "head_share", "target_mix"):
+        for name in ("ratio", "layer_share", "damp", "ridge", "head_share", "target_mix", "expert_share"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise CompruneError(f"{name} must be a finite number (got {value}): "
@@ -102,6 +105,8 @@ class PruneConfig:
         if self.head_share and self.method != "comp":
             raise CompruneError(f"--head-share is COMP's option; {self.method} plans its own budget: drop it or "
                                 "use --method comp")
+        if not 0 <= self.expert_share <= 1:
+            raise CompruneError(f"expert_share must be in [0, 1] (got {self.expert_share})")
         if self.token_weight not in ("none", "output"):
             raise CompruneError(f"unknown token weight '{self.token_weight}': use none or output")
         if self.head_unit not in ("query", "kv"):

@@ -18,8 +18,9 @@ from .loading import count_params
 from .memory import peak_rss_mb
 from .methods import METHODS
 from .methods.common import budget_base, plan_budget
+from .methods.experts import check_moe_config
 from .models import get_adapter
-from .surgery import drop_layers, finalize_config
+from .surgery import drop_layers, finalize_config, mlp_width
 from .version import __version__
 from .walk import capture
 
@@ -69,17 +70,21 @@ RATIO_TOLERANCE = 0.005
 
 
 def _check_round_to(model, adapter, cfg):
-    widths = [adapter.mlp(layer).down.in_features for layer in adapter.layers(model)]
+    widths = [mlp_width(adapter, layer) for layer in adapter.layers(model)]
     if widths and cfg.round_to > min(widths):
         raise CompruneError(f"--round-to {cfg.round_to} is larger than the MLP widths ({min(widths)}): use a "
                             "small multiple such as 8, 32 or 64")
 
 
 def _check_ratio(report, cfg, details):
-    """A result that misses the requested ratio by more than 0.5 % is an error, unless the method says why
-    (a `ratio_note` in its details, e.g. layer-drop's one-block granularity)."""
+    """A result that misses the requested ratio by more than 0.5 % (or half the plan's coarsest width step, e.g.
+    8 neurons of every expert) is an error, unless the method says why (a `ratio_note` in its details, e.g.
+    layer-drop's one-block granularity)."""
     miss = report.ratio_achieved - report.ratio_requested
-    if abs(miss) <= RATIO_TOLERANCE or details.get("ratio_note"):
+    # what the ratio is a fraction of (all parameters or the blocks'), from the plan
+    base = report.budget.get("params_to_remove", 0) / report.ratio_requested
+    half_step = report.budget.get("quantum_params", 0) / 2 / max(base, 1)  # a plan's coarsest width step
+    if abs(miss) <= max(RATIO_TOLERANCE, half_step * 1.01) or details.get("ratio_note"):
         return
     hint = (f"--round-to {cfg.round_to} makes MLP widths multiples of {cfg.round_to}: use a smaller one"
             if cfg.round_to > 1 else "change --layer-share or --ratio")
@@ -146,6 +151,8 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
     device = resolve_device(cfg.device)
     cfg.device = str(device)
     t0 = time.perf_counter()
+    if getattr(adapter, "moe", False) and cfg.method == "comp":
+        check_moe_config(cfg)
     if calibration is None:
         calibration = get_calibration(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
     if calibration.seqlen <= 1:

@@ -39,6 +39,7 @@ from .loading import EMBEDDED, embedded_cached_dir, source_dtype
 from .memory import lean_allocator, peak_rss_mb, release_memory
 from .methods import METHODS
 from .models import get_adapter
+from .models.adapters import ADAPTERS
 from .models import lite as lite_models
 from .models.adapters import base_model_type
 from .outputs import sibling
@@ -134,6 +135,10 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     check_target(out_dir, force)
     cfg.device = pick_device(cfg.device)
     source_config = read_config(model_dir)
+    if getattr(ADAPTERS.get(str(source_config.get("model_type", "")).removeprefix("comprune_")), "moe", False):
+        raise CompruneError(f"{source_config['model_type']} is a mixture-of-experts model, whose checkpoints store "
+                            "one tensor per expert that transformers stacks on load: --stream does not read them "
+                            "yet; drop --stream (the in-memory prune handles it)")
     dtype, choice = resolve_precision(dtype, resolve_device(cfg.device), source_config)
     shards = ShardIndex(model_dir)
     lean_allocator()

@@ -70,7 +70,39 @@ def prune_mlp(adapter, layer, keep: torch.Tensor, scales: torch.Tensor | None = 
 
 
 def mlp_width(adapter, layer) -> int:
+    if getattr(adapter, "moe", False):
+        return adapter.experts(layer).width
     return adapter.mlp(layer).down.in_features
+
+
+@torch.no_grad()
+def prune_experts(adapter, layer, keep: torch.Tensor):
+    """Keep experts `keep` (sorted indices) of a mixture-of-experts layer, and their router rows."""
+    lst, router = adapter.experts(layer), adapter.router(layer)
+    idx = keep.tolist()
+    top_k = int(getattr(router, "top_k", 1))
+    if len(idx) < top_k:
+        raise CompruneError(f"a layer would keep {len(idx)} experts but routes every token to {top_k}: "
+                            "lower --ratio or --expert-share")
+    lst.experts = nn.ModuleList([lst.experts[i] for i in idx])
+    _set_param(router, "weight", router.weight[keep.to(router.weight.device)].clone())
+    router.num_experts = len(idx)
+    if hasattr(router, "bias") and isinstance(router.bias, torch.Tensor):  # routers with a per-expert bias
+        _set_param(router, "bias", router.bias[keep.to(router.bias.device)].clone())
+
+
+@torch.no_grad()
+def prune_expert_neurons(adapter, layer, keep: list[torch.Tensor], downs: list[torch.Tensor | None]):
+    """Keep neurons keep[e] of every expert e (one width for all), with its refitted down_proj where given."""
+    lst = adapter.experts(layer)
+    if len({int(k.numel()) for k in keep}) > 1:
+        raise ValueError("prune_expert_neurons: every expert of a layer keeps the same number of neurons")
+    for ex, idx, new in zip(lst.experts, keep, downs):
+        slice_rows(ex.gate_proj, idx)
+        slice_rows(ex.up_proj, idx)
+        slice_cols(ex.down_proj, idx)
+        if new is not None:
+            ex.down_proj.weight.copy_(new.to(ex.down_proj.weight.dtype))
 
 
 @dataclass(frozen=True)
@@ -282,6 +314,15 @@ def finalize_config(model, adapter) -> list[int]:
                            *HEAD_KEYS)}
     if widths:
         fields[wkey] = max(widths) if len(set(widths)) > 1 else widths[0]
+    experts_changed = False
+    if getattr(adapter, "moe", False):
+        counts = [adapter.experts(layer).num_experts for layer in layers]
+        if len(set(widths)) > 1 or len(set(counts)) > 1 or not heads_uniform:
+            raise CompruneError(f"{base_type}'s config holds one expert count, expert width and head count for all "
+                                "layers: every block must keep the same (uniform widths and heads)")
+        if counts:  # under the field's own name (Qwen3-MoE maps num_experts to num_local_experts)
+            fields[getattr(cfg, "attribute_map", {}).get(adapter.expert_key, adapter.expert_key)] = counts[0]
+            experts_changed = getattr(cfg, adapter.expert_key) != counts[0]
     has_kv = hasattr(cfg, "num_key_value_heads")
     if heads:
         # uniform: the layers' geometry; otherwise the largest layer's, each layer's own counts in the lists
@@ -293,7 +334,8 @@ def finalize_config(model, adapter) -> list[int]:
     uniform = len(set(widths)) <= 1 and heads_uniform and \
         stock_config_accepts(base_type, int(cfg.hidden_size), int(fields.get("num_attention_heads", 1)))
     if uniform:
-        if cfg.model_type != base_type or (widths and getattr(cfg, wkey) != widths[0]) or heads_changed:
+        if cfg.model_type != base_type or (widths and getattr(cfg, wkey) != widths[0]) or heads_changed \
+                or experts_changed:
             new_cfg = AutoConfig.for_model(base_type, **fields)
             _replace_config(model, new_cfg)
             _become(model, lambda: _stock_class(new_cfg))

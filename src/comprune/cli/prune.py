@@ -24,6 +24,7 @@ _FIELDS = {"ratio": "ratio", "method": "method", "nsamples": "nsamples", "seqlen
            "seed": "seed", "calib_batch_size": "batch_size", "metric": "metric", "layer_score": "layer_score",
            "round_to": "round_to", "damp": "damp", "ridge": "ridge", "recovery": "recovery",
            "width_allocation": "width_allocation", "head_share": "head_share", "head_unit": "head_unit",
+           "expert_share": "expert_share",
            "layer_share": "layer_share", "target_mix": "target_mix", "token_weight": "token_weight",
            "search_generations": "search_generations", "search_time": "search_time",
            "search_nsamples": "search_nsamples", "ratio_of": "ratio_of", "search_layers": "search_layers"}
@@ -144,6 +145,9 @@ def add_command(sub):
     p.add_argument("--head-share", type=float, default=None,
                    help="COMP: fraction of the non-layer budget taken from attention (query heads, as many from every "
                         "KV group, o_proj refitted; or whole KV groups with --head-unit kv); 0 = MLP neurons only")
+    p.add_argument("--expert-share", type=float, default=None,
+                   help=f"mixture-of-experts models: fraction of the MLP budget taken by whole experts, the rest by "
+                        f"neurons inside the kept experts (default {d.expert_share})")
     p.add_argument("--head-unit", default=None, choices=["query", "kv"], help=f"default {d.head_unit}")
     p.add_argument("--target-mix", type=float, default=None,
                    help="least squares' target: 0 = the dense block on the pruned inputs (default), 1 = the dense "

@@ -31,7 +31,8 @@ from safetensors import safe_open
 from ..errors import CompruneError, require
 from ..files import check_safetensors, check_tensors_match, read_config
 from ..outputs import check_output, guard_output, sibling
-from .gguf_arch import ARCHS, add_family_hparams, check_family_config, pick_arch, rope_dims, spec_for, transform
+from .gguf_arch import (ARCHS, MOE_NAMES, MOE_WIDTH, add_family_hparams, check_family_config, expert_count, pick_arch,
+                        rope_dims, spec_for, transform)
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,9 @@ def model_family(cfg: dict) -> str:
 def ffn_widths(cfg: dict, tensors: dict) -> list[int]:
     """Per-layer MLP widths: `intermediate_sizes` (pruned, non-uniform) or the one `intermediate_size`."""
     n_layers = int(cfg["num_hidden_layers"])
+    family = model_family(cfg)
+    if ARCHS[family].moe:
+        return _expert_widths(family, cfg, tensors, n_layers)
     widths = [int(w) for w in cfg.get("intermediate_sizes") or [cfg["intermediate_size"]] * n_layers]
     require(len(widths) == n_layers, f"config has {len(widths)} intermediate_sizes for {n_layers} layers")
     fused = ARCHS[model_family(cfg)].fused_mlp
@@ -127,6 +131,18 @@ def ffn_widths(cfg: dict, tensors: dict) -> list[int]:
         rows = tensors[name].shape[0] // (2 if fused else 1)
         require(rows == w, f"layer {i}: config says MLP width {w} but {name} has {rows} rows")
     return widths
+
+
+def _expert_widths(family: str, cfg: dict, tensors: dict, n_layers: int) -> list[int]:
+    """One expert width for all layers (the MoE configs have one), checked against every expert's tensors."""
+    width, n_exp = int(cfg[MOE_WIDTH[family]]), expert_count(family, cfg)
+    gate, _, _, router = MOE_NAMES[family]
+    for i in range(n_layers):
+        key = f"model.layers.{i}.{router}.weight"
+        require(key in tensors, f"tensor {key} missing from the safetensors files")
+        require(tensors[key].shape[0] == n_exp, f"layer {i}: config says {n_exp} experts but {key} has "
+                                                f"{tensors[key].shape[0]} rows")
+    return [width] * n_layers
 
 
 def padded_width(width: int, qtype: str) -> int:
@@ -169,7 +185,16 @@ def expected_shapes(cfg: dict, widths: list[int]) -> dict:
             out.update({p + "self_attn.q_proj.weight": (nh * hd, hidden), p + "self_attn.q_proj.bias": (nh * hd,),
                         p + "self_attn.k_proj.weight": (nkv * hd, hidden), p + "self_attn.k_proj.bias": (nkv * hd,),
                         p + "self_attn.v_proj.weight": (nkv * hd, hidden), p + "self_attn.v_proj.bias": (nkv * hd,)})
-        if spec.fused_mlp:
+        if spec.moe:
+            gate, up, down, router = MOE_NAMES[model_family(cfg)]
+            n_exp = expert_count(model_family(cfg), cfg)
+            out[p + f"{router}.weight"] = (n_exp, hidden)
+            for e in range(n_exp):
+                out.update({p + f"{gate.format(e=e)}.weight": (w, hidden), p + f"{up.format(e=e)}.weight": (w, hidden),
+                            p + f"{down.format(e=e)}.weight": (hidden, w)})
+            for k in [k for k in out if k.startswith(p + "mlp.down_proj")]:
+                del out[k]
+        elif spec.fused_mlp:
             out[p + "mlp.gate_up_proj.weight"] = (2 * w, hidden)
         else:
             out.update({p + "mlp.gate_proj.weight": (w, hidden), p + "mlp.gate_proj.bias": (w,),
@@ -215,6 +240,8 @@ def add_hparams(writer, cfg: dict, arch: str, widths: list[int], qtype: str) -> 
         writer.add_feed_forward_length(widths[0])
         writer.add_head_count(n_head)
         writer.add_head_count_kv(n_kv)
+    if ARCHS[model_family(cfg)].moe:
+        writer.add_expert_feed_forward_length(widths[0])
     writer.add_key_length(head_dim(cfg))
     writer.add_value_length(head_dim(cfg))
     family = model_family(cfg)
@@ -318,6 +345,20 @@ def gguf_tensors(tensors: dict, cfg: dict, arch: str, widths: list[int]):
                 elif permute and hf == "self_attn.k_proj":
                     data = permute_qk(data, n_kv)
                 yield f"blk.{i}.{name}.{kind}", data
+        if spec.moe:
+            yield from _expert_tensors(tensors, cfg, family, i, width)
+
+
+def _expert_tensors(tensors: dict, cfg: dict, family: str, i: int, width: int):
+    """A layer's router (ffn_gate_inp) and its experts stacked as llama.cpp's ffn_{gate,up,down}_exps."""
+    gate, up, down, router = MOE_NAMES[family]
+    p = f"model.layers.{i}."
+    yield f"blk.{i}.ffn_gate_inp.weight", tensors[p + f"{router}.weight"].load()
+    n_exp = expert_count(family, cfg)
+    for hf, name, kind in ((gate, "ffn_gate_exps", "mlp.gate_proj"), (up, "ffn_up_exps", "mlp.up_proj"),
+                           (down, "ffn_down_exps", "mlp.down_proj")):
+        yield f"blk.{i}.{name}.weight", torch.stack(
+            [_pad_mlp(tensors[p + f"{hf.format(e=e)}.weight"].load(), kind, "weight", width) for e in range(n_exp)])
 
 
 def _pad_mlp(data: torch.Tensor, hf: str, kind: str, width: int) -> torch.Tensor:

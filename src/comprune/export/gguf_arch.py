@@ -35,6 +35,8 @@ class ArchSpec:
     fused_mlp: bool = False         # Phi-3: gate_up_proj is written fused as ffn_up
     extra_norms: tuple = field(default=())  # per-layer norms beyond the Llama pair
     output_required: bool = False   # llama.cpp reads output.weight even when tied (written as a copy)
+    moe: bool = False               # experts (MOE_NAMES) instead of one MLP
+    expert_norm: bool | None = None  # llama.cpp's fixed renormalisation of the top-k weights (None: the config's)
 
 
 ARCHS = {
@@ -57,7 +59,29 @@ ARCHS = {
                               "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"},
                      permute_qk=False, fused_mlp=True),
 }
+_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+ARCHS.update({
+    "qwen3_moe": ArchSpec("qwen3moe", {**_NORMS, **ATTN, **QK_NORM}, permute_qk=False, qk_norm="head", moe=True,
+                          expert_norm=True),
+    "mixtral": ArchSpec("llama", {**_NORMS, **ATTN}, moe=True, expert_norm=True),
+    "olmoe": ArchSpec("olmoe", {**_NORMS, **ATTN, **QK_NORM}, permute_qk=False, qk_norm="full", moe=True,
+                      expert_norm=False),
+})
+# Where each MoE family's saved checkpoint keeps an expert's projections and the router (after "model.layers.N."):
+# transformers 5 stacks them into 3-D tensors on load and writes them back per expert
+MOE_NAMES = {
+    "qwen3_moe": ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj", "mlp.gate"),
+    "olmoe": ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj", "mlp.gate"),
+    "mixtral": ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3", "block_sparse_moe.experts.{e}.w2",
+                "block_sparse_moe.gate"),
+}
+EXPERT_KEYS = {"mixtral": ("num_local_experts", "intermediate_size")}  # others: num_experts, the width_key below
+MOE_WIDTH = {"qwen3_moe": "moe_intermediate_size", "olmoe": "intermediate_size", "mixtral": "intermediate_size"}
 NO_ARCH = {"opt": "llama.cpp has no OPT architecture"}
+
+
+def expert_count(family: str, cfg: dict) -> int:
+    return int(cfg.get(EXPERT_KEYS.get(family, ("num_experts",))[0]) or cfg.get("num_local_experts") or 0)
 
 
 def spec_for(family: str) -> ArchSpec:
@@ -96,6 +120,16 @@ def check_family_config(family: str, cfg: dict) -> None:
                                 "keep the safetensors, or prune without removing whole layers")
     if family == "phi3" and (cfg.get("rope_parameters") or {}).get("rope_type") not in (None, "default"):
         raise CompruneError("GGUF export of Phi-3 supports the default RoPE only (no longrope factors yet)")
+    spec = ARCHS.get(family)
+    if spec is not None and spec.moe and family != "mixtral" and spec.expert_norm is not None \
+            and bool(cfg.get("norm_topk_prob", False)) != spec.expert_norm:
+        raise CompruneError(f"GGUF export: llama.cpp's {spec.arch} {'always' if spec.expert_norm else 'never'} "
+                            f"renormalises the top-k expert weights, but this model has norm_topk_prob="
+                            f"{cfg.get('norm_topk_prob')}: keep the safetensors")
+    if family == "olmoe" and int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]) != \
+            int(cfg["num_attention_heads"]):
+        raise CompruneError("GGUF export: llama.cpp's olmoe arch sizes k_norm by the hidden size, i.e. as many KV heads "
+                            "as query heads (OLMoE's own layout), which this model does not have: keep the safetensors")
     if family == "gemma2":
         pattern = [t == "sliding_attention" for t in cfg.get("layer_types") or []]
         if pattern and pattern != [i % 2 == 0 for i in range(n)]:
@@ -146,6 +180,9 @@ def add_family_hparams(writer, family: str, cfg: dict) -> None:
         writer.add_logit_scale(float(cfg.get("logits_scaling", 1.0)))
     if family == "phi3" and cfg.get("sliding_window"):
         writer.add_sliding_window(int(cfg["sliding_window"]))
+    if ARCHS[family].moe:
+        writer.add_expert_count(expert_count(family, cfg))
+        writer.add_expert_used_count(int(cfg["num_experts_per_tok"]))
 
 
 def is_norm(hf: str) -> bool:

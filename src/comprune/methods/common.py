@@ -9,7 +9,7 @@ import torch
 from ..errors import CompruneError
 from ..evaluate.perplexity import family_logits, chunked_nll
 from ..loading import count_params
-from ..surgery import attention_heads, attention_parts, check_head_pruning
+from ..surgery import attention_heads, attention_parts, check_head_pruning, mlp_width
 from ..walk import Activations, BlockInfluence, forward_block, progress, resident
 
 
@@ -26,6 +26,9 @@ class Budget:
     params_per_kv_group: int = 0
     query_heads_per_group: int = 0  # COMP's head option, query unit: query heads removed from every KV group
     params_per_query_head: int = 0
+    experts_per_layer: int = 0      # mixture-of-experts: experts removed per kept block (neurons_per_layer is then
+    params_per_expert: int = 0      # the count removed from every kept expert)
+    quantum_params: int = 0         # parameters of the smallest width step the plan can take (0: one neuron per block)
 
     def to_dict(self):
         return dict(self.__dict__)
@@ -91,7 +94,7 @@ def plan_budget(model, adapter, cfg, layer_share: float | None = None) -> Budget
                             f"(first {cfg.protect_first} and last {cfg.protect_last} are protected): "
                             "lower --ratio or --layer-share")
     _check_reachable(model, adapter, cfg, target)
-    per = params_per_neuron(adapter, layers[0])
+    per = params_per_neuron(adapter, layers[0]) if not getattr(adapter, "moe", False) else 0
     rest = target - k * block
     kept = L - k
     groups, group_params, qheads, qhead_params = 0, 0, 0, 0
@@ -111,6 +114,9 @@ def plan_budget(model, adapter, cfg, layer_share: float | None = None) -> Budget
             raise CompruneError(f"--head-share {cfg.head_share} asks for {qheads} of the {attn.rep} query heads of every "
                                 "KV group: each group must keep one; lower --head-share")
         rest -= qheads * attn.n_kv * kept * qhead_params
+    if getattr(adapter, "moe", False):
+        return _moe_budget(adapter, layers, cfg, rest, kept, Budget(total, int(round(target)), L, block, k, 0, 0, groups,
+                                                                    group_params, qheads, qhead_params))
     n = int(round(rest / per / kept)) if kept else 0
     widths = [adapter.mlp(layer).down.in_features for layer in layers]
     if n > min(widths) - cfg.min_width:
@@ -118,6 +124,34 @@ def plan_budget(model, adapter, cfg, layer_share: float | None = None) -> Budget
                             f"{min(widths)}: raise --layer-share (remove whole layers) or lower --ratio"
                             + _embedding_hint(model, adapter, cfg))
     return Budget(total, int(round(target)), L, block, k, n, per, groups, group_params, qheads, qhead_params)
+
+
+MOE_WIDTH_MULTIPLE = 8
+
+
+def _moe_budget(adapter, layers, cfg, rest: float, kept: int, budget: Budget) -> Budget:
+    """The MLP part of the budget on mixture-of-experts blocks: expert_share of it by whole experts (with their
+    router rows), the rest by as many neurons from every kept expert, the same in every kept block."""
+    lst, router = adapter.experts(layers[0]), adapter.router(layers[0])
+    n_exp, width, top_k = lst.num_experts, lst.width, int(getattr(router, "top_k", 1))
+    ex = lst.experts[0]
+    per_neuron = ex.gate_proj.in_features + ex.up_proj.in_features + ex.down_proj.out_features
+    per_expert = sum(p.numel() for p in ex.parameters()) + router.weight.shape[1]
+    e = int(round(cfg.expert_share * rest / kept / per_expert)) if kept else 0
+    if e > n_exp - top_k:
+        raise CompruneError(f"the budget asks to remove {e} of {n_exp} experts per block but every token is routed "
+                            f"to {top_k}: lower --ratio or --expert-share")
+    rest -= e * kept * per_expert
+    # transformers' grouped experts kernel needs 16-byte row strides: expert widths stay multiples of 8
+    q = math.lcm(MOE_WIDTH_MULTIPLE, cfg.round_to)
+    n = width - q * int(round((width - rest / kept / ((n_exp - e) * per_neuron)) / q)) if kept else 0
+    if n > width - max(cfg.min_width, 1):
+        raise CompruneError(f"ratio {cfg.ratio} needs {n} of the {width} neurons of every expert removed: raise "
+                            "--expert-share (remove whole experts) or --layer-share, or lower --ratio")
+    budget.neurons_per_layer, budget.params_per_neuron = n, (n_exp - e) * per_neuron
+    budget.experts_per_layer, budget.params_per_expert = e, per_expert
+    budget.quantum_params = q * (n_exp - e) * per_neuron * kept
+    return budget
 
 
 def kept_width(width: int, n_remove: int, round_to: int, min_width: int = 0) -> int:
@@ -206,7 +240,8 @@ def plan_layers_only(model, adapter, cfg) -> Budget:
         raise CompruneError(f"ratio {cfg.ratio} needs {k} of {L} layers removed but only {max(removable, 0)} may go "
                             f"(first {cfg.protect_first} and last {cfg.protect_last} are protected): lower --ratio"
                             + _embedding_hint(model, adapter, cfg))
-    return Budget(total, int(round(target)), L, block, k, 0, params_per_neuron(adapter, layers[0]))
+    per = 0 if getattr(adapter, "moe", False) else params_per_neuron(adapter, layers[0])
+    return Budget(total, int(round(target)), L, block, k, 0, per)
 
 
 def keep_lowest_removed(score: torch.Tensor, n_remove: int) -> torch.Tensor:
@@ -220,7 +255,7 @@ def keep_lowest_removed(score: torch.Tensor, n_remove: int) -> torch.Tensor:
 
 def full_record(adapter, layer) -> dict:
     """Per-block record of an untouched block."""
-    width = adapter.mlp(layer).down.in_features
+    width = mlp_width(adapter, layer)
     h, kv = attention_heads(adapter, layer)
     return {"width": width, "kept_neurons": list(range(width)), "heads": h, "kv_heads": kv,
             "kept_kv_heads": list(range(kv))}

@@ -29,6 +29,7 @@ from ..surgery import as_index, attention_parts, prune_heads, prune_mlp, prune_q
 from ..walk import (block_output, batch_shape, capture, collect_stats, forward_block, new_buffer, progress,
                     resident, spilling)
 from .attention import prune_block_heads, prune_block_query_heads
+from .experts import check_moe_config, prune_block_moe, replay_moe
 from .search import search_allocation
 from .common import choose_layers, kept_width, layer_scores_bi, layer_scores_loss
 
@@ -243,6 +244,9 @@ def replay(adapter, layers, records: dict, checkpoint):
         if "kept_query_heads" in rec:
             prune_query_heads(adapter, layers[i], torch.tensor(rec["kept_query_heads"], dtype=torch.long),
                               saved.get("o"))
+        if getattr(adapter, "moe", False):
+            replay_moe(adapter, layers[i], rec, saved)
+            continue
         scales = torch.tensor(rec["scales"], dtype=torch.float64) if "scales" in rec else None
         prune_mlp(adapter, layers[i], torch.tensor(rec["kept_neurons"], dtype=torch.long), scales)
         if "down" in saved:
@@ -296,6 +300,9 @@ def _target(layers, i, acts, dense, span, cfg):
 
 def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None, fitness_ids=None) -> dict:
     layers = adapter.layers(model)
+    moe = getattr(adapter, "moe", False)
+    if moe:
+        check_moe_config(cfg)
     n_batches = len(acts.hidden)
     uses_dense = cfg.target_mix > 0
     template = type(acts)(_joined(acts.hidden, acts.hidden), acts.kwargs) if uses_dense else acts
@@ -349,7 +356,7 @@ def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None
             end = i + 1 + (len(span) if cfg.layer_compensation else 0)
             dense = _advance(layers, range(dense_next, end), dense, cfg.device)
             dense_next = end
-        width = adapter.mlp(layer).down.in_features
+        width = adapter.experts(layer).width if moe else adapter.mlp(layer).down.in_features
         n = budget.neurons_per_layer if allocation is None else allocation[i]
         n_remove = width - kept_width(width, n, cfg.round_to, cfg.min_width)
         with resident(layer, cfg.device):
@@ -360,9 +367,13 @@ def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None
                 head_rec = prune_block_query_heads(layer, adapter, acts, budget.query_heads_per_group, cfg)
         target = _target(layers, i, acts, dense, span, cfg)
         with resident(layer, cfg.device):
-            rec, acts = prune_block_mlp(layer, adapter, acts, n_remove, cfg, target=target)
+            if moe:
+                rec, acts = prune_block_moe(layer, adapter, acts, budget.experts_per_layer, n_remove, cfg)
+            else:
+                rec, acts = prune_block_mlp(layer, adapter, acts, n_remove, cfg, target=target)
             if checkpoint is not None and cfg.recovery == "least-squares":  # while the block is resident
-                tensors = {"down": adapter.mlp(layer).down.weight}
+                tensors = ({f"down.{e}": ex.down_proj.weight for e, ex in enumerate(adapter.experts(layer).experts)}
+                           if moe else {"down": adapter.mlp(layer).down.weight})
                 if "kept_query_heads" in head_rec or ("kept_kv_heads" in head_rec and "head_scales" not in head_rec):
                     tensors["o"] = attention_parts(adapter, layer).o.weight
                 checkpoint.save_block_tensors(i, tensors)

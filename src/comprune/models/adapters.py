@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from ..errors import CompruneError
+from . import experts as E
 from .fused import SplitLinear, fuse, split
 
 
@@ -34,6 +35,7 @@ class LlamaAdapter:
     # Trained with <bos> first in every sequence (Gemma): without it the first text token becomes the attention
     # sink and every statistic and perplexity describes a model off its distribution
     needs_bos = False
+    moe = False                       # mixture-of-experts MLPs (MoEAdapter)
 
     def head_pruning_refusal(self, config) -> str | None:
         """Why attention heads of this model cannot be pruned (None: they can)."""
@@ -225,6 +227,71 @@ class OPTAdapter(LlamaAdapter):
         return layer.activation_fn
 
 
+class MoEAdapter(LlamaAdapter):
+    """Mixture-of-experts families with transformers 5's 3-D expert tensors under `mlp.experts` and a top-k router
+    `mlp.gate` (Qwen3-MoE, Mixtral, OLMoE). While pruning, each layer's experts are an ExpertList of small
+    gated MLPs (models/experts.py), stacked back into the 3-D layout after. The config holds one expert count
+    and one expert width for all layers, so both stay uniform across layers."""
+    moe = True
+    expert_key = "num_experts"        # the config field of the expert count
+    width_key = "moe_intermediate_size"
+
+    def check_supported(self, model) -> None:
+        dense = [i for i, layer in enumerate(self.layers(model)) if not self.is_moe_layer(layer)]
+        if dense:
+            raise CompruneError(f"this {self.family} model mixes dense MLP layers ({dense}) with expert layers, "
+                                "which comprune does not prune yet: only models whose every block is "
+                                "mixture-of-experts are supported")
+
+    def is_moe_layer(self, layer) -> bool:
+        return hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")
+
+    def experts(self, layer) -> E.ExpertList:
+        ex = layer.mlp.experts
+        if not isinstance(ex, E.ExpertList):
+            raise CompruneError(f"{self.family}'s experts are still 3-D tensors: call adapter.prepare(model) first")
+        return ex
+
+    def router(self, layer) -> nn.Module:
+        return layer.mlp.gate
+
+    def mlp(self, layer) -> MLPParts:
+        raise CompruneError(f"{self.family} has mixture-of-experts MLPs, which --method comp (experts, then "
+                            "neurons inside them) and layer-drop prune: the other baselines prune one dense MLP "
+                            "per block")
+
+    def prepare(self, model) -> None:
+        self.check_supported(model)
+        for layer in self.layers(model):
+            if not isinstance(layer.mlp.experts, E.ExpertList):
+                layer.mlp.experts = E.split(layer.mlp.experts)
+
+    def restore(self, model) -> None:
+        for layer in self.layers(model):
+            if isinstance(layer.mlp.experts, E.ExpertList):
+                layer.mlp.experts = E.stack(layer.mlp.experts)
+
+
+class Qwen3MoeAdapter(MoEAdapter):
+    family = "qwen3_moe"
+
+
+class MixtralAdapter(MoEAdapter):
+    family = "mixtral"
+    expert_key = "num_local_experts"
+    width_key = "intermediate_size"
+
+
+class OlmoeAdapter(MoEAdapter):
+    """OLMoE: q_norm/k_norm over the whole projection, as in OLMo 2."""
+    family = "olmoe"
+    width_key = "intermediate_size"
+
+    def head_pruning_refusal(self, config) -> str | None:
+        return ("OLMoE's q_norm/k_norm normalise over all heads together, so removing a head changes the others: "
+                "prune layers, experts and their neurons only (--head-share 0)")
+
+
 class _Pair(nn.Module):
     def __init__(self, fc1, fc2):
         super().__init__()
@@ -241,7 +308,8 @@ class _Chain(nn.Sequential):
 
 ADAPTERS = {"llama": LlamaAdapter, "mistral": MistralAdapter, "qwen2": Qwen2Adapter, "qwen3": Qwen3Adapter,
             "smollm3": SmolLM3Adapter, "gemma3_text": GemmaAdapter, "gemma2": Gemma2Adapter,
-            "granite": GraniteAdapter, "olmo2": Olmo2Adapter, "phi3": Phi3Adapter, "opt": OPTAdapter}
+            "granite": GraniteAdapter, "olmo2": Olmo2Adapter, "phi3": Phi3Adapter, "opt": OPTAdapter,
+            "qwen3_moe": Qwen3MoeAdapter, "mixtral": MixtralAdapter, "olmoe": OlmoeAdapter}
 
 
 def base_model_type(config) -> str:
