@@ -156,7 +156,7 @@ def test_an_expert_that_contributes_nothing_goes_first():
 
 
 @pytest.mark.parametrize("cfg, needle", [
-    (dict(method="wanda-sp"), "mixture-of-experts"),
+    (dict(method="flap"), "mixture-of-experts"),
     (dict(width_allocation="search"), "not implemented for mixture-of-experts"),
     (dict(expert_share=1.0, ratio=0.8), "experts per block"),
 ])
@@ -164,6 +164,28 @@ def test_moe_refusals_name_the_problem(cfg, needle):
     with pytest.raises(CompruneError, match=needle):
         prune(tiny_moe("mixtral", layers=3), None, PruneConfig(**{"ratio": 0.3, "batch_size": 4, **cfg}),
               calibration=calib(8, 24), progress=False)
+
+
+@pytest.mark.parametrize("method", ["wanda-sp", "magnitude"])
+def test_neuron_baselines_prune_inside_every_expert_equal_to_masked_dense(method, tmp_path):
+    """The neuron baselines keep every expert and remove as many neurons from each (no whole experts)."""
+    dense = tiny_moe("qwen3_moe", layers=3)
+    model, report = prune(copy.deepcopy(dense), None, PruneConfig(ratio=0.2, ratio_of="blocks", method=method,
+                                                                  batch_size=4), calibration=calib(8, 24), progress=False)
+    assert report.budget["experts_per_layer"] == 0 and model.config.num_experts == 6
+    width = 128 - report.budget["neurons_per_layer"]
+    assert report.mlp_widths == [width] * 3 and width < 128
+    ref = copy.deepcopy(dense)
+    hooks = _masked_reference(ref, copy.deepcopy(model), report)
+    try:
+        expect = _logits(ref)
+    finally:
+        for h in hooks:
+            h.remove()
+    got = _logits(model)
+    assert torch.allclose(got, expect, atol=1e-4, rtol=0), (got - expect).abs().max()
+    save_pretrained(model, None, tmp_path / "m", report)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()), got)
 
 
 def test_layer_drop_prunes_moe_blocks(tmp_path):

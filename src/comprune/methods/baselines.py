@@ -21,8 +21,8 @@ import torch
 
 from .. import scores as S
 from ..errors import CompruneError
-from ..surgery import (add_bias, as_index, attention_parts, enable_biases, kv_group_channels, prune_heads,
-                       prune_mlp, supports_biases)
+from ..surgery import (add_bias, as_index, attention_parts, enable_biases, kv_group_channels, prune_expert_neurons,
+                       prune_heads, prune_mlp, supports_biases)
 from ..walk import collect_stats, forward_block, model_device, progress, resident
 from .common import (choose_layers, full_record, keep_lowest_removed, kept_width, layer_scores_bi, params_per_neuron,
                      plan_layers_only, plan_neurons_only)
@@ -53,10 +53,53 @@ def _uniform_n_remove(adapter, layer, budget, cfg) -> int:
     return width - kept_width(width, budget.neurons_per_layer, cfg.round_to, max(cfg.min_width, 1))
 
 
+def _expert_n_remove(adapter, layer, budget) -> int:
+    return budget.neurons_per_layer  # _moe_budget keeps expert widths multiples of 8 already
+
+
+def _prune_experts_by(adapter, layer, n_remove: int, score_of) -> dict:
+    """Every expert of a mixture-of-experts block loses its n_remove lowest-scoring neurons (score_of(e, expert))."""
+    lst = adapter.experts(layer)
+    kept = [as_index(keep_lowest_removed(score_of(e, ex), n_remove)) for e, ex in enumerate(lst.experts)]
+    prune_expert_neurons(adapter, layer, kept, [None] * len(kept))
+    return {"width": lst.width, "kept_neurons": [k.tolist() for k in kept]}
+
+
+class _RoutedSqnorm:
+    """Σ over the tokens routed to each expert of its down_proj inputs squared (Wanda's ‖X_j‖²)."""
+
+    def __init__(self, n):
+        self.sq = [None] * n
+
+    def __call__(self, e, x, a, w, y):
+        s = (a.double() ** 2).sum(0)
+        self.sq[e] = s if self.sq[e] is None else self.sq[e] + s
+
+
+def _wanda_sp_moe(layer, adapter, acts, n_remove: int) -> dict:
+    lst = adapter.experts(layer)
+    st = _RoutedSqnorm(lst.num_experts)
+    lst.observers.append(st)
+    try:
+        forward_block(layer, acts, keep=False)
+    finally:
+        lst.observers.remove(st)
+    zero = torch.zeros(lst.width, dtype=torch.float64)
+    return _prune_experts_by(adapter, layer, n_remove, lambda e, ex: S.wanda_sp_scores(
+        ex.down_proj.weight.detach(), st.sq[e] if st.sq[e] is not None else zero))
+
+
 def run_wanda_sp(model, adapter, acts, input_ids, cfg, budget, show=True) -> dict:
-    """Sequential: stats of block l come from the already-pruned blocks before it (Wanda's loop)."""
+    """Sequential: stats of block l come from the already-pruned blocks before it (Wanda's loop). On
+    mixture-of-experts blocks, the same score per expert on the tokens routed to it."""
     blocks = {}
     for i, layer in enumerate(progress(adapter.layers(model), "wanda-sp", show)):
+        if getattr(adapter, "moe", False):
+            with resident(layer, cfg.device):
+                rec = _wanda_sp_moe(layer, adapter, acts, _expert_n_remove(adapter, layer, budget))
+                acts = forward_block(layer, acts, consume=True)
+            blocks[i] = _record(adapter, layer, **rec)
+            continue
         with resident(layer, cfg.device):
             parts = adapter.mlp(layer)
             stats, _ = collect_stats(layer, acts, {"down": parts.down}, forward=True, keep_outputs=False)
@@ -73,6 +116,11 @@ def run_magnitude(model, adapter, acts, input_ids, cfg, budget, show=True) -> di
     """Data-free: the calibration pass is not used."""
     blocks = {}
     for i, layer in enumerate(progress(adapter.layers(model), "magnitude", show)):
+        if getattr(adapter, "moe", False):
+            blocks[i] = _record(adapter, layer, **_prune_experts_by(
+                adapter, layer, _expert_n_remove(adapter, layer, budget), lambda e, ex: S.magnitude_scores(
+                    ex.up_proj.weight.detach(), ex.down_proj.weight.detach().T, ex.gate_proj.weight.detach())))
+            continue
         parts = adapter.mlp(layer)
         rows = [parts.up.weight, parts.down.weight.T] + ([parts.gate.weight] if parts.gate is not None else [])
         score = S.magnitude_scores(*[w.detach() for w in rows])

@@ -75,7 +75,7 @@ def _check_reachable(model, adapter, cfg, target: float):
                             + _embedding_hint(model, adapter, cfg))
 
 
-def plan_budget(model, adapter, cfg, layer_share: float | None = None) -> Budget:
+def plan_budget(model, adapter, cfg, layer_share: float | None = None, expert_share: float | None = None) -> Budget:
     """Split `ratio` of all (or the blocks') parameters between whole blocks (floor of layer_share) and MLP
     neurons (the rest), so the achieved ratio lands within one neuron per layer (or one width quantum) of the
     request."""
@@ -115,7 +115,8 @@ def plan_budget(model, adapter, cfg, layer_share: float | None = None) -> Budget
                                 "KV group: each group must keep one; lower --head-share")
         rest -= qheads * attn.n_kv * kept * qhead_params
     if getattr(adapter, "moe", False):
-        return _moe_budget(adapter, layers, cfg, rest, kept, Budget(total, int(round(target)), L, block, k, 0, 0, groups,
+        share_e = cfg.expert_share if expert_share is None else expert_share
+        return _moe_budget(adapter, layers, cfg, share_e, rest, kept, Budget(total, int(round(target)), L, block, k, 0, 0, groups,
                                                                     group_params, qheads, qhead_params))
     n = int(round(rest / per / kept)) if kept else 0
     widths = [adapter.mlp(layer).down.in_features for layer in layers]
@@ -129,7 +130,7 @@ def plan_budget(model, adapter, cfg, layer_share: float | None = None) -> Budget
 MOE_WIDTH_MULTIPLE = 8
 
 
-def _moe_budget(adapter, layers, cfg, rest: float, kept: int, budget: Budget) -> Budget:
+def _moe_budget(adapter, layers, cfg, expert_share: float, rest: float, kept: int, budget: Budget) -> Budget:
     """The MLP part of the budget on mixture-of-experts blocks: expert_share of it by whole experts (with their
     router rows), the rest by as many neurons from every kept expert, the same in every kept block."""
     lst, router = adapter.experts(layers[0]), adapter.router(layers[0])
@@ -137,7 +138,7 @@ def _moe_budget(adapter, layers, cfg, rest: float, kept: int, budget: Budget) ->
     ex = lst.experts[0]
     per_neuron = ex.gate_proj.in_features + ex.up_proj.in_features + ex.down_proj.out_features
     per_expert = sum(p.numel() for p in ex.parameters()) + router.weight.shape[1]
-    e = int(round(cfg.expert_share * rest / kept / per_expert)) if kept else 0
+    e = int(round(expert_share * rest / kept / per_expert)) if kept else 0
     if e > n_exp - top_k:
         raise CompruneError(f"the budget asks to remove {e} of {n_exp} experts per block but every token is routed "
                             f"to {top_k}: lower --ratio or --expert-share")
@@ -222,8 +223,9 @@ def choose_layers(scores: list[float], k: int, protect_first: int, protect_last:
 
 
 def plan_neurons_only(model, adapter, cfg) -> Budget:
-    """Budget of the neuron-only baselines (wanda-sp, magnitude, flap, llm-pruner): no whole layers."""
-    return plan_budget(model, adapter, cfg, layer_share=0.0)
+    """Budget of the neuron-only baselines (wanda-sp, magnitude, flap, llm-pruner): no whole layers (and on
+    mixture-of-experts blocks no whole experts: neurons inside every expert)."""
+    return plan_budget(model, adapter, cfg, layer_share=0.0, expert_share=0.0)
 
 
 def plan_layers_only(model, adapter, cfg) -> Budget:
