@@ -2,6 +2,7 @@
 import os
 
 import pytest
+import torch
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # the point of the module: nothing may be fetched
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -123,3 +124,47 @@ def test_hellaswag_rows_rebuild_the_stock_query(tmp_path):
     assert ours["query"] == stock["query"] and ours["choices"] == stock["choices"]
     assert ours["query"][0] == "Roof shingle removal: A man is sitting on a roof. He"
     assert [int(x) for x in ours["label"]] == [3, 0]
+
+
+def _token_requests(seed=0, vocab=256):
+    """Multiple-choice style requests: several contexts, each with 2-4 continuations of 1-6 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    reqs = []
+    for c in range(6):
+        ctx = torch.randint(3, vocab, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
+        for j in range(2 + c % 3):
+            cont = torch.randint(3, vocab, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist()
+            reqs.append(((f"c{c}", f"k{j}"), ctx, cont))
+    return reqs
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3", "per-layer"])
+def test_packed_runner_gives_lm_evals_loglikelihoods(model_and_tok, family):
+    """Each context's choices in one masked sequence: lm_eval's own per-request numbers and greedy flags, with
+    the context's tokens run once (Qwen3's q/k norms and a comprune per-layer model included; Gemma's sliding
+    window shorter than the rows falls back to lm_eval's loop)."""
+    import lm_eval.models.huggingface as hf
+    from comprune.evaluate.packed import loglikelihoods
+    from comprune.evaluate.zeroshot import packed_lm_class
+    from conftest import tiny_model
+    _, tok = model_and_tok
+    if family == "per-layer":
+        from comprune import PruneConfig, prune
+        from conftest import calib
+        model, _ = prune(tiny_model("llama", layers=4), None, PruneConfig(ratio=0.3, width_allocation="adaptive",
+                                                                          batch_size=4), calibration=calib(8, 24),
+                         progress=False)
+        assert "intermediate_sizes" in model.config.to_dict()
+    else:
+        model = tiny_model(family, **({"vocab": 256} if family != "gemma3_text" else {}))
+    reqs = _token_requests()
+    plain = hf.HFLM(pretrained=model, tokenizer=tok, backend="causal", batch_size=4)
+    want = plain._loglikelihood_tokens(reqs, disable_tqdm=True)
+    got = packed_lm_class(hf.HFLM)(pretrained=model, tokenizer=tok, backend="causal",
+                                   batch_size=4)._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert [g for _, g in got] == [g for _, g in want]
+    assert max(abs(a - b) for (a, _), (b, _) in zip(got, want)) < 1e-4
+    direct = loglikelihoods(model, [(c, k) for _, c, k in reqs], max_length=plain.max_length, progress=False)
+    # the tiny Gemma's sliding window (8) is shorter than its packed rows: lm_eval's loop, not the packed path
+    assert (direct is None) == (family == "gemma3_text")
+    assert loglikelihoods(model, [(c, k) for _, c, k in reqs], max_length=8) is None  # truncation: lm_eval's loop
