@@ -190,7 +190,7 @@ class Comparison:
             r = evaluate_zeroshot(model, tok, [task], subset=subset, data_dir=self.data_dir,
                                   batch_size=self.zeroshot_batch_size, progress=self.show, cache_key=cache_key,
                                   cache_dir=self.zeroshot_cache_dir, per_example=True)
-            res["tasks"][task] = {**r["tasks"][task], "seconds": r["seconds"], "runner": r["runner"]}
+            res["tasks"][task] = {**r["tasks"][task], "seconds": r["seconds"], "runner": r.get("runner")}
             res.update({k: v for k, v in r.items() if k in ("harness_version", "subset", "subset_rule", "limit")})
             res["seconds"] = round(sum(t.get("seconds", 0) for t in res["tasks"].values()), 1)
             res["average"] = paper_average(res["tasks"])
