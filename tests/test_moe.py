@@ -79,6 +79,17 @@ def _masked_reference(dense, pruned, report):
     return hooks
 
 
+def _masked_logits(dense, pruned, report):
+    """Logits of (copies of) the dense model under _masked_reference."""
+    ref = copy.deepcopy(dense)
+    hooks = _masked_reference(ref, copy.deepcopy(pruned), report)
+    try:
+        return _logits(ref)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @pytest.fixture(params=MOE_FAMILIES)
 def moe_family(request):
     return request.param
@@ -124,13 +135,7 @@ def test_comp_removes_experts_and_neurons_equal_to_masked_dense_and_reloads(moe_
         assert len(rec["kept_experts"]) == 5 and all(len(k) == width for k in rec["kept_neurons"])
         assert rec["rel_error_tuned"] <= rec["rel_error_pruned"]  # the refit never loses to plain removal
     got = _logits(model)
-    ref = copy.deepcopy(dense)
-    hooks = _masked_reference(ref, copy.deepcopy(model), report)
-    try:
-        expect = _logits(ref)
-    finally:
-        for h in hooks:
-            h.remove()
+    expect = _masked_logits(dense, model, report)
     assert torch.allclose(got, expect, atol=1e-4, rtol=0), (got - expect).abs().max()
     save_pretrained(model, None, tmp_path / "m", report)
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
@@ -175,14 +180,8 @@ def test_neuron_baselines_prune_inside_every_expert_equal_to_masked_dense(method
     assert report.budget["experts_per_layer"] == 0 and model.config.num_experts == 6
     width = 128 - report.budget["neurons_per_layer"]
     assert report.mlp_widths == [width] * 3 and width < 128
-    ref = copy.deepcopy(dense)
-    hooks = _masked_reference(ref, copy.deepcopy(model), report)
-    try:
-        expect = _logits(ref)
-    finally:
-        for h in hooks:
-            h.remove()
     got = _logits(model)
+    expect = _masked_logits(dense, model, report)
     assert torch.allclose(got, expect, atol=1e-4, rtol=0), (got - expect).abs().max()
     save_pretrained(model, None, tmp_path / "m", report)
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()), got)

@@ -53,10 +53,6 @@ def _uniform_n_remove(adapter, layer, budget, cfg) -> int:
     return width - kept_width(width, budget.neurons_per_layer, cfg.round_to, max(cfg.min_width, 1))
 
 
-def _expert_n_remove(adapter, layer, budget) -> int:
-    return budget.neurons_per_layer  # _moe_budget keeps expert widths multiples of 8 already
-
-
 def _prune_experts_by(adapter, layer, n_remove: int, score_of) -> dict:
     """Every expert of a mixture-of-experts block loses its n_remove lowest-scoring neurons (score_of(e, expert))."""
     lst = adapter.experts(layer)
@@ -78,12 +74,8 @@ class _RoutedSqnorm:
 
 def _wanda_sp_moe(layer, adapter, acts, n_remove: int) -> dict:
     lst = adapter.experts(layer)
-    st = _RoutedSqnorm(lst.num_experts)
-    lst.observers.append(st)
-    try:
+    with lst.observing(_RoutedSqnorm(lst.num_experts)) as st:
         forward_block(layer, acts, keep=False)
-    finally:
-        lst.observers.remove(st)
     zero = torch.zeros(lst.width, dtype=torch.float64)
     return _prune_experts_by(adapter, layer, n_remove, lambda e, ex: S.wanda_sp_scores(
         ex.down_proj.weight.detach(), st.sq[e] if st.sq[e] is not None else zero))
@@ -96,7 +88,7 @@ def run_wanda_sp(model, adapter, acts, input_ids, cfg, budget, show=True) -> dic
     for i, layer in enumerate(progress(adapter.layers(model), "wanda-sp", show)):
         if getattr(adapter, "moe", False):
             with resident(layer, cfg.device):
-                rec = _wanda_sp_moe(layer, adapter, acts, _expert_n_remove(adapter, layer, budget))
+                rec = _wanda_sp_moe(layer, adapter, acts, budget.neurons_per_layer)
                 acts = forward_block(layer, acts, consume=True)
             blocks[i] = _record(adapter, layer, **rec)
             continue
@@ -118,7 +110,7 @@ def run_magnitude(model, adapter, acts, input_ids, cfg, budget, show=True) -> di
     for i, layer in enumerate(progress(adapter.layers(model), "magnitude", show)):
         if getattr(adapter, "moe", False):
             blocks[i] = _record(adapter, layer, **_prune_experts_by(
-                adapter, layer, _expert_n_remove(adapter, layer, budget), lambda e, ex: S.magnitude_scores(
+                adapter, layer, budget.neurons_per_layer, lambda e, ex: S.magnitude_scores(
                     ex.up_proj.weight.detach(), ex.down_proj.weight.detach().T, ex.gate_proj.weight.detach())))
             continue
         parts = adapter.mlp(layer)

@@ -10,14 +10,13 @@
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from .. import compensate as LS
 from ..errors import CompruneError
 from ..surgery import prune_expert_neurons, prune_experts
 from ..walk import forward_block
+from .common import keep_lowest_removed
 
 
 def check_moe_config(cfg):
@@ -45,18 +44,10 @@ class _ExpertStats:
             self.G[e] = g.double() if self.G[e] is None else self.G[e].add_(g)
 
 
-@contextmanager
-def _observing(experts, stats):
-    experts.observers.append(stats)
-    try:
-        yield stats
-    finally:
-        experts.observers.remove(stats)
-
-
 def expert_scores(layer, adapter, acts) -> tuple[torch.Tensor, torch.Tensor]:
     """Per expert: Σ_t w_te ‖E_e(x_t)‖ over the calibration tokens routed to it, and how many tokens were."""
-    with _observing(adapter.experts(layer), _ExpertStats(adapter.experts(layer).num_experts, gram=False)) as st:
+    lst = adapter.experts(layer)
+    with lst.observing(_ExpertStats(lst.num_experts, gram=False)) as st:
         forward_block(layer, acts, keep=False)
     return st.score, st.tokens
 
@@ -75,16 +66,14 @@ def prune_block_moe(layer, adapter, acts, n_experts: int, n_neurons: int, cfg):
     lst = adapter.experts(layer)
     rec["width"] = lst.width
     if n_neurons > 0:
-        with _observing(lst, _ExpertStats(lst.num_experts, gram=True)) as st:
+        with lst.observing(_ExpertStats(lst.num_experts, gram=True)) as st:
             forward_block(layer, acts, keep=False)
         kept, downs, errors = [], [], []
         for e, ex in enumerate(lst.experts):
             W = ex.down_proj.weight.detach()
             G = st.G[e]
             if G is None:  # no calibration token chose it: nothing to fit; keep its strongest columns
-                keep = torch.ones(W.shape[1], dtype=torch.bool)
-                keep[torch.topk(W.double().norm(dim=0), n_neurons, largest=False).indices] = False
-                kept.append(keep.nonzero().flatten())
+                kept.append(keep_lowest_removed(W.double().norm(dim=0), n_neurons).nonzero().flatten())
                 downs.append(None)
                 errors.append(None)
                 continue
@@ -92,7 +81,7 @@ def prune_block_moe(layer, adapter, acts, n_experts: int, n_neurons: int, cfg):
             keep = LS.obs_select(G, C, n_neurons, cfg.damp, cfg.chunk)
             idx = keep.nonzero().flatten()
             new = LS.refit(G, C, idx, cfg.damp) if cfg.recovery == "least-squares" and cfg.mask_tuning else None
-            t_energy = float((W.double() @ G.double() * W.double()).sum())  # ‖dense expert output‖² over its tokens
+            t_energy = float((C.T * W.double()).sum())  # tr(W G Wᵀ): ‖dense expert output‖² over its tokens
             before = LS.residual(G, C, t_energy, idx, W.double()[:, idx])
             after = LS.residual(G, C, t_energy, idx, new) if new is not None else before
             errors.append((before / max(t_energy, 1e-30), after / max(t_energy, 1e-30)))

@@ -9,6 +9,8 @@ checkpoints and llama.cpp hold.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 
@@ -30,6 +32,15 @@ class ExpertList(nn.Module):
         self.act_fn = act_fn
         self.observers: list = []
         object.__setattr__(self, "template", template)  # the family's module, refilled by `stack`; not a child
+
+    @contextmanager
+    def observing(self, observer):
+        """`observer` sees every routed expert's tokens while the block runs inside this context."""
+        self.observers.append(observer)
+        try:
+            yield observer
+        finally:
+            self.observers.remove(observer)
 
     @property
     def num_experts(self) -> int:
