@@ -32,6 +32,9 @@ BASE = dict(ratio=0.2)
 SPEC = {"metric": "condition", "recovery": "scales", "target_mix": 0.0, "layer_compensation": False, "token_weight": "none",
         "head_share": 0.0, "nsamples": 128, "seqlen": 128, "layer_share": 0.25, "damp": 0.01}
 LSOBS = {"recovery": "least-squares", "metric": "obs"}
+# Today's default written out (OBS + least squares + token weights, no block removed), so its rows stay what they
+# measured when a default moves again.
+DEFAULT = SPEC | LSOBS | {"token_weight": "output", "layer_share": 0.0}
 # (name, group, overrides) in priority order: the defaults first, so an interrupted run has the key rows.
 CONFIGS = [
     ("dense", "reference", None),
@@ -76,6 +79,12 @@ CONFIGS = [
     ("obs-tokw-mix-0.5", "token-weight", SPEC | LSOBS | {"token_weight": "output", "target_mix": 0.5}),
     ("obs-tokw-heads-0.1", "token-weight", SPEC | LSOBS | {"token_weight": "output", "head_share": 0.1}),
     ("obs-tokw-layer-share-0", "token-weight", SPEC | LSOBS | {"token_weight": "output", "layer_share": 0.0}),
+    # Issue 13's knobs on the current default: query heads, damping, dense-trajectory mix, compensated block removal.
+    ("def-heads-0.1", "heads", DEFAULT | {"head_share": 0.1, "head_unit": "query"}),
+    ("def-layer-comp", "layers", DEFAULT | {"layer_share": 0.25, "layer_compensation": True}),
+    ("def-damp-0.1", "damp", DEFAULT | {"damp": 0.1}),
+    ("def-mix-0.5", "target", DEFAULT | {"target_mix": 0.5}),
+    ("def-damp-0.001", "damp", DEFAULT | {"damp": 0.001}),
     ("search-dp", "search", SPEC | LSOBS | {"token_weight": "output", "width_allocation": "search"}),
     ("search-evo-40", "search", SPEC | LSOBS | {"token_weight": "output", "width_allocation": "search",
                                                 "search_generations": 40}),
