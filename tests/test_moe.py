@@ -161,7 +161,7 @@ def test_an_expert_that_contributes_nothing_goes_first():
 
 
 @pytest.mark.parametrize("cfg, needle", [
-    (dict(method="flap"), "mixture-of-experts"),
+    (dict(method="llm-pruner"), "mixture-of-experts"),
     (dict(width_allocation="search"), "not implemented for mixture-of-experts"),
     (dict(expert_share=1.0, ratio=0.8), "experts per block"),
 ])
@@ -171,7 +171,7 @@ def test_moe_refusals_name_the_problem(cfg, needle):
               calibration=calib(8, 24), progress=False)
 
 
-@pytest.mark.parametrize("method", ["wanda-sp", "magnitude"])
+@pytest.mark.parametrize("method", ["wanda-sp", "magnitude", "flap"])
 def test_neuron_baselines_prune_inside_every_expert_equal_to_masked_dense(method, tmp_path):
     """The neuron baselines keep every expert and remove as many neurons from each (no whole experts)."""
     dense = tiny_moe("qwen3_moe", layers=3)

@@ -61,20 +61,29 @@ def _prune_experts_by(adapter, layer, n_remove: int, score_of) -> dict:
     return {"width": lst.width, "kept_neurons": [k.tolist() for k in kept]}
 
 
-class _RoutedSqnorm:
-    """Σ over the tokens routed to each expert of its down_proj inputs squared (Wanda's ‖X_j‖²)."""
+class _RoutedMoments:
+    """Per expert, over the tokens routed to it: the count, Σ and Σ² of its down_proj inputs (Wanda's ‖X_j‖²,
+    FLAP's variance)."""
 
     def __init__(self, n):
-        self.sq = [None] * n
+        self.count, self.sum, self.sq = [0] * n, [None] * n, [None] * n
 
     def __call__(self, e, x, a, w, y):
-        s = (a.double() ** 2).sum(0)
-        self.sq[e] = s if self.sq[e] is None else self.sq[e] + s
+        a = a.double()
+        self.count[e] += a.shape[0]
+        self.sum[e] = a.sum(0) if self.sum[e] is None else self.sum[e] + a.sum(0)
+        self.sq[e] = (a ** 2).sum(0) if self.sq[e] is None else self.sq[e] + (a ** 2).sum(0)
+
+    def var(self, e: int, width: int) -> torch.Tensor:
+        if not self.count[e]:
+            return torch.zeros(width, dtype=torch.float64)
+        mean = self.sum[e] / self.count[e]
+        return (self.sq[e] / self.count[e] - mean ** 2).clamp_min(0)
 
 
 def _wanda_sp_moe(layer, adapter, acts, n_remove: int) -> dict:
     lst = adapter.experts(layer)
-    with lst.observing(_RoutedSqnorm(lst.num_experts)) as st:
+    with lst.observing(_RoutedMoments(lst.num_experts)) as st:
         forward_block(layer, acts, keep=False)
     zero = torch.zeros(lst.width, dtype=torch.float64)
     return _prune_experts_by(adapter, layer, n_remove, lambda e, ex: S.wanda_sp_scores(
@@ -160,7 +169,29 @@ def flap_select(units: list[tuple[float, int, int, str, int]], target: float, n_
     return {(u[2], u[3], u[4]) for u in chosen[:best_len]}
 
 
+def _run_flap_moe(model, adapter, acts, cfg, budget, show=True) -> dict:
+    """FLAP's uniform structure (its UL-UM option) on mixture-of-experts blocks: the config holds one expert
+    width for every block, so each expert loses as many channels, the lowest fluctuation Var(X_j)·‖W_:,j‖² on
+    the tokens routed to it, from a dense pass. No bias compensation: an expert's removed-channel mean is
+    routing-weighted per token, which no bias of the shared output can hold. Attention is kept (one head
+    count per config too)."""
+    blocks = {}
+    for i, layer in enumerate(progress(adapter.layers(model), "FLAP (experts)", show)):
+        with resident(layer, cfg.device):
+            lst = adapter.experts(layer)
+            with lst.observing(_RoutedMoments(lst.num_experts)) as st:
+                acts = forward_block(layer, acts, consume=True)
+            rec = _prune_experts_by(adapter, layer, budget.neurons_per_layer, lambda e, ex: S.fluctuation_scores(
+                ex.down_proj.weight.detach(), st.var(e, ex.down_proj.in_features)))
+        blocks[i] = _record(adapter, layer, **rec, bias_compensation=False)
+    return {"removed_layers": [], "blocks": blocks, "bias_compensation": False, "structure": "UL-UM",
+            "note": "mixture-of-experts: uniform widths (one expert width per config), no bias compensation "
+                    "(experts have no bias), attention kept"}
+
+
 def run_flap(model, adapter, acts, input_ids, cfg, budget, show=True) -> dict:
+    if getattr(adapter, "moe", False):
+        return _run_flap_moe(model, adapter, acts, cfg, budget, show)
     layers = adapter.layers(model)
     per_layer = []
     # 1. one dense pass: mean and variance of the inputs of o_proj and down_proj in every block

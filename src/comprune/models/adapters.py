@@ -257,8 +257,8 @@ class MoEAdapter(LlamaAdapter):
 
     def mlp(self, layer) -> MLPParts:
         raise CompruneError(f"{self.family} has mixture-of-experts MLPs, which --method comp (experts, then "
-                            "neurons inside them), wanda-sp, magnitude and layer-drop prune: flap and llm-pruner "
-                            "prune one dense MLP per block")
+                            "neurons inside them), wanda-sp, magnitude, flap and layer-drop prune: llm-pruner "
+                            "prunes one dense MLP per block")
 
     def prepare(self, model) -> None:
         self.check_supported(model)
