@@ -91,13 +91,14 @@ class BlockStream:
         if self.staged is not None:
             tensors = {k.removeprefix(self.prefix): v for k, v in read_tensors(self.staged, None, None, device).items()}
         else:
-            missing = [k for k in want if self.prefix + k not in self.run.shards]
+            disk = {self.run.disk_name(self.prefix + k): k for k in want}
+            missing = [n for n in disk if n not in self.run.shards]
             if missing:
-                raise CompruneError(f"{self.prefix + missing[0]} is not in the shards of {self.run.shards.dir}: the "
+                raise CompruneError(f"{missing[0]} is not in the shards of {self.run.shards.dir}: the "
                                     "checkpoint does not match config.json, or the method changed the block outside "
                                     "walk.resident (then it cannot stream)")
-            src = self.run.shards.read([self.prefix + k for k in want], self.run.dtype, device)
-            tensors = {k.removeprefix(self.prefix): v for k, v in src.items()}
+            src = self.run.shards.read(list(disk), self.run.dtype, device)
+            tensors = {disk[n]: v for n, v in src.items()}
         if set(tensors) != set(want):
             raise CompruneError(f"block {self.index}: its tensors on disk do not match the model's modules "
                                 f"({sorted(set(tensors) ^ set(want))[:3]}...)")
@@ -195,6 +196,7 @@ class TensorStream:
 class StreamRun:
     def __init__(self, shards: ShardIndex, dtype: torch.dtype, partial: Path):
         self.shards, self.dtype, self.partial = shards, dtype, partial
+        self.disk_name = lambda name: name  # the checkpoint's name of a state-dict entry (adapter.disk_name)
         self.stats = {"block_loads": 0, "block_writes": 0, "read_seconds": 0.0, "write_seconds": 0.0}
 
 

@@ -39,7 +39,6 @@ from .loading import EMBEDDED, embedded_cached_dir, source_dtype
 from .memory import lean_allocator, peak_rss_mb, release_memory
 from .methods import METHODS
 from .models import get_adapter
-from .models.adapters import ADAPTERS
 from .models import lite as lite_models
 from .models.adapters import base_model_type
 from .outputs import sibling
@@ -135,10 +134,6 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     check_target(out_dir, force)
     cfg.device = pick_device(cfg.device)
     source_config = read_config(model_dir)
-    if getattr(ADAPTERS.get(str(source_config.get("model_type", "")).removeprefix("comprune_")), "moe", False):
-        raise CompruneError(f"{source_config['model_type']} is a mixture-of-experts model, whose checkpoints store "
-                            "one tensor per expert that transformers stacks on load: --stream does not read them "
-                            "yet; drop --stream (the in-memory prune handles it)")
     dtype, choice = resolve_precision(dtype, resolve_device(cfg.device), source_config)
     shards = ShardIndex(model_dir)
     lean_allocator()
@@ -163,12 +158,15 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     model.comprune_precision = {**choice.to_dict(), "source_dtype": source_dtype(str(model_dir), source_config, dtype)}
     out_dtype = resolve_save_dtype(model, save_dtype)  # the skeleton's (meta) parameters carry the compute dtype
     run = StreamRun(shards, dtype, partial)
+    if adapter.moe:  # one module per expert, as the checkpoint stores them (the walk keeps them so)
+        adapter.prepare(model)
+        run.disk_name = adapter.disk_name
     run.stats["modules"] = "comprune-lite" if isinstance(model, lite_models.CausalLM) else "transformers"
     head = model.get_output_embeddings()
     tied = {module_prefix(model, head) + "weight"} \
         if head is not None and getattr(model.config, "tie_word_embeddings", False) else set()
-    check_tensors_match({k: tuple(v.shape) for k, v in model.state_dict().items()}, shards.shapes, model_dir,
-                        optional=tied)
+    check_tensors_match({run.disk_name(k): tuple(v.shape) for k, v in model.state_dict().items()}, shards.shapes,
+                        model_dir, optional=tied)
     layers_prefix = load_resident_tensors(model, adapter, shards, dtype, run)
     layers = attach_block_streams(model, adapter, run, finished_blocks(ckpt_dir) if resume else 0)
     _check_fits(model, layers, calibration, cfg, dtype)
@@ -178,6 +176,8 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     model, report = _walk(model, tokenizer, cfg, calibration, progress, base_model or str(model_dir), ckpt_dir,
                           resume, out_dir, _source_digest(model_dir, shards))
     run.stats["peak_rss_mb_walk"] = peak_rss_mb()
+    if adapter.moe:
+        adapter.prepare(model)  # prune() stacked the (meta) experts again; the staged blocks hold them split
     run.stats["transformers_modeling_imported"] = "transformers.modeling_utils" in sys.modules
 
     # ---- write the output into the partial directory, then publish it atomically
@@ -280,10 +280,10 @@ def _write_block(model, layer, path: Path, shards: ShardIndex, dtype, method: st
     """One kept block under its new name: its staged file renamed in place, or copied from the source shards.
     Returns the tensor names written."""
     stream: BlockStream = getattr(layer, STREAM_ATTR)
-    new_prefix = module_prefix(model, layer)
-    want = {new_prefix + k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    new_prefix, disk = module_prefix(model, layer), stream.run.disk_name
+    want = {disk(new_prefix + k): tuple(v.shape) for k, v in layer.state_dict().items()}
     if stream.staged is not None and _staged_dtype(stream.staged) != dtype:  # computed in another precision
-        tensors = {new_prefix + k.removeprefix(stream.prefix): v.to(dtype) if v.is_floating_point() else v
+        tensors = {disk(new_prefix + k.removeprefix(stream.prefix)): v.to(dtype) if v.is_floating_point() else v
                    for k, v in read_tensors(stream.staged).items()}
         got = {k: tuple(v.shape) for k, v in tensors.items()}
         save_tensors(tensors, path)
@@ -291,13 +291,13 @@ def _write_block(model, layer, path: Path, shards: ShardIndex, dtype, method: st
         stream.staged = None
         del tensors
     elif stream.staged is not None:
-        header = rename_tensors(stream.staged, path, lambda k: new_prefix + k.removeprefix(stream.prefix))
+        header = rename_tensors(stream.staged, path, lambda k: disk(new_prefix + k.removeprefix(stream.prefix)))
         stream.staged = None
         got = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     else:
         with torch.inference_mode(False):
-            src = shards.read([stream.prefix + k for k in layer.state_dict()], dtype)
-        tensors = {new_prefix + k.removeprefix(stream.prefix): v for k, v in src.items()}
+            src = shards.read([disk(stream.prefix + k) for k in layer.state_dict()], dtype)
+        tensors = {disk(new_prefix + k): src[disk(stream.prefix + k)] for k in layer.state_dict()}
         got = {k: tuple(v.shape) for k, v in tensors.items()}
         save_tensors(tensors, path)
         del src, tensors

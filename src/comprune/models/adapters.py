@@ -7,6 +7,7 @@ config lists that follow the blocks when some are removed, and whether (and why 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -40,6 +41,10 @@ class LlamaAdapter:
     def head_pruning_refusal(self, config) -> str | None:
         """Why attention heads of this model cannot be pruned (None: they can)."""
         return None
+
+    def disk_name(self, name: str) -> str:
+        """The checkpoint's name of a state-dict entry of the prepared model (what --stream reads and writes)."""
+        return name
 
     def decoder(self, model) -> nn.Module:
         return model.model
@@ -243,6 +248,15 @@ class MoEAdapter(LlamaAdapter):
                                 "which comprune does not prune yet: only models whose every block is "
                                 "mixture-of-experts are supported")
 
+    # Checkpoints keep one tensor per expert (transformers stacks them on load and splits them on save), the
+    # layout of an ExpertList but for its extra `experts.` level.
+    disk_renames: tuple = ((re.compile(r"\.mlp\.experts\.experts\.(\d+)\."), r".mlp.experts.\1."),)
+
+    def disk_name(self, name: str) -> str:
+        for pattern, repl in self.disk_renames:
+            name = pattern.sub(repl, name)
+        return name
+
     def is_moe_layer(self, layer) -> bool:
         return hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")
 
@@ -280,6 +294,10 @@ class MixtralAdapter(MoEAdapter):
     family = "mixtral"
     expert_key = "num_local_experts"
     width_key = "intermediate_size"
+    disk_renames = tuple((re.compile(rf"\.mlp\.experts\.experts\.(\d+)\.{part}_proj\."),
+                          rf".block_sparse_moe.experts.\1.{w}.") for part, w in (("gate", "w1"), ("up", "w3"),
+                                                                              ("down", "w2"))) + \
+        ((re.compile(r"\.mlp\.gate\."), ".block_sparse_moe.gate."),)
 
 
 class OlmoeAdapter(MoEAdapter):
