@@ -85,6 +85,9 @@ CONFIGS = [
     ("def-damp-0.1", "damp", DEFAULT | {"damp": 0.1}),
     ("def-mix-0.5", "target", DEFAULT | {"target_mix": 0.5}),
     ("def-damp-0.001", "damp", DEFAULT | {"damp": 0.001}),
+    # twice the calibration tokens, as longer windows or as more of them (the 5-minute budget allows ~2x)
+    ("def-calib-128x256", "calibration", DEFAULT | {"nsamples": 128, "seqlen": 256}),
+    ("def-calib-256x128", "calibration", DEFAULT | {"nsamples": 256, "seqlen": 128}),
     ("search-dp", "search", SPEC | LSOBS | {"token_weight": "output", "width_allocation": "search"}),
     ("search-evo-40", "search", SPEC | LSOBS | {"token_weight": "output", "width_allocation": "search",
                                                 "search_generations": 40}),
