@@ -56,6 +56,7 @@ CONFIGS = [
     ("nsamples-512", "nsamples", SPEC | {"nsamples": 512}),
     ("metric-activation-ls", "metric", SPEC | {"metric": "activation", "recovery": "least-squares"}),
     ("baseline-wanda-sp", "baseline", SPEC | {"method": "wanda-sp"}),   # the strongest baseline at 20 %, same harness
+    ("baseline-flap", "baseline", SPEC | {"method": "flap"}),   # the best seven-task subset average at 20 % (comparison)
     ("width-adaptive", "width", SPEC | {"width_allocation": "adaptive"}),
     ("metric-activation-adaptive", "width", SPEC | {"metric": "activation", "width_allocation": "adaptive"}),
     ("head-share-0.3", "heads", SPEC | {"head_share": 0.3, "head_unit": "kv"}),   # one of SmolLM2's 3 KV groups per kept block
@@ -103,7 +104,12 @@ CONFIGS = [
 ]
 EVAL_SETS = {"wikitext2": ("comp_ablation", "WikiText-2 test"),
              "wikitext2-validation": ("comp_ablation_validation", "WikiText-2 validation (held out)"),
-             "c4-validation": ("comp_ablation_c4_validation", "C4 held-out documents (never calibrated on)")}
+             "c4-validation": ("comp_ablation_c4_validation", "C4 held-out documents (never calibrated on)"),
+             "zeroshot-heldout": ("comp_ablation_zeroshot_heldout",
+                                  "the seven zero-shot tasks, 200 held-out examples per task (none of them in the "
+                                  "comparison's reported subset)")}
+ZEROSHOT_N = 200
+REFERENCE = "obs-tokw-layer-share-0"  # today's default: the zero-shot table's paired differences are against it
 
 
 def results_dir(eval_set: str) -> Path:
@@ -145,7 +151,14 @@ def run_one(name: str, tokens: int, threads: int, eval_sets=("wikitext2",)):
             bi_file.write_text(json.dumps(rep.layer_scores))
     for eval_set in eval_sets:
         out_row = dict(row)
-        for seqlen in (128, 2048):
+        if eval_set == "zeroshot-heldout":
+            from comprune.evaluate.zeroshot import evaluate_zeroshot
+            z = evaluate_zeroshot(model, tok, "paper7", subset=ZEROSHOT_N, heldout=True, per_example=True,
+                                  progress=False)
+            out_row.update(zeroshot_average=z["average"], zeroshot_seconds=z["seconds"], subset_rule=z["subset_rule"],
+                           zeroshot={t: {k: v[k] for k in ("metric", "acc", "acc_norm", "n", "doc_ids", "correct")}
+                                     for t, v in z["tasks"].items()})
+        for seqlen in (128, 2048) if eval_set != "zeroshot-heldout" else ():
             r = comprune.perplexity(model, tok, eval_set, seqlen=seqlen, max_tokens=tokens, progress=False)
             out_row[f"ppl@{seqlen}"] = r["ppl"]
             out_row[f"eval_tokens_per_s@{seqlen}"] = r["tokens_per_second"]
@@ -179,7 +192,35 @@ def fmt(v, nd=2):
     return f"{v:.{nd}f}" if isinstance(v, float) else ("" if v is None else str(v))
 
 
+def write_zeroshot_table(only=None):
+    """The held-out seven-task rows: average and per task (%), and each row's paired difference to the first."""
+    from comprune.evaluate.significance import compare_runs  # the paired test of docs/comparison.md
+    rows = [(n, g, json.loads((results_dir("zeroshot-heldout") / f"{n}.json").read_text()))
+            for n, g, _ in CONFIGS if (not only or n in only) and (results_dir("zeroshot-heldout") / f"{n}.json").exists()]
+    tasks = sorted({t for _, _, r in rows for t in r["zeroshot"]})
+    lines = ["# COMP ablations on SmolLM2-135M-Instruct: seven zero-shot tasks, held-out examples", "",
+             f"Command: `python benchmarks/comp_ablation.py --eval zeroshot-heldout --only {','.join(only or [])}`  ",
+             f"Examples: {ZEROSHOT_N} per task, none of them in the comparison's reported subset "
+             f"({rows[0][2]['subset_rule'] if rows else ''}). acc_norm for hellaswag, arc_challenge, openbookqa; acc "
+             "otherwise. Calibration as in the other ablation tables.", "",
+             f"| config | group | params | " + " | ".join(tasks) + f" | average | − {REFERENCE} (pts), 95 % CI, p |",
+             "|---|---|---:|" + "---:|" * (len(tasks) + 2)]
+    ref = next((r for n, _, r in rows if n == REFERENCE), None)
+    for name, group, r in rows:
+        z = r["zeroshot"]
+        test = compare_runs(z, ref["zeroshot"]) if ref is not None and name != REFERENCE else None
+        diff = "" if test is None else "{:+.2f} [{:+.2f}, {:+.2f}], p {:.3f}".format(
+            100 * test["average"]["diff"], *(100 * x for x in test["average"]["ci95"]), test["average"]["p"])
+        lines.append(f"| {name} | {group} | {r['params']:,} | " +
+                     " | ".join(f"{100 * z[t][z[t]['metric']]:.1f}" for t in tasks) +
+                     f" | {100 * r['zeroshot_average']:.2f} | {diff} |")
+    (HERE / "results" / f"{EVAL_SETS['zeroshot-heldout'][0]}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def write_table(tokens: int, eval_set: str = "wikitext2", only=None):
+    if eval_set == "zeroshot-heldout":
+        return write_zeroshot_table(only)
     rows = []
     for name, group, _ in CONFIGS:
         if only and name not in only:

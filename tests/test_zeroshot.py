@@ -77,6 +77,17 @@ def test_subset_is_a_fixed_draw_not_the_first_n(model_and_tok):
     assert r1["tasks"]["winogrande"]["acc_norm"] is None  # winogrande reports acc only
 
 
+def test_heldout_examples_are_disjoint_from_the_reported_subset(model_and_tok):
+    reported, held = subset_indices(1267, 200), subset_indices(1267, 200, heldout=True)
+    assert len(held) == 200 and not set(reported) & set(held) and held == subset_indices(1267, 200, heldout=True)
+    assert subset_indices(300, 200, heldout=True) == sorted(set(range(300)) - set(subset_indices(300, 200)))
+    model, tok = model_and_tok
+    r = evaluate_zeroshot(model, tok, ["winogrande"], subset=6, heldout=True, progress=False, per_example=True)
+    assert r["heldout"] and r["tasks"]["winogrande"]["doc_ids"] == subset_indices(1267, 6, heldout=True)
+    with pytest.raises(CompruneError, match="needs --subset"):
+        evaluate_zeroshot(model, tok, ["winogrande"], heldout=True, progress=False)
+
+
 def test_hellaswag_is_marked_approximate_and_cache_is_reused(model_and_tok, tmp_path, monkeypatch):
     monkeypatch.setenv("COMPRUNE_CACHE", str(tmp_path))
     model, tok = model_and_tok

@@ -33,7 +33,7 @@ def cmd_eval(args) -> int:
     if getattr(args, "tasks", None):
         zeroshot = evaluate_zeroshot(model, tok, args.tasks, limit=args.limit, subset=args.subset,
                                      data_dir=args.data_dir, batch_size=args.batch_size or 16,
-                                     progress=not args.json, runner=args.zeroshot_runner)
+                                     progress=not args.json, runner=args.zeroshot_runner, heldout=args.heldout)
         zeroshot["precision"] = precision
     if args.json:
         out = results[0] if len(results) == 1 and zeroshot is None else (
@@ -63,6 +63,9 @@ def add_command(sub):
     p.add_argument("--tasks", default=None, help="zero-shot tasks, comma-separated, or 'paper7'")
     p.add_argument("--limit", type=int, default=None, help="zero-shot: first N examples per task")
     p.add_argument("--subset", type=int, default=None, help="zero-shot: N examples per task drawn with a fixed seed")
+    p.add_argument("--heldout", action="store_true",
+                   help="zero-shot with --subset N: N other examples per task, disjoint from the reported subset "
+                        "(for choosing settings)")
     p.add_argument("--zeroshot-runner", default="packed", choices=["packed", "hflm"],
                    help="zero-shot: 'packed' runs each context once for all its choices (default; lm_eval's numbers), "
                         "'hflm' is lm_eval's own per-request loop")

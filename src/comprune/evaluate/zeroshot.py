@@ -16,6 +16,8 @@ Example selection:
     `sorted(random.Random(seed).sample(range(n_docs), N))` (seed 1234 by default), passed to the harness as
     `samples`. The draw depends only on the seed and the task's size, so it is the same examples on every run
     and for every model; it is not the first N.
+  * `subset=N, heldout=True` -> N other examples per task, none of them in that draw: settings are chosen on
+    these, results reported on the subset.
 
 Response cache: pass `cache_key` (a string naming the model, e.g. "smollm2-dense-fp32") to keep every
 loglikelihood the model computes in a sqlite db (lm_eval's `use_cache`/CachingLM) under
@@ -161,9 +163,15 @@ def task_config(task: str, root: Path) -> tuple[dict, int]:
     return cfg, _count_rows(data)
 
 
-def subset_indices(n_docs: int, n: int, seed: int = 1234) -> list[int]:
-    """The fixed-seed draw used by `subset` (same for every run and model)."""
-    return sorted(random.Random(seed).sample(range(n_docs), min(n, n_docs)))
+def subset_indices(n_docs: int, n: int, seed: int = 1234, heldout: bool = False) -> list[int]:
+    """The fixed-seed draw used by `subset` (same for every run and model). `heldout`: as many other examples,
+    disjoint from that draw, for choosing settings without touching the examples that are reported."""
+    reported = sorted(random.Random(seed).sample(range(n_docs), min(n, n_docs)))
+    if not heldout:
+        return reported
+    taken = set(reported)
+    rest = [i for i in range(n_docs) if i not in taken]
+    return sorted(random.Random(f"{seed}-heldout").sample(rest, min(n, len(rest))))
 
 
 def _metrics(task: str, res: dict, n: int) -> dict:
@@ -200,15 +208,18 @@ def average_note(names: list[str]) -> str:
 
 def evaluate_zeroshot(model, tokenizer, tasks, limit=None, subset=None, data_dir=None, batch_size=16,
                       progress=True, seed=1234, cache_key=None, cache_dir=None, per_example=False,
-                      runner: str = "packed") -> dict:
+                      runner: str = "packed", heldout: bool = False) -> dict:
     """Zero-shot acc/acc_norm of an in-memory HF causal LM on `tasks` (see the module docstring). runner
     "packed" (default) scores each context's choices in one sequence (evaluate/packed.py: 2.2x faster on SmolLM2's
-    HellaSwag, ARC-Easy and PIQA with every example's score identical); "hflm" is lm_eval's own loop."""
+    HellaSwag, ARC-Easy and PIQA with every example's score identical); "hflm" is lm_eval's own loop. `heldout`
+    (with `subset`): the same number of examples, none of them in the reported subset (subset_indices)."""
     if runner not in ("hflm", "packed"):
         raise CompruneError(f"unknown zero-shot runner '{runner}': use hflm or packed")
     names = parse_tasks(tasks)
     if limit is not None and subset is not None:
         raise CompruneError("--limit and --subset both given: use one (limit = first N, subset = N drawn)")
+    if heldout and subset is None:
+        raise CompruneError("--heldout needs --subset N: the held-out examples are the ones that subset leaves out")
     for flag, v in (("limit", limit), ("subset", subset)):
         if v is not None and v < 1:
             raise CompruneError(f"--{flag} must be a positive number of examples, got {v}")
@@ -221,7 +232,7 @@ def evaluate_zeroshot(model, tokenizer, tasks, limit=None, subset=None, data_dir
         log.setLevel(logging.ERROR)
     try:
         return _run(model, tokenizer, names, configs, version, limit, subset, batch_size, seed, cache_key, cache_dir,
-                    per_example, runner)
+                    per_example, runner, heldout)
     finally:
         log.setLevel(level)
 
@@ -263,7 +274,7 @@ def packed_lm_class(HFLM):
 
 
 def _run(model, tokenizer, names, configs, version, limit, subset, batch_size, seed, cache_key, cache_dir,
-         per_example=False, runner="hflm"):
+         per_example=False, runner="hflm", heldout=False):
     lm_eval = deferred.lm_eval("evaluator", "api.model", "models.huggingface", "tasks")
     CachingLM, HFLM, TaskManager = lm_eval.api.model.CachingLM, lm_eval.models.huggingface.HFLM, lm_eval.tasks.TaskManager
     random.seed(seed)  # the harness seeds these itself in simple_evaluate; mirror it
@@ -278,7 +289,7 @@ def _run(model, tokenizer, names, configs, version, limit, subset, batch_size, s
     loaded = TaskManager(include_defaults=False).load([cfg for cfg, _ in configs.values()])
     for task_obj in loaded["tasks"].values():
         task_obj.set_fewshot_seed(seed=seed)
-    samples = {t: subset_indices(n, subset, seed) for t, (_, n) in configs.items()} if subset else None
+    samples = {t: subset_indices(n, subset, seed, heldout) for t, (_, n) in configs.items()} if subset else None
     out = lm_eval.evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, samples=samples, log_samples=per_example,
                              bootstrap_iters=1000)  # acc means use the closed-form stderr; 0 would drop it
     results = {}
@@ -289,7 +300,10 @@ def _run(model, tokenizer, names, configs, version, limit, subset, batch_size, s
             results[t].update(_per_example(out["samples"][t], PAPER_METRIC[t]))
     return {"harness_version": version, "tasks": results, "average": paper_average(results),
             "average_metric_note": average_note(names), "subset": subset,
-            "subset_rule": f"sorted(random.Random({seed}).sample(range(n_docs), {subset}))" if subset else None,
+            "subset_rule": (f"sorted(random.Random({seed}).sample(range(n_docs), {subset}))" +
+                            (f", then {subset} others drawn with random.Random('{seed}-heldout') (held out)"
+                             if heldout else "")) if subset else None,
+            "heldout": heldout,
             "limit": limit, "seconds": round(time.time() - t0, 1), "runner": runner}
 
 
