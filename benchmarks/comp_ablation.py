@@ -140,7 +140,8 @@ def run_one(name: str, tokens: int, threads: int, eval_sets=("wikitext2",)):
         model, rep = comprune.prune(model, tok, cfg, calibration=calib, progress=False, base_model="smollm2")
         row.update(params=rep.params_after, ratio_achieved=rep.ratio_achieved, removed_layers=rep.removed_layers,
                    mlp_width=(rep.mlp_widths[0] if len(set(rep.mlp_widths)) == 1 else
-                              f"{min(rep.mlp_widths)}..{max(rep.mlp_widths)}"), prune_seconds=round(time.perf_counter() - t0, 1),
+                              f"{min(rep.mlp_widths)}..{max(rep.mlp_widths)}"), mlp_widths=rep.mlp_widths,
+                   prune_seconds=round(time.perf_counter() - t0, 1),
                    prune_peak_rss_mb=round(rep.peak_rss_mb), config=rep.config, layer_scores=rep.layer_scores)
         if all("rel_error_tuned" in b for b in rep.blocks.values()):  # COMP rows (baselines keep no MLP error)
             n = len(rep.blocks)
