@@ -81,7 +81,10 @@ CONFIGS = [
     ("obs-tokw-heads-0.1", "token-weight", SPEC | LSOBS | {"token_weight": "output", "head_share": 0.1}),
     ("obs-tokw-layer-share-0", "token-weight", SPEC | LSOBS | {"token_weight": "output", "layer_share": 0.0}),
     # Issue 13's knobs on the current default: query heads, damping, dense-trajectory mix, compensated block removal.
+    # (0.1 removes nothing on SmolLM2: a query head in each of the 3 groups is 221k parameters, 0.1 of a block's
+    # share 90k; 0.25 is the smallest step, one of the 3 query heads of every group)
     ("def-heads-0.1", "heads", DEFAULT | {"head_share": 0.1, "head_unit": "query"}),
+    ("def-heads-0.25", "heads", DEFAULT | {"head_share": 0.25, "head_unit": "query"}),
     ("def-layer-comp", "layers", DEFAULT | {"layer_share": 0.25, "layer_compensation": True}),
     ("def-damp-0.1", "damp", DEFAULT | {"damp": 0.1}),
     ("def-mix-0.5", "target", DEFAULT | {"target_mix": 0.5}),
