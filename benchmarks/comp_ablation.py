@@ -207,7 +207,7 @@ def write_zeroshot_table(only=None):
              f"Examples: {ZEROSHOT_N} per task, none of them in the comparison's reported subset "
              f"({rows[0][2]['subset_rule'] if rows else ''}). acc_norm for hellaswag, arc_challenge, openbookqa; acc "
              "otherwise. Calibration as in the other ablation tables.", "",
-             f"| config | group | params | " + " | ".join(tasks) + f" | average | − {REFERENCE} (pts), 95 % CI, p "
+             "| config | group | params | " + " | ".join(tasks) + f" | average | − {REFERENCE} (pts), 95 % CI, p "
              "| without boolq | − the same, without boolq |",
              "|---|---|---:|" + "---:|" * (len(tasks) + 4)]
     ref = next((r for n, _, r in rows if n == REFERENCE), None)
