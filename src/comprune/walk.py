@@ -259,6 +259,17 @@ class InputStats:
     def sqnorm(self) -> torch.Tensor:
         return self.col_sqsum
 
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate the moments of rows x [M, n]: float64 sums over row chunks (a bounded float64 copy)."""
+        if self.col_sum is None:
+            self.col_sum = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
+            self.col_sqsum = torch.zeros_like(self.col_sum)
+        for xc in x.split(256):
+            xd = xc.double()
+            self.col_sum += xd.sum(0)
+            self.col_sqsum += (xd * xd).sum(0)
+        self.count += x.shape[0]
+
 
 @torch.inference_mode()
 def collect_stats(layer: nn.Module, acts: Activations, linears: dict[str, nn.Linear], gram: set[str] = frozenset(),
@@ -276,14 +287,7 @@ def collect_stats(layer: nn.Module, acts: Activations, linears: dict[str, nn.Lin
                 raise CompruneError(f"non-finite activations (NaN/Inf) entering {name}: the model or calibration "
                                     "data is broken; check the model loads and evaluates correctly first")
             s = stats[name]
-            if s.col_sum is None:
-                s.col_sum = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
-                s.col_sqsum = torch.zeros_like(s.col_sum)
-            for xc in x.split(256):  # float64 sums over row chunks: a bounded float64 copy, not the whole batch
-                xd = xc.double()
-                s.col_sum += xd.sum(0)
-                s.col_sqsum += (xd * xd).sum(0)
-            s.count += x.shape[0]
+            s.add(x)
             if name in gram:
                 # float32 matmul (fast), accumulated in float64 across batches, in place (no float64 temporary)
                 g = x.float().T @ x.float()

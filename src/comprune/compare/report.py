@@ -196,19 +196,19 @@ def markdown_table(rows: list[dict], settings: dict, shas=(), floor_mb: float | 
     if tasks:
         zs = [r for r in rows if r.get("zeroshot_tasks")]
         others = [t for t in tasks if t != "boolq"]
+        has_boolq = len(others) < len(tasks)
         note += "\n\nZero-shot per task (%; acc_norm for hellaswag, arc_challenge, openbookqa, acc otherwise):\n\n"
-        note += "| method | ratio | " + " | ".join(tasks) + " | average |" + \
-            (" without boolq |" if len(others) < len(tasks) else "") + \
-            "\n|---|---:|" + "---:|" * (len(tasks) + 1 + (len(others) < len(tasks)))
+        note += "| method | ratio | " + " | ".join(tasks) + " | average |" + (" without boolq |" if has_boolq else "") + \
+            "\n|---|---:|" + "---:|" * (len(tasks) + 1 + has_boolq)
         for r in zs:
             got = r["zeroshot_tasks"]
             vals = [_f(100 * got[t] if got.get(t) is not None else None) for t in tasks]
             note += f"\n| {r['method']} | {r['ratio']:.2f} | " + " | ".join(vals) + f" | {_f(100 * r['avg7'])} |"
-            if len(others) < len(tasks):
+            if has_boolq:
                 rest = [got[t] for t in others if got.get(t) is not None]
                 note += f" {_f(100 * sum(rest) / len(rest)) if len(rest) == len(others) else '-'} |"
         dense = next((r for r in zs if r["method"] == "dense"), None)
-        if "boolq" in tasks and dense is not None and dense["zeroshot_tasks"].get("boolq") is not None:
+        if has_boolq and dense is not None and dense["zeroshot_tasks"].get("boolq") is not None:
             note += ("\n\nBoolQ at this scale runs against the average: the dense model scores "
                      f"{100 * dense['zeroshot_tasks']['boolq']:.1f} %, below the 62 % of always answering \"yes\" (BoolQ validation: 2,033 of 3,270), "
                      "so a model that loses its reading of the passage and drifts toward \"yes\" gains on BoolQ. The "

@@ -23,7 +23,7 @@ from .. import scores as S
 from ..errors import CompruneError
 from ..surgery import (add_bias, as_index, attention_parts, enable_biases, kv_group_channels, prune_expert_neurons,
                        prune_heads, prune_mlp, supports_biases)
-from ..walk import collect_stats, forward_block, model_device, progress, resident
+from ..walk import InputStats, collect_stats, forward_block, model_device, progress, resident
 from .common import (choose_layers, full_record, keep_lowest_removed, kept_width, layer_scores_bi, params_per_neuron,
                      plan_layers_only, plan_neurons_only)
 
@@ -62,32 +62,30 @@ def _prune_experts_by(adapter, layer, n_remove: int, score_of) -> dict:
 
 
 class _RoutedMoments:
-    """Per expert, over the tokens routed to it: the count, Σ and Σ² of its down_proj inputs (Wanda's ‖X_j‖²,
-    FLAP's variance)."""
+    """Per expert, the moments of its down_proj inputs over the tokens routed to it (Wanda's ‖X_j‖², FLAP's
+    variance); an expert no token chose has zeros."""
 
-    def __init__(self, n):
-        self.count, self.sum, self.sq = [0] * n, [None] * n, [None] * n
+    def __init__(self, n: int, width: int):
+        self.stats = [InputStats(n=width) for _ in range(n)]
 
     def __call__(self, e, x, a, w, y):
-        a = a.double()
-        self.count[e] += a.shape[0]
-        self.sum[e] = a.sum(0) if self.sum[e] is None else self.sum[e] + a.sum(0)
-        self.sq[e] = (a ** 2).sum(0) if self.sq[e] is None else self.sq[e] + (a ** 2).sum(0)
+        self.stats[e].add(a)
 
-    def var(self, e: int, width: int) -> torch.Tensor:
-        if not self.count[e]:
-            return torch.zeros(width, dtype=torch.float64)
-        mean = self.sum[e] / self.count[e]
-        return (self.sq[e] / self.count[e] - mean ** 2).clamp_min(0)
+    def sqnorm(self, e: int) -> torch.Tensor:
+        s = self.stats[e]
+        return s.sqnorm() if s.count else torch.zeros(s.n, dtype=torch.float64)
+
+    def var(self, e: int) -> torch.Tensor:
+        s = self.stats[e]
+        return s.var() if s.count else torch.zeros(s.n, dtype=torch.float64)
 
 
 def _wanda_sp_moe(layer, adapter, acts, n_remove: int) -> dict:
     lst = adapter.experts(layer)
-    with lst.observing(_RoutedMoments(lst.num_experts)) as st:
+    with lst.observing(_RoutedMoments(lst.num_experts, lst.width)) as st:
         forward_block(layer, acts, keep=False)
-    zero = torch.zeros(lst.width, dtype=torch.float64)
     return _prune_experts_by(adapter, layer, n_remove, lambda e, ex: S.wanda_sp_scores(
-        ex.down_proj.weight.detach(), st.sq[e] if st.sq[e] is not None else zero))
+        ex.down_proj.weight.detach(), st.sqnorm(e)))
 
 
 def run_wanda_sp(model, adapter, acts, input_ids, cfg, budget, show=True) -> dict:
@@ -179,10 +177,10 @@ def _run_flap_moe(model, adapter, acts, cfg, budget, show=True) -> dict:
     for i, layer in enumerate(progress(adapter.layers(model), "FLAP (experts)", show)):
         with resident(layer, cfg.device):
             lst = adapter.experts(layer)
-            with lst.observing(_RoutedMoments(lst.num_experts)) as st:
+            with lst.observing(_RoutedMoments(lst.num_experts, lst.width)) as st:
                 acts = forward_block(layer, acts, consume=True)
             rec = _prune_experts_by(adapter, layer, budget.neurons_per_layer, lambda e, ex: S.fluctuation_scores(
-                ex.down_proj.weight.detach(), st.var(e, ex.down_proj.in_features)))
+                ex.down_proj.weight.detach(), st.var(e)))
         blocks[i] = _record(adapter, layer, **rec, bias_compensation=False)
     return {"removed_layers": [], "blocks": blocks, "bias_compensation": False, "structure": "UL-UM",
             "note": "mixture-of-experts: uniform widths (one expert width per config), no bias compensation "
