@@ -12,8 +12,10 @@ step llm-pruner          benchmarks/official/llm_pruner.py
 step harness-llm-pruner  benchmarks/official/harness.py --method llm-pruner --ratio 0.21047
 step flap                benchmarks/official/flap.py --method flap --nsamples 128
 step harness-flap        benchmarks/official/harness.py --method flap --ratio 0.20056
+step harness-flap-official-windows  benchmarks/official/harness.py --method flap --ratio 0.20056 --name flap-official-windows --official-windows flap
 step wanda-sp            benchmarks/official/flap.py --method wanda-sp
 step harness-wanda-sp    benchmarks/official/harness.py --method wanda-sp --ratio 0.19693
+step harness-wanda-sp-official-windows  benchmarks/official/harness.py --method wanda-sp --ratio 0.19693 --name wanda-sp-official-windows --official-windows flap
 step shortgpt            benchmarks/official/shortgpt.py --docs 32
 step harness-layer-drop  benchmarks/official/harness.py --method layer-drop --ratio 0.2
 "$PY" benchmarks/official/summary.py

@@ -12,8 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-PAIRS = [("llm-pruner", ("harness-llm-pruner", "harness-llm-pruner-folded")), ("flap", ("harness-flap",)),
-         ("wanda-sp", ("harness-wanda-sp",)), ("shortgpt", ("harness-layer-drop",))]
+PAIRS = [("llm-pruner", ("harness-llm-pruner", "harness-llm-pruner-folded")), ("flap", ("harness-flap", "harness-flap-official-windows")),
+         ("wanda-sp", ("harness-wanda-sp", "harness-wanda-sp-official-windows")), ("shortgpt", ("harness-layer-drop",))]
 
 
 def row(r: dict, ref: dict | None) -> str:
