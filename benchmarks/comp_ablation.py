@@ -245,8 +245,11 @@ def write_table(tokens: int, eval_set: str = "wikitext2", only=None):
              "",
              f"Command: `python benchmarks/comp_ablation.py --tokens {tokens}{flag}`  ",
              "Calibration: C4 sample, 128 x 128 tokens, seed 0 unless the row says otherwise. Evaluation: "
-             f"{EVAL_SETS[eval_set][1]}, first {tokens:,} tokens, non-overlapping windows. Base: ratio 0.2, layer_share 0.25, condition "
-             "metric, mask tuning on, BI layer score. Rows without numbers did not finish yet.", "",
+             f"{EVAL_SETS[eval_set][1]}, first {tokens:,} tokens, non-overlapping windows. Every row is ratio 0.2 unless its name says "
+             "otherwise, with the overrides its JSON records; most rows vary the literal spec (`--preset comp-spec`: "
+             "layer_share 0.25, condition metric, per-neuron scales), the def-* rows today's default (OBS, least "
+             "squares, token weights, no block removed: `obs-tokw-layer-share-0`). Rows without numbers did not "
+             "finish yet.", "",
              "| config | group | params | ratio | removed layers | MLP width | PPL@128 | PPL@2048 | MLP rel. err (pruned → tuned) | prune s | peak RSS MB |",
              "|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|"]
     for name, group, r in rows:
