@@ -88,7 +88,11 @@ def run_one(method: str | None, args) -> dict:
         comprune.save_pretrained(model, tok, out, report, force=True)
     del model
     if args.qtype != "none":
-        row.update(llamacpp_row(out, tok, args))
+        try:
+            row.update(llamacpp_row(out, tok, args))
+        except comprune.CompruneError as e:  # e.g. per-layer widths, which llama.cpp's gemma3 arch cannot hold
+            row["gguf_refused"] = str(e).split(":")[0] + ": per-layer widths are not in llama.cpp's gemma3 arch" \
+                if "per-layer" in str(e) else str(e)
     row["process_peak_rss_mb"] = round(peak_rss_mb())
     return row
 
@@ -116,10 +120,12 @@ def write_markdown(path: Path, result: dict) -> None:
         speed = r.get("gen_tok_s")
         rel = f"{speed / dense['gen_tok_s']:.2f}x" if speed and dense.get("gen_tok_s") else "-"
         removed = f"{r['ratio_of_blocks']:.3f} / {r['ratio_of_all']:.3f}" if "ratio_of_blocks" in r else "-"
-        lines.append(f"| {r['method']} | {removed} | {r.get('removed_layers', '-')} | {r.get('mlp_widths', [2048])} "
+        w = r.get("mlp_widths", [2048])
+        w = f"{w[0]}..{w[-1]} ({len(w)} widths)" if len(w) > 3 else w
+        lines.append(f"| {r['method']} | {removed} | {r.get('removed_layers', '-')} | {w} "
                      f"| {r.get('heads', [4])} | {r['wikitext2_ppl']} | {r.get('prune_s', '-')} "
                      f"| {r.get('peak_rss_mb', r.get('process_peak_rss_mb'))} | {r.get('gguf_mib', '-')} "
-                     f"| {speed or '-'} | {rel} |")
+                     f"| {speed or r.get('gguf_refused', '-')} | {rel} |")
     lines += ["", "Greedy continuations in llama.cpp:", ""]
     lines += [f"- {r['method']}: {r.get('greedy', '-')!r}" for r in rows]
     if result.get("skipped"):
@@ -140,6 +146,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "gemma3")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gemma3")
+    ap.add_argument("--keep-others", action="store_true",
+                    help="keep the rows of methods not run now from the existing JSON (same settings)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one method ("dense")
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -152,6 +160,14 @@ def main(argv=None) -> None:
     comprune.load(SPEC)  # builds the safetensors cache once, outside the timed children
     rows, skipped = [], []
     base = [a for a in (argv if argv is not None else sys.argv[1:])]
+    previous = args.out.with_suffix(".json")
+    if args.keep_others and previous.exists():  # rows of methods not run now stay (same settings required)
+        old = json.loads(previous.read_text())
+        if {k: v for k, v in old["settings"].items() if k not in ("methods", "keep_others")} != \
+                {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                 if k not in ("one", "methods", "keep_others")}:
+            sys.exit(f"--keep-others: {previous} was made with other settings; run every method instead")
+        rows = [r for r in old["rows"] if r["method"] not in {"dense", *args.methods}]
     for method in ["dense"] + args.methods:
         print(f"== {method}", flush=True)
         proc = subprocess.run([sys.executable, __file__, *base, "--one", method], capture_output=True, text=True)

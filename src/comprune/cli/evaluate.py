@@ -56,7 +56,7 @@ def cmd_eval(args) -> int:
 def add_command(sub):
     p = sub.add_parser("eval", help="perplexity (and zero-shot tasks) of a dense or pruned model")
     p.add_argument("model", help="'smollm2', a model directory, a .gguf file or a hub id")
-    p.add_argument("--ppl", default=None, help="perplexity dataset: wikitext2 (default), c4, or a .txt/.jsonl file")
+    p.add_argument("--ppl", default=None, help="perplexity dataset: wikitext2 (test, default), wikitext2-validation, c4, c4-validation (held-out documents: for choosing settings), or a .txt/.jsonl file")
     p.add_argument("--seqlen", default="128", help="window length(s), comma-separated (e.g. 128,2048)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the stream")
     p.add_argument("--batch-size", type=int, default=None)
