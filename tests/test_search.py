@@ -99,6 +99,21 @@ def test_single_windows_score_what_their_batches_score(tmp_path):
     assert fit(levels) > fit({0: 0, 1: 0, 2: 0}) >= 0
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_error_curves_stacked_equal_one_call_per_level(family, tmp_path):
+    """The error curves run the blocks after block i once on every level stacked: the same KL as one call per
+    level (Gemma: sliding-window masks broadcast over the stacked rows)."""
+    model = tiny_model(family, layers=3)
+    fit, ladder, _ = _fitness(model, _search_cfg(), tmp_path)
+    few = fit.windows[:2]
+    inputs = fit.block_inputs(few)
+    base = {0: 0, 1: 0, 2: 0}
+    for i in (0, 1):
+        one_by_one = [fit({**base, i: lv}, few, start=i, acts=inputs[i]) for lv in range(1, ladder.top + 1)]
+        assert fit.curve(i, range(1, ladder.top + 1), few, inputs[i]) == pytest.approx(one_by_one, rel=1e-4, abs=1e-9)
+        assert one_by_one[-1] > one_by_one[0] > 0
+
+
 def test_evolution_resumes_where_it_was_killed(tmp_path):
     model = tiny_model("llama", layers=3)
     cfg = _search_cfg()
