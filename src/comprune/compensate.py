@@ -33,23 +33,6 @@ def dense_cross(G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     return G.double() @ W.double().to(G.device).T
 
 
-def to_gain_space(W: torch.Tensor, stats) -> torch.Tensor:
-    """diag(g) W when `stats` (a BlockStats) measures errors after an output norm with gain g, else W."""
-    gain = getattr(stats, "gain", None)
-    return W if gain is None else W * gain.to(W.device, W.dtype)[:, None]
-
-
-def from_gain_space(W: torch.Tensor, stats) -> torch.Tensor:
-    """The projection's own weight from a refit in the gain's space (rows divided by g, kept off zero)."""
-    gain = getattr(stats, "gain", None)
-    if gain is None:
-        return W
-    g = gain.to(W.device, W.dtype)
-    floor = 1e-2 * float(g.abs().mean())
-    g = torch.where(g.abs() < floor, torch.full_like(g, floor) * torch.where(g < 0, -1.0, 1.0), g)
-    return W / g[:, None]
-
-
 def refit(G: torch.Tensor, C: torch.Tensor, keep: torch.Tensor, damp: float) -> torch.Tensor:
     """W'_K = C_Kᵀ (G_KK + λI)⁻¹ [d, |K|] (keep: boolean mask or indices; λ from the whole G)."""
     lam = damping(G, damp)
@@ -159,23 +142,12 @@ class BlockStats:
       and the fit serves them alone;
     - a moved target (target=(batches, weight)): D = Σ Hᵀ W_t · w(T − y) (f x d; y the dense block's output
       on the pruned inputs, T the target batch) and the target's energy Σ w_t ‖H Wᵀ + w(T − y)‖².
-    - an output norm (out_norm: Gemma's and OLMo 2's post_feedforward/post_attention_layernorm): the projection's
-      output m reaches the residual as g ⊙ m / rms(m), so an error δm counts there as g ⊙ δm / rms(m) (to first
-      order, its radial part aside). The token weight gains 1 / mean(m_t²), and `gain` = g weights the output
-      channels: the caller selects on diag(g) W. Without it the fit serves the tokens whose MLP output is large,
-      which the norm scales down, and neglects the small ones it scales up.
     G = Σ Hᵀ W_t H; the refit's cross term becomes G Wᵀ + D."""
 
-    def __init__(self, lin, weight: str = "none", target=None, out_norm=None):
+    def __init__(self, lin, weight: str = "none", target=None):
         self.lin, self.weighted = lin, weight == "output"
         self.batches, self.mix = target if target is not None else (None, 0.0)
         self.G, self.D, self.t_energy, self.i, self.hm = None, None, 0.0, 0, None
-        self.out_norm = out_norm if self.weighted else None
-        self.gain = None
-        if self.out_norm is not None:  # an RMSNorm of a constant vector is its gain (Gemma's 1 + w included)
-            w = lin.weight
-            with torch.no_grad():
-                self.gain = self.out_norm(torch.ones(1, lin.out_features, dtype=w.dtype, device=w.device)).float()[0]
 
     def attach(self, layer) -> list:
         """Hooks on the projection (its input and output) and on the block (its output); remove them after."""
@@ -191,19 +163,12 @@ class BlockStats:
         # The projection's own output, as the forward computed it: the refit models H Wᵀ, so a bias is taken out.
         m = m.float() if self.lin.bias is None else m.float() - self.lin.bias.float()
         w = 1.0 / y.pow(2).mean(1).clamp_min(1e-12) if self.weighted else None
-        rms = None
-        if self.out_norm is not None:
-            rms = (m.float() if self.lin.bias is None else m + self.lin.bias.float()).pow(2).mean(1).sqrt()
-            w = w / rms.pow(2).clamp_min(1e-12)
-            m = m * self.gain.to(m.device)
         hw = h * w[:, None] if w is not None else h
         g = (hw.T @ h).double()
         self.G = g if self.G is None else self.G.add_(g)
         if self.batches is not None:
             t = self.batches[self.i].to(y.device).float().reshape(-1, y.shape[-1])
             diff = (t - y).mul_(self.mix)
-            if rms is not None:  # a residual-space difference δr is g ⊙ δm / rms(m): in the gain's space, δr · rms(m)
-                diff.mul_(rms[:, None])
             d = (hw.T @ diff).double()
             self.D = d if self.D is None else self.D.add_(d)
             m = m + diff

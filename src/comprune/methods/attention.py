@@ -16,29 +16,25 @@ from ..surgery import attention_parts, kv_group_channels, prune_heads, prune_que
 from ..walk import collect_stats
 
 
-def _o_stats(layer, adapter, acts, parts, cfg):
-    """G (token-weighted when cfg says so) of o_proj's input channels over the calibration batches, and o_proj's
-    weight in the space the errors are measured in (LS.to_gain_space), with the statistics that map back."""
-    own = LS.BlockStats(parts.o, cfg.token_weight, out_norm=adapter.attn_output_norm(layer)) \
-        if cfg.token_weight != "none" else None
+def _o_stats(layer, acts, parts, cfg):
+    """G (token-weighted when cfg says so) of o_proj's input channels over the calibration batches."""
+    own = LS.BlockStats(parts.o, cfg.token_weight) if cfg.token_weight != "none" else None
     hooks = own.attach(layer) if own is not None else []
     try:
         stats, _ = collect_stats(layer, acts, {"o": parts.o}, gram=set() if own else {"o"}, keep_outputs=False)
     finally:
         for h in hooks:
             h.remove()
-    G = own.G if own is not None else stats["o"].gram
-    return G, LS.to_gain_space(parts.o.weight.detach(), own), own
+    return own.G if own is not None else stats["o"].gram
 
 
-def _refit_record(G, C, W, keep_ch, cfg, own=None) -> tuple[torch.Tensor | None, dict]:
+def _refit_record(G, C, W, keep_ch, cfg) -> tuple[torch.Tensor | None, dict]:
     """The refitted kept o_proj columns and the relative output errors before and after the refit."""
     new_o = LS.refit(G, C, keep_ch, cfg.damp) if cfg.mask_tuning else None
     energy = float((C.T * W.double().to(G.device)).sum())
     kc = keep_ch.nonzero().flatten()
     err_pruned = LS.residual(G, C, energy, kc, W.double().to(G.device)[:, kc])
     err_tuned = LS.residual(G, C, energy, kc, new_o) if new_o is not None else err_pruned
-    new_o = LS.from_gain_space(new_o, own) if new_o is not None else None
     return new_o, {"head_rel_error_pruned": err_pruned / max(energy, 1e-30),
                    "head_rel_error_tuned": err_tuned / max(energy, 1e-30)}
 
@@ -48,13 +44,14 @@ def prune_block_query_heads(layer, adapter, acts, per_group: int, cfg) -> dict:
     """Remove `per_group` query heads from every KV group by structured OBS over each head's o_proj channels,
     then refit the kept o_proj columns against the dense attention output on the same inputs."""
     parts = attention_parts(adapter, layer)
-    G, W, own = _o_stats(layer, adapter, acts, parts, cfg)
+    G = _o_stats(layer, acts, parts, cfg)
+    W = parts.o.weight.detach()
     hd, nh = parts.head_dim, parts.n_heads
     C = LS.dense_cross(G, W)
     heads = torch.arange(nh * hd).view(nh, hd)
     keep_ch = LS.obs_select(G, C, per_group * parts.n_kv, cfg.damp, groups=heads,
                             per_bucket=torch.arange(nh) // parts.rep)
-    new_o, rec = _refit_record(G, C, W, keep_ch, cfg, own)
+    new_o, rec = _refit_record(G, C, W, keep_ch, cfg)
     kept = keep_ch.view(nh, hd)[:, 0].cpu().nonzero().flatten()
     prune_query_heads(adapter, layer, kept, new_o)
     return {"kept_query_heads": kept.tolist(), **rec}
@@ -70,12 +67,13 @@ def prune_block_heads(layer, adapter, acts, n_groups: int, cfg) -> dict:
     o_proj is refitted; with scales (the paper's reading) the dense columns score and one scale per kept query
     head is fitted."""
     parts = attention_parts(adapter, layer)
-    G, W, own = _o_stats(layer, adapter, acts, parts, cfg)
+    G = _o_stats(layer, acts, parts, cfg)
+    W = parts.o.weight.detach()
     groups = kv_group_channels(parts, torch.arange(parts.n_kv))[0].view(parts.n_kv, -1)
     if cfg.recovery == "least-squares":
         C = LS.dense_cross(G, W)
         keep_ch = LS.obs_select(G, C, n_groups, cfg.damp, groups=groups)
-        new_o, rec = _refit_record(G, C, W, keep_ch, cfg, own)
+        new_o, rec = _refit_record(G, C, W, keep_ch, cfg)
         keep_kv = keep_ch.view(parts.n_kv, -1)[:, 0].cpu().nonzero().flatten()
         prune_heads(adapter, layer, keep_kv, o_weight=new_o)
         return {"kept_kv_heads": keep_kv.tolist(), **rec}

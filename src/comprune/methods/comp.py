@@ -100,7 +100,7 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
             mlp_x.append(x)
             mlp_r.append(block_output(out) - m)
         hooks.append(layer.register_forward_hook(keep_x_and_rest))
-    own = LS.BlockStats(parts.down, cfg.token_weight, target, adapter.mlp_output_norm(layer)) \
+    own = LS.BlockStats(parts.down, cfg.token_weight, target) \
         if target is not None or cfg.token_weight != "none" else None
     if own is not None:
         hooks += own.attach(layer)
@@ -111,7 +111,7 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
         for h in hooks:
             h.remove()
     G = own.G if own is not None else stats["down"].gram
-    W = LS.to_gain_space(parts.down.weight.detach(), own)  # errors as the residual stream sees them
+    W = parts.down.weight.detach()
     refit = cfg.mask_tuning and cfg.recovery == "least-squares"
     C = LS.dense_cross(G, W) if refit else None
     drift = own if target is not None else None
@@ -128,7 +128,6 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
         t_energy = own.t_energy if own is not None else energy
         err_before = LS.residual(G, C, t_energy, idx, W.double().to(G.device)[:, idx])
         err_after = LS.residual(G, C, t_energy, idx, new_down)
-        new_down = LS.from_gain_space(new_down, own)
         energy = t_energy
         del C
     elif cfg.mask_tuning and n_remove > 0:

@@ -86,14 +86,14 @@ def build_database(model, adapter, acts, kept: list[int], ladder: Ladder, cfg, d
                 acts = forward_block(layer, acts, consume=True)
                 continue
             down = adapter.mlp(layer).down
-            own = LS.BlockStats(down, cfg.token_weight, out_norm=adapter.mlp_output_norm(layer))
+            own = LS.BlockStats(down, cfg.token_weight)
             hooks = own.attach(layer)
             try:
                 _, acts = collect_stats(layer, acts, {"down": down}, consume=True)
             finally:
                 for h in hooks:
                     h.remove()
-            G, W = own.G, LS.to_gain_space(down.weight.detach(), own)
+            G, W = own.G, down.weight.detach()
             C = LS.dense_cross(G, W)
             order: list[int] = []
             LS.obs_select(G, C, ladder.top * ladder.step, cfg.damp, cfg.chunk, order=order)
@@ -102,7 +102,7 @@ def build_database(model, adapter, acts, kept: list[int], ladder: Ladder, cfg, d
                 keep = torch.ones(W.shape[1], dtype=torch.bool)
                 keep[torch.tensor(order[:level * ladder.step], dtype=torch.long)] = False
                 idx = keep.nonzero().flatten()
-                variants.append((idx, LS.from_gain_space(LS.refit(G, C, idx.to(G.device), cfg.damp), own).float().cpu()))
+                variants.append((idx, LS.refit(G, C, idx.to(G.device), cfg.damp).float().cpu()))
             db.save(i, variants)
             del G, C, variants
     return db

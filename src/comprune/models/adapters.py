@@ -65,14 +65,6 @@ class LlamaAdapter:
     def mlp_input_norm(self, layer) -> nn.Module:
         return layer.post_attention_layernorm
 
-    def mlp_output_norm(self, layer) -> nn.Module | None:
-        """The norm between the MLP's output and its residual add (None: the output is added as it is)."""
-        return None
-
-    def attn_output_norm(self, layer) -> nn.Module | None:
-        """The norm between the attention output (o_proj) and its residual add."""
-        return None
-
     def attention(self, layer) -> nn.Module:
         return layer.self_attn
 
@@ -125,12 +117,6 @@ class GemmaAdapter(LlamaAdapter):
     def mlp_input_norm(self, layer) -> nn.Module:
         return layer.pre_feedforward_layernorm
 
-    def mlp_output_norm(self, layer) -> nn.Module:
-        return layer.post_feedforward_layernorm
-
-    def attn_output_norm(self, layer) -> nn.Module:
-        return layer.post_attention_layernorm
-
 
 class Gemma2Adapter(GemmaAdapter):
     family = "gemma2"
@@ -147,12 +133,6 @@ class Olmo2Adapter(LlamaAdapter):
     """OLMo 2: norms after attention and MLP only (post_attention_layernorm, post_feedforward_layernorm)."""
     family = "olmo2"
     mlp_output_is_residual = False
-
-    def mlp_output_norm(self, layer) -> nn.Module:
-        return layer.post_feedforward_layernorm
-
-    def attn_output_norm(self, layer) -> nn.Module:
-        return layer.post_attention_layernorm
 
     def head_pruning_refusal(self, config) -> str | None:
         return ("OLMo 2's q_norm/k_norm normalise over all heads together, so removing a head changes the others: "
