@@ -180,3 +180,30 @@ def test_bad_combinations_are_refused(extra):
     from comprune.errors import CompruneError
     with pytest.raises(CompruneError, match="least-squares"):
         PruneConfig(recovery="scales", **extra).validate()
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "olmo2", "llama"])
+def test_token_weights_follow_the_next_norm(family):
+    """Each token's weight is 1 / mean square of what the next norm sees: the projection's own output where a
+    norm follows it (Gemma, OLMo 2), the block's output (the residual stream) where none does (Llama)."""
+    from comprune.walk import capture, forward_block
+    model = tiny_model(family, layers=2)
+    adapter = get_adapter(model)
+    layer = adapter.layers(model)[0]
+    down = adapter.mlp(layer).down
+    acts = capture(model, adapter, calib(n=4, t=16).input_ids, 2, "cpu")
+    own = LS.BlockStats(down, "output", normed=adapter.output_norms)
+    seen = []
+    hooks = own.attach(layer) + [
+        down.register_forward_hook(lambda mod, a, o: seen.append((a[0], o))),
+        layer.register_forward_hook(lambda mod, a, o: seen.append(o[0] if isinstance(o, tuple) else o))]
+    forward_block(layer, acts)
+    for h in hooks:
+        h.remove()
+    expected = 0
+    for (h, m), y in zip(seen[0::2], seen[1::2]):
+        h, m, y = (t.reshape(-1, t.shape[-1]).double() for t in (h, m, y))
+        z = m if family != "llama" else y
+        expected = expected + (h / z.pow(2).mean(1, keepdim=True)).T @ h
+    assert adapter.output_norms == (family != "llama")
+    torch.testing.assert_close(own.G, expected, rtol=1e-3, atol=1e-5 * float(expected.abs().max()))

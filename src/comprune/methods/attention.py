@@ -16,9 +16,9 @@ from ..surgery import attention_parts, kv_group_channels, prune_heads, prune_que
 from ..walk import collect_stats
 
 
-def _o_stats(layer, acts, parts, cfg):
+def _o_stats(layer, adapter, acts, parts, cfg):
     """G (token-weighted when cfg says so) of o_proj's input channels over the calibration batches."""
-    own = LS.BlockStats(parts.o, cfg.token_weight) if cfg.token_weight != "none" else None
+    own = LS.BlockStats(parts.o, cfg.token_weight, normed=adapter.output_norms) if cfg.token_weight != "none" else None
     hooks = own.attach(layer) if own is not None else []
     try:
         stats, _ = collect_stats(layer, acts, {"o": parts.o}, gram=set() if own else {"o"}, keep_outputs=False)
@@ -44,7 +44,7 @@ def prune_block_query_heads(layer, adapter, acts, per_group: int, cfg) -> dict:
     """Remove `per_group` query heads from every KV group by structured OBS over each head's o_proj channels,
     then refit the kept o_proj columns against the dense attention output on the same inputs."""
     parts = attention_parts(adapter, layer)
-    G = _o_stats(layer, acts, parts, cfg)
+    G = _o_stats(layer, adapter, acts, parts, cfg)
     W = parts.o.weight.detach()
     hd, nh = parts.head_dim, parts.n_heads
     C = LS.dense_cross(G, W)
@@ -67,7 +67,7 @@ def prune_block_heads(layer, adapter, acts, n_groups: int, cfg) -> dict:
     o_proj is refitted; with scales (the paper's reading) the dense columns score and one scale per kept query
     head is fitted."""
     parts = attention_parts(adapter, layer)
-    G = _o_stats(layer, acts, parts, cfg)
+    G = _o_stats(layer, adapter, acts, parts, cfg)
     W = parts.o.weight.detach()
     groups = kv_group_channels(parts, torch.arange(parts.n_kv))[0].view(parts.n_kv, -1)
     if cfg.recovery == "least-squares":

@@ -100,7 +100,7 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
             mlp_x.append(x)
             mlp_r.append(block_output(out) - m)
         hooks.append(layer.register_forward_hook(keep_x_and_rest))
-    own = LS.BlockStats(parts.down, cfg.token_weight, target) \
+    own = LS.BlockStats(parts.down, cfg.token_weight, target, adapter.output_norms) \
         if target is not None or cfg.token_weight != "none" else None
     if own is not None:
         hooks += own.attach(layer)

@@ -86,7 +86,7 @@ def build_database(model, adapter, acts, kept: list[int], ladder: Ladder, cfg, d
                 acts = forward_block(layer, acts, consume=True)
                 continue
             down = adapter.mlp(layer).down
-            own = LS.BlockStats(down, cfg.token_weight)
+            own = LS.BlockStats(down, cfg.token_weight, normed=adapter.output_norms)
             hooks = own.attach(layer)
             try:
                 _, acts = collect_stats(layer, acts, {"down": down}, consume=True)

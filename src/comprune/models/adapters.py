@@ -37,6 +37,9 @@ class LlamaAdapter:
     # sink and every statistic and perplexity describes a model off its distribution
     needs_bos = False
     moe = False                       # mixture-of-experts MLPs (MoEAdapter)
+    # a norm follows o_proj and down_proj before their residual adds (Gemma's and OLMo 2's post-norms): the
+    # refit weighs each token's error by that norm's scale, not the block output's
+    output_norms = False
 
     def head_pruning_refusal(self, config) -> str | None:
         """Why attention heads of this model cannot be pruned (None: they can)."""
@@ -112,6 +115,7 @@ class GemmaAdapter(LlamaAdapter):
     query_pre_attn_scalar live in the modules and config, untouched by pruning; layer_types follows the blocks."""
     family = "gemma3_text"
     mlp_output_is_residual = False
+    output_norms = True
     needs_bos = True
 
     def mlp_input_norm(self, layer) -> nn.Module:
@@ -133,6 +137,7 @@ class Olmo2Adapter(LlamaAdapter):
     """OLMo 2: norms after attention and MLP only (post_attention_layernorm, post_feedforward_layernorm)."""
     family = "olmo2"
     mlp_output_is_residual = False
+    output_norms = True
 
     def head_pruning_refusal(self, config) -> str | None:
         return ("OLMo 2's q_norm/k_norm normalise over all heads together, so removing a head changes the others: "
