@@ -21,6 +21,18 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT = HERE / "results" / "compare"
+OFFICIAL = HERE / "results" / "official" / "summary.md"
+
+
+def official_table() -> list[str]:
+    """The official-code rows beside their harness counterparts (benchmarks/official/summary.py's table)."""
+    if not OFFICIAL.exists():
+        return []
+    table = [line for line in OFFICIAL.read_text().splitlines() if line.startswith("|")]
+    return ["Official code against the harness, SmolLM2, first 32,768 WikiText-2 test tokens (a harness row's "
+            "brackets: its change against the official row above it; each official row uses its own recipe and "
+            "calibration draw, the harness rows the shared calibration set unless they say otherwise):", "",
+            *table, ""]
 DOC = ROOT / "docs" / "comparison.md"
 METHODS = "comp,comp-search,wanda-sp,flap,llm-pruner,layer-drop"
 
@@ -107,6 +119,7 @@ def write_doc(args):
         "Each harness baseline is checked against its authors' code on the same model and slice in "
         "[baselines.md](baselines.md) (`benchmarks/official/`, rows in `benchmarks/results/official/summary.md`).",
         "",
+        *official_table(),
         "- **comp**: COMP with comprune's default (`--method comp`, [method.md](method.md), chosen on held-out "
         "validation in [ablation.md](ablation.md)): every block kept at 20 % (layer share 0, the held-out winner; "
         "COMP's hybrid split is `--layer-share 0.25`), MLP neurons chosen by structured OBS (the condition score "

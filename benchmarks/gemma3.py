@@ -112,13 +112,14 @@ def write_markdown(path: Path, result: dict) -> None:
              f"{result['runtime_version']}, GGUF {s['qtype']}, {s['threads']} threads, {s['new_tokens']} new tokens "
              f"greedy, median of {s['repeats']} after a warm-up. Machine: {result['machine']}, shared: 1-min load "
              f"{result['load_avg_1min']['before']} before / {result['load_avg_1min']['after']} after, so times and "
-             "tokens/s are noisy and only comparable within this table.", "",
+             "tokens/s are noisy; each row's speed is against the dense GGUF measured in the same run.", "",
              "| method | removed (blocks / all) | layers removed | MLP widths | heads | WikiText-2 PPL | prune s "
              "| peak RSS MB | GGUF MiB | gen tok/s | vs dense |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = r.get("gen_tok_s")
-        rel = f"{speed / dense['gen_tok_s']:.2f}x" if speed and dense.get("gen_tok_s") else "-"
+        ref = r.get("dense_gen_tok_s") or dense.get("gen_tok_s")
+        rel = f"{speed / ref:.2f}x" if speed and ref else "-"
         removed = f"{r['ratio_of_blocks']:.3f} / {r['ratio_of_all']:.3f}" if "ratio_of_blocks" in r else "-"
         w = r.get("mlp_widths", [2048])
         w = f"{w[0]}..{w[-1]} ({len(w)} widths)" if len(w) > 3 else w
@@ -167,7 +168,11 @@ def main(argv=None) -> None:
                 {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                  if k not in ("one", "methods", "keep_others")}:
             sys.exit(f"--keep-others: {previous} was made with other settings; run every method instead")
+        old_dense = next((r for r in old["rows"] if r["method"] == "dense"), {})
         rows = [r for r in old["rows"] if r["method"] not in {"dense", *args.methods}]
+        for r in rows:  # speeds compare within a run: each row keeps the dense speed measured beside it
+            r.setdefault("dense_gen_tok_s", old_dense.get("gen_tok_s"))
+    run_dense = None
     for method in ["dense"] + args.methods:
         print(f"== {method}", flush=True)
         proc = subprocess.run([sys.executable, __file__, *base, "--one", method], capture_output=True, text=True)
@@ -175,8 +180,11 @@ def main(argv=None) -> None:
             print(proc.stderr[-2000:])
             skipped.append(method)
             continue
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "calibration"}), flush=True)
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        run_dense = row if method == "dense" else run_dense
+        row["dense_gen_tok_s"] = run_dense.get("gen_tok_s") if run_dense else None
+        rows = sorted(rows + [row], key=lambda r: r["method"] != "dense")
+        print(json.dumps({k: v for k, v in row.items() if k != "calibration"}), flush=True)
         result = {"command": " ".join(["python benchmarks/gemma3.py", shlex.join(base)]).strip(),
                   "runtime_version": xllamacpp.__version__, "torch": torch.__version__,
                   "transformers": __import__("transformers").__version__,
