@@ -164,11 +164,10 @@ class BlockStats:
         (h, m), self.hm = self.hm, None
         h = h.float()
         # The projection's own output, as the forward computed it: the refit models H Wᵀ, so a bias is taken out.
-        m = m.float() if self.lin.bias is None else m.float() - self.lin.bias.float()
-        w = None
-        if self.weighted:  # the scale the next norm divides by: of the projection's own output, or the block's
-            z = (m if self.lin.bias is None else m + self.lin.bias.float()) if self.normed else y
-            w = 1.0 / z.pow(2).mean(1).clamp_min(1e-12)
+        raw = m.float()
+        m = raw if self.lin.bias is None else raw - self.lin.bias.float()
+        # the scale the next norm divides by: the projection's own output (normed), else the block's
+        w = 1.0 / (raw if self.normed else y).pow(2).mean(1).clamp_min(1e-12) if self.weighted else None
         hw = h * w[:, None] if w is not None else h
         g = (hw.T @ h).double()
         self.G = g if self.G is None else self.G.add_(g)

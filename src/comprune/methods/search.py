@@ -130,6 +130,10 @@ class Fitness:
         with resident(self.norm, self.cfg.device), resident(self.head, self.cfg.device):
             return torch.log_softmax(self.logit_fn(self.head(self.norm(h)).float()), -1)
 
+    def _kl_sum(self, ref: torch.Tensor, h: torch.Tensor) -> float:
+        """Σ over tokens of KL(dense ‖ stitched), from the dense log-probabilities and the stitched hidden states."""
+        return float((ref.exp() * (ref - self._logprobs(h))).sum())
+
     def _run(self, acts, blocks, levels=None) -> Activations:
         for i in blocks:
             with resident(self.layers[i], self.cfg.device):
@@ -172,7 +176,7 @@ class Fitness:
         total, count = 0.0, 0
         for ref, h in zip(refs, out.hidden):
             ref = ref.float()
-            total += float((ref.exp() * (ref - self._logprobs(h))).sum())
+            total += self._kl_sum(ref, h)
             count += ref.shape[0] * ref.shape[1]
         self.evaluations += 1
         return total / max(count, 1)
@@ -193,7 +197,7 @@ class Fitness:
         for ref, h in zip(refs, out.hidden):
             ref = ref.float()
             for k, hk in enumerate(h.split(ref.shape[0])):  # one level's rows at a time: the head's output is big
-                total[k] += float((ref.exp() * (ref - self._logprobs(hk))).sum())
+                total[k] += self._kl_sum(ref, hk)
             count += ref.shape[0] * ref.shape[1]
         self.evaluations += len(levels)
         return [t / max(count, 1) for t in total]
@@ -208,26 +212,26 @@ class Fitness:
         return out
 
 
-def _row_kwargs(kwargs: dict, j: int, rows: int) -> dict:
-    """A block's kwargs for row j of its batch: per-row tensors (masks, positions) sliced, shared ones kept."""
-    def pick(v):
-        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == rows and rows > 1:  # not cache_position
-            return v[j:j + 1]
+def _per_row(kwargs: dict, rows: int, fn) -> dict:
+    """A block's kwargs with fn applied to its per-row tensors (masks, positions: batch dimension `rows`; not
+    cache_position), tuples followed, shared values kept."""
+    def go(v):
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == rows:
+            return fn(v)
         if isinstance(v, tuple):
-            return tuple(pick(x) for x in v)
+            return tuple(go(x) for x in v)
         return v
-    return {k: pick(v) for k, v in kwargs.items()}
+    return {k: go(v) for k, v in kwargs.items()}
+
+
+def _row_kwargs(kwargs: dict, j: int, rows: int) -> dict:
+    """A block's kwargs for row j of its batch."""
+    return _per_row(kwargs, rows, lambda v: v[j:j + 1]) if rows > 1 else kwargs
 
 
 def _tile_kwargs(kwargs: dict, n: int) -> dict:
-    """A one-row batch's kwargs for n stacked copies of its rows (per-row tensors expanded, shared ones kept)."""
-    def tile(v):
-        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == 1:
-            return v.expand(n, *v.shape[1:])
-        if isinstance(v, tuple):
-            return tuple(tile(x) for x in v)
-        return v
-    return {k: tile(v) for k, v in kwargs.items()}
+    """A one-row batch's kwargs for n stacked copies of its rows."""
+    return _per_row(kwargs, 1, lambda v: v.expand(n, *v.shape[1:]))
 
 
 def dp_allocate(costs: dict[int, list[float]], total: int) -> dict[int, int]:
