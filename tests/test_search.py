@@ -63,8 +63,9 @@ def test_search_prune_keeps_the_budget_is_deterministic_and_equals_masked_dense(
 
 def _fitness(model, cfg, root):
     adapter = get_adapter(model)
+    adapter.prepare(model)  # Phi-3: gate/up split, as prune() does first
     ids = calib(16, 16).input_ids
-    n = adapter.layers(model)[0].mlp.down_proj.in_features
+    n = adapter.mlp(adapter.layers(model)[0]).down.in_features
     ladder = make_ladder(n, cfg)
     kept = list(range(len(adapter.layers(model))))
     db = build_database(model, adapter, capture(model, adapter, ids[:12], 4, "cpu"), kept, ladder, cfg,
@@ -114,6 +115,28 @@ def test_error_curves_stacked_equal_one_call_per_level(family, tmp_path):
         assert one_by_one[-1] > one_by_one[0] > 0
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_population_scores_what_one_call_per_kid_scores(family, tmp_path):
+    """The evolution scores its offspring together (shared prefixes, one stacked batch per level): the same KL
+    as one call per kid, on single windows and on whole batches, with a block removed whole among them."""
+    model = tiny_model(family, layers=3)
+    fit, ladder, _ = _fitness(model, _search_cfg(), tmp_path)
+    fit.removed_level = ladder.top + 1
+    kids = [{0: 1, 1: 2, 2: 0}, {0: 1, 1: 2, 2: 0}, {0: 1, 1: 0, 2: ladder.top}, {0: 0, 1: ladder.top + 1, 2: 2},
+            {0: 2, 1: 2, 2: 1}]
+    parent = {0: 1, 1: 2, 2: 1}
+    (_,), (traj,) = fit.population([parent], record=True)
+    for windows in (fit.windows[:2], None):
+        one_by_one = [fit(k, windows) for k in kids]
+        assert fit.population(kids, windows) == pytest.approx(one_by_one, rel=1e-4, abs=1e-9)
+        assert fit.population(kids, windows, parent=(parent, traj)) == pytest.approx(one_by_one, rel=1e-4, abs=1e-9)
+        assert one_by_one[0] == one_by_one[1] and len(set(one_by_one[1:])) == 4
+    # a kid run from its parent's trajectory records, bit for bit, the trajectory a fresh run computes (resume)
+    (f1,), (t1,) = fit.population([kids[4]], parent=(parent, traj), record=True)
+    (f2,), (t2,) = fit.population([kids[4]], record=True)
+    assert f1 == f2 and all(torch.equal(a, b) for pa, pb in zip(t1, t2) for a, b in zip(pa, pb))
+
+
 def test_evolution_resumes_where_it_was_killed(tmp_path):
     model = tiny_model("llama", layers=3)
     cfg = _search_cfg()
@@ -128,15 +151,35 @@ def test_evolution_resumes_where_it_was_killed(tmp_path):
     assert resumed == straight and trace2 == trace and sum(resumed.values()) == 6
 
 
-def test_stitched_model_equals_the_physically_pruned_one(tmp_path):
-    """What the search scores (dense columns zeroed, refitted columns in place) is the model that slicing to the
-    database's variants builds."""
-    model = tiny_model("llama", layers=3)
+@pytest.mark.parametrize("family", ["llama", "granite", "gemma2"])
+def test_kl_from_moments_equals_kl_from_log_probabilities(family, tmp_path):
+    """With an affine head the dense distribution is kept as three per-token moments (Granite: logits scaled;
+    Gemma 2: soft-capped, so its log-probabilities are kept): the KL they give is the textbook one."""
+    model = tiny_model(family, layers=3)
+    fit, ladder, _ = _fitness(model, _search_cfg(), tmp_path)
+    x0 = type(fit.x0)(fit.x0.hidden[:1], fit.x0.kwargs[:1])
+    dense = fit._run(x0, fit.kept).hidden[0]
+    h = fit._run(x0, fit.kept, {0: 1, 1: ladder.top, 2: 2}).hidden[0]
+    with torch.inference_mode():
+        logits = lambda x: fit._logits(fit._normed(x))  # noqa: E731
+        p, q = torch.log_softmax(logits(dense), -1), torch.log_softmax(logits(h), -1)
+    want = float((p.exp() * (p - q)).sum())
+    assert fit._kl_sum(fit.ref[0], h) == pytest.approx(want, rel=1e-3)
+    assert fit._kl_sum(fit.ref[0], dense) == pytest.approx(0, abs=1e-4 * h.shape[0] * h.shape[1])
+    assert (family == "gemma2") != (type(fit.ref[0]).__name__ == "_Moments")
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "opt", "gemma3_text"])
+def test_stitched_model_equals_the_physically_pruned_one(family, tmp_path):
+    """What the search scores (each MLP cut to its variant's neurons while it runs) is the model that slicing to
+    the database's variants builds (Phi-3: split gate/up; OPT: biased fc1, no gate; Gemma 3: post-norms)."""
+    model = tiny_model(family, layers=3)
     cfg = _search_cfg()
     fit, ladder, db = _fitness(model, cfg, tmp_path)
     levels = {0: 1, 1: ladder.top, 2: 0}
-    dense = {i: (torch.arange(b.mlp.down_proj.in_features), b.mlp.down_proj.weight.detach().clone())
-             for i, b in enumerate(get_adapter(model).layers(model))}
+    adapter = get_adapter(model)
+    dense = {i: (torch.arange(adapter.mlp(b).down.in_features), adapter.mlp(b).down.weight.detach().clone())
+             for i, b in enumerate(adapter.layers(model))}
     variant = lambda i, lv: db.variant(i, lv) if lv else dense[i]  # noqa: E731  (level 0: the dense block)
     stitched = fit._run(type(fit.x0)(fit.x0.hidden[:1], fit.x0.kwargs[:1]), fit.kept, levels).hidden[0]
     pruned = copy.deepcopy(model)

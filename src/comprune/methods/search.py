@@ -19,6 +19,7 @@ import os
 import random
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,46 @@ def build_database(model, adapter, acts, kept: list[int], ladder: Ladder, cfg, d
     return db
 
 
+@contextmanager
+def _narrowed(parts, idx: torch.Tensor, down_weight: torch.Tensor):
+    """The MLP cut to neurons `idx`, its down_proj's kept columns refitted, while the context lasts: the
+    stitched block runs only its kept neurons' products, as the physically pruned one will."""
+    saved = []
+
+    def swap(t: torch.Tensor, data: torch.Tensor):
+        saved.append((t, t.data))
+        t.data = data
+
+    idx = idx.to(parts.down.weight.device)
+    for lin in (parts.gate, parts.up):
+        if lin is not None:
+            swap(lin.weight, lin.weight.data[idx])
+            if lin.bias is not None:
+                swap(lin.bias, lin.bias.data[idx])
+    swap(parts.down.weight, down_weight.to(parts.down.weight))
+    try:
+        yield
+    finally:
+        for t, data in reversed(saved):
+            t.data = data
+
+
+@dataclass
+class _Moments:
+    """The dense next-token distribution p at each token, as the KL against an affine head needs it (see
+    Fitness._reference): Wᵀp / s [rows, T, d], Σ p log p − p · b / s and Σ p [rows, T]."""
+    m: torch.Tensor
+    const: torch.Tensor
+    mass: torch.Tensor
+
+    @property
+    def shape(self):
+        return self.mass.shape
+
+    def __getitem__(self, rows):
+        return _Moments(self.m[rows], self.const[rows], self.mass[rows])
+
+
 class Fitness:
     """KL(dense ‖ stitched) per token on held-apart windows, from block-0 inputs kept in memory."""
 
@@ -120,19 +161,51 @@ class Fitness:
         self.kept = [i for i in range(len(self.layers)) if i not in set(removed)]
         self.x0 = capture(model, adapter, fit_ids, cfg.batch_size, cfg.device)
         self.nbatches = len(self.x0.hidden)
-        self.ref = [self._logprobs(h).half() for h in self._run(self.x0, range(len(self.layers))).hidden]
+        self.head_config = model.config
+        self.linear_head = not getattr(model.config, "final_logit_softcapping", None)
+        with torch.inference_mode():
+            self.ref = [self._reference(h) for h in self._run(self.x0, range(len(self.layers))).hidden]
         # Single windows for the cheap stages (error curves, offspring filter): the LM head over the vocabulary
         # costs as much as a third of the blocks, so those stages read few tokens.
         self.windows = [(b, j) for b in range(self.nbatches) for j in range(self.x0.hidden[b].shape[0])]
         self.evaluations = 0
 
-    def _logprobs(self, h: torch.Tensor) -> torch.Tensor:
-        with resident(self.norm, self.cfg.device), resident(self.head, self.cfg.device):
-            return torch.log_softmax(self.logit_fn(self.head(self.norm(h)).float()), -1)
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        with resident(self.head, self.cfg.device):
+            return self.logit_fn(self.head(x).float())
 
-    def _kl_sum(self, ref: torch.Tensor, h: torch.Tensor) -> float:
-        """Σ over tokens of KL(dense ‖ stitched), from the dense log-probabilities and the stitched hidden states."""
-        return float((ref.exp() * (ref - self._logprobs(h))).sum())
+    def _normed(self, h: torch.Tensor) -> torch.Tensor:
+        with resident(self.norm, self.cfg.device):
+            return self.norm(h)
+
+    def _reference(self, h: torch.Tensor):
+        """What KL(p ‖ q) needs of the dense distribution p at every token. With logits affine in the final
+        hidden state x (z = (W x + b) / s: no soft-cap), KL_t = Σ p log p − Σ p z(x') + lse z(x') · Σ p, and
+        Σ p z(x') = x' · Wᵀp / s + p · b / s, so three small per-token tensors (Wᵀp / s, the constant, Σ p)
+        stand for p, and a candidate costs one pass over its logits (their logsumexp). Otherwise p's
+        log-probabilities, in float16."""
+        x = self._normed(h)
+        logp = torch.log_softmax(self._logits(x), -1)
+        if not self.linear_head:
+            return logp.half()
+        prob = logp.exp()
+        scale = 1.0 / float(getattr(self.head_config, "logits_scaling", None) or 1.0)
+        W = self.head.weight
+        m = (prob @ W.float()) * scale  # [rows, T, d]: the head's input dimension
+        const = (prob * logp).sum(-1)
+        if self.head.bias is not None:
+            const = const - (prob @ self.head.bias.float()) * scale
+        return _Moments(m, const, prob.sum(-1))
+
+    @torch.inference_mode()
+    def _kl_sum(self, ref, h: torch.Tensor) -> float:
+        """Σ over tokens of KL(dense ‖ stitched), from the dense reference and the stitched hidden states."""
+        x = self._normed(h)
+        z = self._logits(x)
+        if isinstance(ref, _Moments):
+            return float((ref.const - (x.float() * ref.m).sum(-1) + torch.logsumexp(z, -1) * ref.mass).double().sum())
+        ref = ref.float()
+        return float((ref.exp() * (ref - torch.log_softmax(z, -1))).sum())
 
     def _run(self, acts, blocks, levels=None) -> Activations:
         for i in blocks:
@@ -142,15 +215,8 @@ class Fitness:
                 if levels is None or levels[i] == 0:
                     acts = forward_block(self.layers[i], acts)
                     continue
-                down = self.adapter.mlp(self.layers[i]).down
-                idx, Wl = self.db.variant(i, levels[i])
-                full = torch.zeros_like(down.weight)
-                full[:, idx.to(full.device)] = Wl.to(full)
-                dense, down.weight.data = down.weight.data, full  # zero columns = the pruned neurons
-                try:
+                with _narrowed(self.adapter.mlp(self.layers[i]), *self.db.variant(i, levels[i])):
                     acts = forward_block(self.layers[i], acts)
-                finally:
-                    down.weight.data = dense
         return acts
 
     def subset(self, windows=None) -> tuple[Activations, list[torch.Tensor]]:
@@ -175,11 +241,73 @@ class Fitness:
         out = self._run(acts, blocks, levels)
         total, count = 0.0, 0
         for ref, h in zip(refs, out.hidden):
-            ref = ref.float()
             total += self._kl_sum(ref, h)
             count += ref.shape[0] * ref.shape[1]
         self.evaluations += 1
         return total / max(count, 1)
+
+    @torch.inference_mode()
+    def population(self, kids: list[dict], windows=None, parent: tuple | None = None, record: bool = False):
+        """What __call__ gives each of `kids`, all in one pass. Kids whose levels agree on every block so far
+        share one activation, and each block runs once per distinct level on the rows at that level, stacked as
+        one batch. With `parent` = (levels, trajectory), a kid runs only from its first block that differs from
+        the parent: before it, its activations are the parent's. Offspring differ from their parent in a few
+        blocks, so most of the model runs once, or not at all.
+
+        With record=True (all windows), also returns every kid's trajectory: its input of every kept block and
+        its final hidden state, per batch. One kid alone runs the same operations on the same shapes as a
+        search from scratch, so a trajectory recorded that way is bit for bit what a resumed search recomputes."""
+        if record and windows is not None:
+            raise ValueError("trajectories are recorded on every window")
+        x0, refs = self.subset(windows)
+        n = len(self.kept)
+        levels0, traj0 = parent if parent is not None else (None, None)
+        trajs = [[[None] * len(x0.hidden) for _ in range(n + 1)] for _ in kids] if record else None
+        totals, count = [0.0] * len(kids), 0
+        for b, (kw, ref) in enumerate(zip(x0.kwargs, refs)):
+            rows = x0.hidden[b].shape[0]
+            at_parent = lambda p: self._rows(traj0[p], windows, b)  # noqa: E731
+            classes = [(list(range(len(kids))), None if parent is not None else x0.hidden[b])]  # None: the parent's
+            for p, i in enumerate(self.kept):
+                if record:
+                    for members, h in classes:
+                        for k in members:
+                            trajs[k][p][b] = at_parent(p) if h is None else h
+                split, todo = [], {}
+                for members, h in classes:
+                    by_level: dict[int, list[int]] = {}
+                    for k in members:
+                        by_level.setdefault(kids[k][i], []).append(k)
+                    for lv, ks in by_level.items():
+                        if h is None and lv == levels0[i]:
+                            split.append((ks, None))
+                            continue
+                        todo.setdefault(lv, []).append(len(split))
+                        split.append((ks, at_parent(p) if h is None else h))
+                for lv, at in todo.items():
+                    hs = [split[j][1] for j in at]
+                    acts = Activations([torch.cat(hs) if len(hs) > 1 else hs[0]], [_repeat_kwargs(kw, rows, len(hs))])
+                    for j, out in zip(at, self._run(acts, [i], {i: lv}).hidden[0].split(rows)):
+                        split[j] = (split[j][0], out)
+                classes = split
+            for members, h in classes:
+                h = at_parent(n) if h is None else h
+                kl = self._kl_sum(ref, h)
+                for k in members:
+                    totals[k] += kl
+                    if record:
+                        trajs[k][n][b] = h
+            count += ref.shape[0] * ref.shape[1]
+        self.evaluations += len(kids)
+        fits = [t / max(count, 1) for t in totals]
+        return (fits, trajs) if record else fits
+
+    def _rows(self, batches: list[torch.Tensor], windows, b: int) -> torch.Tensor:
+        """Batch b of subset(windows), taken from a trajectory's per-batch tensors at one block."""
+        if windows is None:
+            return batches[b]
+        bb, j = windows[b]
+        return batches[bb][j:j + 1]
 
     @torch.inference_mode()
     def curve(self, i: int, levels, windows, acts: Activations) -> list[float]:
@@ -195,7 +323,6 @@ class Fitness:
         out = self._run(stacked, [j for j in self.kept if j > i])
         total, count = [0.0] * len(levels), 0
         for ref, h in zip(refs, out.hidden):
-            ref = ref.float()
             for k, hk in enumerate(h.split(ref.shape[0])):  # one level's rows at a time: the head's output is big
                 total[k] += self._kl_sum(ref, hk)
             count += ref.shape[0] * ref.shape[1]
@@ -227,6 +354,11 @@ def _per_row(kwargs: dict, rows: int, fn) -> dict:
 def _row_kwargs(kwargs: dict, j: int, rows: int) -> dict:
     """A block's kwargs for row j of its batch."""
     return _per_row(kwargs, rows, lambda v: v[j:j + 1]) if rows > 1 else kwargs
+
+
+def _repeat_kwargs(kwargs: dict, rows: int, n: int) -> dict:
+    """A `rows`-row batch's kwargs for n copies of its rows stacked one after another."""
+    return _per_row(kwargs, rows, lambda v: v.repeat(n, *[1] * (v.dim() - 1))) if n > 1 else kwargs
 
 
 def _tile_kwargs(kwargs: dict, n: int) -> dict:
@@ -310,13 +442,13 @@ def evolve(fitness: Fitness, start: dict, top: int, cfg, state_file: Path | None
     """(1 + λ) evolution from `start`; every generation's randomness comes from (seed, generation), so a resumed
     search continues exactly where the killed one stopped."""
     state = json.loads(state_file.read_text()) if state_file is not None and state_file.exists() else None
+    parent = {int(k): v for k, v in state["parent"].items()} if state is not None else dict(start)
+    # the parent's trajectory: offspring run from where they leave it
+    (parent_fit,), (traj,) = fitness.population([parent], record=True)
     if state is not None:
-        parent = {int(k): v for k, v in state["parent"].items()}
         parent_fit, trace, gen0 = state["fitness"], state["trace"], state["generation"]
     else:
-        parent, gen0 = dict(start), 0
-        parent_fit = fitness(parent)
-        trace = [[0, parent_fit]]
+        trace, gen0 = [[0, parent_fit]], 0
     deadline = time.monotonic() + cfg.search_time if cfg.search_time > 0 else float("inf")
     gens = range(gen0, cfg.search_generations)
     for gen in progress(gens, "COMP search: evolution", show, total=len(gens)):
@@ -328,11 +460,15 @@ def evolve(fitness: Fitness, start: dict, top: int, cfg, state_file: Path | None
         kids = [k for k in kids if k != parent] or kids
         n = len(fitness.windows)
         few = [fitness.windows[(gen * cfg.search_filter + k) % n] for k in range(cfg.search_filter)]  # stage 1
-        ranked = sorted(kids, key=lambda k: fitness(k, few))[: cfg.search_survivors]
-        scored = [(fitness(k), k) for k in ranked]  # stage 2: every fitness window
-        fit, kid = min(scored, key=lambda s: s[0])
-        if fit < parent_fit:
-            parent, parent_fit = kid, fit
+        filtered = fitness.population(kids, few, parent=(parent, traj))
+        ranked = [kids[j] for j in sorted(range(len(kids)), key=filtered.__getitem__)[: cfg.search_survivors]]
+        # stage 2, every fitness window: one kid per call, so a recorded trajectory is what a resume recomputes
+        scored = [fitness.population([k], parent=(parent, traj), record=True) for k in ranked]
+        fits = [fit for (fit,), _ in scored]
+        j = min(range(len(ranked)), key=fits.__getitem__)
+        if fits[j] < parent_fit:
+            parent, parent_fit, traj = ranked[j], fits[j], scored[j][1][0]
+        del scored  # the losers' trajectories
         trace.append([gen + 1, parent_fit])
         if state_file is not None:
             tmp = state_file.with_suffix(".tmp")
