@@ -92,6 +92,8 @@ CONFIGS = [
     # twice the calibration tokens, as longer windows or as more of them (the 5-minute budget allows ~2x)
     ("def-calib-128x256", "calibration", DEFAULT | {"nsamples": 128, "seqlen": 256}),
     ("def-calib-256x128", "calibration", DEFAULT | {"nsamples": 256, "seqlen": 128}),
+    # cheap non-uniform widths for the 5-minute default: FLAP's standardised fluctuation ranking across blocks
+    ("def-widths-fluct", "width", DEFAULT | {"width_allocation": "adaptive", "extra": {"allocation_score": "fluctuation"}}),
     ("search-dp", "search", SPEC | LSOBS | {"token_weight": "output", "width_allocation": "search"}),
     ("search-evo-40", "search", SPEC | LSOBS | {"token_weight": "output", "width_allocation": "search",
                                                 "search_generations": 40}),

@@ -204,6 +204,9 @@ def allocate_widths(model, adapter, acts, removed: list[int], neurons_per_layer:
     layers = adapter.layers(model)
     kept = [i for i in range(len(layers)) if i not in set(removed)]
     norm = cfg.extra.get("allocation_norm", "output")  # ablation knob: "output" (residual stream) or "mlp"
+    # ablation knob: "condition" (COMP's score, normalised as above) or "fluctuation" (FLAP's ranking: the
+    # fluctuation Var(X_j)·‖W_:,j‖², standardised within each MLP, so no energy normalisation is needed)
+    how = cfg.extra.get("allocation_score", "condition")
     candidates = []  # (normalised score, block) of the neurons each block may lose
     for i in progress(kept, "COMP width allocation", show):
         layer = layers[i]
@@ -216,7 +219,8 @@ def allocate_widths(model, adapter, acts, removed: list[int], neurons_per_layer:
                 energy = float(((W @ G) * W).sum())
             else:  # the block's output (residual stream) energy
                 energy = sum(float(y.double().pow(2).sum()) for y in acts.hidden)
-            score = one_shot_scores("condition", G, parts, cfg) / max(energy, 1e-30)
+            score = S.flap_channel_scores(parts.down.weight.detach(), stats["down"].var()) if how == "fluctuation" \
+                else one_shot_scores("condition", G, parts, cfg) / max(energy, 1e-30)
             del stats, G
         width = score.numel()
         floor = max(cfg.min_width, math.ceil(width / 4))
