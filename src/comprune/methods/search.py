@@ -190,11 +190,12 @@ class Fitness:
             return logp.half()
         prob = logp.exp()
         scale = 1.0 / float(getattr(self.head_config, "logits_scaling", None) or 1.0)
-        W = self.head.weight
-        m = (prob @ W.float()) * scale  # [rows, T, d]: the head's input dimension
-        const = (prob * logp).sum(-1)
-        if self.head.bias is not None:
-            const = const - (prob @ self.head.bias.float()) * scale
+        with resident(self.head, self.cfg.device):
+            W, b = self.head.weight, self.head.bias
+            m = (prob @ W.to(prob.device).float()) * scale  # [rows, T, d]: the head's input dimension
+            const = (prob * logp).sum(-1)
+            if b is not None:
+                const = const - (prob @ b.to(prob.device).float()) * scale
         return _Moments(m, const, prob.sum(-1))
 
     @torch.inference_mode()
