@@ -94,6 +94,11 @@ CONFIGS = [
     ("def-calib-256x128", "calibration", DEFAULT | {"nsamples": 256, "seqlen": 128}),
     # cheap non-uniform widths for the 5-minute default: FLAP's standardised fluctuation ranking across blocks
     ("def-widths-fluct", "width", DEFAULT | {"width_allocation": "adaptive", "extra": {"allocation_score": "fluctuation"}}),
+    # at 10 % FLAP's and LLM-Pruner's non-uniform widths edge out COMP's uniform ones on the test slice
+    ("def-0.1", "ratio", DEFAULT | {"ratio": 0.1}),
+    ("def-widths-fluct-0.1", "width", DEFAULT | {"ratio": 0.1, "width_allocation": "adaptive",
+                                                 "extra": {"allocation_score": "fluctuation"}}),
+    ("baseline-flap-0.1", "baseline", SPEC | {"method": "flap", "ratio": 0.1}),
     ("search-dp", "search", SPEC | LSOBS | {"token_weight": "output", "width_allocation": "search"}),
     ("search-evo-40", "search", SPEC | LSOBS | {"token_weight": "output", "width_allocation": "search",
                                                 "search_generations": 40}),
