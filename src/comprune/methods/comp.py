@@ -212,16 +212,20 @@ def allocate_widths(model, adapter, acts, removed: list[int], neurons_per_layer:
         layer = layers[i]
         with resident(layer, cfg.device):
             parts = adapter.mlp(layer)
-            stats, acts = collect_stats(layer, acts, {"down": parts.down}, gram={"down"}, consume=True)
-            G = stats["down"].gram
-            if norm == "mlp":  # the MLP's own output energy tr(W G W^T): scores become relative MLP errors
-                W = parts.down.weight.detach().double().to(G.device)
-                energy = float(((W @ G) * W).sum())
-            else:  # the block's output (residual stream) energy
-                energy = sum(float(y.double().pow(2).sum()) for y in acts.hidden)
-            score = S.flap_channel_scores(parts.down.weight.detach(), stats["down"].var()) if how == "fluctuation" \
-                else one_shot_scores("condition", G, parts, cfg) / max(energy, 1e-30)
-            del stats, G
+            gram = set() if how == "fluctuation" else {"down"}  # the fluctuation needs no Gram
+            stats, acts = collect_stats(layer, acts, {"down": parts.down}, gram=gram, consume=True)
+            if how == "fluctuation":
+                score = S.flap_channel_scores(parts.down.weight.detach(), stats["down"].var())
+            else:
+                G = stats["down"].gram
+                if norm == "mlp":  # the MLP's own output energy tr(W G W^T): scores become relative MLP errors
+                    W = parts.down.weight.detach().double().to(G.device)
+                    energy = float(((W @ G) * W).sum())
+                else:  # the block's output (residual stream) energy
+                    energy = sum(float(y.double().pow(2).sum()) for y in acts.hidden)
+                score = one_shot_scores("condition", G, parts, cfg) / max(energy, 1e-30)
+                del G
+            del stats
         width = score.numel()
         floor = max(cfg.min_width, math.ceil(width / 4))
         lowest = torch.sort(score.cpu()).values[: max(width - floor, 0)]

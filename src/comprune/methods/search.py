@@ -320,7 +320,7 @@ class Fitness:
         _, refs = self.subset(windows)
         variants = [self._run(acts, [i], {**base, i: lv}) for lv in levels]
         stacked = Activations([torch.cat([v.hidden[w] for v in variants]) for w in range(len(acts.hidden))],
-                              [_tile_kwargs(kw, len(levels)) for kw in acts.kwargs])
+                              [_repeat_kwargs(kw, 1, len(levels)) for kw in acts.kwargs])
         out = self._run(stacked, [j for j in self.kept if j > i])
         total, count = [0.0] * len(levels), 0
         for ref, h in zip(refs, out.hidden):
@@ -360,11 +360,6 @@ def _row_kwargs(kwargs: dict, j: int, rows: int) -> dict:
 def _repeat_kwargs(kwargs: dict, rows: int, n: int) -> dict:
     """A `rows`-row batch's kwargs for n copies of its rows stacked one after another."""
     return _per_row(kwargs, rows, lambda v: v.repeat(n, *[1] * (v.dim() - 1))) if n > 1 else kwargs
-
-
-def _tile_kwargs(kwargs: dict, n: int) -> dict:
-    """A one-row batch's kwargs for n stacked copies of its rows."""
-    return _per_row(kwargs, 1, lambda v: v.expand(n, *v.shape[1:]))
 
 
 def dp_allocate(costs: dict[int, list[float]], total: int) -> dict[int, int]:
