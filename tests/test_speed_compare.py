@@ -70,6 +70,7 @@ def test_zeroshot_full_is_resumable_per_task(tiny_dir, tmp_path, monkeypatch):
     cmp.step("dense", "zeroshot_full")  # fails at the 4th task: the first three are kept
     rec = json.loads(cmp.run_path("dense").read_text())
     assert set(rec["zeroshot_full"]["tasks"]) == set(PAPER7[:3]) and "zeroshot_full" in rec["errors"]
+    assert rec["zeroshot_full"]["average"] is None  # three tasks of seven are no seven-task average
     cmp.step("dense", "zeroshot_full")  # resumes: only the missing tasks, on the full sets
     assert [c for c in calls if c[0] != "boom"] == [(t, None) for t in PAPER7]
     rec = json.loads(cmp.run_path("dense").read_text())

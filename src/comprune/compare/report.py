@@ -30,7 +30,7 @@ def rows(out: Path, settings: dict) -> list[dict]:
             **{f"ppl{s}": get(ppl_key(s, False, max_tokens)) for s in seqlens},
             **{f"ppl{s}_full": get(ppl_key(s, True, max_tokens)) for s in seqlens},
             "avg7": zs.get("average"), "zeroshot_tasks": {t: v.get(v.get("metric", "acc")) for t, v in zs.get("tasks", {}).items()} or None,
-            "avg7_stderr": _avg_stderr(zs),
+            "avg7_stderr": _avg_stderr(zs) if zs.get("average") is not None else None,
             "avg7_full": zf.get("average") if len(zf.get("tasks", {})) == 7 else None,
             "avg7_full_stderr": _avg_stderr(zf) if len(zf.get("tasks", {})) == 7 else None,
             "zeroshot_full_tasks": {t: v.get(v["metric"]) for t, v in zf.get("tasks", {}).items()} or None,

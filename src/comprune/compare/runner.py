@@ -193,8 +193,11 @@ class Comparison:
             res["tasks"][task] = {**r["tasks"][task], "seconds": r["seconds"], "runner": r.get("runner")}
             res.update({k: v for k, v in r.items() if k in ("harness_version", "subset", "subset_rule", "limit")})
             res["seconds"] = round(sum(t.get("seconds", 0) for t in res["tasks"].values()), 1)
-            res["average"] = paper_average(res["tasks"])
-            res["average_stderr"] = average_stderr([t.get(f"{t['metric']}_stderr") for t in res["tasks"].values()])
+            # an average over some of the tasks is not the seven-task average: none until every task is in
+            complete = not self.zeroshot_missing(stage, rec)
+            res["average"] = paper_average(res["tasks"]) if complete else None
+            res["average_stderr"] = average_stderr([t.get(f"{t['metric']}_stderr") for t in res["tasks"].values()]) \
+                if complete else None
             res["average_metric_note"] = average_note(list(res["tasks"]))
             self._save(name, rec)
         return res
