@@ -128,7 +128,10 @@ def write_doc(args):
         "into the weights. Uniform widths.",
         "- **comp-search** (`--preset comp-search`): the same per-block machinery with per-block widths chosen by "
         "an evolutionary search (40 generations) against KL(dense ‖ pruned) on calibration-source windows held "
-        "apart from the calibration windows (methods/search.py); not streamed (the search holds the whole model).",
+        "apart from the calibration windows (methods/search.py); not streamed (the search holds the whole model). "
+        "On a quiet 2-core AMD EPYC the whole prune (variant database, DP start, 40 generations) takes 701 s at "
+        "20 % in float32; a second heavy job on the same 2 cores makes a generation 4x slower (OpenMP threads "
+        "spin-wait), so the prune seconds of a shared run mean little.",
         "- **llm-pruner**: block-wise first-order Taylor importance |W ⊙ ∂L/∂W| (one backward pass of the LM loss "
         "on the first 10 calibration windows cut to 64 tokens, gradients for every parameter as LLM-Pruner does) "
         "summed over coupled groups: a KV head with its query heads (q/k/v rows + o columns; GQA-aware) and an MLP "
@@ -284,6 +287,7 @@ def main(argv=None):
     ap.add_argument("--zeroshot-full", action="store_true",
                     help="also the seven tasks' full sets for dense and every method at 20 %% (hours; resumable per "
                          "task and method)")
+    ap.add_argument("--keep-models", action="store_true", help="keep the pruned model directories (out/models/)")
     ap.add_argument("--doc-only", action="store_true", help="only rewrite docs/comparison.md from the results")
     args = ap.parse_args(argv)
     if not args.doc_only:
@@ -295,7 +299,7 @@ def main(argv=None):
                 zeroshot_cache_dir=str(HERE / "cache" / "lm_eval"),
                 skip=[s for s in args.skip.split(",") if s], redo=[s for s in args.redo.split(",") if s],
                 redo_tag=args.redo_tag, zeroshot_full=args.zeroshot_full, dtype=args.dtype,
-                full_seqlens=[int(x) for x in args.full_seqlens.split(",")])
+                full_seqlens=[int(x) for x in args.full_seqlens.split(",")], keep_models=args.keep_models)
     write_doc(args)
 
 
