@@ -112,3 +112,43 @@ def test_tokenizing_in_pieces_equals_tokenizing_the_whole_text(source):
     whole = tokenize_stream(tok, JOIN.join(rows))
     for chunk_chars in (2000, 50_000):
         assert torch.equal(tokenize_rows(tok, rows, chunk_chars), whole)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_compiled_perplexity_matches_eager(family):
+    """torch.compile'd layers and head cross-entropy (evaluate/compiled.py) give the eager perplexity (float32:
+    up to float rounding), report that they ran, and leave the model uncompiled afterwards."""
+    from comprune.evaluate.compiled import _decoder_layers
+    model = tiny_model(family)
+    ids = torch.randint(3, 256, (600,), generator=torch.Generator().manual_seed(2))
+    eager = perplexity(model, None, ids=ids, seqlen=32, batch_size=4, progress=False)
+    fast = perplexity(model, None, ids=ids, seqlen=32, batch_size=4, progress=False, compile=True)
+    assert not eager["compiled"] and fast["compiled"]
+    assert fast["ppl"] == pytest.approx(eager["ppl"], rel=1e-4)
+    assert fast["steady_tokens_per_second"] > 0 and fast["first_batch_seconds"] > 0
+    assert all(layer._compiled_call_impl is None for layer in _decoder_layers(model))
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    """Where inductor cannot compile (no C++ compiler, say), the evaluation warns and runs eager, same numbers."""
+    import torch.nn as nn
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(3))
+    eager = perplexity(model, None, ids=ids, seqlen=32, progress=False)
+
+    def broken(self, *a, **k):
+        self._compiled_call_impl = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no compiler here"))
+    monkeypatch.setattr(nn.Module, "compile", broken)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed.*no compiler here"):
+        r = perplexity(model, None, ids=ids, seqlen=32, progress=False, compile=True)
+    assert r["ppl"] == pytest.approx(eager["ppl"], rel=1e-6) and not r["compiled"]
+
+
+def test_compile_auto_compiles_long_evaluations_only():
+    from comprune.evaluate import compiled
+    assert compiled.resolve("auto", compiled.AUTO_MIN_TOKENS) and not compiled.resolve("auto", 16384)
+    assert compiled.resolve("auto", None)  # open-ended: the zero-shot tasks' full sets
+    assert compiled.resolve("on", 1) and not compiled.resolve("off", 10**9)
+    with pytest.raises(CompruneError, match="auto, on or off"):
+        compiled.resolve("sometimes", 1)

@@ -179,3 +179,16 @@ def test_packed_runner_gives_lm_evals_loglikelihoods(model_and_tok, family):
     # the tiny Gemma's sliding window (8) is shorter than its packed rows: lm_eval's loop, not the packed path
     assert (direct is None) == (family == "gemma3_text")
     assert loglikelihoods(model, [(c, k) for _, c, k in reqs], max_length=8) is None  # truncation: lm_eval's loop
+
+
+def test_packed_runner_compiled_gives_the_same_loglikelihoods(model_and_tok):
+    """The zero-shot full sets run the decoder layers through torch.compile (evaluate/compiled.py): the same
+    log-likelihoods and greedy flags as eager (float32, to rounding), on rows of several lengths (dynamic shapes)."""
+    from comprune.evaluate.packed import loglikelihoods
+    from conftest import tiny_model
+    model = tiny_model("llama", vocab=256)
+    reqs = [(c, k) for _, c, k in _token_requests(seed=5)]
+    eager = loglikelihoods(model, reqs, max_length=64, progress=False, token_budget=64)
+    fast = loglikelihoods(model, reqs, max_length=64, progress=False, token_budget=64, compile=True)
+    assert [g for _, g in fast] == [g for _, g in eager]
+    assert max(abs(a - b) for (a, _), (b, _) in zip(fast, eager)) < 1e-4

@@ -31,8 +31,9 @@ def rows(out: Path, settings: dict) -> list[dict]:
             **{f"ppl{s}_full": get(ppl_key(s, True, max_tokens)) for s in seqlens},
             "avg7": zs.get("average"), "zeroshot_tasks": {t: v.get(v.get("metric", "acc")) for t, v in zs.get("tasks", {}).items()} or None,
             "avg7_stderr": _avg_stderr(zs) if zs.get("average") is not None else None,
-            "avg7_full": zf.get("average") if len(zf.get("tasks", {})) == 7 else None,
-            "avg7_full_stderr": _avg_stderr(zf) if len(zf.get("tasks", {})) == 7 else None,
+            # the runner leaves a stage's average empty until every task is in (runner.eval_zeroshot)
+            "avg7_full": zf.get("average"),
+            "avg7_full_stderr": _avg_stderr(zf) if zf.get("average") is not None else None,
             "zeroshot_full_tasks": {t: v.get(v["metric"]) for t, v in zf.get("tasks", {}).items()} or None,
             "prune_seconds": p.get("seconds"), "prune_wall_seconds": p.get("wall_seconds"),
             "peak_rss_mb": p.get("peak_rss_mb") if p.get("rss_probe") == RSS_PROBE else None,

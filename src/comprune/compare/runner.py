@@ -42,7 +42,8 @@ class Comparison:
                  zeroshot_subset: int | None = 200, zeroshot_batch_size=16, speed_tokens=64, speed_repeats=3,
                  data_dir=None, dtype="float32", keep_models=False, skip=(), prune_args=None, progress=True,
                  dense_cache_key=None, zeroshot_cache_dir=None, python=None, stream_ratios=None, redo=(),
-                 redo_tag=None, zeroshot_full=False, trust_remote_code=False, allow_pickle=False, full_seqlens=None):
+                 redo_tag=None, zeroshot_full=False, trust_remote_code=False, allow_pickle=False, full_seqlens=None,
+                 compile="auto"):
         for m in methods:  # a preset (e.g. comp-search) is compared as a method of its own
             if m not in METHODS and m not in PRESETS:
                 raise CompruneError(f"unknown method '{m}': use some of {', '.join(METHODS + tuple(PRESETS))}")
@@ -70,6 +71,7 @@ class Comparison:
         self.full_ratio, self.zeroshot_ratio = full_ratio, zeroshot_ratio
         self.zeroshot_tasks, self.zeroshot_subset, self.zeroshot_batch_size = zeroshot_tasks, zeroshot_subset, \
             zeroshot_batch_size
+        self.compile = compile  # torch.compile in the evaluator: "auto" = the long evaluations only
         self.zeroshot_full = bool(zeroshot_full)  # also the seven tasks' full sets (stage zeroshot_full)
         self.speed_tokens, self.speed_repeats = speed_tokens, speed_repeats
         self.data_dir, self.keep_models, self.skip = data_dir, keep_models, set(skip)
@@ -176,7 +178,7 @@ class Comparison:
             if key in have:
                 continue
             yield key, perplexity(model, tok, "wikitext2", seqlen=s, max_tokens=None if full else self.ppl_max_tokens,
-                                  ids=self.wikitext_ids(tok), progress=self.show)
+                                  ids=self.wikitext_ids(tok), progress=self.show, compile=self.compile)
 
     def eval_zeroshot(self, name: str, stage: str, rec: dict, model, tok, cache_key: str) -> dict:
         """Zero-shot scores task by task into rec[stage], saved after each task (a rerun does only the missing
@@ -189,8 +191,9 @@ class Comparison:
                 continue
             r = evaluate_zeroshot(model, tok, [task], subset=subset, data_dir=self.data_dir,
                                   batch_size=self.zeroshot_batch_size, progress=self.show, cache_key=cache_key,
-                                  cache_dir=self.zeroshot_cache_dir, per_example=True)
-            res["tasks"][task] = {**r["tasks"][task], "seconds": r["seconds"], "runner": r.get("runner")}
+                                  cache_dir=self.zeroshot_cache_dir, per_example=True, compile=self.compile)
+            res["tasks"][task] = {**r["tasks"][task], "seconds": r["seconds"], "runner": r.get("runner"),
+                                  "compiled": r.get("compiled")}
             res.update({k: v for k, v in r.items() if k in ("harness_version", "subset", "subset_rule", "limit")})
             res["seconds"] = round(sum(t.get("seconds", 0) for t in res["tasks"].values()), 1)
             # an average over some of the tasks is not the seven-task average: none until every task is in

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .compiled import Compiled
 from .perplexity import family_logits
 
 
@@ -66,9 +67,10 @@ def _supported(model, longest: int, max_length: int) -> bool:
 
 @torch.inference_mode()
 def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], max_length: int, token_budget: int = 4096,
-                   progress: bool = True) -> list[tuple[float, bool]] | None:
+                   progress: bool = True, compile: bool = False) -> list[tuple[float, bool]] | None:
     """(log p(continuation | context), whether greedy decoding gives it) per (context, continuation) request;
-    None where packing does not apply (see the module docstring)."""
+    None where packing does not apply (see the module docstring). `compile`: the decoder layers run through
+    torch.compile (evaluate/compiled.py)."""
     if any(len(c) == 0 or len(k) == 0 or len(c) + len(k) > max_length + 1 for c, k in requests):
         return None
     rows = []
@@ -83,28 +85,29 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], max_lengt
     base, head, logit_fn = model.base_model, model.get_output_embeddings(), family_logits(model)
     out: list[tuple[float, bool] | None] = [None] * len(requests)
     bar = tqdm(total=len(requests), desc="loglikelihood (packed)", disable=not progress, dynamic_ncols=True)
-    start = 0
-    while start < len(rows):
-        length = len(rows[start][0])
-        n = max(1, min(len(rows) - start, token_budget // max(length, 1)))
-        batch = rows[start:start + n]
-        start += n
-        ids = torch.zeros(n, length, dtype=torch.long)
-        pos = torch.zeros(n, length, dtype=torch.long)
-        for b, (tokens, positions, *_rest) in enumerate(batch):
-            ids[b, :len(tokens)] = torch.tensor(tokens)
-            pos[b, :len(positions)] = torch.tensor(positions)
-        mask = block_mask([r[2] for r in batch], length, dtype)
-        hidden = base(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                      use_cache=False).last_hidden_state
-        for b, (_, _, _, scored, idx) in enumerate(batch):
-            for rows_j, i in zip(scored, idx):
-                logits = head(hidden[b, rows_j]).float()
-                if logit_fn is not None:
-                    logits = logit_fn(logits)
-                logp = F.log_softmax(logits, dim=-1)
-                target = torch.tensor(requests[i][1], device=logp.device)
-                out[i] = (float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all()))
-                bar.update(1)
+    with Compiled(model, compile) as fast:
+        start = 0
+        while start < len(rows):
+            length = len(rows[start][0])
+            n = max(1, min(len(rows) - start, token_budget // max(length, 1)))
+            batch = rows[start:start + n]
+            start += n
+            ids = torch.zeros(n, length, dtype=torch.long)
+            pos = torch.zeros(n, length, dtype=torch.long)
+            for b, (tokens, positions, *_rest) in enumerate(batch):
+                ids[b, :len(tokens)] = torch.tensor(tokens)
+                pos[b, :len(positions)] = torch.tensor(positions)
+            mask = block_mask([r[2] for r in batch], length, dtype)
+            hidden = fast.run(lambda: base(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                           position_ids=pos.to(device), use_cache=False).last_hidden_state)
+            for b, (_, _, _, scored, idx) in enumerate(batch):
+                for rows_j, i in zip(scored, idx):
+                    logits = head(hidden[b, rows_j]).float()
+                    if logit_fn is not None:
+                        logits = logit_fn(logits)
+                    logp = F.log_softmax(logits, dim=-1)
+                    target = torch.tensor(requests[i][1], device=logp.device)
+                    out[i] = (float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all()))
+                    bar.update(1)
     bar.close()
     return out

@@ -45,7 +45,7 @@ from .. import deferred
 from ..data import resolve_data_dir
 from ..errors import CompruneError
 from ..loading import cache_dir as comprune_cache
-from . import packed
+from . import compiled, packed
 
 PAPER7 = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 
@@ -208,11 +208,13 @@ def average_note(names: list[str]) -> str:
 
 def evaluate_zeroshot(model, tokenizer, tasks, limit=None, subset=None, data_dir=None, batch_size=16,
                       progress=True, seed=1234, cache_key=None, cache_dir=None, per_example=False,
-                      runner: str = "packed", heldout: bool = False) -> dict:
+                      runner: str = "packed", heldout: bool = False, compile: bool | str = False) -> dict:
     """Zero-shot acc/acc_norm of an in-memory HF causal LM on `tasks` (see the module docstring). runner
     "packed" (default) scores each context's choices in one sequence (evaluate/packed.py: 2.2x faster on SmolLM2's
     HellaSwag, ARC-Easy and PIQA with every example's score identical); "hflm" is lm_eval's own loop. `heldout`
-    (with `subset`): the same number of examples, none of them in the reported subset (subset_indices)."""
+    (with `subset`): the same number of examples, none of them in the reported subset (subset_indices).
+    `compile` (packed runner; True, False or "auto": the full sets only): the decoder layers run through
+    torch.compile (evaluate/compiled.py)."""
     if runner not in ("hflm", "packed"):
         raise CompruneError(f"unknown zero-shot runner '{runner}': use hflm or packed")
     names = parse_tasks(tasks)
@@ -223,6 +225,7 @@ def evaluate_zeroshot(model, tokenizer, tasks, limit=None, subset=None, data_dir
     for flag, v in (("limit", limit), ("subset", subset)):
         if v is not None and v < 1:
             raise CompruneError(f"--{flag} must be a positive number of examples, got {v}")
+    compile = compiled.resolve(compile, None if limit is None and subset is None else 0)
     version = harness_version()
     root = resolve_data_dir(data_dir)
     configs = {t: task_config(t, root) for t in names}  # checks every file before any slow work
@@ -232,7 +235,7 @@ def evaluate_zeroshot(model, tokenizer, tasks, limit=None, subset=None, data_dir
         log.setLevel(logging.ERROR)
     try:
         return _run(model, tokenizer, names, configs, version, limit, subset, batch_size, seed, cache_key, cache_dir,
-                    per_example, runner, heldout)
+                    per_example, runner, heldout, compile)
     finally:
         log.setLevel(level)
 
@@ -258,12 +261,12 @@ def _json_cache(lm, path):
     lm.lm.set_cache_hook(CacheHook(lm))  # the hook holds the db it writes partial results to
 
 
-def packed_lm_class(HFLM):
+def packed_lm_class(HFLM, compile: bool = False):
     """HFLM whose loglikelihood requests go through evaluate/packed.py (lm_eval's own loop where it does not apply)."""
     class PackedLM(HFLM):
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
             out = packed.loglikelihoods(self.model, [(c, k) for _, c, k in requests], self.max_length,
-                                        progress=not disable_tqdm)
+                                        progress=not disable_tqdm, compile=compile)
             if out is None:
                 return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
             for (key, _, _), answer in zip(requests, out):
@@ -274,12 +277,12 @@ def packed_lm_class(HFLM):
 
 
 def _run(model, tokenizer, names, configs, version, limit, subset, batch_size, seed, cache_key, cache_dir,
-         per_example=False, runner="hflm", heldout=False):
+         per_example=False, runner="hflm", heldout=False, compile=False):
     lm_eval = deferred.lm_eval("evaluator", "api.model", "models.huggingface", "tasks")
     CachingLM, HFLM, TaskManager = lm_eval.api.model.CachingLM, lm_eval.models.huggingface.HFLM, lm_eval.tasks.TaskManager
     random.seed(seed)  # the harness seeds these itself in simple_evaluate; mirror it
     t0 = time.time()
-    lm_cls = packed_lm_class(HFLM) if runner == "packed" else HFLM
+    lm_cls = packed_lm_class(HFLM, compile) if runner == "packed" else HFLM
     lm = lm_cls(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
     if cache_key:
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", cache_key)
@@ -304,7 +307,8 @@ def _run(model, tokenizer, names, configs, version, limit, subset, batch_size, s
                             (f", then {subset} others drawn with random.Random('{seed}-heldout') (held out)"
                              if heldout else "")) if subset else None,
             "heldout": heldout,
-            "limit": limit, "seconds": round(time.time() - t0, 1), "runner": runner}
+            "limit": limit, "seconds": round(time.time() - t0, 1), "runner": runner,
+            "compiled": bool(compile and runner == "packed")}
 
 
 def _pct(v) -> str:
