@@ -229,27 +229,46 @@ def avg_stderr(run_path: Path) -> float | None:
     return sum(e * e for e in errs) ** 0.5 / len(errs)
 
 
-def reuse_dense_results(out: Path, model: str, subset: int):
+def reuse_dense_results(out: Path, model: str, subset: int, dtype: str = "float32"):
     """The dense model's full-test-set perplexity and zero-shot subset scores are the same measurements that
-    benchmarks/ppl_dense.py and benchmarks/zeroshot_dense.py make (same evaluator, data, subset rule, dtype):
-    copy them into the dense run instead of spending ~45 min recomputing them. Each copied entry names its
-    source."""
+    benchmarks/ppl_dense.py and benchmarks/zeroshot_dense.py make in float32 (same evaluator, data, subset rule),
+    and benchmarks/speed_probe.py --max-tokens 0 makes in auto precision (results/eval_speed_amx_full.json, a
+    bfloat16 host): copy those of the comparison's precision into its dense run instead of spending ~45 min
+    recomputing them. Each copied entry names its source; entries copied earlier from another precision's
+    source are dropped (a comparison never mixes precisions)."""
     if model != "smollm2":
         return
     path = out / "runs" / "dense.json"
     rec = json.loads(path.read_text()) if path.is_file() else {"method": "dense", "ratio": 0.0}
+    sources = {"float32": ("ppl_dense.json", "zeroshot_dense.json")}
+    probe = HERE / "results" / "eval_speed_amx_full.json"
+    if probe.is_file():
+        sources.setdefault(json.loads(probe.read_text())["precision"]["dtype"], (probe.name, None))
+    if dtype == "auto":  # what the comparison will run in here (the runner makes the same choice)
+        from comprune import precision
+        dtype = precision.choose().dtype
+    ppl_name, zs_name = sources.get(dtype, (None, None))
     changed = False
-    ppl_src = HERE / "results" / "ppl_dense.json"
-    if ppl_src.is_file():
-        for key, r in json.loads(ppl_src.read_text()).items():
-            if key.startswith("seqlen_") and r.get("max_tokens") is None and \
-                    f"wikitext2@{r['seqlen']}/full" not in rec.get("ppl", {}):
-                keep = ("dataset", "seqlen", "max_tokens", "windows", "tokens", "ppl", "seconds", "tokens_per_second")
+    for key, r in list(rec.get("ppl", {}).items()):
+        if r.get("source") and r["source"] != f"benchmarks/results/{ppl_name}":
+            del rec["ppl"][key]
+            changed = True
+    if rec.get("zeroshot", {}).get("source") and rec["zeroshot"]["source"] != f"benchmarks/results/{zs_name}":
+        del rec["zeroshot"]
+        changed = True
+    ppl_src = HERE / "results" / ppl_name if ppl_name else None
+    if ppl_src is not None and ppl_src.is_file():
+        found = json.loads(ppl_src.read_text())
+        runs = found["rows"] if "rows" in found else [r for k, r in found.items() if k.startswith("seqlen_")]
+        for r in runs:
+            if r.get("max_tokens") in (None, 0) and f"wikitext2@{r['seqlen']}/full" not in rec.get("ppl", {}):
+                keep = ("dataset", "seqlen", "max_tokens", "windows", "tokens", "ppl", "seconds", "tokens_per_second",
+                        "steady_tokens_per_second", "compiled", "dtype")
                 rec.setdefault("ppl", {})[f"wikitext2@{r['seqlen']}/full"] = {
-                    **{k: r[k] for k in keep}, "source": "benchmarks/results/ppl_dense.json"}
+                    **{k: r[k] for k in keep if k in r}, "source": f"benchmarks/results/{ppl_name}"}
                 changed = True
-    zs_src = HERE / "results" / "zeroshot_dense.json"
-    if zs_src.is_file() and "zeroshot" not in rec:
+    zs_src = HERE / "results" / zs_name if zs_name else None
+    if zs_src is not None and zs_src.is_file() and "zeroshot" not in rec:
         zs = json.loads(zs_src.read_text())
         tasks = zs.get("runs", {}).get(f"subset{subset}", {})
         if zs.get("subset") == subset and len(tasks) == 7:
@@ -259,7 +278,7 @@ def reuse_dense_results(out: Path, model: str, subset: int):
                                "average": paper_average(tasks), "average_metric_note": average_note(names),
                                "subset": subset, "subset_rule": zs["subset_rule"], "limit": None,
                                "seconds": round(sum(t.get("seconds", 0) for t in tasks.values()), 1),
-                               "source": "benchmarks/results/zeroshot_dense.json"}
+                               "source": f"benchmarks/results/{zs_name}"}
             changed = True
     if changed:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -293,7 +312,7 @@ def main(argv=None):
     if not args.doc_only:
         sys.path.insert(0, str(ROOT / "src"))
         from comprune.compare import compare
-        reuse_dense_results(Path(args.out), args.model, args.subset)
+        reuse_dense_results(Path(args.out), args.model, args.subset, args.dtype)
         compare(args.model, [float(x) for x in args.ratios.split(",")], args.methods.split(","), args.out,
                 ppl_max_tokens=args.max_tokens, zeroshot_subset=args.subset, speed_tokens=args.speed_tokens,
                 zeroshot_cache_dir=str(HERE / "cache" / "lm_eval"),

@@ -21,7 +21,7 @@ def mock_cpu(monkeypatch):
         monkeypatch.setattr(precision, "native_bf16", lambda flags_=None: list(flags))
 
         def probe(dtype, shape=precision.PROBE_SHAPE, device="cpu", seconds=0.1):
-            calls.append((dtype, tuple(shape)))
+            calls.append((dtype, tuple(shape), torch.get_num_threads()))
             return {torch.float32: 100.0, torch.bfloat16: bf16}[dtype]
         monkeypatch.setattr(precision, "matmul_gflops", probe)
         return calls
@@ -47,6 +47,19 @@ def test_auto_is_bfloat16_where_bf16_is_fast(mock_cpu):
     mock_cpu(["amx_bf16"], bf16=500.0)
     choice = precision.choose("cpu")
     assert choice.dtype == "bfloat16" and choice.probe_gflops == {"float32": 100.0, "bfloat16": 500.0}
+
+
+def test_auto_probes_on_one_thread_and_restores_the_count(mock_cpu):
+    """The choice probes single-threaded (a second process on the cores stalls a multi-threaded matmul in either
+    precision alike, and float32 was wrongly kept under load); the thread count is restored after."""
+    calls = mock_cpu(["amx_bf16"], bf16=500.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        precision.choose("cpu")
+        assert {c[2] for c in calls} == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_auto_never_probes_emulated_bf16(mock_cpu):

@@ -121,11 +121,20 @@ def choose(device="cpu", config=None) -> Choice:
     if not flags:
         return Choice("float32", reason="no AMX or AVX512_BF16 in /proc/cpuinfo: bfloat16 would be emulated",
                       device="cpu", probe_shape=shape)
-    rates = {name: round(matmul_gflops(dt, shape), 1) for name, dt in (("float32", torch.float32),
-                                                                       ("bfloat16", torch.bfloat16))}
+    # One thread: when another process shares the cores, a multi-threaded matmul waits at its barrier for the
+    # descheduled thread whatever its precision, and both rates collapse to the scheduler's (seen on a 2-core
+    # AMX host under load: 29.7 float32 vs 29.0 bfloat16 GFLOP/s, float32 wrongly kept; single-threaded,
+    # 150 vs 595). The ratio per core is what the choice needs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rates = {name: round(matmul_gflops(dt, shape), 1) for name, dt in (("float32", torch.float32),
+                                                                           ("bfloat16", torch.bfloat16))}
+    finally:
+        torch.set_num_threads(threads)
     fast = rates["bfloat16"] >= BF16_MARGIN * rates["float32"]
     # the rates themselves are in probe_gflops: the reason stays the same from run to run
-    reason = f"{'/'.join(flags)}: the bfloat16 matmul probe is " + (
+    reason = f"{'/'.join(flags)}: the single-thread bfloat16 matmul probe is " + (
         f"at least {BF16_MARGIN}x float32's" if fast else f"less than {BF16_MARGIN}x float32's: float32 kept")
     return Choice("bfloat16" if fast else "float32", reason=reason, device="cpu", probe_shape=shape,
                   probe_gflops=rates, cpu_flags=flags)
