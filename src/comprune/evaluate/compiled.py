@@ -4,8 +4,10 @@ evaluation runs and restored after it (issue 15: the evaluator against the hardw
 In eager PyTorch on a CPU the matmuls of a small model are fast and everything between them is not: RMSNorm
 upcasts to float32 and back, rotary embeddings, SiLU x up and the residual adds each make a pass over memory,
 and the head's [positions x vocab] logits are converted to float32 and log-softmaxed in separate passes.
-Inductor fuses those passes. On SmolLM2 in bfloat16 on an AMX host this took the decoder from ~3,400 to
-~4,500 tokens/s and the head's cross-entropy from ~8,000 to ~13,000 (benchmarks/results/eval_speed_amx.md).
+Inductor fuses those passes. On SmolLM2 in bfloat16 on a 2-core AMX host this took the decoder from ~3,400 to
+~4,500 tokens/s and the head's cross-entropy from ~8,000 to ~13,000 tokens/s; the whole evaluator at seqlen 128
+from 1,540 tokens/s (eager with 1,024-position head chunks, 32 % of the bf16 matmul probe's peak; ~2,100 eager
+with today's 256) to 2,952 (74 %, full test set: benchmarks/results/eval_speed_amx_full.md).
 
 The layers are compiled one module at a time: transformers' decoder layers share one forward, so the graph is
 compiled once and reused by every layer of the same shapes (a pruned model's different widths recompile, then
@@ -82,7 +84,7 @@ class Compiled:
             self._restore()
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             warnings.warn(f"torch.compile failed ({type(e).__name__}: {first}); evaluating eager "
-                          "(pass --no-compile to skip the attempt)", RuntimeWarning, stacklevel=2)
+                          "(pass --compile off to skip the attempt)", RuntimeWarning, stacklevel=2)
             return (eager or fn)(*args, **kwargs)
 
 

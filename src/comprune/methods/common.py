@@ -197,7 +197,10 @@ def layer_scores_loss(model, adapter, acts: Activations, input_ids: torch.Tensor
             total, count = 0.0, 0
             for h, y in zip(x.hidden, ids):
                 hn = norm(h)[:, :-1].reshape(-1, h.shape[-1])
-                total += chunked_nll(hn, y[:, 1:].reshape(-1).to(hn.device), head, logit_fn=logit_fn).item()
+                # the chunk the recorded prunes were made with: a score's float rounding must not move with
+                # the evaluator's chunk size
+                total += chunked_nll(hn, y[:, 1:].reshape(-1).to(hn.device), head, chunk=1024,
+                                     logit_fn=logit_fn).item()
                 count += hn.shape[0]
         return total / count
 
