@@ -95,6 +95,11 @@ def markdown(res: dict) -> str:
     for dt, r in res["dense"].items():
         lines.append(f"| {dt} | {r['128']['dtype']} | {r['128']['ppl']:.4f} | {r['128']['tokens_per_second']:,.0f} | "
                      f"{r['2048']['ppl']:.4f} | {r['2048']['tokens_per_second']:,.0f} |")
+    if {"float32", "auto"} <= set(res["dense"]):
+        f, a = res["dense"]["float32"], res["dense"]["auto"]
+        lines += ["", "auto / float32: " + ", ".join(
+            f"{a[s]['tokens_per_second'] / f[s]['tokens_per_second']:.2f}x the tokens/s at seqlen {s}, PPL "
+            f"{100 * (a[s]['ppl'] / f[s]['ppl'] - 1):+.3f} %" for s in ("128", "2048")) + "."]
     lines += ["", "Pruned models (PPL of each prune, evaluated in each precision; Δ against the float32 prune "
               "evaluated the same way):", "",
               "| prune precision | ran | prune s | eval | PPL@128 | Δ | PPL@2048 | Δ |", "|---|---|---:|---|---:|---:|---:|---:|"]
@@ -102,7 +107,7 @@ def markdown(res: dict) -> str:
     for dt, p in res["prunes"].items():
         for edt, r in p["eval"].items():
             d = {s: 100 * (r[s]["ppl"] / ref[edt][s]["ppl"] - 1) for s in ("128", "2048")} if edt in ref else {}
-            lines.append(f"| {dt} | {(p.get('precision') or {}).get('dtype', '?')} | {p['prune_seconds'] or p['prune_wall_seconds']} | "
+            lines.append(f"| {dt} | {(p.get('precision') or {}).get('dtype', '?')} | {round(p['prune_seconds'] or p['prune_wall_seconds'], 1)} | "
                          f"{edt} ({r['128']['dtype']}) | {r['128']['ppl']:.4f} | {d.get('128', 0):+.2f} % | "
                          f"{r['2048']['ppl']:.4f} | {d.get('2048', 0):+.2f} % |")
     return "\n".join(lines) + "\n"
