@@ -51,10 +51,18 @@ def write_doc(args):
         return
     res = json.loads(res_path.read_text())
     table = (Path(args.out) / "results.md").read_text()
-    DOC.parent.mkdir(exist_ok=True)
+    # docs/comparison.md is the default comparison's page; another --out (e.g. compare_auto, another precision)
+    # gets its page beside its results instead of overwriting it
+    main_doc = Path(args.out).resolve() == OUT.resolve()
+    doc = DOC if main_doc else Path(args.out) / "comparison.md"
+    doc.parent.mkdir(exist_ok=True)
     png = Path(args.out) / "results.png"
-    if png.is_file():
+    if png.is_file() and main_doc:
         shutil.copyfile(png, DOC.parent / "comparison.png")
+    try:
+        rel_out = Path(args.out).resolve().relative_to(ROOT)
+    except ValueError:
+        rel_out = Path(args.out)
     rows = res["rows"]
     done = {(r["method"], r["ratio"]) for r in rows if r.get("ppl128") is not None}
     expected = {(m, float(x)) for m in args.methods.split(",") for x in args.ratios.split(",")}
@@ -79,13 +87,13 @@ def write_doc(args):
         "Made by:",
         "",
         "```",
-        command_line(args),
+        command_line(args) + ("" if main_doc else f" --out {rel_out}"),
         "```",
         "",
         f"(= `comprune compare {args.model} --ratios {args.ratios} --methods {args.methods} --max-tokens "
         f"{args.max_tokens} --speed-tokens {args.speed_tokens} --zeroshot-cache-dir benchmarks/cache/lm_eval "
-        "--out benchmarks/results/compare`). Raw results: `benchmarks/results/compare/"
-        "results.json`, one file per run in `benchmarks/results/compare/runs/`, prune logs in `.../logs/`.",
+        f"--out {rel_out}`). Raw results: `{rel_out}/results.json`, one file per run in `{rel_out}/runs/`, "
+        "prune logs in `.../logs/`.",
         "",
         f"Machine: {platform.machine()} CPU ({_cpu()}), {os.cpu_count()} cores, shared with other work during the "
         f"run (see the caveats; relative speeds are measured alternately with the dense model to cancel drift), "
@@ -154,8 +162,8 @@ def write_doc(args):
         "lands within 0.5 % of the request.",
         "",
     ]
-    DOC.write_text("\n".join(lines))
-    print(f"wrote {DOC}")
+    doc.write_text("\n".join(lines))
+    print(f"wrote {doc}")
 
 
 def _cpu() -> str:
