@@ -95,7 +95,7 @@ def write_doc(args):
         f"--out {rel_out}`). Raw results: `{rel_out}/results.json`, one file per run in `{rel_out}/runs/`, "
         "prune logs in `.../logs/`.",
         "",
-        f"Machine: {platform.machine()} CPU ({_cpu()}), {os.cpu_count()} cores, shared with other work during the "
+        f"Machine: {machine_line(res['settings'])}, shared with other work during the "
         f"run (see the caveats; relative speeds are measured alternately with the dense model to cancel drift), "
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{res['settings'].get('dtype', 'float32')}.",
@@ -104,7 +104,7 @@ def write_doc(args):
         "",
         table.strip(),
         "",
-        "![quality vs ratio, pruning time and memory](comparison.png)",
+        f"![quality vs ratio, pruning time and memory]({'comparison.png' if main_doc else 'results.png'})",
         "",
     ]
     if missing:
@@ -166,12 +166,16 @@ def write_doc(args):
     print(f"wrote {doc}")
 
 
-def _cpu() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "?"
+def machine_line(settings: dict) -> str:
+    """The machine the results were measured on, as recorded by the run (this host only for older results that
+    recorded none: then said so)."""
+    from comprune import precision
 
+    m = settings.get("machine")
+    if m:
+        return f"{m.get('arch', 'x86_64')} CPU ({m['cpu']}), {m['cores']} cores (recorded by the run)"
+    return (f"{platform.machine()} CPU ({precision.cpu_name()}), {os.cpu_count()} cores (the host that wrote this "
+            "page: the run recorded no machine)")
 
 def standing(res) -> list[str]:
     """Where COMP stands against each baseline at the headline ratio: quality deltas and pruning memory,
@@ -183,7 +187,7 @@ def standing(res) -> list[str]:
         return []
     metrics = [("ppl128", "PPL@128 (slice)", True), ("ppl2048", "PPL@2048 (slice)", True),
                ("ppl128_full", "PPL@128 (full test)", True), ("ppl2048_full", "PPL@2048 (full test)", True),
-               ("avg7", "7-task average", False)]
+               ("avg7", "7-task average (subset)", False), ("avg7_full", "7-task average (full sets)", False)]
     out = [f"## Where COMP stands at {100 * ratio:.0f} %", "",
            "| baseline | " + " | ".join(m[1] for m in metrics) + " | pruning peak RSS |",
            "|---|" + "---:|" * (len(metrics) + 1)]
@@ -200,7 +204,8 @@ def standing(res) -> list[str]:
                 rel = 100 * (a / b - 1)
                 cells.append(f"{'**ahead**' if a < b else 'behind'} ({rel:+.1f} %)")
             else:
-                cells.append(f"{'**ahead**' if a > b else 'behind'} ({100 * (a - b):+.2f} pts)")
+                word = "level" if abs(a - b) < 5e-5 else "**ahead**" if a > b else "behind"
+                cells.append(f"{word} ({100 * (a - b):+.2f} pts)")
         mem = [comp.get("peak_rss_mb"), comp.get("stream_peak_rss_mb"), r.get("peak_rss_mb")]
         cells.append("-" if mem[2] is None or mem[0] is None else
                      f"COMP {mem[0] / mem[2]:.2f}× in memory" + ("" if mem[1] is None else f", {mem[1] / mem[2]:.2f}× streamed"))

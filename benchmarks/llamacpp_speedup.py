@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import comprune  # noqa: E402
 from comprune.data import load_ids  # noqa: E402
 from comprune.export.gguf import export_gguf  # noqa: E402
-from comprune.export.latency import cpu_name  # noqa: E402
+from comprune.precision import cpu_name  # noqa: E402
 from comprune.export.llamacpp import relative_llamacpp_speed  # noqa: E402
 from comprune.stream import resolve_stream_source  # noqa: E402
 

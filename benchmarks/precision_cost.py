@@ -52,7 +52,7 @@ def main(argv=None):
     load_before = os.getloadavg()
     res = {"command": "python benchmarks/precision_cost.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "machine": {"cpu": precision_cpu(), "cores": os.cpu_count(), "native_bf16_flags": precision.native_bf16()},
+           "machine": {"cpu": precision.cpu_name(), "cores": os.cpu_count(), "native_bf16_flags": precision.native_bf16()},
            "slice": f"first {args.max_tokens} WikiText-2 test tokens, eager (--compile off)", "prunes": {},
            "dense": {}}
     with tempfile.TemporaryDirectory(prefix="comprune-precision-") as tmp:
@@ -75,13 +75,6 @@ def main(argv=None):
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(res))
     print(markdown(res))
-
-
-def precision_cpu() -> str:
-    for line in open("/proc/cpuinfo", encoding="utf-8") if os.path.exists("/proc/cpuinfo") else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def markdown(res: dict) -> str:

@@ -36,7 +36,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     from comprune.export.gguf import export_gguf
-    from comprune.export.latency import cpu_name, sliced_variant
+    from comprune.export.latency import sliced_variant
+    from comprune.precision import cpu_name
     from comprune.export.llamacpp import relative_llamacpp_speed
     from comprune.stream import resolve_stream_source
     src = resolve_stream_source("smollm2")

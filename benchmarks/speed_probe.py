@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -30,16 +29,6 @@ from comprune.data import load_ids  # noqa: E402
 from comprune.evaluate.hardware import FORMULA, PEAK_SECONDS, against_peak, use_sdpa  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "eval_speed"
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None):
@@ -84,7 +73,7 @@ def main(argv=None):
     command = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} nice -n {os.nice(0)} python "
                "benchmarks/speed_probe.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
     result = {"command": command.strip(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+              "machine": {"cpu": precision.cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                           "native_bf16_flags": precision.native_bf16()},
               "load_avg_before": [round(x, 2) for x in load_before],
               "load_avg_after": [round(x, 2) for x in os.getloadavg()],

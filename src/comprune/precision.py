@@ -14,6 +14,8 @@ also the "peak" the evaluator's achieved rate is reported against (`evaluate.har
 from __future__ import annotations
 
 import functools
+import os
+import platform
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -54,6 +56,31 @@ def cpu_flags() -> frozenset:
     except OSError:
         pass
     return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo; the platform's processor string elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host() -> dict:
+    """The machine a result was measured on, and how loaded it was at that moment: every result JSON carries
+    one, because the CPU (and so every speed) differs between sessions."""
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = []
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "arch": platform.machine(),
+            "native_bf16": native_bf16(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "loadavg": load, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def native_bf16(flags=None) -> list[str]:

@@ -15,6 +15,7 @@ from ..evaluate.speed import relative_speed
 from ..evaluate.significance import average_stderr
 from ..evaluate.zeroshot import average_note, evaluate_zeroshot, paper_average, parse_tasks
 from ..devices import resolve_precision
+from ..precision import host
 from ..loading import count_params, load, spec_config
 from ..stream import can_stream
 from .llamacpp import llamacpp_speed
@@ -95,6 +96,7 @@ class Comparison:
             stream_ratios = headline or self.ratios
         self.stream_ratios = [float(r) for r in stream_ratios]
         self._dense = None
+        self._machine = None
         self._ids = None
 
     # ------------------------------------------------------------------------------------------ bookkeeping
@@ -109,7 +111,7 @@ class Comparison:
                 "speed_tokens": self.speed_tokens, "speed_repeats": self.speed_repeats, "dtype": self.dtype,
                 "precision": self.precision,
                 "stream_ratios": self.stream_ratios,
-                "prune_args": self.prune_args}
+                "prune_args": self.prune_args, "machine": self._machine}
 
     def run_path(self, name: str) -> Path:
         return self.out / "runs" / f"{name}.json"
@@ -118,6 +120,7 @@ class Comparison:
         return self.out / "models" / name
 
     def _save(self, name: str, rec: dict):
+        rec["host"] = host()  # the machine and its load when this run's latest stage finished
         write_json(self.run_path(name), rec)
         self.write_reports()
 
@@ -344,6 +347,7 @@ class Comparison:
 
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
+        self._machine = host()
         settings_path = self.out / "settings.json"
         old = read_json(settings_path)
         if old and {k: old.get(k) for k in ("model", "calib", "nsamples", "seqlen", "seed", "dtype")} != \

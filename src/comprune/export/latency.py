@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,21 +28,12 @@ from ..errors import CompruneError
 from ..files import read_config
 from ..loading import cache_dir
 from ..methods.common import plan_budget
+from ..precision import cpu_name
 from .gguf import export_gguf, open_safetensors
 from .llamacpp import relative_llamacpp_speed
 
 NEW_TOKENS, REPEATS = 64, 3
 TABLE_VERSION = 2
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _key(cfg: dict, qtype: str, threads: int) -> str:
