@@ -9,6 +9,7 @@ import torch
 from conftest import calib, masked_dense_logits, tiny_model
 
 from comprune import PruneConfig, prune
+from comprune.errors import CompruneError
 from comprune.methods.search import Database, Fitness, build_database, dp_allocate, evolve, make_ladder, mutate
 from comprune.models import get_adapter
 from comprune.surgery import drop_layers, finalize_config, prune_mlp
@@ -243,3 +244,51 @@ def test_search_removes_a_block_that_does_nothing():
     with torch.no_grad():
         got = model(ids).logits
     assert torch.allclose(got, masked_dense_logits(dense, rep, ids, pruned=model), atol=1e-4, rtol=0)
+
+
+def test_dp_with_a_minimum_of_removed_blocks_is_optimal():
+    """The speed budget's DP: at least `min_removed` blocks at the removal level, the total exact, and the
+    least cost among all such allocations (brute force)."""
+    rng = random.Random(4)
+    R = 6
+    costs = {i: [0.0] + sorted(rng.uniform(0, 5) for _ in range(3)) + [float("inf")] * 2 + [rng.uniform(2, 9)]
+             for i in range(4)}
+    for min_removed in range(3):
+        for total in range(0, 19):
+            combos = [c for c in itertools.product([0, 1, 2, 3, R], repeat=4)
+                      if sum(c) == total and sum(v == R for v in c) >= min_removed]
+            if not combos:
+                with pytest.raises(ValueError):
+                    dp_allocate(costs, total, R, min_removed)
+                continue
+            got = dp_allocate(costs, total, R, min_removed)
+            assert sum(got.values()) == total and sum(v == R for v in got.values()) >= min_removed
+            best = min(sum(costs[i][lv] for i, lv in zip(range(4), c)) for c in combos)
+            assert sum(costs[i][got[i]] for i in costs) == pytest.approx(best)
+
+
+def test_a_speed_budget_with_a_ratio_removes_the_blocks_it_needs():
+    """--ratio with --target-speedup: the parameter budget stays exact, the search removes at least the blocks the
+    latency table says the speed needs, its allocation is predicted to reach the target, and the pruned model still
+    equals the masked dense one."""
+    from comprune.methods.common import predicted_speedup
+
+    dense = tiny_model("llama", layers=6)
+    table = {"c": 0.2, "a": 0.5, "m": 0.3}  # block overhead dominates: speed comes from removing whole blocks
+    cfg = _search_cfg(search_speedup=1.2, latency=table)
+    cfg.ratio = 0.3
+    model, rep = prune(copy.deepcopy(dense), None, cfg.validate(), calibration=calib(20, 16), progress=False)
+    speed = rep.details["search"]["speedup"]
+    assert speed["min_removed_blocks"] >= 1 and len(rep.removed_layers) >= speed["min_removed_blocks"]
+    assert abs(rep.ratio_achieved - 0.3) < 0.005
+    kept = sum(rep.mlp_widths)  # the kept blocks' MLP widths
+    assert len(rep.mlp_widths) == 6 - len(rep.removed_layers)
+    pred = predicted_speedup(table, (6 - len(rep.removed_layers)) / 6, kept / (6 * dense.config.intermediate_size))
+    assert pred == pytest.approx(speed["predicted"]) and pred >= 1.2 - 1e-9
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = model(ids).logits
+    assert torch.allclose(got, masked_dense_logits(dense, rep, ids, pruned=model), atol=1e-4, rtol=0)
+    with pytest.raises(CompruneError, match="beyond this ratio's reach"):
+        bad = _search_cfg(search_speedup=5.0, latency=table)
+        prune(copy.deepcopy(dense), None, bad.validate(), calibration=calib(20, 16), progress=False)

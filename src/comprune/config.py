@@ -60,6 +60,10 @@ class PruneConfig:
     search_survivors: int = 2
     search_filter: int = 2             # windows of the cheap stages: error curves, and offspring before the survivors
     search_layers: bool = False        # the search may also remove whole blocks (one more level per block)
+    search_speedup: float = 0.0        # with `latency`: the searched allocation must be predicted this much faster
+                                       # in llama.cpp generation than dense, at the same parameter budget
+                                       # (--ratio with --target-speedup; the search then removes whole blocks)
+    latency: dict = field(default_factory=dict)  # the latency table's fit (c, a, m) for search_speedup
     head_share: float = 0.0            # fraction of the non-layer budget taken from attention (0: MLPs only)
     # mixture-of-experts models: fraction of the MLP budget taken by whole experts (the rest: neurons inside the
     # kept experts). A fill-in: no real MoE model is available offline to choose it on validation data
@@ -129,6 +133,9 @@ class PruneConfig:
                                 "levels >= 2, max share in (0, 1)")
         if self.damp < 0 or self.ridge < 0:
             raise CompruneError("damp and ridge must be >= 0")
+        if self.search_speedup and (self.width_allocation != "search" or not self.latency):
+            raise CompruneError("a speedup with a ratio is a constraint of the width search: use --method comp-search "
+                                "with --ratio and --target-speedup (which measures the latency table)")
         return self
 
     def to_dict(self) -> dict:

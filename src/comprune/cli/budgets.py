@@ -1,6 +1,10 @@
 """Budgets a user has instead of a ratio: a GGUF file size (--target-size) or a llama.cpp speedup on this
 machine (--target-speedup). Each resolves to the ratio that meets it before any pruning, and is recorded,
-with what it was derived from and what the pruned model reached, in pruning.json."""
+with what it was derived from and what the pruned model reached, in pruning.json.
+
+With the width search (`--method comp-search`), `--ratio` and `--target-speedup` combine: the parameter budget
+stays exact and the speedup becomes a constraint of the search (it removes as many whole blocks as the latency
+table says the speed needs, and allocates the rest of the budget as neurons)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CompruneError
-from ..export.latency import latency_table, ratio_for_speedup
+from ..export.latency import latency_table, ratio_for_speedup, speedup_blocks
 from ..export.size import gguf_bytes, parse_size, ratio_for_size
 from ..io import MANIFEST, read_manifest, write_manifest
 from ..models.adapters import get_adapter
@@ -31,10 +35,18 @@ def add_budget_options(p):
                    help="GGUF type of --target-size and --target-speedup (default f16; q8_0 rounds widths to 32)")
 
 
-def _source(args, flag: str) -> Path:
+def _combined(args, cfg) -> bool:
+    return args.ratio is not None and args.target_speedup is not None and args.target_size is None and \
+        cfg.width_allocation == "search"
+
+
+def _source(args, flag: str, cfg=None) -> Path:
     given = [f for f, v in (("--ratio", args.ratio), ("--target-size", args.target_size),
                             ("--target-speedup", args.target_speedup)) if v is not None]
-    if len(given) > 1:
+    if len(given) > 1 and not (cfg is not None and _combined(args, cfg)):
+        if "--ratio" in given and "--target-speedup" in given:
+            raise CompruneError("--ratio with --target-speedup is a constraint of the width search: add --method "
+                                "comp-search, or give only one of them")
         raise CompruneError(f"give one of {', '.join(given)}, not several (each decides the ratio)")
     try:
         return resolve_stream_source(args.model)
@@ -48,12 +60,20 @@ def resolve_budget(args, cfg) -> dict | None:
     if args.target_size is None and args.target_speedup is None:
         return None
     flag = "--target-size" if args.target_size is not None else "--target-speedup"
-    src = _source(args, flag)
+    src = _source(args, flag, cfg)
     if args.target_type == "q8_0" and cfg.round_to % 32:
         cfg.round_to = math.lcm(cfg.round_to, 32)  # else the export pads every width to 32 with zero neurons
     if args.target_size is not None:
         budget = {"kind": "target_size",
                   **ratio_for_size(src, parse_size(args.target_size), args.target_type, cfg.ratio_of, cfg.round_to)}
+    elif _combined(args, cfg):
+        table = latency_table(src, args.target_type, threads=torch.get_num_threads(), show=not args.json)
+        cfg.search_speedup, cfg.latency = args.target_speedup, {k: table[k] for k in ("c", "a", "m")}
+        skeleton = build_skeleton(src, torch.float32, lite=True)
+        k, pred = speedup_blocks(skeleton, get_adapter(skeleton), cfg)  # refuses an unreachable target now
+        budget = {"kind": "target_speedup", "ratio": cfg.ratio, "with_ratio": True, "target": args.target_speedup,
+                  "min_removed_blocks": k, "predicted_at_minimum": pred, "qtype": args.target_type,
+                  "table": {k_: table[k_] for k_ in ("c", "a", "m", "cpu", "threads")}}
     else:
         table = latency_table(src, args.target_type, threads=torch.get_num_threads(), show=not args.json)
         skeleton = build_skeleton(src, torch.float32, lite=True)  # shapes only: the plan needs no weights
@@ -73,6 +93,9 @@ def finish_budget(out: Path, budget: dict | None):
         got = gguf_bytes(out, budget["qtype"])
         budget = {**budget, "gguf_bytes": got, "met": got <= budget["requested_bytes"]}
     manifest = read_manifest(out)
+    if budget.get("with_ratio"):  # what the search's allocation is predicted to reach
+        budget = {**budget, "predicted": manifest.get("details", {}).get("search", {}).get("speedup", {}).get(
+            "predicted", budget["predicted_at_minimum"])}
     manifest[budget["kind"]] = budget
     tmp = out / (MANIFEST + ".tmp")
     write_manifest(tmp, manifest)

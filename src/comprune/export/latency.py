@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 from ..errors import CompruneError
 from ..files import read_config
 from ..loading import cache_dir
-from ..methods.common import plan_budget
+from ..methods.common import plan_budget, predicted_speedup
+from ..methods.search import make_plan
 from ..precision import cpu_name
 from .gguf import export_gguf, open_safetensors
 from .llamacpp import relative_llamacpp_speed
@@ -84,8 +85,7 @@ def fit(points: list[tuple[float, float, float]]) -> dict:
 
 def predict(table: dict, layer_fraction: float, neuron_fraction: float) -> float:
     """Generation speedup (dense time / pruned time) of a model keeping these fractions."""
-    t = table["c"] + table["a"] * layer_fraction + table["m"] * neuron_fraction
-    return 1.0 / max(t, 1e-9)
+    return predicted_speedup(table, layer_fraction, neuron_fraction)
 
 
 def latency_table(src, qtype: str = "f16", threads: int | None = None, show: bool = True, refresh: bool = False,
@@ -137,6 +137,15 @@ def plan_speedup(model, adapter, cfg, table: dict) -> float:
     L, kept = len(layers), len(layers) - b.layers_to_remove
     W = max(adapter.mlp(layer).down.in_features for layer in layers)
     return predict(table, kept / L, kept * (W - b.neurons_per_layer) / (L * W))
+
+
+def speedup_blocks(model, adapter, cfg) -> tuple[int, float]:
+    """(whole blocks, predicted speedup) the width search needs for cfg.search_speedup at cfg.ratio (checked
+    before any pruning, on the model's shapes: an unreachable target is refused at once)."""
+    b = plan_budget(model, adapter, cfg)
+    removed = list(range(cfg.protect_first, cfg.protect_first + b.layers_to_remove))  # only their number matters
+    plan = make_plan(model, adapter, removed, b.neurons_per_layer, cfg)
+    return plan.min_removed, plan.speedup["predicted_at_minimum"]
 
 
 def ratio_for_speedup(model, adapter, cfg, table: dict, target: float, tol: float = 1e-4) -> dict:

@@ -155,6 +155,14 @@ def _moe_budget(adapter, layers, cfg, expert_share: float, rest: float, kept: in
     return budget
 
 
+def predicted_speedup(table: dict, layer_fraction: float, neuron_fraction: float) -> float:
+    """llama.cpp generation speedup (dense time / pruned time) of a model keeping these fractions of its blocks
+    and of its MLP neurons, from a latency table's fitted time = c + a * layers + m * neurons
+    (comprune.export.latency measures the table)."""
+    t = table["c"] + table["a"] * layer_fraction + table["m"] * neuron_fraction
+    return 1.0 / max(t, 1e-9)
+
+
 def kept_width(width: int, n_remove: int, round_to: int, min_width: int = 0) -> int:
     """Width after removing n_remove neurons, rounded to the nearest multiple of round_to (fast kernels)."""
     w = width - n_remove

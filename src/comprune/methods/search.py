@@ -31,7 +31,7 @@ from .. import compensate as LS
 from ..errors import CompruneError
 from ..evaluate.perplexity import family_logits
 from ..walk import Activations, capture, collect_stats, forward_block, progress, resident
-from .common import kept_width, params_per_neuron
+from .common import kept_width, params_per_neuron, predicted_speedup
 
 
 @dataclass
@@ -362,28 +362,37 @@ def _repeat_kwargs(kwargs: dict, rows: int, n: int) -> dict:
     return _per_row(kwargs, rows, lambda v: v.repeat(n, *[1] * (v.dim() - 1))) if n > 1 else kwargs
 
 
-def dp_allocate(costs: dict[int, list[float]], total: int) -> dict[int, int]:
-    """Levels minimising Σ costs[i][l_i] subject to Σ l_i = total (exact, by dynamic programming)."""
+def dp_allocate(costs: dict[int, list[float]], total: int, removed_level: int | None = None,
+                min_removed: int = 0) -> dict[int, int]:
+    """Levels minimising Σ costs[i][l_i] subject to Σ l_i = total (exact, by dynamic programming), and, with
+    `min_removed`, at least that many blocks at `removed_level` (a speed budget: whole blocks save the most time
+    per parameter)."""
     blocks = sorted(costs)
     INF = float("inf")
-    best = [0.0] + [INF] * total  # best[t]: least cost of the blocks so far at t levels in all
+    R = min_removed if removed_level is not None else 0
+    # best[r][t]: least cost of the blocks so far at t levels in all, min(R, blocks removed) = r
+    best = [[0.0] + [INF] * total] + [[INF] * (total + 1) for _ in range(R)]
     choice = []
     for i in blocks:
-        new, pick = [INF] * (total + 1), [0] * (total + 1)
-        for t in range(total + 1):
-            if best[t] == INF:
-                continue
-            for lv, c in enumerate(costs[i]):
-                if t + lv <= total and best[t] + c < new[t + lv]:
-                    new[t + lv], pick[t + lv] = best[t] + c, lv
+        new = [[INF] * (total + 1) for _ in range(R + 1)]
+        pick = [[(0, 0)] * (total + 1) for _ in range(R + 1)]
+        for r in range(R + 1):
+            for t in range(total + 1):
+                if best[r][t] == INF:
+                    continue
+                for lv, c in enumerate(costs[i]):
+                    r2 = min(R, r + (lv == removed_level))
+                    if t + lv <= total and best[r][t] + c < new[r2][t + lv]:
+                        new[r2][t + lv], pick[r2][t + lv] = best[r][t] + c, (lv, r)
         best = new
         choice.append(pick)
-    if best[total] == INF:
+    if best[R][total] == INF:
         raise ValueError(f"no allocation of {total} levels fits the ladders")
-    levels, t = {}, total
+    levels, t, r = {}, total, R
     for i, pick in zip(reversed(blocks), reversed(choice)):
-        levels[i] = pick[t]
-        t -= pick[t]
+        lv, r_prev = pick[r][t]
+        levels[i] = lv
+        t, r = t - lv, r_prev
     return dict(sorted(levels.items()))
 
 
@@ -434,9 +443,10 @@ def _toggle_block(child: dict, top: int, rng: random.Random, removed: int, remov
 
 
 def evolve(fitness: Fitness, start: dict, top: int, cfg, state_file: Path | None = None, show=True,
-           removable=()) -> tuple[dict, list]:
+           removable=(), min_removed: int = 0) -> tuple[dict, list]:
     """(1 + λ) evolution from `start`; every generation's randomness comes from (seed, generation), so a resumed
-    search continues exactly where the killed one stopped."""
+    search continues exactly where the killed one stopped. Offspring removing fewer than `min_removed` whole
+    blocks (the speed budget) are not considered."""
     state = json.loads(state_file.read_text()) if state_file is not None and state_file.exists() else None
     parent = {int(k): v for k, v in state["parent"].items()} if state is not None else dict(start)
     # the parent's trajectory: offspring run from where they leave it
@@ -454,6 +464,11 @@ def evolve(fitness: Fitness, start: dict, top: int, cfg, state_file: Path | None
         kids = [mutate(parent, top, rng, rng.randint(1, 3), fitness.removed_level, removable)
                 for _ in range(cfg.search_offspring)]
         kids = [k for k in kids if k != parent] or kids
+        if min_removed:
+            kids = [k for k in kids if sum(v == fitness.removed_level for v in k.values()) >= min_removed]
+            if not kids:  # every mutation broke the speed budget: the parent stays
+                trace.append([gen + 1, parent_fit])
+                continue
         n = len(fitness.windows)
         few = [fitness.windows[(gen * cfg.search_filter + k) % n] for k in range(cfg.search_filter)]  # stage 1
         filtered = fitness.population(kids, few, parent=(parent, traj))
@@ -485,6 +500,28 @@ class Plan:
     block_neurons: float = 0.0
     removed_level: int | None = None
     removable: tuple = ()
+    min_removed: int = 0         # whole blocks the speed budget needs (search_speedup)
+    speedup: dict | None = None  # the speed budget's record
+
+
+def make_plan(model, adapter, removed: list[int], n_remove: int, cfg) -> Plan:
+    """The search's budget in ladder levels for these removed blocks and `n_remove` neurons a block (the uniform
+    plan's), with whole-block removal and the speed budget's minimum when the config asks for them."""
+    layers = adapter.layers(model)
+    kept = [i for i in range(len(layers)) if i not in set(removed)]
+    widths = {i: adapter.mlp(layers[i]).down.in_features for i in kept}
+    ladder = make_ladder(min(widths.values()), cfg)
+    exact = sum(w - kept_width(w, n_remove, cfg.round_to, cfg.min_width) for w in widths.values())
+    plan = Plan(kept, ladder, exact // ladder.step, exact)
+    if cfg.search_layers or cfg.search_speedup:
+        # a whole block costs its parameters, counted in neurons of its MLP (attention and norms included)
+        plan.block_neurons = sum(p.numel() for p in layers[kept[0]].parameters()) / \
+            params_per_neuron(adapter, layers[kept[0]])
+        plan.removed_level = max(ladder.top + 1, int(round(plan.block_neurons / ladder.step)))
+        plan.removable = tuple(i for i in kept if cfg.protect_first <= i < len(layers) - cfg.protect_last)
+    if cfg.search_speedup:
+        plan.min_removed, plan.speedup = blocks_for_speedup(plan, len(layers), max(widths.values()), cfg)
+    return plan
 
 
 def search_allocation(model, adapter, acts, removed: list[int], n_remove: int, cfg, fit_ids: torch.Tensor,
@@ -494,17 +531,8 @@ def search_allocation(model, adapter, acts, removed: list[int], n_remove: int, c
     `acts` (block-0 calibration inputs) is consumed."""
     t0 = time.perf_counter()
     layers = adapter.layers(model)
-    kept = [i for i in range(len(layers)) if i not in set(removed)]
-    widths = {i: adapter.mlp(layers[i]).down.in_features for i in kept}
-    ladder = make_ladder(min(widths.values()), cfg)
-    exact = sum(w - kept_width(w, n_remove, cfg.round_to, cfg.min_width) for w in widths.values())
-    plan = Plan(kept, ladder, exact // ladder.step, exact)
-    if cfg.search_layers:
-        # a whole block costs its parameters, counted in neurons of its MLP (attention and norms included)
-        plan.block_neurons = sum(p.numel() for p in layers[kept[0]].parameters()) / \
-            params_per_neuron(adapter, layers[kept[0]])
-        plan.removed_level = max(ladder.top + 1, int(round(plan.block_neurons / ladder.step)))
-        plan.removable = tuple(i for i in kept if cfg.protect_first <= i < len(layers) - cfg.protect_last)
+    plan = make_plan(model, adapter, removed, n_remove, cfg)
+    kept, ladder = plan.kept, plan.ladder
     if plan.total > ladder.top * len(kept) and not plan.removable:
         raise CompruneError(f"the budget needs {plan.total} levels of {ladder.step} neurons but the search's "
                             f"ladder holds {ladder.top} per block: raise --layer-share or lower --ratio")
@@ -528,13 +556,13 @@ def _search(model, adapter, removed, layers, plan: Plan, db, fit_ids, cfg, show,
             costs[i] += [float("inf")] * (R - ladder.top - 1) + fitness.curve(i, [R], few, inputs[i])
     del inputs
     try:
-        levels = dp_allocate(costs, plan.total)
+        levels = dp_allocate(costs, plan.total, R, plan.min_removed)
     except ValueError:
         raise CompruneError(f"no allocation of the budget fits the search's ladders ({ladder.top} levels of "
                             f"{ladder.step} neurons a block): raise --layer-share or lower --ratio") from None
     dp_fit = fitness(levels)
     state_file = Path(state_dir) / "search.json" if state_dir is not None else None
-    levels, trace = evolve(fitness, levels, ladder.top, cfg, state_file, show, plan.removable) \
+    levels, trace = evolve(fitness, levels, ladder.top, cfg, state_file, show, plan.removable, plan.min_removed) \
         if cfg.search_generations else (levels, [[0, dp_fit]])
     gone = [i for i in kept if levels[i] == R]
     counts = _neuron_counts(levels, gone, costs, plan, len(layers))
@@ -544,7 +572,30 @@ def _search(model, adapter, removed, layers, plan: Plan, db, fit_ids, cfg, show,
               "seconds": round(time.perf_counter() - t0, 1)}
     if R is not None:
         record.update(removed_level=R, removed_blocks=gone, block_neurons=plan.block_neurons)
+    if plan.speedup is not None:
+        W = max(adapter.mlp(layers[i]).down.in_features for i in kept)
+        live = [i for i in kept if i not in gone]
+        neurons = sum(adapter.mlp(layers[i]).down.in_features - counts[i] for i in live)
+        record["speedup"] = {**plan.speedup, "predicted": predicted_speedup(
+            cfg.latency, len(live) / len(layers), neurons / (len(layers) * W))}
     return counts, record
+
+
+def blocks_for_speedup(plan: Plan, n_layers: int, width: int, cfg) -> tuple[int, dict]:
+    """The fewest whole blocks the search must remove for the latency table to predict cfg.search_speedup at
+    this parameter budget. The budget is exact, so the kept MLP neurons follow from the number of blocks
+    removed (each costs `block_neurons` of it) and only that number moves the prediction."""
+    k_max = min(len(plan.removable), int(plan.exact // max(plan.block_neurons, 1)))
+    best = None
+    for k in range(k_max + 1):
+        neurons = (len(plan.kept) - k) * width - (plan.exact - k * plan.block_neurons)
+        pred = predicted_speedup(cfg.latency, (len(plan.kept) - k) / n_layers, neurons / (n_layers * width))
+        best = max(best or pred, pred)
+        if pred >= cfg.search_speedup:
+            return k, {"target": cfg.search_speedup, "min_removed_blocks": k, "predicted_at_minimum": pred}
+    raise CompruneError(f"--target-speedup {cfg.search_speedup} is beyond this ratio's reach on this machine "
+                        f"(at most {best:.2f}x predicted, removing {k_max} whole blocks): raise --ratio or ask for "
+                        "less speed")
 
 
 def _neuron_counts(levels: dict, gone: list[int], costs: dict, plan: Plan, n_layers: int) -> list[int]:
