@@ -134,7 +134,7 @@ class PruneConfig:
         if self.damp < 0 or self.ridge < 0:
             raise CompruneError("damp and ridge must be >= 0")
         if self.search_speedup and (self.width_allocation != "search" or not self.latency):
-            raise CompruneError("a speedup with a ratio is a constraint of the width search: use --method comp-search "
+            raise CompruneError("a speedup with a ratio is a constraint of the width search: use --preset comp-search "
                                 "with --ratio and --target-speedup (which measures the latency table)")
         return self
 

@@ -2,7 +2,7 @@
 machine (--target-speedup). Each resolves to the ratio that meets it before any pruning, and is recorded,
 with what it was derived from and what the pruned model reached, in pruning.json.
 
-With the width search (`--method comp-search`), `--ratio` and `--target-speedup` combine: the parameter budget
+With the width search (`--preset comp-search`), `--ratio` and `--target-speedup` combine: the parameter budget
 stays exact and the speedup becomes a constraint of the search (it removes as many whole blocks as the latency
 table says the speed needs, and allocates the rest of the budget as neurons)."""
 from __future__ import annotations
