@@ -2,7 +2,7 @@
 or is not a multiple of 32/64/128, the dense weights sliced (export.latency's variants: the values do not
 change the time), each timed alternately with the dense export.
 
-    python benchmarks/round_to.py                 # f16 and q8_0, widths around COMP 20 %'s 1070
+    python benchmarks/round_to.py                 # f16 and q8_0, widths around an odd 1070 (COMP 20 %: 1017)
     python benchmarks/round_to.py --types f16 --repeats 5
 
 Writes benchmarks/results/round_to.json and .md. The quality side: a uniform prune rounds within one quantum of
@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-WIDTHS = (1070, 1056, 1088, 1024, 1152)  # odd (COMP 20 % uniform), then multiples of 32, 64, 128, 128
+WIDTHS = (1070, 1056, 1088, 1024, 1152)  # odd (as COMP 20 %'s uniform 1017 is), then multiples of 32, 64, 128, 128
 
 
 def main(argv=None):
