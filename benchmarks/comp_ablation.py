@@ -94,6 +94,8 @@ CONFIGS = [
     ("def-calib-256x128", "calibration", DEFAULT | {"nsamples": 256, "seqlen": 128}),
     # cheap non-uniform widths for the 5-minute default: FLAP's standardised fluctuation ranking across blocks
     ("def-widths-fluct", "width", DEFAULT | {"width_allocation": "adaptive", "extra": {"allocation_score": "fluctuation"}}),
+    # widths rounded to a multiple of 32 (llama.cpp's kernels: docs/budgets.md, benchmarks/round_to.py)
+    ("def-round-32", "width", DEFAULT | {"round_to": 32}),
     # at 10 % FLAP's and LLM-Pruner's non-uniform widths edge out COMP's uniform ones on the test slice
     ("def-0.1", "ratio", DEFAULT | {"ratio": 0.1}),
     ("def-widths-fluct-0.1", "width", DEFAULT | {"ratio": 0.1, "width_allocation": "adaptive",
