@@ -24,7 +24,13 @@ def _label(manifest: dict) -> str:
     cfg = manifest.get("config", {})
     alloc = cfg.get("width_allocation", "uniform")
     name = manifest.get("method", "?") + ("" if alloc == "uniform" else f" ({alloc} widths)")
-    return f"{name} {manifest.get('ratio_achieved', 0):.1%}"
+    label = f"{name} {manifest.get('ratio_achieved', 0):.1%}"
+    removed = manifest.get("removed_layers") or []
+    if removed:
+        label += f", {len(removed)} blocks removed"
+    if cfg.get("search_speedup"):
+        label += f", --target-speedup {cfg['search_speedup']:g}"
+    return label
 
 
 def main(argv=None):
