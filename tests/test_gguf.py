@@ -301,3 +301,18 @@ def test_prune_to_target_speedup_measures_a_table_once(tmp_path):
     stamp = tables[0].stat().st_mtime_ns
     again = run(tmp_path / "q")
     assert again.returncode == r.returncode and tables[0].stat().st_mtime_ns == stamp  # not measured again
+    # with --ratio, the speedup is a constraint of the width search (the cached table again), or a clear refusal
+    base = [sys.executable, "-m", "comprune.cli", "prune", str(src), "--ratio", "0.3", "--target-speedup", "1.05",
+            "--nsamples", "8", "--seqlen", "32", "--json"]
+    plain = subprocess.run([*base, "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300, env=env)
+    assert plain.returncode != 0 and "add --preset comp-search" in plain.stderr
+    both = subprocess.run([*base, "--preset", "comp-search", "--search-generations", "2", "--search-nsamples", "4",
+                           "--out", str(tmp_path / "s")], capture_output=True, text=True, timeout=300, env=env)
+    assert tables[0].stat().st_mtime_ns == stamp
+    if both.returncode == 0:
+        out = json.loads(both.stdout)
+        rec = out["target_speedup"]
+        assert rec["with_ratio"] and rec["predicted"] >= 1.05 and abs(out["ratio_achieved"] - 0.3) < 0.01
+        assert len(out["removed_layers"]) >= rec["min_removed_blocks"]
+    else:
+        assert "beyond this ratio's reach" in both.stderr and not (tmp_path / "s").exists(), both.stderr[-2000:]

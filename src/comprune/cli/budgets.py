@@ -45,7 +45,7 @@ def _source(args, flag: str, cfg=None) -> Path:
                             ("--target-speedup", args.target_speedup)) if v is not None]
     if len(given) > 1 and not (cfg is not None and _combined(args, cfg)):
         if "--ratio" in given and "--target-speedup" in given:
-            raise CompruneError("--ratio with --target-speedup is a constraint of the width search: add --method "
+            raise CompruneError("--ratio with --target-speedup is a constraint of the width search: add --preset "
                                 "comp-search, or give only one of them")
         raise CompruneError(f"give one of {', '.join(given)}, not several (each decides the ratio)")
     try:
