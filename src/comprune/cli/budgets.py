@@ -30,7 +30,8 @@ def add_budget_options(p):
     p.add_argument("--target-speedup", type=float, default=None,
                    help="instead of --ratio: llama.cpp generation this many times faster than the dense model on "
                         "this machine (e.g. 1.5), from a latency table timed once per model, machine, type and "
-                        "thread count (cached; docs/budgets.md)")
+                        "thread count (cached; docs/budgets.md); with --preset comp-search and --ratio, a constraint of the "
+                        "width search at that exact size instead")
     p.add_argument("--target-type", default="f16", choices=["f32", "f16", "q8_0"],
                    help="GGUF type of --target-size and --target-speedup (default f16; q8_0 rounds widths to 32)")
 
