@@ -45,30 +45,28 @@ class Choice:
         return asdict(self)
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset:
-    """The CPU feature flags of the first processor in /proc/cpuinfo (empty where there is none)."""
+def _cpuinfo(key: str) -> str | None:
+    """The value of `key` for the first processor in /proc/cpuinfo (None where there is no such file or line)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset:
+    """The CPU feature flags of the first processor in /proc/cpuinfo (empty where there is none)."""
+    return frozenset((_cpuinfo("flags") or "").split())
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo; the platform's processor string elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def host() -> dict:

@@ -83,11 +83,6 @@ def fit(points: list[tuple[float, float, float]]) -> dict:
     return {"c": max(1 - a - m, 0.0), "a": a, "m": m}
 
 
-def predict(table: dict, layer_fraction: float, neuron_fraction: float) -> float:
-    """Generation speedup (dense time / pruned time) of a model keeping these fractions."""
-    return predicted_speedup(table, layer_fraction, neuron_fraction)
-
-
 def latency_table(src, qtype: str = "f16", threads: int | None = None, show: bool = True, refresh: bool = False,
                   prompt: list[int] | None = None) -> dict:
     """The fitted table for the model in directory `src`, measured once and cached (COMPRUNE_CACHE)."""
@@ -136,7 +131,7 @@ def plan_speedup(model, adapter, cfg, table: dict) -> float:
     layers = adapter.layers(model)
     L, kept = len(layers), len(layers) - b.layers_to_remove
     W = max(adapter.mlp(layer).down.in_features for layer in layers)
-    return predict(table, kept / L, kept * (W - b.neurons_per_layer) / (L * W))
+    return predicted_speedup(table, kept / L, kept * (W - b.neurons_per_layer) / (L * W))
 
 
 def speedup_blocks(model, adapter, cfg) -> tuple[int, float]:
