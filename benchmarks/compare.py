@@ -136,7 +136,9 @@ def write_doc(args):
         "into the weights. Uniform widths.",
         "- **comp-search** (`--preset comp-search`): the same per-block machinery with per-block widths chosen by "
         "an evolutionary search (40 generations) against KL(dense ‖ pruned) on calibration-source windows held "
-        "apart from the calibration windows (methods/search.py); not streamed (the search holds the whole model). "
+        "apart from the calibration windows (methods/search.py). It streams as the walk does (`--stream`: a block "
+        "is read from the shards whenever the database, the error curves or a generation needs it; the weights "
+        "equal the in-memory prune's). "
         "On a quiet 2-core AMD EPYC the whole prune (variant database, DP start, 40 generations) takes 701 s at "
         "20 % in float32; a second heavy job on the same 2 cores makes a generation 4x slower (OpenMP threads "
         "spin-wait), so the prune seconds of a shared run mean little.",

@@ -154,8 +154,8 @@ def test_per_example_results_match_the_harness_score():
 
 
 def test_presets_compare_as_methods_and_full_test_lengths(tiny_dir, tmp_path):
-    """A preset (comp-search) is a method of the comparison, pruned with `--preset`, never streamed (the
-    search holds the whole model); --full-seqlens limits the full-test-set stage to those window lengths."""
+    """A preset (comp-search) is a method of the comparison, pruned with `--preset` and streamed as its method
+    (comp) is; --full-seqlens limits the full-test-set stage to those window lengths."""
     from comprune.compare.measure import prune_command
     from comprune.errors import CompruneError
     cmp = Comparison(str(tiny_dir), ratios=(0.2,), methods=("comp", "comp-search"), out_dir=tmp_path / "c",
@@ -164,7 +164,8 @@ def test_presets_compare_as_methods_and_full_test_lengths(tiny_dir, tmp_path):
     assert cmd[cmd.index("--preset") + 1] == "comp-search" and "--method" not in cmd
     assert prune_command(cmp, "comp", 0.2, tmp_path / "m")[5:7] == ["--method", "comp"]
     rec = {"method": "comp-search", "ratio": 0.2, "prune": {}}
-    assert not cmp.needed("comp-search-r0.20", "stream", rec)
+    assert cmp.needed("comp-search-r0.20", "stream", rec)
+    assert prune_command(cmp, "comp-search", 0.2, tmp_path / "m", stream=True)[-1] == "--stream"
     assert cmp.needed("comp-r0.20", "stream", {"method": "comp", "ratio": 0.2, "prune": {}})
     assert cmp.needed("comp-r0.20", "full", {"ppl": {"wikitext2@128/full": {}}})
     assert not cmp.needed("comp-r0.20", "full", {"ppl": {"wikitext2@2048/full": {}}})

@@ -51,7 +51,11 @@ def calib(n=4, t=32):
 
 
 def _strip(manifest):
-    return {k: v for k, v in manifest.items() if k not in VOLATILE}
+    out = {k: v for k, v in manifest.items() if k not in VOLATILE}
+    if "search" in out.get("details", {}):  # the search's own wall-clock time
+        out["details"] = {**out["details"], "search": {k: v for k, v in out["details"]["search"].items()
+                                                       if k != "seconds"}}
+    return out
 
 
 def _weights(d):
@@ -73,6 +77,8 @@ def _weights(d):
     ("uneven", dict(ratio=0.2, layer_share=0.5, layer_score="loss")),  # the LM head read from disk while needed
     ("llama", dict(ratio=0.3, layer_share=0.3, width_allocation="adaptive")),  # an extra pass over the blocks
     ("llama", dict(ratio=0.3, layer_share=0.0, head_share=0.3, head_unit="kv")),    # KV groups pruned inside the walk too
+    # the width search: its variant database, error curves and evolution read each block while resident
+    ("llama", dict(ratio=0.3, width_allocation="search", search_generations=3, search_nsamples=2)),
     # least squares onto the dense trajectory, a removed span folded into the block before, query heads refitted
     ("llama", dict(ratio=0.3, layer_share=0.7, recovery="least-squares", metric="obs", target_mix=0.5,
                    layer_compensation=True, head_share=0.3)),

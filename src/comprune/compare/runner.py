@@ -231,7 +231,8 @@ class Comparison:
         if stage in ("speed", "llamacpp"):
             return name != "dense" and stage not in rec
         if stage == "stream":
-            return name != "dense" and can_stream(rec["method"]) and rec["method"] not in PRESETS and \
+            # a preset streams as its method does (the width search runs block by block, resident like the walk)
+            return name != "dense" and can_stream(PRESETS.get(rec["method"], {}).get("method", rec["method"])) and \
                 any(abs(rec["ratio"] - r) < 1e-9 for r in self.stream_ratios) and \
                 (rec.get("stream", {}).get("rss_probe") != RSS_PROBE or
                  rec.get("stream", {}).get("record_version") != STREAM_RECORD)
