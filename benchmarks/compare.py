@@ -137,8 +137,9 @@ def write_doc(args):
         "- **comp-search** (`--preset comp-search`): the same per-block machinery with per-block widths chosen by "
         "an evolutionary search (40 generations) against KL(dense ‖ pruned) on calibration-source windows held "
         "apart from the calibration windows (methods/search.py). It streams as the walk does (`--stream`: a block "
-        "is read from the shards whenever the database, the error curves or a generation needs it; the weights "
-        "equal the in-memory prune's). "
+        "is read from the shards whenever the database, the error curves or a generation needs it); on a tiny "
+        "model the streamed weights equal the in-memory prune's (tests/test_stream.py), on SmolLM2 they differ "
+        "(marked ≠ in the streamed column, not yet explained). "
         "On a quiet 2-core AMD EPYC the whole prune (variant database, DP start, 40 generations) takes 701 s at "
         "20 % in float32; a second heavy job on the same 2 cores makes a generation 4x slower (OpenMP threads "
         "spin-wait), so the prune seconds of a shared run mean little.",
