@@ -314,7 +314,7 @@ def main(argv=None):
     ap.add_argument("--full-seqlens", default="2048",
                     help="window lengths of the full-test-set perplexity (default 2048, the headline length: the "
                          "full set costs ~18x the slice, ~15 min a model per length on an AVX2 host)")
-    ap.add_argument("--redo", default="", help="stages to measure again: prune (time, memory), speed, llamacpp")
+    ap.add_argument("--redo", default="", help="stages to measure again: prune (time, memory), speed, llamacpp, stream (the streamed prune)")
     ap.add_argument("--redo-tag", default=None, help="name of the --redo pass (resume it with the same tag)")
     ap.add_argument("--dtype", default="float32",
                     help="float32 (default: the precision the recorded results were made in; a results directory "

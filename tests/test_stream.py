@@ -149,6 +149,26 @@ def test_stream_cli_never_imports_transformers_modeling(shards, tmp_path):
     assert load(out)[1] is not None  # the tokenizer, written by the calibration child
 
 
+def test_stream_search_from_text_uses_the_heldout_windows(shards, tmp_path):
+    """Calibration from a text (tokenised by the child process): the streamed search scores the same held-out
+    fitness windows as the in-memory one, which holds the tokenizer, instead of cutting them from the
+    calibration windows (a streamed SmolLM2 search once differed from the in-memory prune this way)."""
+    text = tmp_path / "calib.txt"
+    rng = random.Random(1)
+    text.write_text(" ".join("".join(rng.choice("abcdefghij klmnop") for _ in range(6)) for _ in range(600)))
+    cfg = dict(ratio=0.3, width_allocation="search", search_generations=2, search_nsamples=2, batch_size=4,
+               calib=str(text), nsamples=4, seqlen=16)
+    model, tok = load(shards["llama"])
+    model, report = prune(model, tok, PruneConfig(**cfg), progress=False, base_model="m")
+    save_pretrained(model, tok, tmp_path / "mem", report)
+    prune_streaming(shards["llama"], tmp_path / "stream", PruneConfig(**cfg), progress=False, base_model="m")
+    ma, mb = (json.loads((tmp_path / d / "pruning.json").read_text()) for d in ("stream", "mem"))
+    assert ma["calibration"]["nsamples"] == mb["calibration"]["nsamples"] == 4  # none cut off for the fitness
+    assert _strip(ma) == _strip(mb)
+    a, b = _weights(tmp_path / "stream"), _weights(tmp_path / "mem")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_llm_pruner_refuses_to_stream(shards, tmp_path):
     with pytest.raises(CompruneError, match="gradients") as e:
         prune_streaming(shards["llama"], tmp_path / "out", PruneConfig(ratio=0.2, method="llm-pruner"),

@@ -15,7 +15,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from . import deferred
-from .data import Calibration, get_calibration
+from .data import Calibration, get_calibration, heldout_windows
 from .errors import CompruneError
 from .loading import remote_code_error
 
@@ -25,11 +25,14 @@ ERROR_PREFIX = "comprune: error: "
 def calibration_in_child(model_dir: Path, cfg, data_dir=None, tokenizer_out: Path | None = None,
                          trust_remote_code: bool = False) -> Calibration:
     """The calibration windows of `cfg` (calib, nsamples, seqlen, seed) for the tokenizer of `model_dir`,
-    tokenised in a child process. With `tokenizer_out`, the child also saves the tokenizer there."""
+    tokenised in a child process. With `tokenizer_out`, the child also saves the tokenizer there. For the width
+    search the child also draws its held-out fitness windows (Calibration.heldout), as prune() would with the
+    tokenizer in hand."""
+    heldout = cfg.search_nsamples if cfg.width_allocation == "search" else 0
     with tempfile.TemporaryDirectory(prefix="comprune-calib-") as tmp:
         out = Path(tmp) / "ids.safetensors"
         args = [str(model_dir), cfg.calib, str(cfg.nsamples), str(cfg.seqlen), str(cfg.seed), str(data_dir or ""),
-                str(out), str(tokenizer_out or ""), "1" if trust_remote_code else ""]
+                str(out), str(tokenizer_out or ""), "1" if trust_remote_code else "", str(heldout)]
         code = "import sys; from comprune.calibration import child_main; child_main(*sys.argv[1:])"
         r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                            stdin=subprocess.DEVNULL)  # nothing may answer a prompt
@@ -37,19 +40,25 @@ def calibration_in_child(model_dir: Path, cfg, data_dir=None, tokenizer_out: Pat
             lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
             msg = next((ln.removeprefix(ERROR_PREFIX) for ln in reversed(lines) if ln.startswith(ERROR_PREFIX)), None)
             raise CompruneError(msg or f"tokenising the calibration text failed: {lines[-1] if lines else r.returncode}")
-        ids = load_file(str(out))["input_ids"]
-    return Calibration(ids, cfg.calib, cfg.seed)
+        tensors = load_file(str(out))
+    return Calibration(tensors["input_ids"], cfg.calib, cfg.seed, data_dir=None if data_dir is None else str(data_dir),
+                       heldout=tensors.get("heldout_ids"))
 
 
-def child_main(model_dir, source, nsamples, seqlen, seed, data_dir, out, tokenizer_out="", trust=""):
-    """The child's side: tokenise, write the ids to `out` (safetensors), save the tokenizer if asked."""
+def child_main(model_dir, source, nsamples, seqlen, seed, data_dir, out, tokenizer_out="", trust="", heldout="0"):
+    """The child's side: tokenise, write the ids (and `heldout` fitness windows) to `out` (safetensors), save the
+    tokenizer if asked."""
     try:
         tokenizer = load_tokenizer(Path(model_dir), required=True, trust_remote_code=bool(trust))
         calib = get_calibration(tokenizer, source, int(nsamples), int(seqlen), int(seed), data_dir=data_dir or None)
+        held = heldout_windows(tokenizer, calib, int(heldout), calib.seqlen, data_dir or None) if int(heldout) else None
     except CompruneError as e:
         print(f"{ERROR_PREFIX}{e}", file=sys.stderr)
         sys.exit(2)
-    save_file({"input_ids": calib.input_ids.contiguous()}, out)
+    tensors = {"input_ids": calib.input_ids.contiguous()}
+    if held is not None:
+        tensors["heldout_ids"] = held.contiguous()
+    save_file(tensors, out)
     if tokenizer_out:
         tokenizer.save_pretrained(tokenizer_out)
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -181,6 +181,11 @@ class Calibration:
     input_ids: torch.Tensor  # [N, T] long
     source: str
     seed: int
+    # where the source was read (the search's held-out windows come from the same text)
+    data_dir: str | None = field(default=None, compare=False)
+    # the width search's fitness windows, when whoever tokenised the source also drew them (a streamed prune's
+    # child process: the walk itself holds no tokenizer)
+    heldout: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def nsamples(self) -> int:
@@ -248,4 +253,5 @@ def heldout_windows(tokenizer, calibration: "Calibration", nsamples: int, seqlen
 def get_calibration(tokenizer, source: str = "c4", nsamples: int = 128, seqlen: int = 128, seed: int = 0,
                     data_dir=None) -> Calibration:
     ids = load_ids(tokenizer, source, data_dir)
-    return Calibration(sample_windows(ids, nsamples, seqlen, seed), source, seed)
+    return Calibration(sample_windows(ids, nsamples, seqlen, seed), source, seed,
+                       data_dir=None if data_dir is None else str(data_dir))

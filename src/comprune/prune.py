@@ -112,8 +112,11 @@ def _widths_text(widths):
 def _fitness_windows(tokenizer, calibration: Calibration, cfg) -> tuple[Calibration, torch.Tensor]:
     """(calibration, the search's fitness windows): windows of the calibration source apart from the calibration
     windows; when the calibration came as bare windows, its last search_nsamples windows are held apart instead."""
-    ids = heldout_windows(tokenizer, calibration, cfg.search_nsamples, calibration.seqlen) \
-        if tokenizer is not None else None
+    ids = calibration.heldout
+    if ids is not None and tuple(ids.shape) != (cfg.search_nsamples, calibration.seqlen):
+        ids = None
+    if ids is None and tokenizer is not None:
+        ids = heldout_windows(tokenizer, calibration, cfg.search_nsamples, calibration.seqlen, calibration.data_dir)
     if ids is not None:
         return calibration, ids
     k = cfg.search_nsamples

@@ -10,7 +10,7 @@ from pathlib import Path
 DEFAULT_METHODS = ("comp", "llm-pruner", "flap", "layer-drop", "wanda-sp")
 DEFAULT_OUT = "benchmarks/results/compare"
 STAGES = ("prune", "ppl", "speed", "llamacpp", "stream", "zeroshot", "full", "zeroshot_full")
-REDOABLE = ("prune", "speed", "llamacpp")  # measurements of time and memory; the others are deterministic
+REDOABLE = ("prune", "speed", "llamacpp", "stream")  # measurements of time and memory; the others are deterministic
 # How prune records measured peak memory. Records with another probe (or none: getrusage's ru_maxrss in the
 # prune itself, which Linux carries across exec from the launching process) are re-pruned (same model,
 # checked) to measure again.

@@ -288,6 +288,8 @@ class Comparison:
                                                 "weights_sha256", "identical_to_in_memory", "streaming",
                                                 "command")}
         rec["stream"]["record_version"] = STREAM_RECORD
+        if "stream" in self.redo:
+            rec["stream"]["redo_tag"] = self.redo_tag
 
     def _eval_stage(self, name: str, stage: str, rec: dict):
         is_dense = name == "dense"
