@@ -101,6 +101,10 @@ CONFIGS = [
     ("def-widths-fluct-0.1", "width", DEFAULT | {"ratio": 0.1, "width_allocation": "adaptive",
                                                  "extra": {"allocation_score": "fluctuation"}}),
     ("baseline-flap-0.1", "baseline", SPEC | {"method": "flap", "ratio": 0.1}),
+    # the same pair at 30 %: does the fluctuation ranking's gain at 10 % (and loss at 20 %) follow the ratio?
+    ("def-0.3", "ratio", DEFAULT | {"ratio": 0.3}),
+    ("def-widths-fluct-0.3", "width", DEFAULT | {"ratio": 0.3, "width_allocation": "adaptive",
+                                                 "extra": {"allocation_score": "fluctuation"}}),
     ("search-dp", "search", SPEC | LSOBS | {"token_weight": "output", "width_allocation": "search"}),
     ("search-evo-40", "search", SPEC | LSOBS | {"token_weight": "output", "width_allocation": "search",
                                                 "search_generations": 40}),
@@ -245,11 +249,11 @@ def write_table(tokens: int, eval_set: str = "wikitext2", only=None):
         return write_zeroshot_table(only)
     rows = []
     for name, group, _ in CONFIGS:
-        if only and name not in only:
-            continue
         p = results_dir(eval_set) / f"{name}.json"
-        rows.append((name, group, json.loads(p.read_text()) if p.exists() else None))
-    flag = "" if eval_set == "wikitext2" else f" --eval {eval_set}" + (f" --only {','.join(only)}" if only else "")
+        # every row measured so far stays in the table; an --only run adds its rows, finished or not
+        if p.exists() or (only and name in only) or (not only and eval_set == "wikitext2"):
+            rows.append((name, group, json.loads(p.read_text()) if p.exists() else None))
+    flag = "" if eval_set == "wikitext2" else f" --eval {eval_set} --only <rows>"
     lines = ["# COMP ablations on SmolLM2-135M-Instruct" + ("" if eval_set == "wikitext2" else " (held-out validation)"),
              "",
              f"Command: `python benchmarks/comp_ablation.py --tokens {tokens}{flag}`  ",
