@@ -167,6 +167,15 @@ def test_presets_compare_as_methods_and_full_test_lengths(tiny_dir, tmp_path):
     assert cmp.needed("comp-search-r0.20", "stream", rec)
     assert prune_command(cmp, "comp-search", 0.2, tmp_path / "m", stream=True)[-1] == "--stream"
     assert cmp.needed("comp-r0.20", "stream", {"method": "comp", "ratio": 0.2, "prune": {}})
+    # a finished streamed record is measured again only under --redo stream, once per tag
+    from comprune.compare.records import RSS_PROBE, STREAM_RECORD
+    done = {"method": "comp-search", "ratio": 0.2, "prune": {},
+            "stream": {"rss_probe": RSS_PROBE, "record_version": STREAM_RECORD}}
+    assert not cmp.needed("comp-search-r0.20", "stream", done)
+    again = Comparison(str(tiny_dir), ratios=(0.2,), methods=("comp-search",), out_dir=tmp_path / "c",
+                       redo=("stream",), redo_tag="t", progress=False)
+    assert again.needed("comp-search-r0.20", "stream", done)
+    assert not again.needed("comp-search-r0.20", "stream", {**done, "stream": {**done["stream"], "redo_tag": "t"}})
     assert cmp.needed("comp-r0.20", "full", {"ppl": {"wikitext2@128/full": {}}})
     assert not cmp.needed("comp-r0.20", "full", {"ppl": {"wikitext2@2048/full": {}}})
     with pytest.raises(CompruneError, match="full-seqlens"):
