@@ -34,6 +34,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(HERE / "results" / "round_to"),
+                    help="results path without suffix (one file per machine: rows of two CPUs do not compare)")
     args = ap.parse_args(argv)
     from comprune.export.gguf import export_gguf
     from comprune.export.latency import sliced_variant
@@ -43,7 +45,7 @@ def main(argv=None):
     src = resolve_stream_source("smollm2")
     n_layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
     prompt = list(range(1, 129))
-    out = HERE / "results" / "round_to.json"
+    out = Path(args.out).with_suffix(".json")
     res = json.loads(out.read_text()) if out.is_file() else {}
     res["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
                       "threads": args.threads}
@@ -57,7 +59,7 @@ def main(argv=None):
                 if key in rows:
                     continue
                 sliced_variant(src, d / f"w{w}", n_layers, w)
-                path = export_gguf(d / f"w{w}", d / f"w{w}.gguf", qtype)
+                path = export_gguf(d / f"w{w}", d / f"w{w}.gguf", qtype, pad_to=1)  # the width as it is
                 load0 = os.getloadavg()[0]
                 rec = relative_llamacpp_speed(path["path"], dense, prompt, new_tokens=args.new_tokens,
                                               repeats=args.repeats, threads=args.threads)
@@ -68,7 +70,7 @@ def main(argv=None):
                 out.write_text(json.dumps(res, indent=1))
     lines = ["# --round-to: llama.cpp speed at MLP widths that are or are not multiples of 32/64/128", "",
              f"Command: `python benchmarks/round_to.py --types {args.types} --widths {args.widths} --repeats "
-             f"{args.repeats}`. SmolLM2 with all 30 MLPs at the width (dense weights sliced), GGUF exported, "
+             f"{args.repeats}" + ("" if out.stem == "round_to" else f" --out {os.path.relpath(args.out, HERE.parent)}") + "`. SmolLM2 with all 30 MLPs at the width (dense weights sliced), GGUF exported, "
              f"timed in llama.cpp alternately with the dense export ({args.new_tokens} new tokens after a 128-token "
              f"prompt, median of {args.repeats}). Machine: {res['machine']['cpu']}, {os.cpu_count()} cores, "
              f"{args.threads} threads; load average in each row (shared machine: compare rows of one type only).",

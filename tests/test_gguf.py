@@ -119,11 +119,17 @@ def test_nonuniform_deci_matches_transformers(tmp_path, qtype):
     assert json.loads((src / "config.json").read_text())["model_type"] == "comprune_llama"
     info = export_gguf(src, tmp_path / "m.gguf", qtype)
     assert info["arch"] == "deci" and info["ffn_widths"] == widths
-    # zero neurons pad a removed MLP to width 1 (q8_0: every width to a multiple of 32), output unchanged
-    assert info["gguf_ffn_widths"] == ([128, 64, 32, 96, 32, 32] if qtype == "q8_0" else [128, 40, 1, 96, 7, 1])
+    # zero neurons pad every width to a multiple of 32 (the kernels' speed) and a removed MLP to width 1 (q8_0:
+    # a block of 32), output unchanged; pad_to=1 writes the exact widths (q8_0 still needs its blocks)
+    assert info["gguf_ffn_widths"] == [128, 64, 32 if qtype == "q8_0" else 1, 96, 32, 32 if qtype == "q8_0" else 1]
     diff = max_logprob_diff(model, src, info["path"], prompts(), exact=qtype == "f32")
     print(f"non-uniform deci {qtype}: max |dlogprob| = {diff:.2e}")
     assert diff < TOL[qtype]
+    exact = export_gguf(src, tmp_path / "e.gguf", qtype, pad_to=1)
+    assert exact["gguf_ffn_widths"] == ([128, 64, 32, 96, 32, 32] if qtype == "q8_0" else [128, 40, 1, 96, 7, 1])
+    if qtype != "q8_0":
+        assert exact["bytes"] < info["bytes"]
+        assert max_logprob_diff(model, src, exact["path"], prompts(), exact=qtype == "f32") < TOL[qtype]
 
 
 @needs_llamacpp
@@ -244,7 +250,7 @@ def test_prune_to_target_size(tmp_path, qtype):
     got = export_gguf(out, tmp_path / "p.gguf", qtype)["bytes"]
     assert rec["gguf_bytes"] == got <= target and rec["met"]
     hidden = model.config.hidden_size
-    quantum = 3 * hidden * (32 if qtype == "q8_0" else 1) * (2 if qtype == "f16" else 34 / 32)
+    quantum = 3 * hidden * 32 * (2 if qtype == "f16" else 34 / 32)  # widths in the export's multiples of 32
     assert target - got < 3 * 4 * quantum  # under the target by little more than the margin
     assert json.loads((out / "pruning.json").read_text())["target_size"]["gguf_bytes"] == got
     r = subprocess.run([sys.executable, "-m", "comprune.cli", "prune", str(src), "--out", str(tmp_path / "q"),

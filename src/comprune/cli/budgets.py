@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CompruneError
+from ..export.gguf import pad_step
 from ..export.latency import latency_table, ratio_for_speedup, speedup_blocks
 from ..export.size import gguf_bytes, parse_size, ratio_for_size
 from ..io import MANIFEST, read_manifest, write_manifest
@@ -33,7 +34,8 @@ def add_budget_options(p):
                         "thread count (cached; docs/budgets.md); with --preset comp-search and --ratio, a constraint of the "
                         "width search at that exact size instead")
     p.add_argument("--target-type", default="f16", choices=["f32", "f16", "q8_0"],
-                   help="GGUF type of --target-size and --target-speedup (default f16; q8_0 rounds widths to 32)")
+                   help="GGUF type of --target-size and --target-speedup (default f16; widths are rounded to the export's "
+                        "multiple of 32)")
 
 
 def _combined(args, cfg) -> bool:
@@ -62,8 +64,11 @@ def resolve_budget(args, cfg) -> dict | None:
         return None
     flag = "--target-size" if args.target_size is not None else "--target-speedup"
     src = _source(args, flag, cfg)
-    if args.target_type == "q8_0" and cfg.round_to % 32:
-        cfg.round_to = math.lcm(cfg.round_to, 32)  # else the export pads every width to 32 with zero neurons
+    # the export pads every width with zero neurons to its step: a size budget counts the bytes as written, so its
+    # widths are rounded to that step; q8_0 always (its blocks of 32)
+    step = pad_step(args.target_type) if args.target_size is not None else pad_step(args.target_type, 1)
+    if cfg.round_to % step:
+        cfg.round_to = math.lcm(cfg.round_to, step)
     if args.target_size is not None:
         budget = {"kind": "target_size",
                   **ratio_for_size(src, parse_size(args.target_size), args.target_type, cfg.ratio_of, cfg.round_to)}

@@ -11,7 +11,7 @@ from .format import table
 def cmd_export(args) -> int:
     if not args.gguf:
         raise CompruneError("nothing to export: pass --gguf OUT.gguf")
-    summary = export_gguf(args.model_dir, args.gguf, qtype=args.type, force=args.force)
+    summary = export_gguf(args.model_dir, args.gguf, qtype=args.type, force=args.force, pad_to=args.pad_to)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -25,6 +25,9 @@ def add_command(sub):
     p.add_argument("model_dir")
     p.add_argument("--gguf", default=None, help="write a GGUF file for llama.cpp")
     p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0"])
+    p.add_argument("--pad-to", type=int, default=None,
+                   help="write MLP widths rounded up to a multiple of this with zero neurons (same outputs; default "
+                        "32, which llama.cpp's kernels run much faster than odd widths; 1: the exact widths)")
     p.add_argument("--force", action="store_true", help="replace an existing --gguf file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)

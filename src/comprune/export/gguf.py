@@ -11,8 +11,12 @@ MLP widths in the file can be larger than the model's, padded with zero neurons 
 down columns: silu(0) * 0 = 0, so the output is unchanged):
 - llama.cpp's deci graph drops the whole layer (attention output included) when a layer's width is 0,
   so a removed MLP is written as a width-1 MLP of zeros and the attention half of the layer is kept;
-- q8_0 quantizes rows in blocks of 32, so for q8_0 widths are rounded up to a multiple of 32 and
-  ffn_down (whose rows are as long as the width) is quantized too instead of staying f16.
+- every width is rounded up to a multiple of PAD_TO (32) by default: llama.cpp's f16 kernels run an odd width
+  much slower than the next multiple of 32 (SmolLM2 on an AVX2 CPU: MLPs at 1017 prompt 0.95x / generate
+  1.11x the dense model, at 1024 1.22x / 1.21x; benchmarks/results/round_to_amd.md), far more than the
+  zero neurons cost; `pad_to=1` writes the exact widths;
+- q8_0 quantizes rows in blocks of 32, so for q8_0 widths are always a multiple of 32 and ffn_down (whose rows
+  are as long as the width) is quantized too instead of staying f16.
 """
 from __future__ import annotations
 
@@ -45,12 +49,13 @@ QTYPES = {
 GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
-def export_gguf(model_dir, out_path, qtype: str = "f16", force: bool = False) -> dict:
+def export_gguf(model_dir, out_path, qtype: str = "f16", force: bool = False, pad_to: int | None = None) -> dict:
     """Write `model_dir` (a dense or pruned HF dir) as a GGUF file; returns a summary dict. An existing file is
-    replaced only with `force`; every tensor's shape is checked against the config before anything is written."""
+    replaced only with `force`; every tensor's shape is checked against the config before anything is written.
+    MLP widths are written padded to a multiple of `pad_to` (default PAD_TO; see the module docstring)."""
     start = time.time()
     model_dir, out_path = Path(model_dir), Path(out_path)
-    cfg, arch, tensors, widths, file_widths = prepare(model_dir, qtype)
+    cfg, arch, tensors, widths, file_widths = prepare(model_dir, qtype, pad_to)
     check_output(out_path, force, kind="file", flag="--gguf")
     with guard_output(out_path):
         tmp = sibling(out_path, f"tmp{os.getpid()}")
@@ -61,11 +66,13 @@ def export_gguf(model_dir, out_path, qtype: str = "f16", force: bool = False) ->
             "seconds": round(time.time() - start, 2)}
 
 
-def prepare(model_dir: Path, qtype: str):
+def prepare(model_dir: Path, qtype: str, pad_to: int | None = None):
     """(config, llama.cpp arch, lazy tensors, MLP widths, widths as written) of a model directory, every shape
     checked against its config."""
     require(model_dir.is_dir(), f"model directory {model_dir} not found")
     require(qtype in QTYPES, f"unknown GGUF type '{qtype}': use one of {', '.join(QTYPES)}")
+    require(pad_to is None or (isinstance(pad_to, int) and pad_to >= 1),
+            f"--pad-to must be a positive number of neurons (1: exact widths), not {pad_to}")
     cfg = read_config(model_dir)
     family = model_family(cfg)
     check_safetensors(model_dir)
@@ -78,7 +85,7 @@ def prepare(model_dir: Path, qtype: str):
             from None
     arch = pick_arch(family, widths, layer_heads(cfg))
     check_family_config(family, cfg)
-    return cfg, arch, tensors, widths, [padded_width(w, qtype) for w in widths]
+    return cfg, arch, tensors, widths, [padded_width(w, qtype, pad_to) for w in widths]
 
 
 def new_writer(model_dir: Path, path: Path, cfg: dict, arch: str, file_widths: list[int], qtype: str):
@@ -145,11 +152,21 @@ def _expert_widths(family: str, cfg: dict, tensors: dict, n_layers: int) -> list
     return [width] * n_layers
 
 
-def padded_width(width: int, qtype: str) -> int:
-    """MLP width written to the file (zero neurons added, see module docstring)."""
-    if qtype == "q8_0":
-        return max(32, -(-width // 32) * 32)
-    return max(width, 1)
+PAD_TO = 32
+
+
+def pad_step(qtype: str, pad_to: int | None = None) -> int:
+    """The multiple every written MLP width is rounded up to (q8_0's blocks of 32 always)."""
+    return math.lcm(PAD_TO if pad_to is None else pad_to, 32 if qtype == "q8_0" else 1)
+
+
+def padded_width(width: int, qtype: str, pad_to: int | None = None) -> int:
+    """MLP width written to the file (zero neurons added, see module docstring). A removed MLP is one zero
+    neuron (a whole block of 32 for q8_0), not a padded block: it has no product worth a fast kernel."""
+    if width == 0:
+        return 32 if qtype == "q8_0" else 1
+    step = pad_step(qtype, pad_to)
+    return -(-width // step) * step
 
 
 def layer_heads(cfg: dict) -> list[tuple[int, int]]:

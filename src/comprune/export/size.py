@@ -37,10 +37,10 @@ def weight_bytes(qtype: str) -> float:
     return size / block
 
 
-def gguf_bytes(model_dir, qtype: str = "f16") -> int:
+def gguf_bytes(model_dir, qtype: str = "f16", pad_to: int | None = None) -> int:
     """The exact size of `comprune export model_dir --type qtype`, without writing a tensor."""
     model_dir = Path(model_dir)
-    cfg, arch, tensors, _, file_widths = prepare(model_dir, qtype)
+    cfg, arch, tensors, _, file_widths = prepare(model_dir, qtype, pad_to)
     with tempfile.TemporaryDirectory() as d:
         writer = new_writer(model_dir, Path(d) / "meta.gguf", cfg, arch, file_widths, qtype)
         align, data = writer.data_alignment, 0
