@@ -15,7 +15,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from . import deferred
-from .data import Calibration, get_calibration, heldout_windows
+from .data import Calibration, get_calibration
 from .errors import CompruneError
 from .loading import remote_code_error
 
@@ -28,7 +28,7 @@ def calibration_in_child(model_dir: Path, cfg, data_dir=None, tokenizer_out: Pat
     tokenised in a child process. With `tokenizer_out`, the child also saves the tokenizer there. For the width
     search the child also draws its held-out fitness windows (Calibration.heldout), as prune() would with the
     tokenizer in hand."""
-    heldout = cfg.search_nsamples if cfg.width_allocation == "search" else 0
+    heldout = cfg.heldout_windows
     with tempfile.TemporaryDirectory(prefix="comprune-calib-") as tmp:
         out = Path(tmp) / "ids.safetensors"
         args = [str(model_dir), cfg.calib, str(cfg.nsamples), str(cfg.seqlen), str(cfg.seed), str(data_dir or ""),
@@ -50,14 +50,14 @@ def child_main(model_dir, source, nsamples, seqlen, seed, data_dir, out, tokeniz
     tokenizer if asked."""
     try:
         tokenizer = load_tokenizer(Path(model_dir), required=True, trust_remote_code=bool(trust))
-        calib = get_calibration(tokenizer, source, int(nsamples), int(seqlen), int(seed), data_dir=data_dir or None)
-        held = heldout_windows(tokenizer, calib, int(heldout), calib.seqlen, data_dir or None) if int(heldout) else None
+        calib = get_calibration(tokenizer, source, int(nsamples), int(seqlen), int(seed), data_dir=data_dir or None,
+                                heldout=int(heldout))
     except CompruneError as e:
         print(f"{ERROR_PREFIX}{e}", file=sys.stderr)
         sys.exit(2)
     tensors = {"input_ids": calib.input_ids.contiguous()}
-    if held is not None:
-        tensors["heldout_ids"] = held.contiguous()
+    if calib.heldout is not None:
+        tensors["heldout_ids"] = calib.heldout.contiguous()
     save_file(tensors, out)
     if tokenizer_out:
         tokenizer.save_pretrained(tokenizer_out)

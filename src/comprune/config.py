@@ -138,6 +138,11 @@ class PruneConfig:
                                 "with --ratio and --target-speedup (which measures the latency table)")
         return self
 
+    @property
+    def heldout_windows(self) -> int:
+        """Calibration-source windows the width search holds apart for its fitness (0 without the search)."""
+        return self.search_nsamples if self.width_allocation == "search" else 0
+
     def to_dict(self) -> dict:
         return asdict(self)
 

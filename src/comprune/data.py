@@ -232,6 +232,11 @@ def heldout_windows(tokenizer, calibration: "Calibration", nsamples: int, seqlen
     rebuilt = torch.stack([ids[s:s + calibration.seqlen] for s in calib_starts])
     if not torch.equal(rebuilt, calibration.input_ids.to(rebuilt.dtype)):
         return None
+    return _windows_apart(ids, calib_starts, calibration, nsamples, seqlen)
+
+
+def _windows_apart(ids: torch.Tensor, calib_starts: list[int], calibration: "Calibration", nsamples: int,
+                   seqlen: int) -> torch.Tensor:
     taken = sorted(calib_starts)
     rng = random.Random(f"heldout:{calibration.seed}")
     starts: list[int] = []
@@ -251,7 +256,12 @@ def heldout_windows(tokenizer, calibration: "Calibration", nsamples: int, seqlen
 
 
 def get_calibration(tokenizer, source: str = "c4", nsamples: int = 128, seqlen: int = 128, seed: int = 0,
-                    data_dir=None) -> Calibration:
+                    data_dir=None, heldout: int = 0) -> Calibration:
+    """N windows of T tokens of `source`; with `heldout`, also that many windows apart from them
+    (Calibration.heldout, the width search's fitness windows), from the same tokenisation."""
     ids = load_ids(tokenizer, source, data_dir)
-    return Calibration(sample_windows(ids, nsamples, seqlen, seed), source, seed,
-                       data_dir=None if data_dir is None else str(data_dir))
+    calib = Calibration(sample_windows(ids, nsamples, seqlen, seed), source, seed,
+                        data_dir=None if data_dir is None else str(data_dir))
+    if heldout:
+        calib.heldout = _windows_apart(ids, window_starts(ids.numel(), nsamples, seqlen, seed), calib, heldout, seqlen)
+    return calib

@@ -157,7 +157,8 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
     if getattr(adapter, "moe", False) and cfg.method == "comp":
         check_moe_config(cfg)
     if calibration is None:
-        calibration = get_calibration(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+        calibration = get_calibration(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed,
+                                      heldout=cfg.heldout_windows)
     if calibration.seqlen <= 1:
         raise CompruneError("calibration windows must be longer than one token")
     fitness_ids = None

@@ -92,7 +92,8 @@ def cmd_prune(args) -> int:
     with guard_output(out, resume=args.resume, before=lambda: _refuse_stale_checkpoint(out, args)):
         model, tok = load(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code,
                           allow_pickle=args.allow_pickle, compute_device=cfg.device)
-        calib = get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=args.data_dir)
+        calib = get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=args.data_dir,
+                                heldout=cfg.heldout_windows)
         model, report = prune(model, tok, cfg, calibration=calib, progress=not args.json, base_model=args.model,
                               checkpoint_dir=ckpt_dir, resume=args.resume)
         save_pretrained(model, tok, out, report, force=args.force, dtype=args.save_dtype)
