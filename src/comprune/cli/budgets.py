@@ -64,9 +64,9 @@ def resolve_budget(args, cfg) -> dict | None:
         return None
     flag = "--target-size" if args.target_size is not None else "--target-speedup"
     src = _source(args, flag, cfg)
-    # the export pads every width with zero neurons to its step: a size budget counts the bytes as written, so its
-    # widths are rounded to that step; q8_0 always (its blocks of 32)
-    step = pad_step(args.target_type) if args.target_size is not None else pad_step(args.target_type, 1)
+    # the export pads every width with zero neurons to its step: a size budget counts the bytes as written, and a
+    # speed budget would pay for zeros that run at the rounded-up width's speed, so both round to that step
+    step = pad_step(args.target_type)
     if cfg.round_to % step:
         cfg.round_to = math.lcm(cfg.round_to, step)
     if args.target_size is not None:

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from ..errors import CompruneError
 from ..files import read_config
 from ..loading import cache_dir
-from ..methods.common import plan_budget, predicted_speedup
+from ..methods.common import kept_width, plan_budget, predicted_speedup
 from ..methods.search import make_plan
 from ..precision import cpu_name
 from .gguf import export_gguf, open_safetensors
@@ -131,7 +131,8 @@ def plan_speedup(model, adapter, cfg, table: dict) -> float:
     layers = adapter.layers(model)
     L, kept = len(layers), len(layers) - b.layers_to_remove
     W = max(adapter.mlp(layer).down.in_features for layer in layers)
-    return predicted_speedup(table, kept / L, kept * (W - b.neurons_per_layer) / (L * W))
+    w = kept_width(W, b.neurons_per_layer, cfg.round_to, cfg.min_width)  # the width the prune keeps
+    return predicted_speedup(table, kept / L, kept * w / (L * W))
 
 
 def speedup_blocks(model, adapter, cfg) -> tuple[int, float]:

@@ -124,7 +124,10 @@ def plan_budget(model, adapter, cfg, layer_share: float | None = None, expert_sh
         raise CompruneError(f"ratio {cfg.ratio} needs {n} neurons removed per MLP but layers have only "
                             f"{min(widths)}: raise --layer-share (remove whole layers) or lower --ratio"
                             + _embedding_hint(model, adapter, cfg))
-    return Budget(total, int(round(target)), L, block, k, n, per, groups, group_params, qheads, qhead_params)
+    # widths rounded to round_to (fast kernels, the export's step) step by round_to neurons in every kept block
+    quantum = cfg.round_to * per * kept if cfg.round_to > 1 else 0
+    return Budget(total, int(round(target)), L, block, k, n, per, groups, group_params, qheads, qhead_params,
+                  quantum_params=quantum)
 
 
 MOE_WIDTH_MULTIPLE = 8
