@@ -129,7 +129,9 @@ def llamacpp_note(rows: list[dict]) -> str:
     measured = [r for r in rows if r.get("llamacpp_dense_gen_tok_s")]
     note = (" llama.cpp: the model exported to GGUF (f16) and run in llama.cpp (xllamacpp), prompt processing of "
             "the first 128 WikiText-2 test tokens and greedy generation, alternating with the dense export run by "
-            "run; the ratio of medians (per-layer widths export to llama.cpp's `deci` arch, marked).")
+            "run; the ratio of medians (per-layer widths export to llama.cpp's `deci` arch, marked). The export pads "
+            "MLP widths with zero neurons to a multiple of 32 (docs/budgets.md). These ratios move between sessions: "
+            "differences under about 0.1× between rows are not resolved.")
     if measured:
         pp = sorted(r["llamacpp_dense_prompt_tok_s"] for r in measured)
         tg = sorted(r["llamacpp_dense_gen_tok_s"] for r in measured)
