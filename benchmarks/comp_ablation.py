@@ -110,6 +110,10 @@ CONFIGS = [
                                                 "search_generations": 40}),
     ("search-evo-40-ls0", "search", SPEC | LSOBS | {"token_weight": "output", "width_allocation": "search",
                                                     "search_generations": 40, "layer_share": 0.0}),
+    # is the evolution converged at 40 generations, and do more fitness tokens generalise better? (issue 14)
+    ("search-evo-80-ls0", "search", DEFAULT | {"width_allocation": "search", "search_generations": 80}),
+    ("search-evo-40-ls0-fit32", "search", DEFAULT | {"width_allocation": "search", "search_generations": 40,
+                                                     "search_nsamples": 32}),
     ("search-layers-evo-40", "search", SPEC | LSOBS | {"token_weight": "output", "width_allocation": "search",
                                                        "search_generations": 40, "search_layers": True,
                                                        "layer_share": 0.0}),
@@ -213,10 +217,11 @@ def write_zeroshot_table(only=None):
     """The held-out seven-task rows: average and per task (%), and each row's paired difference to the first."""
     from comprune.evaluate.significance import compare_runs  # the paired test of docs/comparison.md
     rows = [(n, g, json.loads((results_dir("zeroshot-heldout") / f"{n}.json").read_text()))
-            for n, g, _ in CONFIGS if (not only or n in only) and (results_dir("zeroshot-heldout") / f"{n}.json").exists()]
+            for n, g, _ in CONFIGS if (results_dir("zeroshot-heldout") / f"{n}.json").exists()]  # every row so far
     tasks = sorted({t for _, _, r in rows for t in r["zeroshot"]})
     lines = ["# COMP ablations on SmolLM2-135M-Instruct: seven zero-shot tasks, held-out examples", "",
-             f"Command: `python benchmarks/comp_ablation.py --eval zeroshot-heldout --only {','.join(only or [])}`  ",
+             "Command: `python benchmarks/comp_ablation.py --eval zeroshot-heldout --only <rows>` (one JSON per row in "
+             f"`benchmarks/results/{EVAL_SETS['zeroshot-heldout'][0]}/`)  ",
              f"Examples: {ZEROSHOT_N} per task, none of them in the comparison's reported subset "
              f"({rows[0][2]['subset_rule'] if rows else ''}). acc_norm for hellaswag, arc_challenge, openbookqa; acc "
              "otherwise. Calibration as in the other ablation tables.", "",

@@ -18,7 +18,7 @@ WIDTH_ALLOCATIONS = ("uniform", "adaptive", "search")
 PRESETS = {
     # Widths searched against the whole model's KL (docs/ablation.md: ~5 % lower held-out perplexity than uniform
     # widths at 20 %, at several times the pruning time).
-    "comp-search": dict(method="comp", width_allocation="search", search_generations=40),
+    "comp-search": dict(method="comp", width_allocation="search", search_generations=80),
     "comp-spec": dict(method="comp", metric="condition", recovery="scales", target_mix=0.0, layer_compensation=False,
                       head_share=0.0, nsamples=128, seqlen=128, layer_share=0.25, damp=0.01, token_weight="none"),
 }
