@@ -112,6 +112,9 @@ CONFIGS = [
                                                     "search_generations": 40, "layer_share": 0.0}),
     # is the evolution converged at 40 generations, and do more fitness tokens generalise better? (issue 14)
     ("search-evo-80-ls0", "search", DEFAULT | {"width_allocation": "search", "search_generations": 80}),
+    # search-evo-40-ls0 again, on the host of the two rows above: float rounding differs between CPUs (here AVX2
+    # against AVX-512), and the search's trajectory with it, so 40 against 80 generations is compared on one host
+    ("search-evo-40-ls0-rerun", "search", DEFAULT | {"width_allocation": "search", "search_generations": 40}),
     ("search-evo-40-ls0-fit32", "search", DEFAULT | {"width_allocation": "search", "search_generations": 40,
                                                      "search_nsamples": 32}),
     ("search-layers-evo-40", "search", SPEC | LSOBS | {"token_weight": "output", "width_allocation": "search",

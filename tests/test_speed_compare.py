@@ -182,3 +182,20 @@ def test_presets_compare_as_methods_and_full_test_lengths(tiny_dir, tmp_path):
         Comparison(str(tiny_dir), methods=("comp",), out_dir=tmp_path / "d", full_seqlens=(4096,))
     with pytest.raises(CompruneError, match="unknown method"):
         Comparison(str(tiny_dir), methods=("comp-fast",), out_dir=tmp_path / "d")
+
+
+def test_report_of_a_run_with_some_zeroshot_tasks_done(tmp_path):
+    """The report is rewritten after every task, so a run with only some tasks scored (no average yet) shows
+    its tasks and '-' for the average instead of failing the comparison."""
+    out = tmp_path / "cmp"
+    settings = {"model": "m", "ratios": [0.2], "methods": ["comp"], "calib": "c4", "nsamples": 8,
+                "seqlen": 32, "seed": 0, "ppl_seqlens": [128], "ppl_max_tokens": 1024, "full_ratio": None,
+                "zeroshot_ratio": 0.2, "zeroshot_tasks": "paper7", "zeroshot_subset": 200, "zeroshot_full": False}
+    _run(out, "dense", method="dense", ratio=0.0,
+         zeroshot={"tasks": {t: _fake_task(t, seed=0) for t in PAPER7}, "average": 0.5})
+    _run(out, "comp-r0.20", method="comp", ratio=0.2, prune={"params_after": 10},
+         zeroshot={"tasks": {"boolq": _fake_task("boolq", seed=1)}, "average": None})
+    write_reports(out, settings)
+    row = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| comp | 0.20 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[-2:] == ["-", "-"] and cells[2:].count("-") == len(PAPER7) - 1 + 2, row

@@ -206,7 +206,8 @@ def markdown_table(rows: list[dict], settings: dict, shas=(), floor_mb: float | 
         for r in zs:
             got = r["zeroshot_tasks"]
             vals = [_f(100 * got[t] if got.get(t) is not None else None) for t in tasks]
-            note += f"\n| {r['method']} | {r['ratio']:.2f} | " + " | ".join(vals) + f" | {_f(100 * r['avg7'])} |"
+            note += f"\n| {r['method']} | {r['ratio']:.2f} | " + " | ".join(vals) + \
+                f" | {_f(100 * r['avg7'] if r.get('avg7') is not None else None)} |"
             if has_boolq:
                 rest = [got[t] for t in others if got.get(t) is not None]
                 note += f" {_f(100 * sum(rest) / len(rest)) if len(rest) == len(others) else '-'} |"
