@@ -23,16 +23,17 @@ BASELINES = ["layer-drop", "wanda-sp", "magnitude", "flap", "llm-pruner"]
 
 
 def _cfg(method, ratio=0.3, **kw):
-    return PruneConfig(method=method, ratio=ratio, batch_size=8, extra={"taylor_nsamples": 8, "taylor_seqlen": 32},
-                       **kw)
+    taylor = {"taylor_nsamples": 8, "taylor_seqlen": 32} if method == "llm-pruner" else {}
+    return PruneConfig(method=method, ratio=ratio, batch_size=8, **taylor, **kw)
 
 
 # ------------------------------------------------------------------------------------------ scores = formulas
-def test_registered_under_config_names():
-    from comprune.config import METHODS as NAMES
-    assert set(NAMES) <= set(METHODS)
-    assert getattr(METHODS["llm-pruner"], "needs_gradients", False)
-    assert not any(getattr(METHODS[m], "needs_gradients", False) for m in NAMES if m != "llm-pruner")
+def test_registered_with_their_capabilities():
+    from comprune import registry
+    assert set(BASELINES) | {"comp"} <= set(registry.names())
+    assert registry.get("llm-pruner").needs_gradients
+    assert not any(registry.get(m).needs_gradients for m in registry.names() if m != "llm-pruner")
+    assert set(METHODS) == set(registry.names())
 
 
 def test_wanda_magnitude_fluctuation_scores_equal_their_formulas():
@@ -196,7 +197,7 @@ def test_layer_drop_removes_the_lowest_bi_blocks_and_reports_its_granularity(rat
 def test_llm_pruner_prunes_only_the_middle_blocks_with_gradients_on():
     dense = tiny_model("llama", layers=8, heads=8, kv_heads=4)
     model, report = prune(dense, None, _cfg("llm-pruner", 0.3), calibration=calib(), progress=False)
-    start, end = middle_blocks(8, PruneConfig())
+    start, end = middle_blocks(8, PruneConfig(method="llm-pruner"))
     for i, b in report.blocks.items():
         inside = start <= i < end
         assert (b["width"] < 128) == inside

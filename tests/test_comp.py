@@ -212,8 +212,8 @@ def test_adaptive_width_allocation():
 @pytest.mark.parametrize("kw,needle", [
     (dict(ratio=0.0), "ratio"), (dict(ratio=0.95), "ratio"), (dict(ratio=float("nan")), "ratio"),
     (dict(ratio=0.9, layer_share=1.0), "layers"), (dict(metric="nope"), "metric"),
-    (dict(width_allocation="adaptive", method="wanda-sp"), "COMP"), (dict(width_allocation="x"), "allocation"),
-    (dict(head_share=1.0), "head_share"), (dict(head_share=0.3, method="flap"), "COMP"),
+    (dict(width_allocation="adaptive", method="wanda-sp"), "option of comp"), (dict(width_allocation="x"), "allocation"),
+    (dict(head_share=1.0), "head_share"), (dict(head_share=0.3, method="flap"), "option of comp"),
     (dict(ratio=0.5, layer_share=0.0, head_share=0.9, head_unit="kv"), "KV groups"),
 ])
 def test_bad_config_is_a_clear_error(kw, needle):

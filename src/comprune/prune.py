@@ -16,7 +16,8 @@ from .errors import CompruneError
 from .files import tensor_digest_sample
 from .loading import count_params
 from .memory import peak_rss_mb
-from .methods import METHODS
+from . import methods as _builtin  # noqa: F401  (the built-in methods register on import)
+from .registry import get as get_method
 from .methods.common import budget_base, plan_budget
 from .methods.experts import check_moe_config
 from .models import get_adapter
@@ -113,13 +114,13 @@ def _fitness_windows(tokenizer, calibration: Calibration, cfg) -> tuple[Calibrat
     """(calibration, the search's fitness windows): windows of the calibration source apart from the calibration
     windows; when the calibration came as bare windows, its last search_nsamples windows are held apart instead."""
     ids = calibration.heldout
-    if ids is not None and tuple(ids.shape) != (cfg.search_nsamples, calibration.seqlen):
+    k = cfg.heldout_windows
+    if ids is not None and tuple(ids.shape) != (k, calibration.seqlen):
         ids = None
     if ids is None and tokenizer is not None:
-        ids = heldout_windows(tokenizer, calibration, cfg.search_nsamples, calibration.seqlen, calibration.data_dir)
+        ids = heldout_windows(tokenizer, calibration, k, calibration.seqlen, calibration.data_dir)
     if ids is not None:
         return calibration, ids
-    k = cfg.search_nsamples
     if calibration.nsamples <= k:
         raise CompruneError(f"--width-allocation search holds {k} of the {calibration.nsamples} calibration windows "
                             "apart for its fitness: pass more --nsamples or fewer --search-nsamples")
@@ -136,8 +137,6 @@ def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Cali
     from its last finished block (same arguments and model required) with a bit-identical result. The model's
     identity in the checkpoint is `model_digest`, else a sample of its weights' values."""
     cfg = (config or PruneConfig()).validate()
-    if cfg.method not in METHODS:
-        raise CompruneError(f"method '{cfg.method}' is not available in this build: use one of {', '.join(METHODS)}")
     adapter = get_adapter(model)
     if adapter.fused and any(getattr(m, "_comprune_stream", None) is not None for m in adapter.layers(model)):
         raise CompruneError(f"{adapter.family} stores q/k/v and gate/up as fused matrices, which --stream does not "
@@ -152,7 +151,8 @@ def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Cali
 
 def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, checkpoint_dir, resume, model_digest):
     device = resolve_device(cfg.device)
-    cfg.device = str(device)
+    cfg = cfg.replace(device=str(device))
+    method = get_method(cfg.method)
     t0 = time.perf_counter()
     if getattr(adapter, "moe", False) and cfg.method == "comp":
         check_moe_config(cfg)
@@ -162,20 +162,19 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
     if calibration.seqlen <= 1:
         raise CompruneError("calibration windows must be longer than one token")
     fitness_ids = None
-    if cfg.width_allocation == "search":
+    if method.uses_fitness and cfg.heldout_windows:
         calibration, fitness_ids = _fitness_windows(tokenizer, calibration, cfg)
     model.eval()
     params_before = count_params(model)
     base_before = budget_base(model, adapter, cfg)
     _check_round_to(model, adapter, cfg)
-    budget = getattr(METHODS[cfg.method], "plan_budget", plan_budget)(model, adapter, cfg)
+    budget = (method.plan_budget or plan_budget)(model, adapter, cfg)
     torch.manual_seed(cfg.seed)
     # Forward-only methods get the block-0 inputs; gradient methods (llm-pruner) run their own passes.
-    needs_grad = getattr(METHODS[cfg.method], "needs_gradients", False)
+    needs_grad = method.needs_gradients
     acts = None if needs_grad else capture(model, adapter, calibration.input_ids, cfg.batch_size, device)
-    method = METHODS[cfg.method]
     kwargs = {}
-    if checkpoint_dir is not None and getattr(method, "supports_checkpoint", False):
+    if checkpoint_dir is not None and method.resumable:
         if model_digest is None:
             model_digest = tensor_digest_sample(model.state_dict().items())
         ckpt = Checkpoint(checkpoint_dir, run_fingerprint(cfg.to_dict(), calibration.sha256(), params_before,
@@ -184,12 +183,12 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
             ckpt.clear()
             ckpt = Checkpoint(checkpoint_dir, ckpt.fingerprint)
         kwargs["checkpoint"] = ckpt
-    if fitness_ids is not None and getattr(method, "uses_fitness", False):
+    if fitness_ids is not None and method.uses_fitness:
         kwargs["fitness_ids"] = fitness_ids
     if resume and "checkpoint" not in kwargs:
         raise CompruneError(f"method '{cfg.method}' cannot resume: rerun without --resume")
     with torch.set_grad_enabled(needs_grad):
-        details = method(model, adapter, acts, calibration.input_ids, cfg, budget, progress, **kwargs)
+        details = method.run(model, adapter, acts, calibration.input_ids, cfg, budget, progress, **kwargs)
     n_layers = len(adapter.layers(model))
     kept = drop_layers(model, adapter, details["removed_layers"])
     widths = finalize_config(model, adapter)

@@ -37,7 +37,7 @@ from .io import MANIFEST, add_auto_map, architecture, check_target, publish, wri
 from .io import save_dtype as resolve_save_dtype
 from .loading import EMBEDDED, embedded_cached_dir, source_dtype
 from .memory import lean_allocator, peak_rss_mb, release_memory
-from .methods import METHODS
+from . import registry
 from .models import get_adapter
 from .models import lite as lite_models
 from .models.adapters import base_model_type
@@ -58,29 +58,27 @@ from .skeleton import (
 from .walk import spill_activations
 
 FLOAT_NAMES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # safetensors dtype names
-# Methods whose surgery touches blocks outside walk.resident (a run function's `streams = True` overrides).
-NOT_STREAMING = {"magnitude", "flap"}
+
+
+def _streamers() -> str:
+    return ", ".join(m.name for m in registry.methods().values() if m.streams and not m.needs_gradients)
 
 
 def can_stream(method_name: str) -> bool:
-    """Whether `comprune prune --stream` accepts this method (forward-only and block-local)."""
-    run = METHODS.get(method_name)
-    return run is not None and not getattr(run, "needs_gradients", False) and \
-        getattr(run, "streams", method_name not in NOT_STREAMING)
+    """Whether `comprune prune --stream` accepts this method (forward-only and block-local: its record says)."""
+    method = registry.methods().get(method_name)
+    return method is not None and method.streams and not method.needs_gradients
 
 
 def check_streamable(method_name: str):
     """One line naming why a method cannot stream, or nothing."""
-    method = METHODS.get(method_name)
-    if method is None:
-        raise CompruneError(f"method '{method_name}' is not available in this build: use one of {', '.join(METHODS)}")
-    if getattr(method, "needs_gradients", False):
+    method = registry.get(method_name)
+    if method.needs_gradients:
         raise CompruneError(f"{method_name} needs gradients through the whole model (a backward pass), so it cannot "
-                            "stream one block at a time: drop --stream or use a forward-only method (comp, "
-                            "layer-drop, wanda-sp)")
-    if not getattr(method, "streams", method_name not in NOT_STREAMING):
+                            f"stream one block at a time: drop --stream or use a forward-only method ({_streamers()})")
+    if not method.streams:
         raise CompruneError(f"{method_name} changes blocks outside the one-block walk, so it cannot stream: drop "
-                            "--stream or use comp, layer-drop or wanda-sp")
+                            f"--stream or use one of {_streamers()}")
 
 
 # ------------------------------------------------------------------------------------------- paths
@@ -132,7 +130,7 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     cfg = (config or PruneConfig()).validate()
     check_streamable(cfg.method)
     check_target(out_dir, force)
-    cfg.device = pick_device(cfg.device)
+    cfg = cfg.replace(device=pick_device(cfg.device))
     source_config = read_config(model_dir)
     dtype, choice = resolve_precision(dtype, resolve_device(cfg.device), source_config)
     shards = ShardIndex(model_dir)

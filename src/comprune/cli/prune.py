@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import json
 import shutil
 from pathlib import Path
 
 from ..checkpoint import checkpoint_dir
-from ..config import LAYER_SCORES, METHODS, NEURON_METRICS, PRESETS, WIDTH_ALLOCATIONS, PruneConfig
+from .. import registry
+from ..config import PRESETS, PruneConfig
 from ..data import get_calibration
 from ..errors import CompruneError
 from ..io import save_pretrained
@@ -19,15 +22,11 @@ from .budgets import add_budget_options, budget_record, finish_budget, print_bud
 from .format import add_common, table
 
 
-# argparse dest -> PruneConfig field, for the options a preset can set (None = not given on the command line)
-_FIELDS = {"ratio": "ratio", "method": "method", "nsamples": "nsamples", "seqlen": "seqlen", "calib": "calib",
-           "seed": "seed", "calib_batch_size": "batch_size", "metric": "metric", "layer_score": "layer_score",
-           "round_to": "round_to", "damp": "damp", "ridge": "ridge", "recovery": "recovery",
-           "width_allocation": "width_allocation", "head_share": "head_share", "head_unit": "head_unit",
-           "expert_share": "expert_share",
-           "layer_share": "layer_share", "target_mix": "target_mix", "token_weight": "token_weight",
-           "search_generations": "search_generations", "search_time": "search_time",
-           "search_nsamples": "search_nsamples", "ratio_of": "ratio_of", "search_layers": "search_layers"}
+# argparse dest -> PruneConfig run setting, for the options a preset can set (None = not given on the command line);
+# a method's own options are made from its registered dataclass (add_method_options)
+_RUN = {"ratio": "ratio", "method": "method", "nsamples": "nsamples", "seqlen": "seqlen", "calib": "calib",
+        "seed": "seed", "calib_batch_size": "batch_size", "round_to": "round_to", "head_share": "head_share",
+        "head_unit": "head_unit", "expert_share": "expert_share", "layer_share": "layer_share", "ratio_of": "ratio_of"}
 
 
 def duration(text: str) -> float:
@@ -38,20 +37,48 @@ def duration(text: str) -> float:
         value = float(t[:-1] if scale else t) * (scale or 1)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a duration: use e.g. 90s, 20m or 1.5h") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite duration: use e.g. 90s, 20m or 1.5h")
     if value < 0:
         raise argparse.ArgumentTypeError(f"'{text}': a duration cannot be negative")
     return value
 
 
+_PARSERS = {"str": str, "int": int, "float": float, "duration": duration}
+
+
+def _option_fields() -> dict:
+    """Every registered method's options, by name: (field, [methods declaring it])."""
+    found = {}
+    for method in registry.methods().values():
+        for f in dataclasses.fields(method.options):
+            if f.metadata.get("cli", True):
+                found.setdefault(f.name, (f, []))[1].append(method.name)
+    return found
+
+
+def add_method_options(p):
+    """One flag per field of every registered method's options dataclass (help, choices and default from it)."""
+    groups = {}
+    for name, (f, owners) in _option_fields().items():
+        label = "/".join(owners)
+        group = groups.setdefault(label, p.add_argument_group(f"{label} options"))
+        flag = "--" + name.replace("_", "-")
+        default = f"default {f.default}"
+        if str(f.type).startswith("bool"):
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{f.metadata.get('help', '')} ({default})")
+            continue
+        kind = f.metadata.get("kind") or str(f.type).split("|")[0].strip()
+        group.add_argument(flag, dest=name, type=_PARSERS[kind], default=None, choices=f.metadata.get("choices"),
+                           help=f"{f.metadata.get('help', '')} ({default})")
+
+
 def _config_from_args(args):
-    given = {field: getattr(args, dest) for dest, field in _FIELDS.items() if getattr(args, dest, None) is not None}
+    given = {field: getattr(args, dest) for dest, field in _RUN.items() if getattr(args, dest, None) is not None}
+    given.update({name: getattr(args, name) for name in _option_fields() if getattr(args, name, None) is not None})
     given["device"] = args.device
-    if args.no_mask_tuning:
-        given["mask_tuning"] = False
-    if args.layer_compensation:
-        given["layer_compensation"] = True
-    cfg = PruneConfig.from_preset(args.preset, **given) if args.preset else PruneConfig(**given)
-    return cfg.validate()
+    return PruneConfig.from_preset(args.preset, **given) if args.preset else PruneConfig(**given)
 
 
 def _refuse_stale_checkpoint(out: Path, args):
@@ -127,7 +154,8 @@ def add_command(sub):
     p.add_argument("--ratio-of", default=None, choices=["all", "blocks"],
                    help="what --ratio is a fraction of: all parameters (default) or the decoder blocks' only "
                         "(embeddings and LM head excluded, as Týr's tables; for embedding-heavy models like Gemma 3)")
-    p.add_argument("--method", default=None, choices=METHODS, help=f"default {d.method}")
+    p.add_argument("--method", default=None, choices=registry.names(),
+                   help="; ".join(f"{m.name}: {m.help}" for m in registry.methods().values()) + f" (default {d.method})")
     p.add_argument("--layer-share", type=float, default=None,
                    help=f"fraction of the removed parameters taken by whole layers (default {d.layer_share})")
     p.add_argument("--calib", default=None, help="calibration text: c4 (default), wikitext2-validation, or a file")
@@ -135,13 +163,6 @@ def add_command(sub):
     p.add_argument("--seqlen", type=int, default=None, help=f"tokens per window (default {d.seqlen})")
     p.add_argument("--seed", type=int, default=None, help=f"default {d.seed}")
     p.add_argument("--calib-batch-size", type=int, default=None, help=f"default {d.batch_size}")
-    p.add_argument("--metric", default=None, choices=NEURON_METRICS,
-                   help=f"neuron importance (default {d.metric}: structured OBS; comp-spec: condition)")
-    p.add_argument("--layer-score", default=None, choices=LAYER_SCORES, help=f"default {d.layer_score}")
-    p.add_argument("--no-mask-tuning", action="store_true", help="skip COMP's least-squares scale recovery")
-    p.add_argument("--recovery", default=None, choices=["scales", "least-squares"],
-                   help="least-squares: refit the kept down_proj/o_proj columns (default); scales: COMP's per-neuron "
-                        "mask tuning (comp-spec)")
     p.add_argument("--round-to", type=int, default=None, help="round kept MLP widths to a multiple of N")
     p.add_argument("--head-share", type=float, default=None,
                    help="COMP: fraction of the non-layer budget taken from attention (query heads, as many from every "
@@ -150,37 +171,12 @@ def add_command(sub):
                    help=f"mixture-of-experts models: fraction of the MLP budget taken by whole experts, the rest by "
                         f"neurons inside the kept experts (default {d.expert_share})")
     p.add_argument("--head-unit", default=None, choices=["query", "kv"], help=f"default {d.head_unit}")
-    p.add_argument("--target-mix", type=float, default=None,
-                   help="least squares' target: 0 = the dense block on the pruned inputs (default), 1 = the dense "
-                        "model's own trajectory (corrects upstream drift), or between")
-    p.add_argument("--token-weight", default=None, choices=["none", "output"],
-                   help="output (default): each token's error relative to the block output's mean square, so the "
-                        "attention sink's massive activations do not own the fit; none: plain squared error")
-    p.add_argument("--layer-compensation", action="store_true",
-                   help="the kept block before a removed span refits its down_proj onto the span's output "
-                        "(ReplaceMe-style, folded in: no new parameters)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="start from a named configuration; explicit options override it (comp-spec: the literal "
                         "method spec: condition score, per-neuron scales)")
-    p.add_argument("--width-allocation", default=None, choices=WIDTH_ALLOCATIONS,
-                   help="COMP: neurons removed per block, the same everywhere (uniform) or from a global ranking of "
-                        "normalised scores across blocks (adaptive), or per-block levels searched against the "
-                        "whole model's KL on held-apart windows (search: DP start, then --search-generations)")
-    p.add_argument("--search-generations", type=int, default=None,
-                   help="search: evolutionary generations after the DP allocation (default 0: DP only)")
-    p.add_argument("--search-time", type=duration, default=None,
-                   help="search: wall-clock limit of the evolution, e.g. 20m (default: none; with a limit the result "
-                        "depends on the machine's speed)")
-    p.add_argument("--search-layers", action="store_const", const=True, default=None,
-                   help="search: a block may also be removed whole (its level costs the block's parameters), "
-                        "so the search chooses which blocks go as well as the widths; with --layer-share 0 it "
-                        "chooses them all")
-    p.add_argument("--search-nsamples", type=int, default=None,
-                   help="search: fitness windows, apart from the calibration windows (default 16)")
-    p.add_argument("--damp", type=float, default=None, help=f"default {d.damp}")
-    p.add_argument("--ridge", type=float, default=None, help=f"default {d.ridge}")
     p.add_argument("--save-dtype", default="source", choices=["source", "compute", "float32", "float16", "bfloat16"],
                    help="precision of the saved weights: source (default: the precision the model was stored in), "
                         "compute (the --dtype that ran), or a dtype")
+    add_method_options(p)
     add_common(p)
     p.set_defaults(func=cmd_prune)

@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import METHODS, PRESETS
+from ..config import PRESETS
+from ..registry import names as method_names
 from ..data import load_ids
 from ..errors import CompruneError
 from ..evaluate.perplexity import perplexity
@@ -46,8 +47,8 @@ class Comparison:
                  redo_tag=None, zeroshot_full=False, trust_remote_code=False, allow_pickle=False, full_seqlens=None,
                  compile="auto"):
         for m in methods:  # a preset (e.g. comp-search) is compared as a method of its own
-            if m not in METHODS and m not in PRESETS:
-                raise CompruneError(f"unknown method '{m}': use some of {', '.join(METHODS + tuple(PRESETS))}")
+            if m not in method_names() and m not in PRESETS:
+                raise CompruneError(f"unknown method '{m}': use some of {', '.join(method_names() + tuple(PRESETS))}")
         for r in ratios:
             if not 0 < r <= 0.9:
                 raise CompruneError(f"ratio {r} out of (0, 0.9]: e.g. --ratios 0.1,0.2,0.3")

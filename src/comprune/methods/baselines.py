@@ -17,13 +17,17 @@ record of every kept block: {"width", "kept_neurons", "heads", "kv_heads", "kept
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import scores as S
 from ..errors import CompruneError
+from ..registry import Method, register
 from ..surgery import (add_bias, as_index, attention_parts, enable_biases, kv_group_channels, prune_expert_neurons,
                        prune_heads, prune_mlp, supports_biases)
 from ..walk import InputStats, collect_stats, forward_block, model_device, progress, resident
+from .comp_options import opt
 from .common import (choose_layers, full_record, keep_lowest_removed, kept_width, layer_scores_bi, params_per_neuron,
                      plan_layers_only, plan_neurons_only)
 
@@ -44,7 +48,6 @@ def run_layer_drop(model, adapter, acts, input_ids, cfg, budget, show=True) -> d
             "ratio_note": "layer-drop removes whole blocks: the ratio is reached to within one block"}
 
 
-run_layer_drop.plan_budget = plan_layers_only
 
 
 # ------------------------------------------------------------------------------- uniform neuron baselines
@@ -129,8 +132,6 @@ def run_magnitude(model, adapter, acts, input_ids, cfg, budget, show=True) -> di
     return {"removed_layers": [], "blocks": blocks}
 
 
-run_wanda_sp.plan_budget = plan_neurons_only
-run_magnitude.plan_budget = plan_neurons_only
 
 
 # ----------------------------------------------------------------------------------------------------- FLAP
@@ -247,15 +248,14 @@ def run_flap(model, adapter, acts, input_ids, cfg, budget, show=True) -> dict:
     return out
 
 
-run_flap.plan_budget = plan_neurons_only
 
 
 # ----------------------------------------------------------------------------------------------- LLM-Pruner
 def middle_blocks(n_layers: int, cfg) -> tuple[int, int]:
     """LLM-Pruner's LLaMA-7B recipe prunes blocks 4..29 of 32; the same proportions for other depths
-    (override with cfg.extra['block_start'] / ['block_end'], end exclusive)."""
-    start = cfg.extra.get("block_start", int(round(4 / 32 * n_layers)))
-    end = cfg.extra.get("block_end", n_layers - int(round(2 / 32 * n_layers)))
+    (override with block_start / block_end, end exclusive)."""
+    start = int(round(4 / 32 * n_layers)) if cfg.block_start is None else cfg.block_start
+    end = n_layers - int(round(2 / 32 * n_layers)) if cfg.block_end is None else cfg.block_end
     start, end = max(0, int(start)), min(n_layers, int(end))
     if end <= start:
         raise CompruneError(f"llm-pruner: empty block range [{start}, {end}) for {n_layers} layers")
@@ -281,10 +281,10 @@ GQA_SCORES = {"group": S.taylor_kv_groups, "folded": S.taylor_kv_groups_folded}
 
 
 def taylor_group_score(cfg):
-    """cfg.extra['gqa_score']: 'group' (the default: a KV group's own q/k/v rows and o columns) or 'folded'
+    """gqa_score: 'group' (the default: a KV group's own q/k/v rows and o columns) or 'folded'
     (what LLM-Pruner's own code computes on GQA models, crediting query head h to KV head h mod n_kv: it
     reproduces the official runs; neither is reliably better on SmolLM2, docs/baselines.md)."""
-    name = cfg.extra.get("gqa_score", "group")
+    name = cfg.gqa_score
     if name not in GQA_SCORES:
         raise CompruneError(f"llm-pruner: gqa_score '{name}' is not one of {', '.join(GQA_SCORES)}")
     return GQA_SCORES[name]
@@ -295,8 +295,8 @@ def plan_llm_pruner(model, adapter, cfg):
 
 
 def run_llm_pruner(model, adapter, acts, input_ids, cfg, budget, show=True) -> dict:
-    n = min(int(cfg.extra.get("taylor_nsamples", 10)), input_ids.shape[0])
-    t = min(int(cfg.extra.get("taylor_seqlen", 64)), input_ids.shape[1])
+    n = min(int(cfg.taylor_nsamples), input_ids.shape[0])
+    t = min(int(cfg.taylor_seqlen), input_ids.shape[1])
     ids = input_ids[:n, :t]
     layers = adapter.layers(model)
     start, end = middle_blocks(len(layers), cfg)
@@ -345,12 +345,41 @@ def run_llm_pruner(model, adapter, acts, input_ids, cfg, budget, show=True) -> d
         model.train(was_training)
     return {"removed_layers": [], "blocks": blocks, "taylor": {"nsamples": n, "seqlen": t, "loss": loss,
                                                                "blocks": [start, end],
-                                                               "gqa_score": cfg.extra.get("gqa_score", "group")}}
+                                                               "gqa_score": cfg.gqa_score}}
 
 
-run_llm_pruner.needs_gradients = True
-run_llm_pruner.plan_budget = plan_llm_pruner
 
 
-BASELINES = {"layer-drop": run_layer_drop, "wanda-sp": run_wanda_sp, "magnitude": run_magnitude,
-             "flap": run_flap, "llm-pruner": run_llm_pruner}
+@dataclass(frozen=True)
+class FlapOptions:
+    flap_bias: bool = opt(True, "flap: store the removed channels' mean contribution as real biases (FLAP's "
+                          "compensation; where the architecture has bias flags)")
+
+    def validate(self, cfg) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class LLMPrunerOptions:
+    taylor_nsamples: int = opt(10, "llm-pruner: calibration windows of the Taylor gradient pass")
+    taylor_seqlen: int = opt(64, "llm-pruner: tokens per window of the gradient pass")
+    gqa_score: str = opt("group", "llm-pruner: a KV group's own q/k/v rows and o columns (group), or LLM-Pruner's "
+                         "code's crediting of query head h to KV head h mod n_kv (folded)", tuple(GQA_SCORES))
+    block_start: int | None = opt(None, "llm-pruner: first pruned block (default: LLaMA-7B's 4/32 of the depth)")
+    block_end: int | None = opt(None, "llm-pruner: end of the pruned blocks, exclusive (default: all but 2/32)")
+
+    def validate(self, cfg) -> None:
+        if self.taylor_nsamples < 1 or self.taylor_seqlen < 2:
+            raise CompruneError("llm-pruner: taylor_nsamples must be >= 1 and taylor_seqlen >= 2")
+
+
+register(Method("layer-drop", run_layer_drop, help="ShortGPT: the lowest block-influence blocks, nothing else",
+                plan_budget=plan_layers_only))
+register(Method("wanda-sp", run_wanda_sp, help="Wanda-SP: MLP neurons by |W|·||X||, uniform, sequential",
+                plan_budget=plan_neurons_only))
+register(Method("magnitude", run_magnitude, help="MLP neurons by their weights' L2 norm, data-free",
+                plan_budget=plan_neurons_only, streams=False))
+register(Method("flap", run_flap, FlapOptions, help="FLAP: fluctuation, one global ranking, bias compensation",
+                plan_budget=plan_neurons_only, streams=False))
+register(Method("llm-pruner", run_llm_pruner, LLMPrunerOptions, help="LLM-Pruner: first-order Taylor over coupled "
+                "groups (backward passes), no LoRA", plan_budget=plan_llm_pruner, needs_gradients=True))

@@ -24,6 +24,7 @@ import torch
 from .. import compensate as LS
 from .. import scores as S
 from ..errors import CompruneError
+from ..registry import Method, register
 from ..masktune import error_from_gram, output_gram, solve_scales
 from ..surgery import as_index, attention_parts, prune_heads, prune_mlp, prune_query_heads
 from ..walk import (block_output, batch_shape, capture, collect_stats, forward_block, new_buffer, progress,
@@ -31,6 +32,7 @@ from ..walk import (block_output, batch_shape, capture, collect_stats, forward_b
 from .attention import prune_block_heads, prune_block_query_heads
 from .experts import check_moe_config, prune_block_moe, replay_moe
 from .search import search_allocation
+from .comp_options import COMPOptions
 from .common import choose_layers, kept_width, layer_scores_bi, layer_scores_loss
 
 
@@ -87,7 +89,7 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
     mlp = adapter.mlp_module(layer)
     mlp_bytes = sum(p.numel() * p.element_size() for p in mlp.parameters())
     act_bytes = acts.ntokens * batch_shape(acts.hidden, 0)[-1] * next(mlp.parameters()).element_size()
-    rebuild = cfg.extra.get("mlp_rebuild", "auto")  # "r" / "x" force one way (tests: both give the same bits)
+    rebuild = cfg.mlp_rebuild  # "r" / "x" force one way (tests: both give the same bits)
     keep_r_only = residual and (rebuild == "r" or (rebuild == "auto" and not spilling() and mlp_bytes < act_bytes))
     mlp_x, mlp_r, last, hooks = new_buffer(), new_buffer(), [], []
     if keep_r_only:
@@ -180,8 +182,8 @@ def _outputs_after_mlp_change(layer, adapter, acts, mlp_x, mlp_r, dense_mlp=None
 def layer_stage(model, adapter, acts, input_ids, k: int, cfg, show=True) -> tuple[list[int], list[float]]:
     if k == 0 and cfg.layer_score == "bi":
         return [], []
-    if cfg.extra.get("layer_scores") is not None:  # precomputed for this model + calibration (benchmarks)
-        scores = list(cfg.extra["layer_scores"])
+    if cfg.layer_scores is not None:  # precomputed for this model + calibration (benchmarks)
+        scores = list(cfg.layer_scores)
     elif cfg.layer_score == "loss":
         scores = layer_scores_loss(model, adapter, acts, input_ids, cfg.device, cfg.layer_score_nsamples, show)
     else:
@@ -203,10 +205,10 @@ def allocate_widths(model, adapter, acts, removed: list[int], neurons_per_layer:
     with each block's own count, on the already-pruned upstream inputs. `acts` is consumed."""
     layers = adapter.layers(model)
     kept = [i for i in range(len(layers)) if i not in set(removed)]
-    norm = cfg.extra.get("allocation_norm", "output")  # ablation knob: "output" (residual stream) or "mlp"
+    norm = cfg.allocation_norm  # "output" (residual stream) or "mlp"
     # ablation knob: "condition" (COMP's score, normalised as above) or "fluctuation" (FLAP's ranking: the
     # fluctuation Var(X_j)·‖W_:,j‖², standardised within each MLP, so no energy normalisation is needed)
-    how = cfg.extra.get("allocation_score", "condition")
+    how = cfg.allocation_score
     candidates = []  # (normalised score, block) of the neurons each block may lose
     for i in progress(kept, "COMP width allocation", show):
         layer = layers[i]
@@ -413,5 +415,5 @@ class _joined:
         return self.a[i] if i < len(self.a) else self.b[i - len(self.a)]
 
 
-run.supports_checkpoint = True
-run.uses_fitness = True  # width_allocation="search" reads held-apart windows (prune passes fitness_ids)
+register(Method("comp", run, COMPOptions, help="COMP: layers, then neurons (and heads) by structured OBS with "
+                 "least-squares recovery, block by block", resumable=True, uses_fitness=True, splits_budget=True))
