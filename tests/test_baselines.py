@@ -12,7 +12,8 @@ import torch
 from comprune import PruneConfig, prune, save_pretrained
 from comprune import scores as S
 from comprune.methods import METHODS
-from comprune.methods.baselines import flap_select, loss_gradients, middle_blocks
+from comprune.methods.flap import flap_select
+from comprune.methods.llm_pruner import loss_gradients, middle_blocks
 from comprune.methods.common import choose_layers
 from comprune.models import get_adapter
 from comprune.models.saved import per_layer_config

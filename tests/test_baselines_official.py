@@ -7,7 +7,7 @@ import torch
 
 from comprune import CompruneError, PruneConfig, prune
 from comprune import scores as S
-from comprune.methods.baselines import loss_gradients
+from comprune.methods.llm_pruner import loss_gradients
 from comprune.models import get_adapter
 from comprune.surgery import attention_parts, kv_group_channels
 from conftest import calib, tiny_model
@@ -53,7 +53,7 @@ def test_llm_pruner_gqa_score_switch_is_recorded_and_checked():
     _, rep = prune(copy.deepcopy(dense), None, PruneConfig(**base, extra={**extra, "gqa_score": "folded"}),
                    calibration=calib(), progress=False)
     assert rep.details["taylor"]["gqa_score"] == "folded"
-    from comprune.methods.baselines import GQA_SCORES, taylor_group_score
+    from comprune.methods.llm_pruner import GQA_SCORES, taylor_group_score
     assert taylor_group_score(PruneConfig(**base, extra=extra)) is GQA_SCORES["group"]  # the default
     with pytest.raises(CompruneError, match="gqa_score"):
         prune(copy.deepcopy(dense), None, PruneConfig(**base, extra={**extra, "gqa_score": "heads"}),

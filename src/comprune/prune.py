@@ -23,6 +23,7 @@ from .methods.experts import check_moe_config
 from .models import get_adapter
 from .surgery import drop_layers, finalize_config, mlp_width
 from .version import __version__
+from .sequential import Walk
 from .walk import capture
 
 
@@ -173,7 +174,7 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
     # Forward-only methods get the block-0 inputs; gradient methods (llm-pruner) run their own passes.
     needs_grad = method.needs_gradients
     acts = None if needs_grad else capture(model, adapter, calibration.input_ids, cfg.batch_size, device)
-    kwargs = {}
+    ckpt = None
     if checkpoint_dir is not None and method.resumable:
         if model_digest is None:
             model_digest = tensor_digest_sample(model.state_dict().items())
@@ -182,13 +183,12 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
         if not resume:
             ckpt.clear()
             ckpt = Checkpoint(checkpoint_dir, ckpt.fingerprint)
-        kwargs["checkpoint"] = ckpt
-    if fitness_ids is not None and method.uses_fitness:
-        kwargs["fitness_ids"] = fitness_ids
-    if resume and "checkpoint" not in kwargs:
+    if resume and ckpt is None:
         raise CompruneError(f"method '{cfg.method}' cannot resume: rerun without --resume")
+    walk = Walk(model, adapter, cfg, budget, device, calibration.input_ids, progress, ckpt,
+                fitness_ids if method.uses_fitness else None)
     with torch.set_grad_enabled(needs_grad):
-        details = method.run(model, adapter, acts, calibration.input_ids, cfg, budget, progress, **kwargs)
+        details = method.run(walk, acts)
     n_layers = len(adapter.layers(model))
     kept = drop_layers(model, adapter, details["removed_layers"])
     widths = finalize_config(model, adapter)

@@ -1,4 +1,5 @@
-"""The sequential, one-block-resident loop (the sparsegpt/gptq driver).
+"""What the block walk (comprune.sequential) works with: activations, their capture, one block's forward and
+its statistics, and residency.
 
 `capture` runs the embeddings once and stops at block 0, keeping its inputs and the keyword arguments
 the decoder passes to every block (causal mask, rotary position embeddings). From then on, each block is
@@ -335,7 +336,7 @@ class resident:
 
     def __enter__(self):
         if self.stream is not None:
-            self.stream.materialize(self.device)
+            self.stream.materialize(self.device)  # re-entrant: a nested hold keeps what the step changed
             return self.layer
         if self.home != self.device:
             self.layer.to(self.device)

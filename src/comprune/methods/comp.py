@@ -26,11 +26,12 @@ from .. import scores as S
 from ..errors import CompruneError
 from ..registry import Method, register
 from ..masktune import error_from_gram, output_gram, solve_scales
-from ..surgery import as_index, attention_parts, prune_heads, prune_mlp, prune_query_heads
+from ..surgery import as_index, prune_mlp
+from ..sequential import walk_blocks
 from ..walk import (block_output, batch_shape, capture, collect_stats, forward_block, new_buffer, progress,
                     resident, spilling)
 from .attention import prune_block_heads, prune_block_query_heads
-from .experts import check_moe_config, prune_block_moe, replay_moe
+from .experts import check_moe_config, prune_block_moe
 from .search import search_allocation
 from .comp_options import COMPOptions
 from .common import choose_layers, kept_width, layer_scores_bi, layer_scores_loss
@@ -242,28 +243,6 @@ def allocate_widths(model, adapter, acts, removed: list[int], neurons_per_layer:
     return counts
 
 
-def replay(adapter, layers, records: dict, checkpoint):
-    """Re-apply recorded surgery to finished blocks (resume): exact indices and float64 scales, or the saved
-    refitted down_proj / o_proj for least-squares recovery."""
-    for i, rec in records.items():
-        saved = checkpoint.load_block_tensors(i) or {}
-        if "kept_kv_heads" in rec:
-            head_scales = torch.tensor(rec["head_scales"], dtype=torch.float64) if "head_scales" in rec else None
-            prune_heads(adapter, layers[i], torch.tensor(rec["kept_kv_heads"], dtype=torch.long), head_scales,
-                        saved.get("o"))
-        if "kept_query_heads" in rec:
-            prune_query_heads(adapter, layers[i], torch.tensor(rec["kept_query_heads"], dtype=torch.long),
-                              saved.get("o"))
-        if getattr(adapter, "moe", False):
-            replay_moe(adapter, layers[i], rec, saved)
-            continue
-        scales = torch.tensor(rec["scales"], dtype=torch.float64) if "scales" in rec else None
-        prune_mlp(adapter, layers[i], torch.tensor(rec["kept_neurons"], dtype=torch.long), scales)
-        if "down" in saved:
-            with torch.no_grad():
-                adapter.mlp(layers[i]).down.weight.copy_(saved["down"])
-
-
 @torch.inference_mode()
 def copy_acts(acts):
     """An independent copy of a block's inputs (in files when the walk spills)."""
@@ -308,97 +287,79 @@ def _target(layers, i, acts, dense, span, cfg):
     return None
 
 
-def run(model, adapter, acts, input_ids, cfg, budget, show=True, checkpoint=None, fitness_ids=None) -> dict:
-    layers = adapter.layers(model)
+def run(walk, acts) -> dict:
+    model, adapter, cfg, budget, show = walk.model, walk.adapter, walk.cfg, walk.budget, walk.show
+    layers, input_ids = walk.layers, walk.input_ids
     moe = getattr(adapter, "moe", False)
     if moe:
         check_moe_config(cfg)
-    n_batches = len(acts.hidden)
-    uses_dense = cfg.target_mix > 0
-    template = type(acts)(_joined(acts.hidden, acts.hidden), acts.kwargs) if uses_dense else acts
-    state = checkpoint.load(template) if checkpoint is not None else None
-    dense, dense_next = None, 0  # the dense model's trajectory, and the first block it has not run yet
-    if state is None:
+    n_batches, capture_device = len(acts.hidden), acts.hidden[0].device
+    uses_dense = cfg.target_mix > 0  # the walk then carries the dense model's trajectory beside the pruned one
+
+    def plan(acts):
         # The layer stage consumes the block-0 inputs; recapturing them (embeddings only) is cheaper in memory
         # than keeping a copy through the dense pass (a third activation buffer).
-        device = acts.hidden[0].device
         removed, layer_scores = layer_stage(model, adapter, acts.take(), input_ids, budget.layers_to_remove, cfg,
                                             show)
-        acts = capture(model, adapter, input_ids, cfg.batch_size, device)
+        acts = capture(model, adapter, input_ids, cfg.batch_size, capture_device)
         allocation, search = None, None
         if cfg.width_allocation == "adaptive":
             allocation = allocate_widths(model, adapter, acts.take(), removed, budget.neurons_per_layer, cfg, show)
-            acts = capture(model, adapter, input_ids, cfg.batch_size, device)
+            acts = capture(model, adapter, input_ids, cfg.batch_size, capture_device)
         elif cfg.width_allocation == "search":
             allocation, search = search_allocation(model, adapter, acts.take(), removed, budget.neurons_per_layer,
-                                                   cfg, fitness_ids, show,
-                                                   checkpoint.dir if checkpoint is not None else None)
+                                                   cfg, walk.fitness_ids, show,
+                                                   walk.checkpoint.dir if walk.checkpoint is not None else None)
             removed = sorted(set(removed) | set(search.get("removed_blocks", ())))  # search_layers
-            acts = capture(model, adapter, input_ids, cfg.batch_size, device)
-        start, records = 0, {}
-        if uses_dense:
-            dense = copy_acts(acts)
-        if checkpoint is not None:
-            checkpoint.save(0, None, {"removed_layers": removed, "layer_scores": layer_scores, "blocks": {},
-                                      "neuron_allocation": allocation, "search": search})
-    else:
-        start, saved, details = state
-        removed, layer_scores, records = details["removed_layers"], details["layer_scores"], details["blocks"]
-        allocation, search = details.get("neuron_allocation"), details.get("search")
-        dense_next = details.get("dense_next", 0)
-        if uses_dense and len(saved.hidden) == 2 * n_batches:
-            pruned_h, dense_h = new_buffer(), new_buffer()
-            while len(saved.hidden):  # moved batch by batch (files stay files when the walk spills)
-                (pruned_h if len(pruned_h) < n_batches else dense_h).append(saved.hidden.pop(0))
-            acts, dense = type(acts)(pruned_h, acts.kwargs), type(acts)(dense_h, acts.kwargs)
-        elif uses_dense:  # only the layer stage had finished: both streams start at block 0
-            acts, dense = saved, copy_acts(saved)
-        else:
-            acts = saved
-        replay(adapter, layers, records, checkpoint)
-    removed_set = set(removed)
-    for i in progress(range(start, len(layers)), "COMP neurons", show):
-        if i in removed_set:
-            continue
-        layer = layers[i]
-        span = _span_after(i, removed_set, len(layers))
+            acts = capture(model, adapter, input_ids, cfg.batch_size, capture_device)
+        return {"removed_layers": removed, "layer_scores": layer_scores, "neuron_allocation": allocation,
+                "search": search}, acts
+
+    def step(i, layer, acts, plan, carry):
+        acts, dense = acts if uses_dense else (acts, None)
+        span = _span_after(i, set(plan["removed_layers"]), len(layers))
         if dense is not None:  # the dense trajectory through block i (and the span it compensates)
             end = i + 1 + (len(span) if cfg.layer_compensation else 0)
-            dense = _advance(layers, range(dense_next, end), dense, cfg.device)
-            dense_next = end
+            dense = _advance(layers, range(carry.get("dense_next", 0), end), dense, cfg.device)
+            carry["dense_next"] = end
         width = adapter.experts(layer).width if moe else adapter.mlp(layer).down.in_features
+        allocation = plan["neuron_allocation"]
         n = budget.neurons_per_layer if allocation is None else allocation[i]
         n_remove = width - kept_width(width, n, cfg.round_to, cfg.min_width)
-        with resident(layer, cfg.device):
-            head_rec = {}
-            if budget.kv_groups_per_layer:
-                head_rec = prune_block_heads(layer, adapter, acts, budget.kv_groups_per_layer, cfg)
-            elif budget.query_heads_per_group:
-                head_rec = prune_block_query_heads(layer, adapter, acts, budget.query_heads_per_group, cfg)
+        head_rec = {}
+        if budget.kv_groups_per_layer:
+            head_rec = prune_block_heads(layer, adapter, acts, budget.kv_groups_per_layer, cfg)
+        elif budget.query_heads_per_group:
+            head_rec = prune_block_query_heads(layer, adapter, acts, budget.query_heads_per_group, cfg)
         target = _target(layers, i, acts, dense, span, cfg)
-        with resident(layer, cfg.device):
-            if moe:
-                rec, acts = prune_block_moe(layer, adapter, acts, budget.experts_per_layer, n_remove, cfg)
-            else:
-                rec, acts = prune_block_mlp(layer, adapter, acts, n_remove, cfg, target=target)
-            if checkpoint is not None and cfg.recovery == "least-squares":  # while the block is resident
-                tensors = ({f"down.{e}": ex.down_proj.weight for e, ex in enumerate(adapter.experts(layer).experts)}
-                           if moe else {"down": adapter.mlp(layer).down.weight})
-                if "kept_query_heads" in head_rec or ("kept_kv_heads" in head_rec and "head_scales" not in head_rec):
-                    tensors["o"] = attention_parts(adapter, layer).o.weight
-                checkpoint.save_block_tensors(i, tensors)
+        if moe:
+            rec, acts = prune_block_moe(layer, adapter, acts, budget.experts_per_layer, n_remove, cfg)
+        else:
+            rec, acts = prune_block_mlp(layer, adapter, acts, n_remove, cfg, target=target)
         del target
-        records[i] = {**rec, **head_rec}
-        if checkpoint is not None:
-            saved = acts if dense is None else type(acts)(_joined(acts.hidden, dense.hidden), acts.kwargs)
-            checkpoint.save(i + 1, saved, {"removed_layers": removed, "layer_scores": layer_scores,
-                                           "blocks": records, "neuron_allocation": allocation,
-                                           "dense_next": dense_next, "search": search})
-    out = {"removed_layers": removed, "layer_scores": layer_scores, "blocks": records}
-    if allocation is not None:
-        out["neuron_allocation"] = allocation
-    if search is not None:
-        out["search"] = search
+        return {**rec, **head_rec}, ((acts, dense) if uses_dense else acts)
+
+    def pack(stream):  # the checkpoint holds the pruned batches, then the dense ones
+        pruned, dense = stream if isinstance(stream, tuple) else (stream, stream)
+        return type(pruned)(_joined(pruned.hidden, dense.hidden), pruned.kwargs)
+
+    def unpack(saved):
+        if isinstance(saved.hidden, _joined):  # nothing saved yet: both streams start at block 0's inputs
+            raw = type(saved)(saved.hidden.a, saved.kwargs)
+            return raw, copy_acts(raw)
+        if len(saved.hidden) != 2 * n_batches:
+            return saved, copy_acts(saved)
+        pruned_h, dense_h = new_buffer(), new_buffer()
+        while len(saved.hidden):  # moved batch by batch (files stay files when the walk spills)
+            (pruned_h if len(pruned_h) < n_batches else dense_h).append(saved.hidden.pop(0))
+        return type(saved)(pruned_h, saved.kwargs), type(saved)(dense_h, saved.kwargs)
+
+    the_plan, records, _ = walk_blocks(walk, acts, step, plan, "COMP neurons", pack=pack if uses_dense else None,
+                                       unpack=unpack if uses_dense else None)
+    out = {"removed_layers": the_plan["removed_layers"], "layer_scores": the_plan["layer_scores"], "blocks": records}
+    for key in ("neuron_allocation", "search"):
+        if the_plan.get(key) is not None:
+            out[key] = the_plan[key]
     return out
 
 

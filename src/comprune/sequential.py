@@ -1,0 +1,113 @@
+"""The one driver: walk the decoder blocks in order, one resident at a time, each fed by the blocks before it
+(sparsegpt's `llama_sequential`, llm-compressor's sequential pipeline).
+
+A method supplies a plan (its dense analysis passes: block scores, a global ranking, gradients, a width search),
+computed once and checkpointed before any block changes, and a per-block step. The driver owns the loop,
+residency, progress, checkpoints and resume, so every method resumes: after each block it saves the block's
+record, its tensors and the activations that feed the next one; a resumed run rebuilds the finished blocks from
+those (shapes from the record, values from the tensors) and walks on from the first unfinished block, to the
+same bytes as an uninterrupted run."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .surgery import (attention_heads, mlp_width, prune_expert_neurons, prune_experts, prune_heads, prune_mlp,
+                      prune_query_heads)
+from .walk import Activations, progress, resident
+
+
+@dataclass
+class Walk:
+    """What a method's plan and step see of the run (the config is frozen; the device is the resolved one)."""
+    model: object
+    adapter: object
+    cfg: object
+    budget: object
+    device: object
+    input_ids: torch.Tensor
+    show: bool = True
+    checkpoint: object = None
+    fitness_ids: torch.Tensor | None = None
+
+    @property
+    def layers(self):
+        return self.adapter.layers(self.model)
+
+    def without_checkpoint(self) -> "Walk":
+        """The same run for an analysis pass inside a plan (a plan is checkpointed whole, not block by block)."""
+        return dataclasses.replace(self, checkpoint=None)
+
+
+def walk_blocks(walk: Walk, acts: Activations | None, step: Callable, plan: Callable | None = None,
+                desc: str = "blocks", prepare: Callable | None = None, pack: Callable | None = None,
+                unpack: Callable | None = None) -> tuple[dict, dict, object]:
+    """Run `step(i, layer, acts, plan, carry) -> (record, acts)` on every block the plan keeps, in order.
+
+    plan(acts) -> (plan dict, acts): the dense analysis, run before any block changes (not again on resume);
+    its "removed_layers" are skipped. prepare(plan): model-wide changes the steps rely on (e.g. bias slots),
+    made before the walk and again before a resume's replay. carry: a JSON dict the steps may update (checkpointed
+    with each block). pack/unpack turn the step's activations into the Activations a checkpoint holds and back
+    (a method that carries a second stream). Returns (plan, records, acts)."""
+    layers, ckpt = walk.layers, walk.checkpoint
+    pack = pack or (lambda a: a)
+    unpack = unpack or (lambda a: a)
+    state = ckpt.load(pack(acts) if acts is not None else None) if ckpt is not None else None
+    if state is None:
+        the_plan, acts = plan(acts) if plan is not None else ({}, acts)
+        acts = unpack(acts) if acts is not None else None
+        start, records, carry = 0, {}, {}
+        if prepare is not None:
+            prepare(the_plan)
+        if ckpt is not None:
+            ckpt.save(0, None, {"plan": the_plan, "blocks": {}, "carry": {}})
+    else:
+        start, saved, details = state
+        the_plan, records, carry = details["plan"], details["blocks"], details.get("carry", {})
+        acts = unpack(saved) if saved is not None else None
+        if prepare is not None:
+            prepare(the_plan)
+        for i, rec in records.items():
+            replay_block(walk.adapter, layers[i], rec, ckpt.load_block_tensors(i) or {})
+    removed = set(the_plan.get("removed_layers", ()))
+    for i in progress(range(start, len(layers)), desc, walk.show):
+        if i in removed:
+            continue
+        layer = layers[i]
+        with resident(layer, walk.device):
+            rec, acts = step(i, layer, acts, the_plan, carry)
+            if ckpt is not None:  # while resident: a streamed block's values exist only now
+                ckpt.save_block_tensors(i, dict(layer.state_dict()))
+        records[i] = rec
+        if ckpt is not None:
+            ckpt.save(i + 1, pack(acts) if acts is not None else None,
+                      {"plan": the_plan, "blocks": records, "carry": carry})
+    return the_plan, records, acts
+
+
+@torch.no_grad()
+def replay_block(adapter, layer, rec: dict, saved: dict):
+    """A finished block rebuilt on resume: its shapes from the record (kept heads, experts, neurons), then every
+    tensor's exact values from the checkpoint."""
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    if "kept_kv_heads" in rec and len(rec["kept_kv_heads"]) < attention_heads(adapter, layer)[1]:
+        prune_heads(adapter, layer, as_long(rec["kept_kv_heads"]))
+    if "kept_query_heads" in rec:
+        prune_query_heads(adapter, layer, as_long(rec["kept_query_heads"]))
+    if getattr(adapter, "moe", False):
+        if "kept_experts" in rec:
+            prune_experts(adapter, layer, as_long(rec["kept_experts"]))
+        if "kept_neurons" in rec:
+            kept = [as_long(k) for k in rec["kept_neurons"]]
+            prune_expert_neurons(adapter, layer, kept, [None] * len(kept))
+    elif "kept_neurons" in rec and len(rec["kept_neurons"]) < mlp_width(adapter, layer):
+        prune_mlp(adapter, layer, as_long(rec["kept_neurons"]))
+    state = layer.state_dict()
+    for name, value in saved.items():
+        target = state[name]
+        if target.is_meta:  # a streamed skeleton: the values are in the staged block file already
+            continue
+        target.copy_(value)
