@@ -143,12 +143,11 @@ def test_evolution_resumes_where_it_was_killed(tmp_path):
     cfg = _search_cfg()
     fit, ladder, _ = _fitness(model, cfg, tmp_path / "db")
     start = {0: 2, 1: 2, 2: 2}
-    cfg.search_generations = 4
-    straight, trace = evolve(fit, start, ladder.top, cfg, None, False)
-    cfg.search_generations = 2  # "killed" after two generations: its state file stays
-    evolve(fit, start, ladder.top, cfg, tmp_path / "search.json", False)
-    cfg.search_generations = 4
-    resumed, trace2 = evolve(fit, start, ladder.top, cfg, tmp_path / "search.json", False)
+    straight, trace = evolve(fit, start, ladder.top, cfg.replace(search_generations=4), None, False)
+    # "killed" after two generations: its state file stays
+    evolve(fit, start, ladder.top, cfg.replace(search_generations=2), tmp_path / "search.json", False)
+    resumed, trace2 = evolve(fit, start, ladder.top, cfg.replace(search_generations=4), tmp_path / "search.json",
+                             False)
     assert resumed == straight and trace2 == trace and sum(resumed.values()) == 6
 
 
