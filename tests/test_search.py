@@ -271,7 +271,7 @@ def test_a_speed_budget_with_a_ratio_removes_the_blocks_it_needs():
     """--ratio with --target-speedup: the parameter budget stays exact, the search removes at least the blocks the
     latency table says the speed needs, its allocation is predicted to reach the target, and the pruned model still
     equals the masked dense one."""
-    from comprune.methods.common import predicted_speedup
+    from comprune.budget import predicted_speedup
 
     dense = tiny_model("llama", layers=6)
     table = {"c": 0.2, "a": 0.5, "m": 0.3}  # block overhead dominates: speed comes from removing whole blocks

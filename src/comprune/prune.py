@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import transformers
 
+from .budget import budget_base, plan_budget
 from .checkpoint import Checkpoint, run_fingerprint
 from .config import PruneConfig
 from .data import Calibration, get_calibration, heldout_windows
@@ -18,7 +19,6 @@ from .loading import count_params
 from .memory import peak_rss_mb
 from . import methods as _builtin  # noqa: F401  (the built-in methods register on import)
 from .registry import get as get_method
-from .methods.common import budget_base, plan_budget
 from .methods.experts import check_moe_config
 from .models import get_adapter
 from .surgery import drop_layers, finalize_config, mlp_width

@@ -15,7 +15,8 @@ import torch
 
 from ..errors import CompruneError
 from ..export.gguf import pad_step
-from ..export.latency import latency_table, ratio_for_speedup, speedup_blocks
+from ..budget.speed import ratio_for_speedup, speedup_blocks
+from ..export.latency import latency_table
 from ..export.size import gguf_bytes, parse_size, ratio_for_size
 from ..io import MANIFEST, read_manifest, write_manifest
 from ..models.adapters import get_adapter

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 import torch
 
 from .. import scores as S
+from ..budget.plan import kept_width, params_per_neuron, plan_layers_only, plan_neurons_only
 from ..errors import CompruneError
 from ..registry import Method, register
 from ..surgery import (add_bias, as_index, attention_parts, enable_biases, kv_group_channels, prune_expert_neurons,
                        prune_heads, prune_mlp, supports_biases)
 from ..walk import InputStats, collect_stats, forward_block, model_device, progress, resident
 from .comp_options import opt
-from .common import (choose_layers, full_record, keep_lowest_removed, kept_width, layer_scores_bi, params_per_neuron,
-                     plan_layers_only, plan_neurons_only)
+from .common import choose_layers, full_record, keep_lowest_removed, layer_scores_bi
 
 
 def _record(adapter, layer, **extra) -> dict:

@@ -1,0 +1,11 @@
+"""The budget: what a prune removes, from a ratio of parameters, a GGUF file size or a llama.cpp speedup.
+
+`plan` splits a ratio into whole blocks, attention heads, experts and MLP neurons; `speed` plans against a
+latency table; both are pure functions of the model's shapes and a configuration they only read."""
+from .plan import (Budget, block_params, budget_base, kept_width, params_per_neuron, plan_budget, plan_layers_only,
+                   plan_neurons_only)
+from .speed import blocks_for_speedup, plan_speedup, predicted_speedup, ratio_for_speedup, settled, speedup_blocks
+
+__all__ = ["Budget", "block_params", "budget_base", "kept_width", "params_per_neuron", "plan_budget",
+           "plan_layers_only", "plan_neurons_only", "blocks_for_speedup", "plan_speedup", "predicted_speedup",
+           "ratio_for_speedup", "settled", "speedup_blocks"]
