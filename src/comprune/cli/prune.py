@@ -122,7 +122,7 @@ def cmd_prune(args) -> int:
         calib = get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=args.data_dir,
                                 heldout=cfg.heldout_windows)
         model, report = prune(model, tok, cfg, calibration=calib, progress=not args.json, base_model=args.model,
-                              checkpoint_dir=ckpt_dir, resume=args.resume)
+                              checkpoint_dir=ckpt_dir, resume=args.resume, target=size)
         save_pretrained(model, tok, out, report, force=args.force, dtype=args.save_dtype)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     finish_budget(out, size)
