@@ -1,6 +1,7 @@
 """Width search (width_allocation="search"): DP optimality, exact budgets, determinism, resume, and that the
 stitched model the search scores is the model the database describes."""
 import copy
+import dataclasses
 import itertools
 import random
 
@@ -275,8 +276,7 @@ def test_a_speed_budget_with_a_ratio_removes_the_blocks_it_needs():
 
     dense = tiny_model("llama", layers=6)
     table = {"c": 0.2, "a": 0.5, "m": 0.3}  # block overhead dominates: speed comes from removing whole blocks
-    cfg = _search_cfg(search_speedup=1.2, latency=table)
-    cfg.ratio = 0.3
+    cfg = dataclasses.replace(_search_cfg(search_speedup=1.2, latency=table), ratio=0.3)
     model, rep = prune(copy.deepcopy(dense), None, cfg.validate(), calibration=calib(20, 16), progress=False)
     speed = rep.details["search"]["speedup"]
     assert speed["min_removed_blocks"] >= 1 and len(rep.removed_layers) >= speed["min_removed_blocks"]

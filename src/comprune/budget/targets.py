@@ -65,7 +65,8 @@ def resolve(model, cfg, *, target_size: int | str | None = None, target_speedup:
         return cfg, None
     if target_size is not None and target_speedup is not None:
         raise CompruneError("give one of --target-size, --target-speedup, not several (each decides the ratio)")
-    if with_ratio and (target_speedup is None or cfg.width_allocation != "search"):
+    # methods without the width search have no width_allocation option
+    if with_ratio and (target_speedup is None or getattr(cfg, "width_allocation", None) != "search"):
         raise CompruneError("--ratio with --target-speedup is a constraint of the width search: add --preset "
                             "comp-search, or give only one of them")
     flag = "--target-size" if target_size is not None else "--target-speedup"

@@ -26,7 +26,7 @@ def add_budget_options(p):
 
 def _combined(args, cfg) -> bool:
     return args.ratio is not None and args.target_speedup is not None and args.target_size is None and \
-        cfg.width_allocation == "search"
+        getattr(cfg, "width_allocation", None) == "search"
 
 
 def resolve_budget(args, cfg) -> tuple:
