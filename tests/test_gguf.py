@@ -263,7 +263,8 @@ def test_latency_fit_and_speedup_ratio():
     """The latency model: exact coefficients from exact points, never negative from noisy ones; the ratio
     found for a target speedup is the smallest whose plan is predicted to reach it."""
     from comprune.config import PruneConfig
-    from comprune.export.latency import fit, plan_speedup, ratio_for_speedup
+    from comprune.budget import plan_speedup, ratio_for_speedup
+    from comprune.export.latency import fit
     from comprune.models.adapters import get_adapter
     c, a, m = 0.2, 0.3, 0.5
     pts = [(l, n, c + a * l + m * n) for l, n in ((1, 0.5), (1, 0.25), (0.5, 0.5))]
@@ -277,8 +278,7 @@ def test_latency_fit_and_speedup_ratio():
     cfg = PruneConfig(ratio=0.2).validate()
     res = ratio_for_speedup(model, adapter, cfg, table, 1.25)
     assert res["predicted"] >= 1.25 and cfg.ratio == 0.2  # cfg untouched
-    cfg.ratio = res["ratio"] - 1e-3
-    assert plan_speedup(model, adapter, cfg, table) < 1.25
+    assert plan_speedup(model, adapter, cfg, table, ratio=res["ratio"] - 1e-3) < 1.25
     with pytest.raises(CompruneError, match="beyond"):
         ratio_for_speedup(model, adapter, PruneConfig().validate(), table, 50.0)
 
@@ -306,7 +306,7 @@ def test_prune_to_target_speedup_measures_a_table_once(tmp_path):
         cfg = json.loads((tmp_path / "p" / "config.json").read_text())
         widths = cfg.get("intermediate_sizes") or [cfg["intermediate_size"]] * cfg["num_hidden_layers"]
         assert all(w % 32 == 0 for w in widths), widths
-        from comprune.methods.common import predicted_speedup
+        from comprune.budget import predicted_speedup
         assert rec["predicted"] == pytest.approx(predicted_speedup(table, len(widths) / 4, sum(widths) / (4 * 1024)))
     else:  # a loaded machine can time the tiny model's variants no faster than dense: then a clear refusal
         assert "beyond what this model's plans reach" in r.stderr and not (tmp_path / "p").exists(), r.stderr[-2000:]

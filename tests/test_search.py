@@ -1,6 +1,7 @@
 """Width search (width_allocation="search"): DP optimality, exact budgets, determinism, resume, and that the
 stitched model the search scores is the model the database describes."""
 import copy
+import dataclasses
 import itertools
 import random
 
@@ -270,12 +271,11 @@ def test_a_speed_budget_with_a_ratio_removes_the_blocks_it_needs():
     """--ratio with --target-speedup: the parameter budget stays exact, the search removes at least the blocks the
     latency table says the speed needs, its allocation is predicted to reach the target, and the pruned model still
     equals the masked dense one."""
-    from comprune.methods.common import predicted_speedup
+    from comprune.budget import predicted_speedup
 
     dense = tiny_model("llama", layers=6)
     table = {"c": 0.2, "a": 0.5, "m": 0.3}  # block overhead dominates: speed comes from removing whole blocks
-    cfg = _search_cfg(search_speedup=1.2, latency=table)
-    cfg.ratio = 0.3
+    cfg = dataclasses.replace(_search_cfg(search_speedup=1.2, latency=table), ratio=0.3)
     model, rep = prune(copy.deepcopy(dense), None, cfg.validate(), calibration=calib(20, 16), progress=False)
     speed = rep.details["search"]["speedup"]
     assert speed["min_removed_blocks"] >= 1 and len(rep.removed_layers) >= speed["min_removed_blocks"]

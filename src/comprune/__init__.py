@@ -1,8 +1,10 @@
 """comprune: post-training structured pruning (COMP) for on-device LLMs.
 
-Public API: load, prune, PruneConfig, perplexity, save_pretrained, from_pretrained.
+Public API: load, prune, PruneConfig, perplexity, save_pretrained, from_pretrained; resolve_budget and
+finish_budget for a GGUF size or llama.cpp speed target instead of a ratio.
 """
 from . import models  # noqa: F401  (registers comprune's per-layer-width classes with transformers' Auto*)
+from .budget.targets import finish as finish_budget, resolve as resolve_budget
 from .config import PruneConfig
 from .data import Calibration, get_calibration
 from .errors import CompruneError
@@ -19,4 +21,5 @@ def from_pretrained(path, dtype="float32", device="cpu", trust_remote_code=False
     return load(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
 __all__ = ["CompruneError", "load", "from_pretrained", "count_params", "perplexity", "PruneConfig", "PruneReport",
-           "prune", "save_pretrained", "read_manifest", "prune_streaming", "Calibration", "get_calibration", "__version__"]
+           "prune", "save_pretrained", "read_manifest", "prune_streaming", "Calibration", "get_calibration", "__version__",
+           "resolve_budget", "finish_budget"]

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import transformers
 
+from .budget import budget_base, plan_budget, settled
 from .checkpoint import Checkpoint, run_fingerprint
 from .config import PruneConfig
 from .data import Calibration, get_calibration, heldout_windows
@@ -18,7 +19,6 @@ from .loading import count_params
 from .memory import peak_rss_mb
 from . import methods as _builtin  # noqa: F401  (the built-in methods register on import)
 from .registry import get as get_method
-from .methods.common import budget_base, plan_budget
 from .methods.experts import check_moe_config
 from .models import get_adapter
 from .surgery import drop_layers, finalize_config, mlp_width
@@ -54,10 +54,14 @@ class PruneReport:
     details: dict = field(default_factory=dict)      # method-specific extras (e.g. flap bias, llm-pruner taylor)
     precision: dict = field(default_factory=dict)    # the precision that ran, how it was chosen (and saved in)
     ratio_of: str = "all"                            # ratios are fractions of all parameters or of the blocks'
+    target: dict = field(default_factory=dict)       # a size or speed target's record (comprune.budget.targets)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["blocks"] = {str(k): v for k, v in self.blocks.items()}
+        target = d.pop("target")
+        if target:  # under its kind, as comprune.budget.targets.finish completes it
+            d[target["kind"]] = target
         return d
 
     def summary_rows(self) -> list[dict]:
@@ -131,8 +135,10 @@ def _fitness_windows(tokenizer, calibration: Calibration, cfg) -> tuple[Calibrat
 
 def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Calibration | None = None,
           progress: bool = True, base_model: str | None = None, checkpoint_dir=None, resume: bool = False,
-          model_digest: str | None = None):
+          model_digest: str | None = None, target: dict | None = None):
     """Prune `model` in place with `config` and return (model, PruneReport). Forward passes only for COMP.
+    `target`: the record of the size or speed target `config` was resolved from (comprune.budget.targets),
+    carried into the report.
 
     With `checkpoint_dir`, progress is saved after every block; `resume=True` continues an interrupted run
     from its last finished block (same arguments and model required) with a bit-identical result. The model's
@@ -145,12 +151,13 @@ def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Cali
     adapter.prepare(model)  # fused projections as their parts while pruning; restored below (or on error)
     try:
         return _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, checkpoint_dir, resume,
-                      model_digest)
+                      model_digest, target)
     finally:
         adapter.restore(model)
 
 
-def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, checkpoint_dir, resume, model_digest):
+def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, checkpoint_dir, resume, model_digest,
+           target=None):
     device = resolve_device(cfg.device)
     cfg = cfg.replace(device=str(device))
     method = get_method(cfg.method)
@@ -202,6 +209,7 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
         base_model=base_model,
         details={k: v for k, v in details.items() if k not in ("removed_layers", "layer_scores", "blocks")},
         precision=precision_record(model), ratio_of=cfg.ratio_of)
+    report.target = settled(target, report.details) or {}
     assert len(kept) + len(report.removed_layers) == n_layers
     _check_ratio(report, cfg, details)
     model.comprune_report = report

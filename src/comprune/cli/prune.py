@@ -91,7 +91,7 @@ def _refuse_stale_checkpoint(out: Path, args):
 def cmd_prune_stream(args, cfg) -> int:
     """comprune prune DIR --stream: the same prune, one decoder block in memory at a time (comprune.stream)."""
     out = check_output(Path(args.out), args.force)
-    size = resolve_budget(args, cfg)
+    cfg, size = resolve_budget(args, cfg)
     with guard_output(out, resume=args.resume, before=lambda: _refuse_stale_checkpoint(out, args)):
         report = prune_streaming(args.model, out, cfg, resume=args.resume, force=args.force, progress=not args.json,
                                  dtype=args.dtype, save_dtype=args.save_dtype, base_model=args.model,
@@ -114,7 +114,7 @@ def cmd_prune(args) -> int:
         return cmd_prune_stream(args, _config_from_args(args))
     cfg = _config_from_args(args)
     out = check_output(Path(args.out), args.force)  # fail before any work, and never leave a half-written directory
-    size = resolve_budget(args, cfg)
+    cfg, size = resolve_budget(args, cfg)
     ckpt_dir = checkpoint_dir(out)
     with guard_output(out, resume=args.resume, before=lambda: _refuse_stale_checkpoint(out, args)):
         model, tok = load(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code,
@@ -122,7 +122,7 @@ def cmd_prune(args) -> int:
         calib = get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=args.data_dir,
                                 heldout=cfg.heldout_windows)
         model, report = prune(model, tok, cfg, calibration=calib, progress=not args.json, base_model=args.model,
-                              checkpoint_dir=ckpt_dir, resume=args.resume)
+                              checkpoint_dir=ckpt_dir, resume=args.resume, target=size)
         save_pretrained(model, tok, out, report, force=args.force, dtype=args.save_dtype)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     finish_budget(out, size)

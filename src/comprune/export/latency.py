@@ -1,5 +1,5 @@
-"""A budget in speed: `comprune prune --target-speedup 1.5` asks for llama.cpp generation 1.5x faster than the
-dense model's, on this machine.
+"""The latency table behind a budget in speed (`comprune prune --target-speedup 1.5`: llama.cpp generation 1.5x
+faster than the dense model's, on this machine; comprune.budget.speed plans against the table).
 
 ZipLM times every module at every width once and sums the table. Here the table is a model of llama.cpp's
 per-token generation time, fitted once per architecture, GGUF type, thread count and CPU to variants of the
@@ -27,8 +27,6 @@ from safetensors.torch import save_file
 from ..errors import CompruneError
 from ..files import read_config
 from ..loading import cache_dir
-from ..methods.common import kept_width, plan_budget, predicted_speedup
-from ..methods.search import make_plan
 from ..precision import cpu_name
 from .gguf import export_gguf, open_safetensors
 from .llamacpp import relative_llamacpp_speed
@@ -123,56 +121,3 @@ def latency_table(src, qtype: str = "f16", threads: int | None = None, show: boo
     tmp.write_text(json.dumps(table, indent=1))
     os.replace(tmp, path)
     return table
-
-
-def plan_speedup(model, adapter, cfg, table: dict) -> float:
-    """Predicted speedup of the plan `cfg.ratio` makes for this model."""
-    b = plan_budget(model, adapter, cfg)
-    layers = adapter.layers(model)
-    L, kept = len(layers), len(layers) - b.layers_to_remove
-    W = max(adapter.mlp(layer).down.in_features for layer in layers)
-    w = kept_width(W, b.neurons_per_layer, cfg.round_to, cfg.min_width)  # the width the prune keeps
-    return predicted_speedup(table, kept / L, kept * w / (L * W))
-
-
-def speedup_blocks(model, adapter, cfg) -> tuple[int, float]:
-    """(whole blocks, predicted speedup) the width search needs for cfg.search_speedup at cfg.ratio (checked
-    before any pruning, on the model's shapes: an unreachable target is refused at once)."""
-    b = plan_budget(model, adapter, cfg)
-    removed = list(range(cfg.protect_first, cfg.protect_first + b.layers_to_remove))  # only their number matters
-    plan = make_plan(model, adapter, removed, b.neurons_per_layer, cfg)
-    return plan.min_removed, plan.speedup["predicted_at_minimum"]
-
-
-def ratio_for_speedup(model, adapter, cfg, table: dict, target: float, tol: float = 1e-4) -> dict:
-    """The smallest ratio whose plan is predicted to reach `target` (bisection: the speedup grows with it)."""
-    if target <= 1:
-        raise CompruneError(f"--target-speedup {target} must be above 1 (e.g. 1.3)")
-    ratio0 = cfg.ratio
-
-    def speed(r):
-        cfg.ratio = r
-        try:
-            return plan_speedup(model, adapter, cfg, table)
-        except CompruneError:
-            return None  # the plan cannot be made at this ratio (too many neurons per layer)
-        finally:
-            cfg.ratio = ratio0
-    lo, hi = 0.0, 0.9
-    top = speed(hi)
-    while top is None and hi > 0.05:
-        hi -= 0.05
-        top = speed(hi)
-    if top is None or top < target:
-        raise CompruneError(f"--target-speedup {target} is beyond what this model's plans reach on this machine "
-                            f"(at most {top or 1:.2f}x predicted at ratio {hi:.2f}): ask for less, or raise "
-                            "--layer-share (whole blocks save more time per parameter)")
-    while hi - lo > tol:
-        mid = (lo + hi) / 2
-        s = speed(mid)
-        if s is not None and s >= target:
-            hi = mid
-        else:
-            lo = mid
-    return {"target": target, "ratio": hi, "predicted": speed(hi), "table": {k: table[k] for k in
-            ("c", "a", "m", "qtype", "threads", "cpu", "points")}}

@@ -1,5 +1,5 @@
 """A budget in bytes: what `comprune export` would write for a model directory, computed without writing its
-tensors, and the pruning ratio that brings a model under a GGUF file size (`comprune prune --target-size 80MB`).
+tensors (comprune.budget.targets turns `comprune prune --target-size 80MB` into a ratio with it).
 
 The size is exact: the same key/value data, tensor list, tensor types and alignment as the export, with each
 tensor's byte count taken from its type instead of from quantised data. Pruning removes rows and columns of
@@ -17,7 +17,6 @@ import gguf
 import numpy as np
 
 from ..errors import CompruneError
-from ..files import read_config
 from .gguf import QTYPES, gguf_tensors, new_writer, open_safetensors, prepare, tensor_type
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -60,30 +59,8 @@ def gguf_bytes(model_dir, qtype: str = "f16", pad_to: int | None = None) -> int:
     return gguf.GGUFWriter.ggml_pad(head, align) + data
 
 
-def _param_counts(model_dir: Path) -> tuple[int, int]:
+def param_counts(model_dir: Path) -> tuple[int, int]:
     """(all parameters, the decoder blocks') from the safetensors headers (a tied head is stored once)."""
     tensors = open_safetensors(model_dir)
     shapes = {name: math.prod(t.shape) for name, t in tensors.items()}
     return sum(shapes.values()), sum(n for k, n in shapes.items() if ".layers." in k)
-
-
-def ratio_for_size(model_dir, target_bytes: int, qtype: str, ratio_of: str = "all", round_to: int = 1) -> dict:
-    """The ratio whose pruned model's `qtype` GGUF is at most `target_bytes`, with what it was derived from.
-    The margin of one width quantum per layer covers the rounding of the per-layer neuron counts."""
-    model_dir = Path(model_dir)
-    dense = gguf_bytes(model_dir, qtype)
-    if dense <= target_bytes:
-        raise CompruneError(f"the dense model's {qtype} GGUF is {dense / 1e6:.1f} MB, already within "
-                            f"--target-size {target_bytes / 1e6:.1f} MB: nothing to prune (ask for a smaller size)")
-    total, blocks = _param_counts(model_dir)
-    cfg = read_config(model_dir)
-    margin = int(cfg["num_hidden_layers"]) * 3 * int(cfg["hidden_size"]) * max(1, round_to)
-    params = math.ceil((dense - target_bytes) / weight_bytes(qtype)) + margin
-    base = blocks if ratio_of == "blocks" else total
-    ratio = params / base
-    if ratio > 0.9:
-        raise CompruneError(f"--target-size {target_bytes / 1e6:.1f} MB needs {ratio:.0%} of the "
-                            f"{'blocks' if ratio_of == 'blocks' else 'model'}'s parameters removed (at most 90 %): "
-                            f"the dense {qtype} GGUF is {dense / 1e6:.1f} MB; ask for more, or a smaller --size-type")
-    return {"requested_bytes": int(target_bytes), "qtype": qtype, "dense_gguf_bytes": dense, "ratio": ratio,
-            "params_to_remove": params}

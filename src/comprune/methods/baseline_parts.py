@@ -6,7 +6,8 @@ import torch
 
 from ..surgery import as_index, prune_expert_neurons
 from ..walk import InputStats
-from .common import full_record, keep_lowest_removed, kept_width
+from ..budget.plan import kept_width
+from .common import full_record, keep_lowest_removed
 
 
 def record(adapter, layer, **extra) -> dict:

@@ -23,6 +23,7 @@ import torch
 
 from .. import compensate as LS
 from .. import scores as S
+from ..budget.plan import kept_width
 from ..errors import CompruneError
 from ..registry import Method, register
 from ..masktune import error_from_gram, output_gram, solve_scales
@@ -34,7 +35,7 @@ from .attention import prune_block_heads, prune_block_query_heads
 from .experts import check_moe_config, prune_block_moe
 from .search import search_allocation
 from .comp_options import COMPOptions
-from .common import choose_layers, kept_width, layer_scores_bi, layer_scores_loss
+from .common import choose_layers, layer_scores_bi, layer_scores_loss
 
 
 def select_neurons(metric: str, G: torch.Tensor, parts, n_remove: int, cfg, C: torch.Tensor | None = None) -> torch.Tensor:

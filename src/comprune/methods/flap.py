@@ -14,7 +14,7 @@ from ..surgery import add_bias, as_index, attention_parts, enable_biases, kv_gro
     supports_biases
 from ..walk import collect_stats, forward_block
 from .baseline_parts import RoutedMoments, prune_experts_by, record
-from .common import params_per_neuron, plan_neurons_only
+from ..budget.plan import params_per_neuron, plan_neurons_only
 from .comp_options import opt
 
 

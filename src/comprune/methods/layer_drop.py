@@ -4,7 +4,8 @@ from __future__ import annotations
 from ..registry import Method, register
 from ..sequential import walk_blocks
 from .baseline_parts import record
-from .common import choose_layers, layer_scores_bi, plan_layers_only
+from ..budget.plan import plan_layers_only
+from .common import choose_layers, layer_scores_bi
 
 
 def run(walk, acts) -> dict:

@@ -15,7 +15,8 @@ from ..sequential import walk_blocks
 from ..surgery import as_index, attention_parts, prune_heads, prune_mlp
 from ..walk import model_device
 from .baseline_parts import record
-from .common import keep_lowest_removed, kept_width, params_per_neuron, plan_neurons_only
+from ..budget.plan import kept_width, params_per_neuron, plan_neurons_only
+from .common import keep_lowest_removed
 from .comp_options import opt
 
 

@@ -28,10 +28,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .. import compensate as LS
+from ..budget.plan import kept_width, params_per_neuron
+from ..budget.speed import blocks_for_speedup, predicted_speedup
 from ..errors import CompruneError
 from ..evaluate.perplexity import family_logits
 from ..walk import Activations, capture, collect_stats, forward_block, progress, resident
-from .common import kept_width, params_per_neuron, predicted_speedup
 
 
 @dataclass
@@ -579,23 +580,6 @@ def _search(model, adapter, removed, layers, plan: Plan, db, fit_ids, cfg, show,
         record["speedup"] = {**plan.speedup, "predicted": predicted_speedup(
             cfg.latency, len(live) / len(layers), neurons / (len(layers) * W))}
     return counts, record
-
-
-def blocks_for_speedup(plan: Plan, n_layers: int, width: int, cfg) -> tuple[int, dict]:
-    """The fewest whole blocks the search must remove for the latency table to predict cfg.search_speedup at
-    this parameter budget. The budget is exact, so the kept MLP neurons follow from the number of blocks
-    removed (each costs `block_neurons` of it) and only that number moves the prediction."""
-    k_max = min(len(plan.removable), int(plan.exact // max(plan.block_neurons, 1)))
-    best = None
-    for k in range(k_max + 1):
-        neurons = (len(plan.kept) - k) * width - (plan.exact - k * plan.block_neurons)
-        pred = predicted_speedup(cfg.latency, (len(plan.kept) - k) / n_layers, neurons / (n_layers * width))
-        best = max(best or pred, pred)
-        if pred >= cfg.search_speedup:
-            return k, {"target": cfg.search_speedup, "min_removed_blocks": k, "predicted_at_minimum": pred}
-    raise CompruneError(f"--target-speedup {cfg.search_speedup} is beyond this ratio's reach on this machine "
-                        f"(at most {best:.2f}x predicted, removing {k_max} whole blocks): raise --ratio or ask for "
-                        "less speed")
 
 
 def _neuron_counts(levels: dict, gone: list[int], costs: dict, plan: Plan, n_layers: int) -> list[int]:

@@ -10,7 +10,8 @@ from ..sequential import walk_blocks
 from ..surgery import as_index, prune_mlp
 from ..walk import collect_stats, forward_block
 from .baseline_parts import RoutedMoments, prune_experts_by, record, uniform_n_remove
-from .common import keep_lowest_removed, plan_neurons_only
+from ..budget.plan import plan_neurons_only
+from .common import keep_lowest_removed
 
 
 def _wanda_sp_moe(layer, adapter, acts, n_remove: int) -> dict:
