@@ -234,8 +234,7 @@ def test_search_removes_a_block_that_does_nothing():
     with torch.no_grad():
         get_adapter(dense).layers(dense)[2].self_attn.o_proj.weight.zero_()
         get_adapter(dense).layers(dense)[2].mlp.down_proj.weight.zero_()
-    cfg = _search_cfg(search_layers=True)
-    cfg.ratio = 0.3
+    cfg = _search_cfg(search_layers=True).replace(ratio=0.3)
     model, rep = prune(copy.deepcopy(dense), None, cfg, calibration=calib(20, 16), progress=False)
     search = rep.details["search"]
     assert search["removed_blocks"] == [2] and rep.removed_layers == [2]
