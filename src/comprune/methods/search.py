@@ -27,9 +27,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .. import compensate as LS
 from ..errors import CompruneError
 from ..evaluate.perplexity import family_logits
+from ..obs import obs_select
+from ..refit import BlockStats, dense_cross, refit
 from ..walk import Activations, capture, collect_stats, forward_block, progress, resident
 from .common import kept_width, params_per_neuron, predicted_speedup
 
@@ -87,7 +88,7 @@ def build_database(model, adapter, acts, kept: list[int], ladder: Ladder, cfg, d
                 acts = forward_block(layer, acts, consume=True)
                 continue
             down = adapter.mlp(layer).down
-            own = LS.BlockStats(down, cfg.token_weight, normed=adapter.output_norms)
+            own = BlockStats(down, cfg.token_weight, normed=adapter.output_norms)
             hooks = own.attach(layer)
             try:
                 _, acts = collect_stats(layer, acts, {"down": down}, consume=True)
@@ -95,15 +96,15 @@ def build_database(model, adapter, acts, kept: list[int], ladder: Ladder, cfg, d
                 for h in hooks:
                     h.remove()
             G, W = own.G, down.weight.detach()
-            C = LS.dense_cross(G, W)
+            C = dense_cross(G, W)
             order: list[int] = []
-            LS.obs_select(G, C, ladder.top * ladder.step, cfg.damp, cfg.chunk, order=order)
+            obs_select(G, C, ladder.top * ladder.step, cfg.damp, cfg.chunk, order=order)
             variants = []
             for level in range(1, ladder.top + 1):
                 keep = torch.ones(W.shape[1], dtype=torch.bool)
                 keep[torch.tensor(order[:level * ladder.step], dtype=torch.long)] = False
                 idx = keep.nonzero().flatten()
-                variants.append((idx, LS.refit(G, C, idx.to(G.device), cfg.damp).float().cpu()))
+                variants.append((idx, refit(G, C, idx.to(G.device), cfg.damp).float().cpu()))
             db.save(i, variants)
             del G, C, variants
     return db
