@@ -1,4 +1,6 @@
-"""The baselines of docs/comp.md, in the same harness as COMP (same calibration, budget and surgery).
+"""The baselines the COMP spec names (../shared/docs/comp.md, "Baselines"), in the same harness as COMP (same
+calibration, budget and surgery); docs/comparison.md compares them with COMP, docs/baselines.md with their
+official code.
 
 - layer-drop  (ShortGPT): remove the k lowest-BI blocks, nothing else.
 - wanda-sp:   MLP neurons by mean_i |W_ij| * ||X_:,j|| on down_proj inputs, uniform per layer, sequential
