@@ -137,7 +137,7 @@ def write_doc(args):
         "- **comp-search** (`--preset comp-search`): the same per-block machinery with per-block widths chosen by "
         "an evolutionary search (80 generations, chosen over 40 on held-out text: [ablation.md](ablation.md)) "
         "against KL(dense ‖ pruned) on calibration-source windows held "
-        "apart from the calibration windows (methods/search.py). It streams as the walk does (`--stream`: a block "
+        "apart from the calibration windows (methods/search/). It streams as the walk does (`--stream`: a block "
         "is read from the shards whenever the database, the error curves or a generation needs it), and its "
         "weights equal the in-memory prune's (tests/test_stream.py; measured with the 40-generation preset on "
         "SmolLM2 at 20 %: the same sha256, 1,246 s quiet against 805 s, 1,168 MB peak RSS against 1,931; the "

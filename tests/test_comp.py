@@ -8,7 +8,7 @@ import torch
 from comprune import PruneConfig, prune
 from comprune import scores as S
 from comprune.errors import CompruneError
-from comprune.compensate import obs_select
+from comprune.obs import obs_select
 from comprune.masktune import reconstruction_error, tune_scales
 from conftest import calib, masked_dense_logits, tiny_model
 
@@ -284,7 +284,7 @@ def test_cli_prune_bad_input_writes_nothing(tmp_path, args, needle):
 
 
 def test_least_squares_recovery_is_at_least_as_good_as_scales():
-    from comprune.compensate import dense_cross, refit, residual
+    from comprune.refit import dense_cross, refit, residual
     torch.manual_seed(5)
     H = torch.randn(400, 16, dtype=torch.float64).relu() + 0.1 * torch.randn(400, 16, dtype=torch.float64)
     W = torch.randn(8, 16, dtype=torch.float64)

@@ -7,9 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from comprune import PruneConfig, prune, save_pretrained
-from comprune import compensate as LS
 from comprune.masktune import error_from_gram, output_gram, solve_scales
 from comprune.models import get_adapter
+from comprune.obs import obs_select
+from comprune.refit import BlockStats, dense_cross, refit, residual
 from comprune.surgery import attention_parts
 from conftest import calib, tiny_model
 
@@ -31,15 +32,15 @@ def test_refit_beats_scales_beats_nothing():
     K = output_gram(G, W)
     e_cut = error_from_gram(K, keep)
     e_scales = error_from_gram(K, keep, solve_scales(K, keep, 0.0))
-    C = LS.dense_cross(G, W)
+    C = dense_cross(G, W)
     energy = float((W @ G * W).sum())
-    e_ls = LS.residual(G, C, energy, keep, LS.refit(G, C, keep, 0.0))
+    e_ls = residual(G, C, energy, keep, refit(G, C, keep, 0.0))
     assert e_ls <= e_scales <= e_cut
     assert e_ls < 0.999 * e_scales
     # the refit is the least-squares solution computed directly from the activations
     Y = H @ W.T
     sol = torch.linalg.lstsq(H[:, keep], Y).solution.T
-    torch.testing.assert_close(LS.refit(G, C, keep, 0.0), sol, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(refit(G, C, keep, 0.0), sol, rtol=1e-7, atol=1e-9)
     assert abs(e_ls - float(((Y - H[:, keep] @ sol.T) ** 2).sum())) < 1e-6 * e_ls
 
 
@@ -47,13 +48,13 @@ def test_obs_selection_is_greedy_least_squares():
     """One channel at a time, OBS removes the channel whose removal (after refitting the rest) costs least."""
     H, W = _problem(1, f=12)
     G = H.T @ H
-    C = LS.dense_cross(G, W)
+    C = dense_cross(G, W)
     energy = float((W @ G * W).sum())
-    keep = LS.obs_select(G, C, 3, damp=0.0, chunk=1)
+    keep = obs_select(G, C, 3, damp=0.0, chunk=1)
     ref = torch.ones(12, dtype=torch.bool)
     for _ in range(3):
-        best = min((j for j in range(12) if ref[j]), key=lambda j: LS.residual(
-            G, C, energy, ref & (torch.arange(12) != j), LS.refit(G, C, ref & (torch.arange(12) != j), 0.0)))
+        best = min((j for j in range(12) if ref[j]), key=lambda j: residual(
+            G, C, energy, ref & (torch.arange(12) != j), refit(G, C, ref & (torch.arange(12) != j), 0.0)))
         ref[best] = False
     assert torch.equal(keep, ref)
 
@@ -63,7 +64,7 @@ def test_obs_groups_keep_buckets_balanced():
     G = H.T @ H
     groups = torch.arange(24).view(6, 4)          # 6 "heads" of 4 channels
     bucket = torch.arange(6) // 3                 # 2 "KV groups" of 3 heads
-    keep = LS.obs_select(G, LS.dense_cross(G, W), 2, 0.01, groups=groups, per_bucket=bucket)
+    keep = obs_select(G, dense_cross(G, W), 2, 0.01, groups=groups, per_bucket=bucket)
     heads = keep.view(6, 4)
     assert torch.equal(heads.all(1), heads.any(1))  # whole heads only
     assert heads.all(1).view(2, 3).sum(1).tolist() == [2, 2]
@@ -192,7 +193,7 @@ def test_token_weights_follow_the_next_norm(family):
     layer = adapter.layers(model)[0]
     down = adapter.mlp(layer).down
     acts = capture(model, adapter, calib(n=4, t=16).input_ids, 2, "cpu")
-    own = LS.BlockStats(down, "output", normed=adapter.output_norms)
+    own = BlockStats(down, "output", normed=adapter.output_norms)
     seen = []
     hooks = own.attach(layer) + [
         down.register_forward_hook(lambda mod, a, o: seen.append((a[0], o))),

@@ -134,8 +134,8 @@ def test_nonuniform_deci_matches_transformers(tmp_path, qtype):
 
 @needs_llamacpp
 def test_per_layer_heads_deci_matches_transformers(tmp_path):
-    """Issue #18 item 8: GQA groups pruned unevenly (per-layer query/KV head counts) plus uneven MLPs, saved by
-    comprune (base model_type + auto_map), export to llama.cpp's deci arch, which loads it and gives
+    """Reliability audit item 8: GQA groups pruned unevenly (per-layer query/KV head counts) plus uneven MLPs,
+    saved by comprune (base model_type + auto_map), export to llama.cpp's deci arch, which loads it and gives
     transformers' next-token log-probs within the f32 tolerance."""
     from comprune import save_pretrained
     from comprune.models import get_adapter

@@ -1,8 +1,8 @@
 """Reliability matrix, part 1: bad arguments x commands (prune, prune --stream, eval, export, compare).
 
 Every bad argument gets exit code 2 and one line `comprune: error: ...` naming the problem and the fix, before
-any work is done, and nothing is left on disk. Issue #18 items 6, 7, 12 (uncreatable --out), 15, 16, 17 and the
-minor list (--force on a foreign directory, a missing COMPRUNE_DATA, a directory as --calib / --ppl)."""
+any work is done, and nothing is left on disk. Reliability audit (docs/reliability.md) items 6, 7, 12
+(uncreatable --out), 15, 16, 17 and the minor list (--force on a foreign directory, a missing COMPRUNE_DATA, a directory as --calib / --ppl)."""
 from __future__ import annotations
 
 import json

@@ -4,7 +4,8 @@ Faults: SIGKILL at every rename of a tiny run (what `strace -e inject=rename:sig
 ENOSPC at a rename, writes failing past a file-size limit (a full disk for Python and Rust writers alike), a
 read-only output, a busy output (another run holds it), a resume against a different model, the umask.
 Each faulted run either resumes to the uninterrupted run's bytes or refuses with one clean line, and leaves
-nothing behind. Issue #18 items 3, 4, 11, 12, 13 and the leftovers of the minor list."""
+nothing behind. Reliability audit (docs/reliability.md) items 3, 4, 11, 12, 13 and the leftovers of the minor
+list."""
 from __future__ import annotations
 
 import fcntl

@@ -2,7 +2,8 @@
 
 No file may run code (remote-code auto_map, pickles) unless the user passes the flag that allows it; a broken
 file (truncated, missing or unexpected tensors, wrong shapes, not JSON) gets one line naming it and the fix.
-Issue #18 items 1, 2, 5, 8, 9, 10, 14, 18 and the minor list (remote-code prompt of adaptive outputs)."""
+Reliability audit (docs/reliability.md) items 1, 2, 5, 8, 9, 10, 14, 18 and the minor list (remote-code prompt of
+adaptive outputs)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""`comprune prune|eval|export|compare|info`: a thin shell over the Python API."""
+"""`comprune prune|eval|export|compare`: a thin shell over the Python API."""
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,5 @@
 """torch.compile for the evaluator: the decoder layers and the head's cross-entropy, compiled while an
-evaluation runs and restored after it (issue 15: the evaluator against the hardware).
+evaluation runs and restored after it.
 
 In eager PyTorch on a CPU the matmuls of a small model are fast and everything between them is not: RMSNorm
 upcasts to float32 and back, rotary embeddings, SiLU x up and the residual adds each make a pass over memory,

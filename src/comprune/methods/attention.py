@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from .. import compensate as LS
 from ..masktune import error_from_gram, solve_scales
+from ..obs import obs_select
+from ..refit import BlockStats, dense_cross, refit, residual
 from ..surgery import attention_parts, kv_group_channels, prune_heads, prune_query_heads
 from ..walk import collect_stats
 
 
 def _o_stats(layer, adapter, acts, parts, cfg):
     """G (token-weighted when cfg says so) of o_proj's input channels over the calibration batches."""
-    own = LS.BlockStats(parts.o, cfg.token_weight, normed=adapter.output_norms) if cfg.token_weight != "none" else None
+    own = BlockStats(parts.o, cfg.token_weight, normed=adapter.output_norms) if cfg.token_weight != "none" else None
     hooks = own.attach(layer) if own is not None else []
     try:
         stats, _ = collect_stats(layer, acts, {"o": parts.o}, gram=set() if own else {"o"}, keep_outputs=False)
@@ -30,11 +31,11 @@ def _o_stats(layer, adapter, acts, parts, cfg):
 
 def _refit_record(G, C, W, keep_ch, cfg) -> tuple[torch.Tensor | None, dict]:
     """The refitted kept o_proj columns and the relative output errors before and after the refit."""
-    new_o = LS.refit(G, C, keep_ch, cfg.damp) if cfg.mask_tuning else None
+    new_o = refit(G, C, keep_ch, cfg.damp) if cfg.mask_tuning else None
     energy = float((C.T * W.double().to(G.device)).sum())
     kc = keep_ch.nonzero().flatten()
-    err_pruned = LS.residual(G, C, energy, kc, W.double().to(G.device)[:, kc])
-    err_tuned = LS.residual(G, C, energy, kc, new_o) if new_o is not None else err_pruned
+    err_pruned = residual(G, C, energy, kc, W.double().to(G.device)[:, kc])
+    err_tuned = residual(G, C, energy, kc, new_o) if new_o is not None else err_pruned
     return new_o, {"head_rel_error_pruned": err_pruned / max(energy, 1e-30),
                    "head_rel_error_tuned": err_tuned / max(energy, 1e-30)}
 
@@ -47,9 +48,9 @@ def prune_block_query_heads(layer, adapter, acts, per_group: int, cfg) -> dict:
     G = _o_stats(layer, adapter, acts, parts, cfg)
     W = parts.o.weight.detach()
     hd, nh = parts.head_dim, parts.n_heads
-    C = LS.dense_cross(G, W)
+    C = dense_cross(G, W)
     heads = torch.arange(nh * hd).view(nh, hd)
-    keep_ch = LS.obs_select(G, C, per_group * parts.n_kv, cfg.damp, groups=heads,
+    keep_ch = obs_select(G, C, per_group * parts.n_kv, cfg.damp, groups=heads,
                             per_bucket=torch.arange(nh) // parts.rep)
     new_o, rec = _refit_record(G, C, W, keep_ch, cfg)
     kept = keep_ch.view(nh, hd)[:, 0].cpu().nonzero().flatten()
@@ -71,13 +72,13 @@ def prune_block_heads(layer, adapter, acts, n_groups: int, cfg) -> dict:
     W = parts.o.weight.detach()
     groups = kv_group_channels(parts, torch.arange(parts.n_kv))[0].view(parts.n_kv, -1)
     if cfg.recovery == "least-squares":
-        C = LS.dense_cross(G, W)
-        keep_ch = LS.obs_select(G, C, n_groups, cfg.damp, groups=groups)
+        C = dense_cross(G, W)
+        keep_ch = obs_select(G, C, n_groups, cfg.damp, groups=groups)
         new_o, rec = _refit_record(G, C, W, keep_ch, cfg)
         keep_kv = keep_ch.view(parts.n_kv, -1)[:, 0].cpu().nonzero().flatten()
         prune_heads(adapter, layer, keep_kv, o_weight=new_o)
         return {"kept_kv_heads": keep_kv.tolist(), **rec}
-    keep_ch = LS.obs_select(G, None, n_groups, cfg.damp, groups=groups, W=W)
+    keep_ch = obs_select(G, None, n_groups, cfg.damp, groups=groups, W=W)
     keep_kv = keep_ch.view(parts.n_kv, -1)[:, 0].cpu().nonzero().flatten()
     hd, nh = parts.head_dim, parts.n_heads
     Wd = W.double().to(G.device)

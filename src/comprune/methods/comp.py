@@ -21,14 +21,15 @@ import math
 
 import torch
 
-from .. import compensate as LS
 from .. import scores as S
 from ..budget.plan import kept_width
 from ..errors import CompruneError
 from ..registry import Method, register
 from ..masktune import error_from_gram, output_gram, solve_scales
-from ..surgery import as_index, prune_mlp
+from ..obs import obs_select
+from ..refit import BlockStats, dense_cross, refit, residual
 from ..sequential import walk_blocks
+from ..surgery import as_index, prune_mlp
 from ..walk import (block_output, batch_shape, capture, collect_stats, forward_block, new_buffer, progress,
                     resident, spilling)
 from .attention import prune_block_heads, prune_block_query_heads
@@ -44,10 +45,10 @@ def select_neurons(metric: str, G: torch.Tensor, parts, n_remove: int, cfg, C: t
     if n_remove <= 0:
         return torch.ones(f, dtype=torch.bool, device=G.device)
     if metric == "obs":
-        C = LS.dense_cross(G, parts.down.weight.detach()) if C is None else C
-        return LS.obs_select(G, C, n_remove, cfg.damp, cfg.chunk)
+        C = dense_cross(G, parts.down.weight.detach()) if C is None else C
+        return obs_select(G, C, n_remove, cfg.damp, cfg.chunk)
     if metric == "condition":
-        return LS.obs_select(G, None, n_remove, cfg.damp, cfg.chunk, W=parts.down.weight)
+        return obs_select(G, None, n_remove, cfg.damp, cfg.chunk, W=parts.down.weight)
     score = one_shot_scores(metric, G, parts, cfg)
     keep = torch.ones(f, dtype=torch.bool, device=G.device)
     keep[torch.topk(score, n_remove, largest=False).indices] = False
@@ -87,16 +88,16 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
     # inputs are freed as the forward goes. What is kept per batch to rebuild y: either the MLP input x = norm(r)
     # and y - mlp(x), or r alone plus a copy of the dense MLP (less memory when the MLP's weights are smaller
     # than an activation buffer held in RAM). Both give the forward's own values bit for bit.
-    residual = getattr(adapter, "mlp_output_is_residual", False)
+    mlp_is_residual = getattr(adapter, "mlp_output_is_residual", False)
     mlp = adapter.mlp_module(layer)
     mlp_bytes = sum(p.numel() * p.element_size() for p in mlp.parameters())
     act_bytes = acts.ntokens * batch_shape(acts.hidden, 0)[-1] * next(mlp.parameters()).element_size()
     rebuild = cfg.mlp_rebuild  # "r" / "x" force one way (tests: both give the same bits)
-    keep_r_only = residual and (rebuild == "r" or (rebuild == "auto" and not spilling() and mlp_bytes < act_bytes))
+    keep_r_only = mlp_is_residual and (rebuild == "r" or (rebuild == "auto" and not spilling() and mlp_bytes < act_bytes))
     mlp_x, mlp_r, last, hooks = new_buffer(), new_buffer(), [], []
     if keep_r_only:
         hooks.append(adapter.mlp_input_norm(layer).register_forward_pre_hook(lambda m, args: mlp_r.append(args[0])))
-    elif residual:
+    elif mlp_is_residual:
         hooks.append(mlp.register_forward_hook(lambda m, args, out: last.append((args[0], out))))
 
         def keep_x_and_rest(module, args, out):
@@ -104,20 +105,20 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
             mlp_x.append(x)
             mlp_r.append(block_output(out) - m)
         hooks.append(layer.register_forward_hook(keep_x_and_rest))
-    own = LS.BlockStats(parts.down, cfg.token_weight, target, adapter.output_norms) \
+    own = BlockStats(parts.down, cfg.token_weight, target, adapter.output_norms) \
         if target is not None or cfg.token_weight != "none" else None
     if own is not None:
         hooks += own.attach(layer)
     try:
         stats, _ = collect_stats(layer, acts, {"down": parts.down}, gram=set() if own else {"down"}, forward=True,
-                                 keep_outputs=False, consume=residual)
+                                 keep_outputs=False, consume=mlp_is_residual)
     finally:
         for h in hooks:
             h.remove()
     G = own.G if own is not None else stats["down"].gram
     W = parts.down.weight.detach()
-    refit = cfg.mask_tuning and cfg.recovery == "least-squares"
-    C = LS.dense_cross(G, W) if refit else None
+    least_squares = cfg.mask_tuning and cfg.recovery == "least-squares"
+    C = dense_cross(G, W) if least_squares else None
     drift = own if target is not None else None
     if drift is not None:
         C += drift.D
@@ -127,11 +128,11 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
     energy = error_from_gram(K, torch.zeros_like(keep))  # ||dense MLP output||^2
     idx = as_index(keep)
     scales, new_down = None, None
-    if refit and (n_remove > 0 or drift is not None):
-        new_down = LS.refit(G, C, idx, cfg.damp)
+    if least_squares and (n_remove > 0 or drift is not None):
+        new_down = refit(G, C, idx, cfg.damp)
         t_energy = own.t_energy if own is not None else energy
-        err_before = LS.residual(G, C, t_energy, idx, W.double().to(G.device)[:, idx])
-        err_after = LS.residual(G, C, t_energy, idx, new_down)
+        err_before = residual(G, C, t_energy, idx, W.double().to(G.device)[:, idx])
+        err_after = residual(G, C, t_energy, idx, new_down)
         energy = t_energy
         del C
     elif cfg.mask_tuning and n_remove > 0:

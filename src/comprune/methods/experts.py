@@ -6,14 +6,15 @@
 2. neurons: on the new routing, every kept expert loses the same number of neurons (the family's 3-D layout has
    one width per layer) by structured OBS on the Gram of its routed, routing-weighted activations w·a, and its
    down_proj is refitted by damped least squares to its own dense output there, the dense MLP's machinery per
-   expert (compensate.py): the layer's output is Σ_e w_e down_e(a_e) = Σ_e down_e(w_e a_e).
+   expert (refit.py): the layer's output is Σ_e w_e down_e(a_e) = Σ_e down_e(w_e a_e).
 """
 from __future__ import annotations
 
 import torch
 
-from .. import compensate as LS
 from ..errors import CompruneError
+from ..obs import obs_select
+from ..refit import dense_cross, refit, residual
 from ..surgery import prune_expert_neurons, prune_experts
 from ..walk import forward_block
 from .common import keep_lowest_removed
@@ -77,13 +78,13 @@ def prune_block_moe(layer, adapter, acts, n_experts: int, n_neurons: int, cfg):
                 downs.append(None)
                 errors.append(None)
                 continue
-            C = LS.dense_cross(G, W)
-            keep = LS.obs_select(G, C, n_neurons, cfg.damp, cfg.chunk)
+            C = dense_cross(G, W)
+            keep = obs_select(G, C, n_neurons, cfg.damp, cfg.chunk)
             idx = keep.nonzero().flatten()
-            new = LS.refit(G, C, idx, cfg.damp) if cfg.recovery == "least-squares" and cfg.mask_tuning else None
+            new = refit(G, C, idx, cfg.damp) if cfg.recovery == "least-squares" and cfg.mask_tuning else None
             t_energy = float((C.T * W.double()).sum())  # tr(W G Wᵀ): ‖dense expert output‖² over its tokens
-            before = LS.residual(G, C, t_energy, idx, W.double()[:, idx])
-            after = LS.residual(G, C, t_energy, idx, new) if new is not None else before
+            before = residual(G, C, t_energy, idx, W.double()[:, idx])
+            after = residual(G, C, t_energy, idx, new) if new is not None else before
             errors.append((before / max(t_energy, 1e-30), after / max(t_energy, 1e-30)))
             kept.append(idx)
             downs.append(new)

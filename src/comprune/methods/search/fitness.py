@@ -1,0 +1,242 @@
+"""The search's fitness: KL(dense ‖ stitched) of the next-token distributions on windows held apart from the
+calibration, the stitched model being the layer-pruned model with each block's MLP replaced by its variant. The
+dense distributions are computed once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...evaluate.perplexity import family_logits
+from ...walk import Activations, capture, forward_block, resident
+from .database import _narrowed
+
+
+@dataclass
+class _Moments:
+    """The dense next-token distribution p at each token, as the KL against an affine head needs it (see
+    Fitness._reference): Wᵀp / s [rows, T, d], Σ p log p − p · b / s and Σ p [rows, T]."""
+    m: torch.Tensor
+    const: torch.Tensor
+    mass: torch.Tensor
+
+    @property
+    def shape(self):
+        return self.mass.shape
+
+    def __getitem__(self, rows):
+        return _Moments(self.m[rows], self.const[rows], self.mass[rows])
+
+
+class Fitness:
+    """KL(dense ‖ stitched) per token on held-apart windows, from block-0 inputs kept in memory."""
+
+    def __init__(self, model, adapter, removed: list[int], db: dict, fit_ids: torch.Tensor, cfg):
+        self.adapter, self.cfg, self.db = adapter, cfg, db
+        self.removed_level = None  # the level that removes a whole block (search_layers), above every ladder level
+        self.layers = adapter.layers(model)
+        self.norm, self.head = adapter.head(model)
+        self.logit_fn = family_logits(model) or (lambda x: x)
+        self.kept = [i for i in range(len(self.layers)) if i not in set(removed)]
+        self.x0 = capture(model, adapter, fit_ids, cfg.batch_size, cfg.device)
+        self.nbatches = len(self.x0.hidden)
+        self.head_config = model.config
+        self.linear_head = not getattr(model.config, "final_logit_softcapping", None)
+        with torch.inference_mode():
+            self.ref = [self._reference(h) for h in self._run(self.x0, range(len(self.layers))).hidden]
+        # Single windows for the cheap stages (error curves, offspring filter): the LM head over the vocabulary
+        # costs as much as a third of the blocks, so those stages read few tokens.
+        self.windows = [(b, j) for b in range(self.nbatches) for j in range(self.x0.hidden[b].shape[0])]
+        self.evaluations = 0
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        with resident(self.head, self.cfg.device):
+            return self.logit_fn(self.head(x).float())
+
+    def _normed(self, h: torch.Tensor) -> torch.Tensor:
+        with resident(self.norm, self.cfg.device):
+            return self.norm(h)
+
+    def _reference(self, h: torch.Tensor):
+        """What KL(p ‖ q) needs of the dense distribution p at every token. With logits affine in the final
+        hidden state x (z = (W x + b) / s: no soft-cap), KL_t = Σ p log p − Σ p z(x') + lse z(x') · Σ p, and
+        Σ p z(x') = x' · Wᵀp / s + p · b / s, so three small per-token tensors (Wᵀp / s, the constant, Σ p)
+        stand for p, and a candidate costs one pass over its logits (their logsumexp). Otherwise p's
+        log-probabilities, in float16."""
+        x = self._normed(h)
+        logp = torch.log_softmax(self._logits(x), -1)
+        if not self.linear_head:
+            return logp.half()
+        prob = logp.exp()
+        scale = 1.0 / float(getattr(self.head_config, "logits_scaling", None) or 1.0)
+        with resident(self.head, self.cfg.device):
+            W, b = self.head.weight, self.head.bias
+            m = (prob @ W.to(prob.device).float()) * scale  # [rows, T, d]: the head's input dimension
+            const = (prob * logp).sum(-1)
+            if b is not None:
+                const = const - (prob @ b.to(prob.device).float()) * scale
+        return _Moments(m, const, prob.sum(-1))
+
+    @torch.inference_mode()
+    def _kl_sum(self, ref, h: torch.Tensor) -> float:
+        """Σ over tokens of KL(dense ‖ stitched), from the dense reference and the stitched hidden states."""
+        x = self._normed(h)
+        z = self._logits(x)
+        if isinstance(ref, _Moments):
+            return float((ref.const - (x.float() * ref.m).sum(-1) + torch.logsumexp(z, -1) * ref.mass).double().sum())
+        ref = ref.float()
+        return float((ref.exp() * (ref - torch.log_softmax(z, -1))).sum())
+
+    def _run(self, acts, blocks, levels=None) -> Activations:
+        for i in blocks:
+            with resident(self.layers[i], self.cfg.device):
+                if levels is not None and levels[i] == self.removed_level:
+                    continue  # the block is skipped: its inputs go on to the next
+                if levels is None or levels[i] == 0:
+                    acts = forward_block(self.layers[i], acts)
+                    continue
+                with _narrowed(self.adapter.mlp(self.layers[i]), *self.db.variant(i, levels[i])):
+                    acts = forward_block(self.layers[i], acts)
+        return acts
+
+    def subset(self, windows=None) -> tuple[Activations, list[torch.Tensor]]:
+        """Block-0 inputs and reference log-probabilities of some windows ((batch, row) pairs), or of all, as
+        batches of the same shapes."""
+        if windows is None:
+            return self.x0, self.ref
+        hidden, kwargs, ref = [], [], []
+        for b, j in windows:
+            hidden.append(self.x0.hidden[b][j:j + 1])
+            kwargs.append(_row_kwargs(self.x0.kwargs[b], j, self.x0.hidden[b].shape[0]))
+            ref.append(self.ref[b][j:j + 1])
+        return Activations(hidden, kwargs), ref
+
+    @torch.inference_mode()
+    def __call__(self, levels: dict, windows=None, start: int | None = None, acts: Activations | None = None) -> float:
+        """Mean per-token KL of the stitched model at `levels` on `windows` (all by default). With `start` and
+        `acts` (the inputs of block `start` for those windows), only the blocks from `start` on run."""
+        x0, refs = self.subset(windows)
+        acts = x0 if acts is None else acts
+        blocks = [i for i in self.kept if start is None or i >= start]
+        out = self._run(acts, blocks, levels)
+        total, count = 0.0, 0
+        for ref, h in zip(refs, out.hidden):
+            total += self._kl_sum(ref, h)
+            count += ref.shape[0] * ref.shape[1]
+        self.evaluations += 1
+        return total / max(count, 1)
+
+    @torch.inference_mode()
+    def population(self, kids: list[dict], windows=None, parent: tuple | None = None, record: bool = False):
+        """What __call__ gives each of `kids`, all in one pass. Kids whose levels agree on every block so far
+        share one activation, and each block runs once per distinct level on the rows at that level, stacked as
+        one batch. With `parent` = (levels, trajectory), a kid runs only from its first block that differs from
+        the parent: before it, its activations are the parent's. Offspring differ from their parent in a few
+        blocks, so most of the model runs once, or not at all.
+
+        With record=True (all windows), also returns every kid's trajectory: its input of every kept block and
+        its final hidden state, per batch. One kid alone runs the same operations on the same shapes as a
+        search from scratch, so a trajectory recorded that way is bit for bit what a resumed search recomputes."""
+        if record and windows is not None:
+            raise ValueError("trajectories are recorded on every window")
+        x0, refs = self.subset(windows)
+        n = len(self.kept)
+        levels0, traj0 = parent if parent is not None else (None, None)
+        trajs = [[[None] * len(x0.hidden) for _ in range(n + 1)] for _ in kids] if record else None
+        totals, count = [0.0] * len(kids), 0
+        for b, (kw, ref) in enumerate(zip(x0.kwargs, refs)):
+            rows = x0.hidden[b].shape[0]
+            at_parent = lambda p: self._rows(traj0[p], windows, b)  # noqa: E731
+            classes = [(list(range(len(kids))), None if parent is not None else x0.hidden[b])]  # None: the parent's
+            for p, i in enumerate(self.kept):
+                if record:
+                    for members, h in classes:
+                        for k in members:
+                            trajs[k][p][b] = at_parent(p) if h is None else h
+                split, todo = [], {}
+                for members, h in classes:
+                    by_level: dict[int, list[int]] = {}
+                    for k in members:
+                        by_level.setdefault(kids[k][i], []).append(k)
+                    for lv, ks in by_level.items():
+                        if h is None and lv == levels0[i]:
+                            split.append((ks, None))
+                            continue
+                        todo.setdefault(lv, []).append(len(split))
+                        split.append((ks, at_parent(p) if h is None else h))
+                for lv, at in todo.items():
+                    hs = [split[j][1] for j in at]
+                    acts = Activations([torch.cat(hs) if len(hs) > 1 else hs[0]], [_repeat_kwargs(kw, rows, len(hs))])
+                    for j, out in zip(at, self._run(acts, [i], {i: lv}).hidden[0].split(rows)):
+                        split[j] = (split[j][0], out)
+                classes = split
+            for members, h in classes:
+                h = at_parent(n) if h is None else h
+                kl = self._kl_sum(ref, h)
+                for k in members:
+                    totals[k] += kl
+                    if record:
+                        trajs[k][n][b] = h
+            count += ref.shape[0] * ref.shape[1]
+        self.evaluations += len(kids)
+        fits = [t / max(count, 1) for t in totals]
+        return (fits, trajs) if record else fits
+
+    def _rows(self, batches: list[torch.Tensor], windows, b: int) -> torch.Tensor:
+        """Batch b of subset(windows), taken from a trajectory's per-batch tensors at one block."""
+        if windows is None:
+            return batches[b]
+        bb, j = windows[b]
+        return batches[bb][j:j + 1]
+
+    @torch.inference_mode()
+    def curve(self, i: int, levels, windows, acts: Activations) -> list[float]:
+        """KL with block i alone at each of `levels` (every other block dense) on `windows`, from block i's
+        inputs `acts`. Block i runs once per level; the blocks after it and the head run once on all levels
+        stacked as one batch, which is several times faster than a one-window call per level on a CPU."""
+        levels = list(levels)
+        base = {j: 0 for j in self.kept}
+        _, refs = self.subset(windows)
+        variants = [self._run(acts, [i], {**base, i: lv}) for lv in levels]
+        stacked = Activations([torch.cat([v.hidden[w] for v in variants]) for w in range(len(acts.hidden))],
+                              [_repeat_kwargs(kw, 1, len(levels)) for kw in acts.kwargs])
+        out = self._run(stacked, [j for j in self.kept if j > i])
+        total, count = [0.0] * len(levels), 0
+        for ref, h in zip(refs, out.hidden):
+            for k, hk in enumerate(h.split(ref.shape[0])):  # one level's rows at a time: the head's output is big
+                total[k] += self._kl_sum(ref, hk)
+            count += ref.shape[0] * ref.shape[1]
+        self.evaluations += len(levels)
+        return [t / max(count, 1) for t in total]
+
+    def block_inputs(self, windows) -> dict[int, Activations]:
+        """Dense (layer-pruned) inputs of every kept block on `windows`."""
+        acts, _ = self.subset(windows)
+        out = {}
+        for i in self.kept:
+            out[i] = acts
+            acts = self._run(acts, [i])
+        return out
+
+
+def _per_row(kwargs: dict, rows: int, fn) -> dict:
+    """A block's kwargs with fn applied to its per-row tensors (masks, positions: batch dimension `rows`; not
+    cache_position), tuples followed, shared values kept."""
+    def go(v):
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == rows:
+            return fn(v)
+        if isinstance(v, tuple):
+            return tuple(go(x) for x in v)
+        return v
+    return {k: go(v) for k, v in kwargs.items()}
+
+
+def _row_kwargs(kwargs: dict, j: int, rows: int) -> dict:
+    """A block's kwargs for row j of its batch."""
+    return _per_row(kwargs, rows, lambda v: v[j:j + 1]) if rows > 1 else kwargs
+
+
+def _repeat_kwargs(kwargs: dict, rows: int, n: int) -> dict:
+    """A `rows`-row batch's kwargs for n copies of its rows stacked one after another."""
+    return _per_row(kwargs, rows, lambda v: v.repeat(n, *[1] * (v.dim() - 1))) if n > 1 else kwargs
