@@ -35,8 +35,8 @@ from safetensors import safe_open
 from ..errors import CompruneError, require
 from ..files import check_safetensors, check_tensors_match, read_config
 from ..outputs import check_output, guard_output, sibling
-from .gguf_arch import (ARCHS, MOE_NAMES, MOE_WIDTH, add_family_hparams, check_family_config, expert_count, pick_arch,
-                        rope_dims, spec_for, transform)
+from .gguf_arch import (add_family_hparams, check_family_config, expert_count, expert_names, expert_width,
+                        gguf_family, pick_arch, rope_dims, spec_for, transform)
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,11 @@ def ffn_widths(cfg: dict, tensors: dict) -> list[int]:
     """Per-layer MLP widths: `intermediate_sizes` (pruned, non-uniform) or the one `intermediate_size`."""
     n_layers = int(cfg["num_hidden_layers"])
     family = model_family(cfg)
-    if ARCHS[family].moe:
+    if gguf_family(family).moe:
         return _expert_widths(family, cfg, tensors, n_layers)
     widths = [int(w) for w in cfg.get("intermediate_sizes") or [cfg["intermediate_size"]] * n_layers]
     require(len(widths) == n_layers, f"config has {len(widths)} intermediate_sizes for {n_layers} layers")
-    fused = ARCHS[model_family(cfg)].fused_mlp
+    fused = spec_for(family).fused_mlp
     for i, w in enumerate(widths):
         name = f"model.layers.{i}.mlp.{'gate_up_proj' if fused else 'up_proj'}.weight"
         require(name in tensors, f"tensor {name} missing from the safetensors files")
@@ -142,8 +142,8 @@ def ffn_widths(cfg: dict, tensors: dict) -> list[int]:
 
 def _expert_widths(family: str, cfg: dict, tensors: dict, n_layers: int) -> list[int]:
     """One expert width for all layers (the MoE configs have one), checked against every expert's tensors."""
-    width, n_exp = int(cfg[MOE_WIDTH[family]]), expert_count(family, cfg)
-    gate, _, _, router = MOE_NAMES[family]
+    width, n_exp = expert_width(family, cfg), expert_count(family, cfg)
+    gate, _, _, router = expert_names(family)
     for i in range(n_layers):
         key = f"model.layers.{i}.{router}.weight"
         require(key in tensors, f"tensor {key} missing from the safetensors files")
@@ -184,7 +184,8 @@ def layer_heads(cfg: dict) -> list[tuple[int, int]]:
 def expected_shapes(cfg: dict, widths: list[int]) -> dict:
     """Tensor name -> shape that config.json implies (biases optional)."""
     hidden, vocab, hd = int(cfg["hidden_size"]), int(cfg["vocab_size"]), head_dim(cfg)
-    spec = ARCHS[model_family(cfg)]
+    family = model_family(cfg)
+    spec, moe = spec_for(family), gguf_family(family).moe
     out = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
            "lm_head.weight": (vocab, hidden)}
     for i, (w, (nh, nkv)) in enumerate(zip(widths, layer_heads(cfg))):
@@ -202,9 +203,9 @@ def expected_shapes(cfg: dict, widths: list[int]) -> dict:
             out.update({p + "self_attn.q_proj.weight": (nh * hd, hidden), p + "self_attn.q_proj.bias": (nh * hd,),
                         p + "self_attn.k_proj.weight": (nkv * hd, hidden), p + "self_attn.k_proj.bias": (nkv * hd,),
                         p + "self_attn.v_proj.weight": (nkv * hd, hidden), p + "self_attn.v_proj.bias": (nkv * hd,)})
-        if spec.moe:
-            gate, up, down, router = MOE_NAMES[model_family(cfg)]
-            n_exp = expert_count(model_family(cfg), cfg)
+        if moe:
+            gate, up, down, router = expert_names(family)
+            n_exp = expert_count(family, cfg)
             out[p + f"{router}.weight"] = (n_exp, hidden)
             for e in range(n_exp):
                 out.update({p + f"{gate.format(e=e)}.weight": (w, hidden), p + f"{up.format(e=e)}.weight": (w, hidden),
@@ -257,7 +258,7 @@ def add_hparams(writer, cfg: dict, arch: str, widths: list[int], qtype: str) -> 
         writer.add_feed_forward_length(widths[0])
         writer.add_head_count(n_head)
         writer.add_head_count_kv(n_kv)
-    if ARCHS[model_family(cfg)].moe:
+    if gguf_family(model_family(cfg)).moe:
         writer.add_expert_feed_forward_length(widths[0])
     writer.add_key_length(head_dim(cfg))
     writer.add_value_length(head_dim(cfg))
@@ -332,7 +333,7 @@ def gguf_tensors(tensors: dict, cfg: dict, arch: str, widths: list[int]):
     """Yield (gguf name, float32 tensor) in llama.cpp order: globals, then each block."""
     heads = layer_heads(cfg)
     family = model_family(cfg)
-    spec = ARCHS[family]
+    spec, moe = spec_for(family), gguf_family(family).moe
     hd = head_dim(cfg)
     permute = spec.permute_qk or arch == "deci"  # NORM-rope archs rotate adjacent pairs: reorder HF's halves
     for hf, name in GLOBAL_NAMES.items():
@@ -362,13 +363,13 @@ def gguf_tensors(tensors: dict, cfg: dict, arch: str, widths: list[int]):
                 elif permute and hf == "self_attn.k_proj":
                     data = permute_qk(data, n_kv)
                 yield f"blk.{i}.{name}.{kind}", data
-        if spec.moe:
+        if moe:
             yield from _expert_tensors(tensors, cfg, family, i, width)
 
 
 def _expert_tensors(tensors: dict, cfg: dict, family: str, i: int, width: int):
     """A layer's router (ffn_gate_inp) and its experts stacked as llama.cpp's ffn_{gate,up,down}_exps."""
-    gate, up, down, router = MOE_NAMES[family]
+    gate, up, down, router = expert_names(family)
     p = f"model.layers.{i}."
     yield f"blk.{i}.ffn_gate_inp.weight", tensors[p + f"{router}.weight"].load()
     n_exp = expert_count(family, cfg)
