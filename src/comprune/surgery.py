@@ -286,9 +286,8 @@ def _replace_config(model, new_cfg):
 
 
 def stock_config_accepts(cfg_type: str, hidden: int, heads: int) -> bool:
-    """Llama's and Gemma's configs reject hidden_size % num_attention_heads != 0 even with an explicit head_dim
-    (the check predates head_dim): such a model needs comprune's per-layer config, which checks head_dim instead."""
-    return cfg_type not in ("llama", "gemma2", "gemma3_text") or hidden % max(heads, 1) == 0
+    """Whether the family's own config class accepts these head counts (Family.heads_divide_hidden)."""
+    return not family_of(cfg_type).heads_divide_hidden or hidden % max(heads, 1) == 0
 
 
 def finalize_config(model, adapter) -> list[int]:

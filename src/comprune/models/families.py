@@ -4,7 +4,7 @@ A record holds the facts about a family that are data: its adapter (where the mo
 the transformers classes comprune's per-layer-width classes derive from, the config keys of its MLP width and
 expert count, llama.cpp's layout for it (or why llama.cpp cannot run it), whether the plain-PyTorch streaming
 modules (models/lite.py) compute it, the config flags that give its linears biases, and why its attention heads
-cannot be pruned. Every other module reads these records; none keeps a table of its own.
+cannot be pruned (or what its config requires of their number). Every other module reads these records; none keeps a table of its own.
 """
 from __future__ import annotations
 
@@ -80,6 +80,9 @@ class Family:
     lite: Lite | None = None        # None: streamed through transformers' classes
     bias_flags: dict | None = None  # config flags that give the linears biases (FLAP's bias compensation)
     head_refusal: str | None = None  # why attention heads cannot be pruned (None: they can)
+    # the transformers config refuses hidden_size % num_attention_heads != 0 even with an explicit head_dim (the
+    # check predates head_dim): such a pruned model needs comprune's per-layer config, which checks head_dim
+    heads_divide_hidden: bool = False
 
     @property
     def moe(self) -> bool:
@@ -126,7 +129,8 @@ GEMMA_LAYOUT = GGUFLayout("gemma2", GEMMA, permute_qk=False, norm_plus_one=True,
 
 for _family in (
     Family("llama", LlamaAdapter, _hf("llama", "LlamaConfig", "LlamaForCausalLM"),
-           gguf=GGUFLayout("llama", LLAMA, per_layer=True), lite=Lite(), bias_flags=LLAMA_BIASES),
+           gguf=GGUFLayout("llama", LLAMA, per_layer=True), lite=Lite(), bias_flags=LLAMA_BIASES,
+           heads_divide_hidden=True),
     Family("mistral", LlamaAdapter, _hf("mistral", "MistralConfig", "MistralForCausalLM"),
            gguf=GGUFLayout("llama", LLAMA, per_layer=True), lite=Lite(sliding_window=True)),
     Family("qwen2", LlamaAdapter, _hf("qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
@@ -135,10 +139,12 @@ for _family in (
            gguf=GGUFLayout("qwen3", {**LLAMA, **QK_NORM}, permute_qk=False, qk_norm="head")),
     Family("smollm3", SmolLM3Adapter, _hf("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM"),
            gguf=GGUFLayout("smollm3", LLAMA)),
-    Family("gemma2", GemmaAdapter, _hf("gemma2", "Gemma2Config", "Gemma2ForCausalLM"), gguf=GEMMA_LAYOUT),
+    Family("gemma2", GemmaAdapter, _hf("gemma2", "Gemma2Config", "Gemma2ForCausalLM"), gguf=GEMMA_LAYOUT,
+           heads_divide_hidden=True),
     Family("gemma3_text", GemmaAdapter, _hf("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM"),
            gguf=GGUFLayout("gemma3", {**GEMMA, **QK_NORM}, permute_qk=False, qk_norm="head", norm_plus_one=True,
-                           extra_norms=GEMMA_NORMS)),
+                           extra_norms=GEMMA_NORMS),
+           heads_divide_hidden=True),
     Family("granite", GraniteAdapter, _hf("granite", "GraniteConfig", "GraniteForCausalLM"),
            gguf=GGUFLayout("granite", LLAMA), bias_flags=LLAMA_BIASES),
     Family("olmo2", Olmo2Adapter, _hf("olmo2", "Olmo2Config", "Olmo2ForCausalLM"),
