@@ -1,13 +1,15 @@
 """Every family beyond the Llama layout (conftest.OTHER_FAMILIES: Gemma 2/3, Qwen3, Phi-3, OPT, OLMo 2, Granite,
 SmolLM3) on tiny random models: the pruned model computes what the masked dense one computes after COMP and
 after each forward-only baseline, save -> reload gives identical logits, cached generation equals uncached
-argmax steps, and the GGUF export runs in llama.cpp with transformers' next-token distribution."""
+argmax steps, and the GGUF export runs in llama.cpp with transformers' next-token distribution. A family that
+reuses a known layout is one registered record."""
 import copy
+import dataclasses
 import importlib.util
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from comprune import PruneConfig, prune, save_pretrained
 from comprune.errors import CompruneError
@@ -252,3 +254,60 @@ def test_gemma_calibration_windows_begin_with_bos():
         a = capture(model, get_adapter(model), ids, 2, "cpu").hidden[0]
         b = capture(model, get_adapter(model), with_bos, 2, "cpu").hidden[0]
         assert torch.equal(a, b) == same
+
+
+class TwinConfig(LlamaConfig):
+    """Llama under another model_type: a family comprune knows only from its record."""
+    model_type = "llama_twin"
+
+
+class TwinForCausalLM(LlamaForCausalLM):
+    config_class = TwinConfig
+
+
+@pytest.fixture
+def twin_family():
+    """Registered for one test, then removed from comprune and from transformers' Auto factories."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from comprune.models import FAMILIES, register_family, unregister_family
+    AutoConfig.register(TwinConfig.model_type, TwinConfig)
+    AutoModelForCausalLM.register(TwinConfig, TwinForCausalLM)
+    classes = (f"{__name__}.{TwinConfig.__name__}", f"{__name__}.{TwinForCausalLM.__name__}")
+    family = register_family(dataclasses.replace(FAMILIES["llama"], model_type=TwinConfig.model_type,
+                                                 transformers=classes))
+    try:
+        yield family
+    finally:
+        unregister_family(family.model_type)
+        CONFIG_MAPPING._extra_content.pop(TwinConfig.model_type, None)
+        MODEL_FOR_CAUSAL_LM_MAPPING._extra_content.pop(TwinConfig, None)
+
+
+@pytest.mark.parametrize("method", ["comp", "flap"])
+def test_family_added_by_record_alone(twin_family, method, tmp_path):
+    """One register_family call: the family prunes (COMP: uniform widths, the family's own classes; FLAP:
+    per-layer widths, comprune's classes derived from them), saves, reloads with the same logits and exports to
+    GGUF."""
+    import gguf
+
+    from comprune import from_pretrained
+    from comprune.export.gguf import export_gguf
+    from comprune.models import CONFIGS
+    from test_gguf import VOCAB, save_tokenizer
+    dense = tiny_model(twin_family.model_type, layers=3, vocab=VOCAB)
+    assert type(dense) is TwinForCausalLM and get_adapter(dense).family == twin_family.model_type
+    cfg = PruneConfig(ratio=0.25, method=method, batch_size=4)
+    model, report = prune(dense, None, cfg, calibration=calib(8, 24, vocab=VOCAB), progress=False)
+    per_layer = method == "flap"
+    assert isinstance(model.config, CONFIGS[twin_family.model_type]) == per_layer
+    save_pretrained(model, None, tmp_path / "m", report)
+    save_tokenizer(tmp_path / "m")
+    reloaded, _ = from_pretrained(str(tmp_path / "m"))
+    assert torch.equal(_logits(model), _logits(reloaded))
+    info = export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
+    assert info["arch"] == ("deci" if per_layer else "llama")
+    names = {t.name for t in gguf.GGUFReader(info["path"]).tensors}
+    assert {"token_embd.weight", "blk.0.attn_q.weight", "blk.0.ffn_down.weight"} <= names

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from .errors import CompruneError
 from .models.adapters import base_model_type
+from .models.families import family_of
 from .models.lite import CausalLM
 from .outputs import check_output, follow_umask, hidden_prefix
 
@@ -33,7 +34,12 @@ def add_auto_map(tmp: Path, model):
     model_type: stock AutoTokenizer, which always reads the config first, then needs no remote code."""
     if "intermediate_sizes" not in model.config.to_dict():
         return
-    shutil.copyfile(MODELING_FILE, tmp / "modeling_comprune.py")
+    family = family_of(model.config)
+    config_class, model_class = family.transformers
+    (tmp / "modeling_comprune.py").write_text(
+        MODELING_FILE.read_text(encoding="utf-8") +
+        f"\n\nadd_family({family.model_type!r}, {config_class!r}, {model_class!r}, {family.width_key!r})\n",
+        encoding="utf-8")
     cfg_path = tmp / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["model_type"] = base_model_type(model.config)

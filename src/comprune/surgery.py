@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .errors import CompruneError
-from .models.adapters import base_model_type
+from .models.families import family_of
 from .models.schema import PER_LAYER_KEYS, write_config
 
 
@@ -215,21 +215,15 @@ def prune_query_heads(adapter, layer, keep_heads: torch.Tensor, o_weight: torch.
     _set_head_counts(adapter.attention(layer), int(idx.numel()), parts.n_kv)
 
 
-# Config flags that give a family's linear layers biases (FLAP's bias compensation needs them).
-BIAS_FLAGS = {"llama": {"attention": "attention_bias", "mlp": "mlp_bias"},
-              "granite": {"attention": "attention_bias", "mlp": "mlp_bias"},
-              "opt": {"all": "enable_bias"}}
-
-
 def supports_biases(model) -> bool:
-    return base_model_type(model.config) in BIAS_FLAGS
+    return family_of(model.config).bias_flags is not None
 
 
 @torch.no_grad()
 def enable_biases(model, adapter) -> bool:
     """Turn on the family's bias flags and give every attention/MLP linear a (zero) bias where it has none, so
     compensation biases can be stored and the saved model reloads with them. False if the family cannot."""
-    flags = BIAS_FLAGS.get(base_model_type(model.config))
+    flags = family_of(model.config).bias_flags
     if flags is None:
         return False
     for layer in adapter.layers(model):

@@ -8,88 +8,38 @@ same width and heads in every kept layer (COMP's uniform allocation gives that).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-
 import gguf
 import torch
 
 from ..errors import CompruneError
+from ..models.families import FAMILIES, Family, GGUFLayout
 
-ATTN = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output"}
-MLP = {"mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-LLAMA = {"input_layernorm": "attn_norm", **ATTN, "post_attention_layernorm": "ffn_norm", **MLP}
-QK_NORM = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
-GEMMA = {"input_layernorm": "attn_norm", **ATTN, "post_attention_layernorm": "post_attention_norm",
-         "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm", **MLP}
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    arch: str                       # llama.cpp's arch for uniform widths
-    layer_names: dict               # HF per-layer suffix -> llama.cpp tensor name (after "blk.N.")
-    permute_qk: bool = True         # llama.cpp rotates adjacent pairs (NORM rope): reorder HF's half-split rows
-    per_layer: bool = False         # may fall back to `deci` for per-layer widths / heads
-    qk_norm: str | None = None      # "head": q_norm/k_norm of head_dim; "full": over the whole projection
-    norm_plus_one: bool = False     # Gemma's (1 + w) RMSNorm: llama.cpp multiplies by the stored weight
-    fused_mlp: bool = False         # Phi-3: gate_up_proj is written fused as ffn_up
-    extra_norms: tuple = field(default=())  # per-layer norms beyond the Llama pair
-    output_required: bool = False   # llama.cpp reads output.weight even when tied (written as a copy)
-    moe: bool = False               # experts (MOE_NAMES) instead of one MLP
-    expert_norm: bool | None = None  # llama.cpp's fixed renormalisation of the top-k weights (None: the config's)
+def gguf_family(family: str) -> Family:
+    """The record of a family llama.cpp runs (refused with the reason otherwise)."""
+    record = FAMILIES.get(family)
+    if record is not None and record.no_gguf:
+        raise CompruneError(f"GGUF export: {record.no_gguf}; keep the safetensors (transformers runs them)")
+    if record is None or record.gguf is None:
+        supported = sorted(t for t, f in FAMILIES.items() if f.gguf is not None)
+        raise CompruneError(f"GGUF export supports {', '.join(supported)} models, not model_type '{family}'")
+    return record
 
 
-ARCHS = {
-    "llama": ArchSpec("llama", LLAMA, per_layer=True),
-    "mistral": ArchSpec("llama", LLAMA, per_layer=True),
-    "qwen2": ArchSpec("qwen2", LLAMA, permute_qk=False, per_layer=True),
-    "qwen3": ArchSpec("qwen3", {**LLAMA, **QK_NORM}, permute_qk=False, qk_norm="head"),
-    "smollm3": ArchSpec("smollm3", LLAMA),
-    "granite": ArchSpec("granite", LLAMA),
-    "gemma3_text": ArchSpec("gemma3", {**GEMMA, **QK_NORM}, permute_qk=False, qk_norm="head", norm_plus_one=True,
-                            extra_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm")),
-    "gemma2": ArchSpec("gemma2", GEMMA, permute_qk=False, norm_plus_one=True,
-                       extra_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm")),
-    "olmo2": ArchSpec("olmo2", {**ATTN, **QK_NORM, "post_attention_layernorm": "post_attention_norm",
-                                "post_feedforward_layernorm": "post_ffw_norm", **MLP},
-                      permute_qk=False, qk_norm="full", extra_norms=("post_feedforward_layernorm",),
-                      output_required=True),
-    "phi3": ArchSpec("phi3", {"input_layernorm": "attn_norm", "self_attn.qkv_proj": "attn_qkv",
-                              "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-                              "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"},
-                     permute_qk=False, fused_mlp=True),
-}
-_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-ARCHS.update({
-    "qwen3_moe": ArchSpec("qwen3moe", {**_NORMS, **ATTN, **QK_NORM}, permute_qk=False, qk_norm="head", moe=True,
-                          expert_norm=True),
-    "mixtral": ArchSpec("llama", {**_NORMS, **ATTN}, moe=True, expert_norm=True),
-    "olmoe": ArchSpec("olmoe", {**_NORMS, **ATTN, **QK_NORM}, permute_qk=False, qk_norm="full", moe=True,
-                      expert_norm=False),
-})
-# Where each MoE family's saved checkpoint keeps an expert's projections and the router (after "model.layers.N."):
-# transformers 5 stacks them into 3-D tensors on load and writes them back per expert
-MOE_NAMES = {
-    "qwen3_moe": ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj", "mlp.gate"),
-    "olmoe": ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj", "mlp.gate"),
-    "mixtral": ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3", "block_sparse_moe.experts.{e}.w2",
-                "block_sparse_moe.gate"),
-}
-EXPERT_KEYS = {"mixtral": ("num_local_experts", "intermediate_size")}  # others: num_experts, the width_key below
-MOE_WIDTH = {"qwen3_moe": "moe_intermediate_size", "olmoe": "intermediate_size", "mixtral": "intermediate_size"}
-NO_ARCH = {"opt": "llama.cpp has no OPT architecture"}
+def spec_for(family: str) -> GGUFLayout:
+    return gguf_family(family).gguf
 
 
 def expert_count(family: str, cfg: dict) -> int:
-    return int(cfg.get(EXPERT_KEYS.get(family, ("num_experts",))[0]) or cfg.get("num_local_experts") or 0)
+    return int(cfg.get(FAMILIES[family].experts.count_key) or cfg.get("num_local_experts") or 0)
 
 
-def spec_for(family: str) -> ArchSpec:
-    if family in NO_ARCH:
-        raise CompruneError(f"GGUF export: {NO_ARCH[family]}; keep the safetensors (transformers runs them)")
-    if family not in ARCHS:
-        raise CompruneError(f"GGUF export supports {', '.join(sorted(ARCHS))} models, not model_type '{family}'")
-    return ARCHS[family]
+def expert_names(family: str) -> tuple[str, str, str, str]:
+    """Where the saved checkpoint keeps an expert's gate, up and down projections and the router."""
+    return FAMILIES[family].experts.names
+
+
+def expert_width(family: str, cfg: dict) -> int:
+    return int(cfg[FAMILIES[family].width_key])
 
 
 def pick_arch(family: str, widths: list[int], heads: list | None = None) -> str:
@@ -120,8 +70,8 @@ def check_family_config(family: str, cfg: dict) -> None:
                                 "keep the safetensors, or prune without removing whole layers")
     if family == "phi3" and (cfg.get("rope_parameters") or {}).get("rope_type") not in (None, "default"):
         raise CompruneError("GGUF export of Phi-3 supports the default RoPE only (no longrope factors yet)")
-    spec = ARCHS.get(family)
-    if spec is not None and spec.moe and family != "mixtral" and spec.expert_norm is not None \
+    spec = spec_for(family)
+    if FAMILIES[family].moe and family != "mixtral" and spec.expert_norm is not None \
             and bool(cfg.get("norm_topk_prob", False)) != spec.expert_norm:
         raise CompruneError(f"GGUF export: llama.cpp's {spec.arch} {'always' if spec.expert_norm else 'never'} "
                             f"renormalises the top-k expert weights, but this model has norm_topk_prob="
@@ -180,7 +130,7 @@ def add_family_hparams(writer, family: str, cfg: dict) -> None:
         writer.add_logit_scale(float(cfg.get("logits_scaling", 1.0)))
     if family == "phi3" and cfg.get("sliding_window"):
         writer.add_sliding_window(int(cfg["sliding_window"]))
-    if ARCHS[family].moe:
+    if FAMILIES[family].moe:
         writer.add_expert_count(expert_count(family, cfg))
         writer.add_expert_used_count(int(cfg["num_experts_per_tok"]))
 
@@ -191,7 +141,7 @@ def is_norm(hf: str) -> bool:
 
 def transform(family: str, hf: str, kind: str, data: torch.Tensor, cfg: dict, head_dim: int) -> torch.Tensor:
     """A tensor as llama.cpp expects it for this family (before the Q/K permutation)."""
-    spec = ARCHS[family]
+    spec = spec_for(family)
     if spec.norm_plus_one and kind == "weight" and is_norm(hf):
         data = data + 1  # Gemma's RMSNorm scales by (1 + w)
     # llama.cpp scales Gemma's attention scores by 1/sqrt(head_dim), transformers by 1/sqrt(query_pre_attn_scalar):

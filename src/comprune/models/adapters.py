@@ -1,20 +1,27 @@
 """Where things live in each decoder family. Methods ask an adapter; they never hard-code module names.
 
-A new family is one Adapter (usually a subclass overriding a name or two) plus a tiny-model test. What an
-adapter says: the blocks and their MLP/attention linears, the norm in front of the MLP, whether the MLP output
-is the block's last, unnormalised residual add (COMP's fast output rebuild), the config key of the MLP width,
-config lists that follow the blocks when some are removed, and whether (and why not) attention heads can go.
+An adapter is the code half of a family, its record in models/families.py the data half (the config keys of
+the MLP width and expert count, why heads cannot go, ...): a family whose modules are named as an existing
+adapter's needs only a record. What an adapter says: the blocks and their MLP/attention linears, the norm in
+front of the MLP, whether the MLP output is the block's last, unnormalised residual add (COMP's fast output
+rebuild), config lists that follow the blocks when some are removed, and whether (and why not) attention
+heads can go.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch.nn as nn
 
 from ..errors import CompruneError
 from . import experts as E
 from .fused import SplitLinear, fuse, split
+
+if TYPE_CHECKING:
+    from .families import Family
 
 
 @dataclass(frozen=True)
@@ -27,23 +34,37 @@ class MLPParts:
 class LlamaAdapter:
     """Llama (incl. GQA), and the families that share its module names: Mistral, Qwen2, Qwen3 (per-head q/k
     norms, which head pruning leaves alone), SmolLM3."""
-    family = "llama"
     # block(h) = r + mlp(norm(r)) with r = h + attn(norm(h)): the MLP's output is added last, unnormalised
     mlp_output_is_residual = True
-    width_key = "intermediate_size"   # the config field of the MLP width
     per_layer_keys: tuple = ()        # config lists (one entry per block) beyond the common ones, sliced with them
     fused = False                     # q/k/v or gate/up stored as one matrix (split while pruning)
     # Trained with <bos> first in every sequence (Gemma): without it the first text token becomes the attention
     # sink and every statistic and perplexity describes a model off its distribution
     needs_bos = False
-    moe = False                       # mixture-of-experts MLPs (MoEAdapter)
     # a norm follows o_proj and down_proj before their residual adds (Gemma's and OLMo 2's post-norms): the
     # refit weighs each token's error by that norm's scale, not the block output's
     output_norms = False
 
+    def __init__(self, spec: Family):
+        self.spec = spec
+
+    @property
+    def family(self) -> str:
+        return self.spec.model_type
+
+    @property
+    def width_key(self) -> str:
+        """The config field of the MLP width."""
+        return self.spec.width_key
+
+    @property
+    def moe(self) -> bool:
+        """Mixture-of-experts MLPs (MoEAdapter)."""
+        return self.spec.moe
+
     def head_pruning_refusal(self, config) -> str | None:
         """Why attention heads of this model cannot be pruned (None: they can)."""
-        return None
+        return self.spec.head_refusal
 
     def disk_name(self, name: str) -> str:
         """The checkpoint's name of a state-dict entry of the prepared model (what --stream reads and writes)."""
@@ -91,20 +112,7 @@ class LlamaAdapter:
         """After pruning: back to the family's own module layout (what its checkpoints hold)."""
 
 
-class MistralAdapter(LlamaAdapter):
-    family = "mistral"
-
-
-class Qwen2Adapter(LlamaAdapter):
-    family = "qwen2"
-
-
-class Qwen3Adapter(LlamaAdapter):
-    family = "qwen3"
-
-
 class SmolLM3Adapter(LlamaAdapter):
-    family = "smollm3"
     per_layer_keys = ("no_rope_layers",)  # 1 = the layer uses RoPE; transformers indexes it by layer_idx
 
 
@@ -113,7 +121,6 @@ class GemmaAdapter(LlamaAdapter):
     layernorm and post_feedforward_layernorm normalise the attention and MLP outputs before their residual adds,
     so the MLP output is not the block's last unnormalised add. Embedding scaling, soft-capping and
     query_pre_attn_scalar live in the modules and config, untouched by pruning; layer_types follows the blocks."""
-    family = "gemma3_text"
     mlp_output_is_residual = False
     output_norms = True
     needs_bos = True
@@ -122,32 +129,21 @@ class GemmaAdapter(LlamaAdapter):
         return layer.pre_feedforward_layernorm
 
 
-class Gemma2Adapter(GemmaAdapter):
-    family = "gemma2"
-
-
 class GraniteAdapter(LlamaAdapter):
     """Granite: Llama's names with scalar multipliers (embedding, residual, attention, logits); the residual
     multiplier scales the MLP output before its add."""
-    family = "granite"
     mlp_output_is_residual = False
 
 
 class Olmo2Adapter(LlamaAdapter):
     """OLMo 2: norms after attention and MLP only (post_attention_layernorm, post_feedforward_layernorm)."""
-    family = "olmo2"
     mlp_output_is_residual = False
     output_norms = True
-
-    def head_pruning_refusal(self, config) -> str | None:
-        return ("OLMo 2's q_norm/k_norm normalise over all heads together, so removing a head changes the others: "
-                "prune layers and MLP neurons only (--head-share 0; flap and llm-pruner keep every head here)")
 
 
 class Phi3Adapter(LlamaAdapter):
     """Phi-3 / Phi-4-mini: fused qkv_proj ([q; k; v] rows) and gate_up_proj ([gate; up] rows), split into
     their parts while pruning (models/fused.py) and fused again after, so slicing stays split-aware."""
-    family = "phi3"
     fused = True
 
     def head_pruning_refusal(self, config) -> str | None:
@@ -198,13 +194,7 @@ class Phi3Adapter(LlamaAdapter):
 class OPTAdapter(LlamaAdapter):
     """OPT: blocks under model.decoder, a non-gated fc1 -> act -> fc2 MLP with biases held by the block itself,
     LayerNorms, learned positions, attention output `out_proj`."""
-    family = "opt"
     mlp_output_is_residual = False
-    width_key = "ffn_dim"
-
-    def head_pruning_refusal(self, config) -> str | None:
-        return ("OPT computes head_dim as hidden_size / num_attention_heads, so a model with fewer heads cannot be "
-                "described by its config: prune layers and MLP neurons only (--head-share 0)")
 
     def decoder(self, model) -> nn.Module:
         return model.model.decoder
@@ -242,9 +232,11 @@ class MoEAdapter(LlamaAdapter):
     `mlp.gate` (Qwen3-MoE, Mixtral, OLMoE). While pruning, each layer's experts are an ExpertList of small
     gated MLPs (models/experts.py), stacked back into the 3-D layout after. The config holds one expert count
     and one expert width for all layers, so both stay uniform across layers."""
-    moe = True
-    expert_key = "num_experts"        # the config field of the expert count
-    width_key = "moe_intermediate_size"
+
+    @property
+    def expert_key(self) -> str:
+        """The config field of the expert count."""
+        return self.spec.experts.count_key
 
     def check_supported(self, model) -> None:
         dense = [i for i, layer in enumerate(self.layers(model)) if not self.is_moe_layer(layer)]
@@ -253,12 +245,8 @@ class MoEAdapter(LlamaAdapter):
                                 "which comprune does not prune yet: only models whose every block is "
                                 "mixture-of-experts are supported")
 
-    # Checkpoints keep one tensor per expert (transformers stacks them on load and splits them on save), the
-    # layout of an ExpertList but for its extra `experts.` level.
-    disk_renames: tuple = ((re.compile(r"\.mlp\.experts\.experts\.(\d+)\."), r".mlp.experts.\1."),)
-
     def disk_name(self, name: str) -> str:
-        for pattern, repl in self.disk_renames:
+        for pattern, repl in _disk_renames(self.spec.experts):
             name = pattern.sub(repl, name)
         return name
 
@@ -291,30 +279,6 @@ class MoEAdapter(LlamaAdapter):
                 layer.mlp.experts = E.stack(layer.mlp.experts)
 
 
-class Qwen3MoeAdapter(MoEAdapter):
-    family = "qwen3_moe"
-
-
-class MixtralAdapter(MoEAdapter):
-    family = "mixtral"
-    expert_key = "num_local_experts"
-    width_key = "intermediate_size"
-    disk_renames = tuple((re.compile(rf"\.mlp\.experts\.experts\.(\d+)\.{part}_proj\."),
-                          rf".block_sparse_moe.experts.\1.{w}.") for part, w in (("gate", "w1"), ("up", "w3"),
-                                                                              ("down", "w2"))) + \
-        ((re.compile(r"\.mlp\.gate\."), ".block_sparse_moe.gate."),)
-
-
-class OlmoeAdapter(MoEAdapter):
-    """OLMoE: q_norm/k_norm over the whole projection, as in OLMo 2."""
-    family = "olmoe"
-    width_key = "intermediate_size"
-
-    def head_pruning_refusal(self, config) -> str | None:
-        return ("OLMoE's q_norm/k_norm normalise over all heads together, so removing a head changes the others: "
-                "prune layers, experts and their neurons only (--head-share 0)")
-
-
 class _Pair(nn.Module):
     def __init__(self, fc1, fc2):
         super().__init__()
@@ -329,20 +293,23 @@ class _Chain(nn.Sequential):
     pass
 
 
-ADAPTERS = {"llama": LlamaAdapter, "mistral": MistralAdapter, "qwen2": Qwen2Adapter, "qwen3": Qwen3Adapter,
-            "smollm3": SmolLM3Adapter, "gemma3_text": GemmaAdapter, "gemma2": Gemma2Adapter,
-            "granite": GraniteAdapter, "olmo2": Olmo2Adapter, "phi3": Phi3Adapter, "opt": OPTAdapter,
-            "qwen3_moe": Qwen3MoeAdapter, "mixtral": MixtralAdapter, "olmoe": OlmoeAdapter}
+@functools.lru_cache(maxsize=None)
+def _disk_renames(experts) -> tuple:
+    """In-memory names (an ExpertList of gate/up/down projections, the router `mlp.gate`) -> the checkpoint's
+    (`experts`' templates), one tensor per expert."""
+    parts = (("gate", experts.gate), ("up", experts.up), ("down", experts.down))
+    return tuple((re.compile(rf"\.mlp\.experts\.experts\.(\d+)\.{part}_proj\."),
+                  "." + disk.replace("{e}", r"\1") + ".") for part, disk in parts) + \
+        ((re.compile(r"\.mlp\.gate\."), f".{experts.router}."),)
 
 
 def base_model_type(config) -> str:
-    mt = config.model_type
-    return mt.removeprefix("comprune_")
+    """The family's model_type of a config (or config dict): comprune's per-layer configs prefix "comprune_"."""
+    mt = config.get("model_type", "") if isinstance(config, dict) else config.model_type
+    return str(mt).removeprefix("comprune_")
 
 
 def get_adapter(model) -> LlamaAdapter:
-    mt = base_model_type(model.config)
-    if mt not in ADAPTERS:
-        raise CompruneError(f"model type '{model.config.model_type}' is not supported yet: "
-                            f"supported families are {', '.join(sorted(ADAPTERS))}")
-    return ADAPTERS[mt]()
+    from .families import family_of  # families imports the adapter classes
+    spec = family_of(model.config)
+    return spec.adapter(spec)

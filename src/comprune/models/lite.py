@@ -1,5 +1,6 @@
 """Plain-PyTorch Llama-family decoder for streamed prunes: the same module names and the same arithmetic as
-transformers' Llama, Mistral and Qwen2 classes (sdpa attention), without importing transformers' modeling code.
+transformers' Llama, Mistral and Qwen2 classes (sdpa attention; the families whose record has `lite`), without
+importing transformers' modeling code.
 
 Why: a streamed prune holds one block at a time, so the process's fixed cost dominates on small models, and
 importing any transformers model class pulls in its whole modeling stack (torch.distributed.tensor,
@@ -21,19 +22,24 @@ import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from .families import FAMILIES
 from .modeling_comprune import MODEL_NAMES
-
-FAMILIES = {"llama", "mistral", "qwen2"}
 
 
 def base_type(config) -> str:
     return config.model_type.removeprefix("comprune_")
 
 
+def _bias(config, part: str) -> bool:
+    """Whether the family's config flag for `part` ("attention", "mlp") gives those linears biases."""
+    flag = (FAMILIES[base_type(config)].bias_flags or {}).get(part)
+    return bool(getattr(config, flag, False)) if flag else False
+
+
 def supports(config, seqlen: int) -> str | None:
     """None when the lite modules compute exactly what transformers' would on `seqlen`-token windows, else why not."""
-    bt = base_type(config)
-    if bt not in FAMILIES:
+    family = FAMILIES.get(base_type(config))
+    if family is None or family.lite is None:
         return f"model type {config.model_type}"
     if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
         return f"activation {config.hidden_act}"
@@ -43,7 +49,7 @@ def supports(config, seqlen: int) -> str | None:
         return "RoPE parameters that change with the sequence length"
     if "sliding_attention" in (getattr(config, "layer_types", None) or []):
         return "sliding-window layers"
-    window = getattr(config, "sliding_window", None) if bt == "mistral" else None
+    window = getattr(config, "sliding_window", None) if family.lite.sliding_window else None
     if window is not None and window < seqlen:
         return "a sliding window shorter than the calibration windows"
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
@@ -108,9 +114,8 @@ class Attention(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.num_key_value_groups = n_heads // max(n_kv, 1)
         self.scaling = self.head_dim ** -0.5
-        bt = base_type(config)
-        llama_bias = bt == "llama" and bool(getattr(config, "attention_bias", False))
-        qkv_bias, o_bias = (bt == "qwen2") or llama_bias, llama_bias  # as each family's transformers class
+        o_bias = _bias(config, "attention")  # as each family's transformers class
+        qkv_bias = FAMILIES[base_type(config)].lite.qkv_bias or o_bias
         d = config.hidden_size
         self.q_proj = nn.Linear(d, n_heads * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(d, n_kv * self.head_dim, bias=qkv_bias)
@@ -146,7 +151,7 @@ class MLP(nn.Module):
     def __init__(self, config, width: int):
         super().__init__()
         self.hidden_size, self.intermediate_size = config.hidden_size, width
-        bias = bool(getattr(config, "mlp_bias", False)) if base_type(config) == "llama" else False
+        bias = _bias(config, "mlp")
         self.gate_proj = nn.Linear(config.hidden_size, width, bias=bias)
         self.up_proj = nn.Linear(config.hidden_size, width, bias=bias)
         self.down_proj = nn.Linear(width, config.hidden_size, bias=bias)

@@ -13,6 +13,9 @@ The config is the base architecture's own config plus `intermediate_sizes` (one 
 `num_attention_heads_per_layer` and `num_key_value_heads_per_layer` (query and KV heads of each layer;
 `head_dim` is then explicit in the config).
 
+Which families it defines is data given to `add_family`: comprune calls it for every family it knows
+(models/families.py), and the copy saved next to a model ends with the call for that model's family.
+
 The model classes (CompruneLlamaForCausalLM, ...) are built on first access (module `__getattr__`): the
 configs alone do not import transformers' modeling code, which costs ~130 MB of memory that a streamed
 prune should not pay.
@@ -23,22 +26,16 @@ import importlib
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-# base model type -> (transformers module, config class, model class); the comprune names are Comprune + those
-FAMILIES = {"llama": ("llama", "LlamaConfig", "LlamaForCausalLM"),
-            "mistral": ("mistral", "MistralConfig", "MistralForCausalLM"),
-            "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
-            "qwen3": ("qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
-            "smollm3": ("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM"),
-            "gemma2": ("gemma2", "Gemma2Config", "Gemma2ForCausalLM"),
-            "gemma3_text": ("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM"),
-            "granite": ("granite", "GraniteConfig", "GraniteForCausalLM"),
-            "olmo2": ("olmo2", "Olmo2Config", "Olmo2ForCausalLM"),
-            "phi3": ("phi3", "Phi3Config", "Phi3ForCausalLM"),
-            "opt": ("opt", "OPTConfig", "OPTForCausalLM")}
+# base model type -> (dotted paths of the transformers config and model classes, the config key of the MLP width):
+# filled by add_family (comprune registers every family it knows; a copy saved next to a model names its own)
+FAMILIES = {}
+CONFIGS = {}
+MODEL_NAMES = {}
+_built = {}
 
 
 def _width_key(config) -> str:
-    return "ffn_dim" if hasattr(config, "ffn_dim") else "intermediate_size"  # OPT names it ffn_dim
+    return FAMILIES[config.model_type.removeprefix("comprune_")][2]
 
 
 def decoder_layers(model):
@@ -97,9 +94,13 @@ def validate_architecture(self):
                          f"{self.num_attention_heads} and head_dim is not given")
 
 
+def _import(path: str):
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def _config(base_type):
-    module, config_name, _ = FAMILIES[base_type]
-    base_config = getattr(importlib.import_module(f"transformers.models.{module}.configuration_{module}"), config_name)
+    base_config = _import(FAMILIES[base_type][0])
     model_type = f"comprune_{base_type}"
 
     def get_config_dict(cls, *args, **kwargs):
@@ -123,16 +124,29 @@ def _validate(self):
         validator(self)
 
 
-CONFIGS = {t: _config(t) for t in FAMILIES}
-CompruneLlamaConfig, CompruneMistralConfig, CompruneQwen2Config = CONFIGS["llama"], CONFIGS["mistral"], CONFIGS["qwen2"]
-BASE_MODELS = {t: (module, name) for t, (module, _, name) in FAMILIES.items()}
-MODEL_NAMES = {t: f"Comprune{name}" for t, (_, name) in BASE_MODELS.items()}
-_built = {}
+def add_family(base_type: str, config_class: str, model_class: str, width_key: str = "intermediate_size"):
+    """Define comprune's per-layer-width classes of a family (the model class is built on first use)."""
+    FAMILIES[base_type] = (config_class, model_class, width_key)
+    CONFIGS[base_type] = config_cls = _config(base_type)
+    MODEL_NAMES[base_type] = f"Comprune{model_class.rpartition('.')[2]}"
+    _built.pop(base_type, None)
+    globals()[config_cls.__name__] = config_cls  # auto_map names them: modeling_comprune.<Config>
+
+
+def remove_family(base_type: str) -> None:
+    """Forget a family added by add_family, here and in transformers' Auto registries."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    config_cls = CONFIGS.pop(base_type)
+    for table in (FAMILIES, MODEL_NAMES, _built):
+        table.pop(base_type, None)
+    globals().pop(config_cls.__name__, None)
+    CONFIG_MAPPING._extra_content.pop(config_cls.model_type, None)
+    MODEL_FOR_CAUSAL_LM_MAPPING._extra_content.pop(config_cls, None)
 
 
 def _make_model(base_type):
-    module, name = BASE_MODELS[base_type]
-    base_model = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
+    base_model = _import(FAMILIES[base_type][1])
 
     def __init__(self, config):
         base_model.__init__(self, config)
@@ -185,13 +199,13 @@ def saved_config_class(config_dict: dict):
     return None
 
 
-def register():
-    for base_type, config_cls in CONFIGS.items():
+def register(base_type: str | None = None):
+    """Make the per-layer classes of one family (default: all added) known to transformers' Auto factories."""
+    for t, config_cls in CONFIGS.items():
+        if base_type not in (None, t):
+            continue
         try:
             AutoConfig.register(config_cls.model_type, config_cls)
         except ValueError:  # already registered
             pass
-        AutoModelForCausalLM.register(config_cls, _built.get(base_type) or _deferred(base_type), exist_ok=True)
-
-
-globals().update({cls.__name__: cls for cls in CONFIGS.values()})  # auto_map names them: modeling_comprune.<Config>
+        AutoModelForCausalLM.register(config_cls, _built.get(t) or _deferred(t), exist_ok=True)

@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..errors import CompruneError
 from .adapters import base_model_type
 from .lite import CausalLM, class_name
+from .families import family_of
 from .modeling_comprune import CONFIGS, model_class
 
 # Per-layer config lists that must follow the layers when blocks are dropped.
@@ -32,9 +33,10 @@ def _replace_config(model, new_cfg):
 
 
 def stock_config_accepts(cfg_type: str, hidden: int, heads: int) -> bool:
-    """Llama's and Gemma's configs reject hidden_size % num_attention_heads != 0 even with an explicit head_dim
-    (the check predates head_dim): such a model needs comprune's per-layer config, which checks head_dim instead."""
-    return cfg_type not in ("llama", "gemma2", "gemma3_text") or hidden % max(heads, 1) == 0
+    """Some families' configs (Family.heads_divide_hidden: Llama's, Gemma's) reject hidden_size %
+    num_attention_heads != 0 even with an explicit head_dim (the check predates head_dim): such a model needs
+    comprune's per-layer config, which checks head_dim instead."""
+    return not family_of(cfg_type).heads_divide_hidden or hidden % max(heads, 1) == 0
 
 
 def write_config(model, adapter, widths: list[int], heads: list[tuple[int, int]]):
