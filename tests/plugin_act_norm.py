@@ -9,7 +9,6 @@ from comprune.budget import plan_neurons_only
 from comprune.errors import CompruneError
 from comprune.methods.common import full_record, keep_lowest_removed
 from comprune.registry import Method, register
-from comprune.sequential import walk_blocks
 from comprune.surgery import as_index, prune_mlp
 from comprune.walk import collect_stats, forward_block
 
@@ -24,19 +23,14 @@ class ActNormOptions:
             raise CompruneError(f"--power must be > 0 (got {self.power})")
 
 
-def run(walk, acts) -> dict:
-    adapter, n_remove = walk.adapter, walk.budget.neurons_per_layer
-
-    def step(i, layer, acts, plan, carry):
-        parts = adapter.mlp(layer)
-        stats, _ = collect_stats(layer, acts, {"down": parts.down}, keep_outputs=False)
-        idx = as_index(keep_lowest_removed(stats["down"].sqnorm() ** (walk.cfg.power / 2), n_remove))
-        prune_mlp(adapter, layer, idx)
-        return {**full_record(adapter, layer), "kept_neurons": idx.tolist()}, forward_block(layer, acts, consume=True)
-
-    _, blocks, _ = walk_blocks(walk, acts, step, desc="act-norm")
-    return {"removed_layers": [], "blocks": blocks}
+def step(walk, i, layer, acts, plan, carry):
+    parts = walk.adapter.mlp(layer)
+    stats, _ = collect_stats(layer, acts, {"down": parts.down}, keep_outputs=False)
+    score = stats["down"].sqnorm() ** (walk.cfg.power / 2)
+    idx = as_index(keep_lowest_removed(score, walk.budget.neurons_per_layer))
+    prune_mlp(walk.adapter, layer, idx)
+    return {**full_record(walk.adapter, layer), "kept_neurons": idx.tolist()}, forward_block(layer, acts, consume=True)
 
 
-register(Method("act-norm", run, ActNormOptions, help="test plug-in: neurons by activation norm",
-                plan_budget=plan_neurons_only, resumable=True))
+register(Method("act-norm", step, ActNormOptions, plan_budget=plan_neurons_only,
+                help="test plug-in: neurons by activation norm"))

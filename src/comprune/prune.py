@@ -23,7 +23,7 @@ from .methods.experts import check_moe_config
 from .models import get_adapter
 from .surgery import drop_layers, finalize_config, mlp_width
 from .version import __version__
-from .sequential import Walk
+from .sequential import Walk, run_method
 from .walk import capture
 
 
@@ -195,7 +195,7 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
     walk = Walk(model, adapter, cfg, budget, device, calibration.input_ids, progress, ckpt,
                 fitness_ids if method.uses_fitness else None)
     with torch.set_grad_enabled(needs_grad):
-        details = method.run(walk, acts)
+        details = run_method(walk, acts, method)
     n_layers = len(adapter.layers(model))
     kept = drop_layers(model, adapter, details["removed_layers"])
     widths = finalize_config(model, adapter)

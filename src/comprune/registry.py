@@ -1,9 +1,10 @@
 """The method registry: one frozen record per pruning method, read by the config, the CLI, streaming and compare.
 
-A method is a plug-in: a run function, a dataclass of its own typed options (with help text and choices in each
-field's metadata, and a `validate(cfg)` of its own), and declared capabilities. It is added with one call,
+A method is a plug-in: a per-block step (and optionally a plan, its dense analysis), a dataclass of its own
+typed options (with help text and choices in each field's metadata, and a `validate(cfg)` of its own), and
+declared capabilities. It is added with one call,
 
-    register(Method("my-method", run, MyOptions, help="...", resumable=True))
+    register(Method("my-method", step, MyOptions, plan=plan, help="..."))
 
 usually at the bottom of the module that defines it. Methods outside this package are found through the
 `comprune.methods` entry-point group, or the comma-separated modules named in $COMPRUNE_PLUGINS, imported on
@@ -29,14 +30,23 @@ class NoOptions:
 
 @dataclass(frozen=True)
 class Method:
+    """A pruning method as the block walk (comprune.sequential.walk_blocks) runs it: an optional plan (its dense
+    analysis, before any block changes), a step per block, and what it reports."""
     name: str
-    run: Callable                       # run(walk) -> details dict (removed_layers, blocks, ...): see methods/
+    step: Callable                      # step(walk, i, layer, acts, plan, carry) -> (block record, next acts)
     options: type = NoOptions           # frozen dataclass of the method's own settings
     help: str = ""
+    plan: Callable | None = None        # plan(walk, acts) -> (JSON plan, block-0 acts): "removed_layers", ...
+    prepare: Callable | None = None     # prepare(walk, plan): model-wide changes before the steps (and a replay)
+    details: Callable | None = None     # details(walk, plan, records) -> report details; default: plan's removed
+                                        # layers and the records
+    pack: Callable | None = None        # pack(walk, acts) / unpack(walk, saved): a step's activations that are
+    unpack: Callable | None = None      # not one Activations (a second stream), as a checkpoint holds them
+    desc: str = ""                      # progress label (default: the name)
     plan_budget: Callable | None = None  # (model, adapter, cfg) -> Budget; None: the hybrid layers + neurons plan
     needs_gradients: bool = False       # runs backward passes: no forward capture, autograd on
-    resumable: bool = False             # a killed run continues from its checkpoint with --resume
-    streams: bool = True                # touches block weights only while walk_blocks holds them resident
+    resumable: bool = True              # a killed run continues from its checkpoint with --resume
+    streams: bool = True                # touches block weights only while the walk holds them resident
     uses_fitness: bool = False          # scores candidates on held-apart windows of the calibration source
     splits_budget: bool = False         # reads --layer-share / --head-share / --expert-share
 

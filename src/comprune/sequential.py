@@ -45,31 +45,32 @@ class Walk:
 def walk_blocks(walk: Walk, acts: Activations | None, step: Callable, plan: Callable | None = None,
                 desc: str = "blocks", prepare: Callable | None = None, pack: Callable | None = None,
                 unpack: Callable | None = None) -> tuple[dict, dict, object]:
-    """Run `step(i, layer, acts, plan, carry) -> (record, acts)` on every block the plan keeps, in order.
+    """Run `step(walk, i, layer, acts, plan, carry) -> (record, acts)` on every block the plan keeps, in order.
 
-    plan(acts) -> (plan dict, acts): the dense analysis, run before any block changes (not again on resume);
-    its "removed_layers" are skipped. prepare(plan): model-wide changes the steps rely on (e.g. bias slots),
-    made before the walk and again before a resume's replay. carry: a JSON dict the steps may update (checkpointed
-    with each block). pack/unpack turn the step's activations into the Activations a checkpoint holds and back
-    (a method that carries a second stream). Returns (plan, records, acts)."""
+    plan(walk, acts) -> (plan dict, acts): the dense analysis, run before any block changes (not again on
+    resume); its "removed_layers" are skipped. prepare(walk, plan): model-wide changes the steps rely on (e.g.
+    bias slots), made before the walk and again before a resume's replay. carry: a JSON dict the steps may update
+    (checkpointed with each block). pack(walk, acts) / unpack(walk, saved) turn the step's activations into the
+    Activations a checkpoint holds and back (a method that carries a second stream). Returns (plan, records,
+    acts)."""
     layers, ckpt = walk.layers, walk.checkpoint
-    pack = pack or (lambda a: a)
-    unpack = unpack or (lambda a: a)
-    state = ckpt.load(pack(acts) if acts is not None else None) if ckpt is not None else None
+    to_ckpt = (lambda a: pack(walk, a)) if pack is not None else (lambda a: a)
+    from_ckpt = (lambda a: unpack(walk, a)) if unpack is not None else (lambda a: a)
+    state = ckpt.load(to_ckpt(acts) if acts is not None else None) if ckpt is not None else None
     if state is None:
-        the_plan, acts = plan(acts) if plan is not None else ({}, acts)
-        acts = unpack(acts) if acts is not None else None
+        the_plan, acts = plan(walk, acts) if plan is not None else ({}, acts)
+        acts = from_ckpt(acts) if acts is not None else None
         start, records, carry = 0, {}, {}
         if prepare is not None:
-            prepare(the_plan)
+            prepare(walk, the_plan)
         if ckpt is not None:
             ckpt.save(0, None, {"plan": the_plan, "blocks": {}, "carry": {}})
     else:
         start, saved, details = state
         the_plan, records, carry = details["plan"], details["blocks"], details.get("carry", {})
-        acts = unpack(saved) if saved is not None else None
+        acts = from_ckpt(saved) if saved is not None else None
         if prepare is not None:
-            prepare(the_plan)
+            prepare(walk, the_plan)
         for i, rec in records.items():
             replay_block(walk.adapter, layers[i], rec, ckpt.load_block_tensors(i) or {})
     removed = set(the_plan.get("removed_layers", ()))
@@ -78,14 +79,23 @@ def walk_blocks(walk: Walk, acts: Activations | None, step: Callable, plan: Call
             continue
         layer = layers[i]
         with resident(layer, walk.device):
-            rec, acts = step(i, layer, acts, the_plan, carry)
+            rec, acts = step(walk, i, layer, acts, the_plan, carry)
             if ckpt is not None:  # while resident: a streamed block's values exist only now
                 ckpt.save_block_tensors(i, dict(layer.state_dict()))
         records[i] = rec
         if ckpt is not None:
-            ckpt.save(i + 1, pack(acts) if acts is not None else None,
+            ckpt.save(i + 1, to_ckpt(acts) if acts is not None else None,
                       {"plan": the_plan, "blocks": records, "carry": carry})
     return the_plan, records, acts
+
+
+def run_method(walk: Walk, acts: Activations | None, method) -> dict:
+    """A registered method's walk: its plan, then its step on every block; its details from both."""
+    the_plan, records, _ = walk_blocks(walk, acts, method.step, method.plan, method.desc or method.name,
+                                       method.prepare, method.pack, method.unpack)
+    if method.details is not None:
+        return method.details(walk, the_plan, records)
+    return {"removed_layers": list(the_plan.get("removed_layers", [])), "blocks": records}
 
 
 @torch.no_grad()

@@ -1,15 +1,7 @@
-"""Pruning methods, each registered with comprune.registry at the bottom of its module.
+"""Pruning methods, one module each, registered with comprune.registry at the bottom of that module.
 
-A method's run function is `run(walk, acts) -> dict` (walk: comprune.sequential.Walk; acts: block 0's inputs, or
-None for a method that needs gradients) returning at least `removed_layers` (original indices) and `blocks`
-({original layer index: {"width", "kept_neurons", ...}}); it walks the blocks with comprune.sequential.walk_blocks,
-supplying its plan and per-block step. prune() drops the removed blocks and rewrites the config afterwards. Its
-record (comprune.registry.Method) declares its options and capabilities."""
-from . import comp, layer_drop, wanda_sp, flap, llm_pruner  # noqa: F401  (the built-ins, in `--help` order)
-from ..registry import methods
-
-
-def __getattr__(name):
-    if name == "METHODS":  # {name: run function}, as older callers read it
-        return {n: m.run for n, m in methods().items()}
-    raise AttributeError(name)
+A method supplies what the block walk (comprune.sequential.walk_blocks) runs: an optional plan (its dense
+analysis, computed once before any block changes and checkpointed), a step per block (the block's record and the
+next block's inputs), and its report's details. The walk owns the loop, residency, checkpoints and resume; prune()
+drops the removed blocks and rewrites the config afterwards."""
+from . import comp, layer_drop, wanda_sp, magnitude, flap, llm_pruner  # noqa: F401  (the built-ins, `--help` order)

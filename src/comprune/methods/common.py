@@ -6,21 +6,23 @@ import math
 import torch
 
 from ..evaluate.perplexity import family_logits, chunked_nll
+from ..sequential import walk_blocks
 from ..surgery import attention_heads, mlp_width
 from ..walk import Activations, BlockInfluence, forward_block, progress, resident
 
 
-@torch.inference_mode()
-def layer_scores_bi(model, adapter, acts: Activations, device, show=True) -> tuple[list[float], list[Activations]]:
+def layer_scores_bi(walk, acts: Activations) -> list[float]:
     """Block influence of every block from one dense pass (`acts` is consumed: about one activation buffer
     alive at a time)."""
     scores = []
-    layers = adapter.layers(model)
-    for layer in progress(layers, "layer scores (BI)", show):
+
+    def score(walk, i, layer, acts, plan, carry):
         bi = BlockInfluence()
-        with resident(layer, device):
-            acts = forward_block(layer, acts, consume=True, on_batch=bi)  # inputs freed as outputs come
+        acts = forward_block(layer, acts, consume=True, on_batch=bi)  # inputs freed as outputs come
         scores.append(bi.value())
+        return None, acts
+
+    walk_blocks(walk.without_checkpoint(), acts, score, desc="layer scores (BI)")
     return scores
 
 

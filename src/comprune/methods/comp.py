@@ -21,57 +21,19 @@ import math
 
 import torch
 
-from .. import scores as S
 from ..budget.plan import kept_width
-from ..errors import CompruneError
 from ..registry import Method, register
 from ..masktune import error_from_gram, output_gram, solve_scales
-from ..obs import obs_select
 from ..refit import BlockStats, dense_cross, refit, residual
-from ..sequential import walk_blocks
 from ..surgery import as_index, prune_mlp
-from ..walk import (block_output, batch_shape, capture, collect_stats, forward_block, new_buffer, progress,
-                    resident, spilling)
+from ..walk import (block_output, batch_shape, capture, collect_stats, forward_block, new_buffer, resident, spilling)
 from .attention import prune_block_heads, prune_block_query_heads
 from .experts import check_moe_config, prune_block_moe
 from .search import search_allocation
 from .comp_options import COMPOptions
+from .adaptive import allocate_widths
 from .common import choose_layers, layer_scores_bi, layer_scores_loss
-
-
-def select_neurons(metric: str, G: torch.Tensor, parts, n_remove: int, cfg, C: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean keep mask over the MLP's neurons for one of COMP's metric variants (C: the refit's cross term)."""
-    f = G.shape[0]
-    if n_remove <= 0:
-        return torch.ones(f, dtype=torch.bool, device=G.device)
-    if metric == "obs":
-        C = dense_cross(G, parts.down.weight.detach()) if C is None else C
-        return obs_select(G, C, n_remove, cfg.damp, cfg.chunk)
-    if metric == "condition":
-        return obs_select(G, None, n_remove, cfg.damp, cfg.chunk, W=parts.down.weight)
-    score = one_shot_scores(metric, G, parts, cfg)
-    keep = torch.ones(f, dtype=torch.bool, device=G.device)
-    keep[torch.topk(score, n_remove, largest=False).indices] = False
-    return keep
-
-
-def one_shot_scores(metric: str, G: torch.Tensor, parts, cfg) -> torch.Tensor:
-    """Every neuron's score before any removal (higher = more important)."""
-    W = parts.down.weight.detach()
-    w_sq = (W.double() ** 2).sum(0).to(G.device)
-    diag = torch.diagonal(G)
-    if metric in ("condition", "obs"):
-        return S.condition_scores(w_sq, torch.diagonal(S.spd_inverse(G, cfg.damp)).clamp_min(1e-300))
-    if metric == "kappa-loo":
-        return S.kappa_loo_scores(G, cfg.damp)
-    if metric == "weighted-norm":
-        return S.weighted_norm_scores(w_sq.sqrt(), diag)
-    if metric == "activation":
-        return S.activation_scores(diag)
-    if metric == "wanda-sp":
-        return S.wanda_sp_scores(W.to(G.device), diag)
-    rows = [parts.up.weight, parts.down.weight.T] + ([parts.gate.weight] if parts.gate is not None else [])
-    return S.magnitude_scores(*rows).to(G.device)  # magnitude
+from .neurons import select_neurons
 
 
 def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None = None,
@@ -182,67 +144,18 @@ def _outputs_after_mlp_change(layer, adapter, acts, mlp_x, mlp_r, dense_mlp=None
     return type(acts)(outs, acts.kwargs)
 
 
-def layer_stage(model, adapter, acts, input_ids, k: int, cfg, show=True) -> tuple[list[int], list[float]]:
+def layer_stage(walk, acts, k: int) -> tuple[list[int], list[float]]:
+    cfg = walk.cfg
     if k == 0 and cfg.layer_score == "bi":
         return [], []
     if cfg.layer_scores is not None:  # precomputed for this model + calibration (benchmarks)
         scores = list(cfg.layer_scores)
     elif cfg.layer_score == "loss":
-        scores = layer_scores_loss(model, adapter, acts, input_ids, cfg.device, cfg.layer_score_nsamples, show)
+        scores = layer_scores_loss(walk.model, walk.adapter, acts, walk.input_ids, walk.device,
+                                   cfg.layer_score_nsamples, walk.show)
     else:
-        scores = layer_scores_bi(model, adapter, acts, cfg.device, show)
+        scores = layer_scores_bi(walk, acts)
     return choose_layers(scores, k, cfg.protect_first, cfg.protect_last), scores
-
-
-@torch.inference_mode()
-def allocate_widths(model, adapter, acts, removed: list[int], neurons_per_layer: int, cfg, show=True) -> list[int]:
-    """Neurons to remove per block (0 for removed blocks) from a global ranking across blocks, instead of the
-    same number everywhere (`width_allocation="adaptive"`).
-
-    One dense pass over the kept blocks (fed through kept blocks only, as the walk will be) scores every
-    neuron by COMP's condition score - the squared output error of removing it after the best re-weighting of
-    the rest - normalised by the block's output energy (sum over tokens of ||h_out||^2), so a score is the
-    relative change of the residual stream that neuron's removal causes. The lowest normalised scores across
-    all blocks go, as many as the uniform plan removes in total (the same parameter budget); every block keeps
-    at least a quarter of its width (and cfg.min_width). The greedy per-block selection then runs as usual
-    with each block's own count, on the already-pruned upstream inputs. `acts` is consumed."""
-    layers = adapter.layers(model)
-    kept = [i for i in range(len(layers)) if i not in set(removed)]
-    norm = cfg.allocation_norm  # "output" (residual stream) or "mlp"
-    # ablation knob: "condition" (COMP's score, normalised as above) or "fluctuation" (FLAP's ranking: the
-    # fluctuation Var(X_j)·‖W_:,j‖², standardised within each MLP, so no energy normalisation is needed)
-    how = cfg.allocation_score
-    candidates = []  # (normalised score, block) of the neurons each block may lose
-    for i in progress(kept, "COMP width allocation", show):
-        layer = layers[i]
-        with resident(layer, cfg.device):
-            parts = adapter.mlp(layer)
-            gram = set() if how == "fluctuation" else {"down"}  # the fluctuation needs no Gram
-            stats, acts = collect_stats(layer, acts, {"down": parts.down}, gram=gram, consume=True)
-            if how == "fluctuation":
-                score = S.flap_channel_scores(parts.down.weight.detach(), stats["down"].var())
-            else:
-                G = stats["down"].gram
-                if norm == "mlp":  # the MLP's own output energy tr(W G W^T): scores become relative MLP errors
-                    W = parts.down.weight.detach().double().to(G.device)
-                    energy = float(((W @ G) * W).sum())
-                else:  # the block's output (residual stream) energy
-                    energy = sum(float(y.double().pow(2).sum()) for y in acts.hidden)
-                score = one_shot_scores("condition", G, parts, cfg) / max(energy, 1e-30)
-                del G
-            del stats
-        width = score.numel()
-        floor = max(cfg.min_width, math.ceil(width / 4))
-        lowest = torch.sort(score.cpu()).values[: max(width - floor, 0)]
-        candidates += [(v, i) for v in lowest.tolist()]
-    total = neurons_per_layer * len(kept)
-    if total > len(candidates):
-        raise CompruneError(f"the neuron budget ({total}) exceeds what adaptive allocation may take while every "
-                            "block keeps a quarter of its MLP: use the uniform allocation or raise --layer-share")
-    counts = [0] * len(layers)
-    for _, i in sorted(candidates)[:total]:
-        counts[i] += 1
-    return counts
 
 
 @torch.inference_mode()
@@ -270,12 +183,12 @@ def _advance(layers, idx, acts, device):
 
 
 @torch.inference_mode()
-def _target(layers, i, acts, dense, span, cfg):
+def _target(layers, i, acts, dense, span, cfg, device):
     """What block i's MLP refit reproduces (see prune_block_mlp), or None for the dense MLP on the same inputs.
     `dense` is the dense trajectory already advanced past block i and `span`; layer compensation also runs
     the removed span on the pruned stream's dense block-i output (ReplaceMe's target, folded into down_proj)."""
     if span and cfg.layer_compensation:
-        local = _advance(layers, [i] + span, copy_acts(acts), cfg.device)
+        local = _advance(layers, [i] + span, copy_acts(acts), device)
         if dense is None:
             return local.hidden, 1.0
         a = cfg.target_mix
@@ -289,80 +202,89 @@ def _target(layers, i, acts, dense, span, cfg):
     return None
 
 
-def run(walk, acts) -> dict:
+def plan(walk, acts):
+    """The layer stage, then the widths (uniform, adaptive or searched), before any block changes."""
     model, adapter, cfg, budget, show = walk.model, walk.adapter, walk.cfg, walk.budget, walk.show
-    layers, input_ids = walk.layers, walk.input_ids
-    moe = getattr(adapter, "moe", False)
-    if moe:
+    if getattr(adapter, "moe", False):
         check_moe_config(cfg)
-    n_batches, capture_device = len(acts.hidden), acts.hidden[0].device
-    uses_dense = cfg.target_mix > 0  # the walk then carries the dense model's trajectory beside the pruned one
+    capture_device = acts.hidden[0].device
+    # The layer stage consumes the block-0 inputs; recapturing them (embeddings only) is cheaper in memory than
+    # keeping a copy through the dense pass (a third activation buffer).
+    removed, layer_scores = layer_stage(walk, acts.take(), budget.layers_to_remove)
+    acts = capture(model, adapter, walk.input_ids, cfg.batch_size, capture_device)
+    allocation, search = None, None
+    if cfg.width_allocation == "adaptive":
+        allocation = allocate_widths(walk, acts.take(), removed, budget.neurons_per_layer)
+        acts = capture(model, adapter, walk.input_ids, cfg.batch_size, capture_device)
+    elif cfg.width_allocation == "search":
+        allocation, search = search_allocation(model, adapter, acts.take(), removed, budget.neurons_per_layer, cfg,
+                                               walk.fitness_ids, show,
+                                               walk.checkpoint.dir if walk.checkpoint is not None else None)
+        removed = sorted(set(removed) | set(search.get("removed_blocks", ())))  # search_layers
+        acts = capture(model, adapter, walk.input_ids, cfg.batch_size, capture_device)
+    return {"removed_layers": removed, "layer_scores": layer_scores, "neuron_allocation": allocation,
+            "search": search}, acts
 
-    def plan(acts):
-        # The layer stage consumes the block-0 inputs; recapturing them (embeddings only) is cheaper in memory
-        # than keeping a copy through the dense pass (a third activation buffer).
-        removed, layer_scores = layer_stage(model, adapter, acts.take(), input_ids, budget.layers_to_remove, cfg,
-                                            show)
-        acts = capture(model, adapter, input_ids, cfg.batch_size, capture_device)
-        allocation, search = None, None
-        if cfg.width_allocation == "adaptive":
-            allocation = allocate_widths(model, adapter, acts.take(), removed, budget.neurons_per_layer, cfg, show)
-            acts = capture(model, adapter, input_ids, cfg.batch_size, capture_device)
-        elif cfg.width_allocation == "search":
-            allocation, search = search_allocation(model, adapter, acts.take(), removed, budget.neurons_per_layer,
-                                                   cfg, walk.fitness_ids, show,
-                                                   walk.checkpoint.dir if walk.checkpoint is not None else None)
-            removed = sorted(set(removed) | set(search.get("removed_blocks", ())))  # search_layers
-            acts = capture(model, adapter, input_ids, cfg.batch_size, capture_device)
-        return {"removed_layers": removed, "layer_scores": layer_scores, "neuron_allocation": allocation,
-                "search": search}, acts
 
-    def step(i, layer, acts, plan, carry):
-        acts, dense = acts if uses_dense else (acts, None)
-        span = _span_after(i, set(plan["removed_layers"]), len(layers))
-        if dense is not None:  # the dense trajectory through block i (and the span it compensates)
-            end = i + 1 + (len(span) if cfg.layer_compensation else 0)
-            dense = _advance(layers, range(carry.get("dense_next", 0), end), dense, cfg.device)
-            carry["dense_next"] = end
-        width = adapter.experts(layer).width if moe else adapter.mlp(layer).down.in_features
-        allocation = plan["neuron_allocation"]
-        n = budget.neurons_per_layer if allocation is None else allocation[i]
-        n_remove = width - kept_width(width, n, cfg.round_to, cfg.min_width)
-        head_rec = {}
-        if budget.kv_groups_per_layer:
-            head_rec = prune_block_heads(layer, adapter, acts, budget.kv_groups_per_layer, cfg)
-        elif budget.query_heads_per_group:
-            head_rec = prune_block_query_heads(layer, adapter, acts, budget.query_heads_per_group, cfg)
-        target = _target(layers, i, acts, dense, span, cfg)
-        if moe:
-            rec, acts = prune_block_moe(layer, adapter, acts, budget.experts_per_layer, n_remove, cfg)
-        else:
-            rec, acts = prune_block_mlp(layer, adapter, acts, n_remove, cfg, target=target)
-        del target
-        return {**rec, **head_rec}, ((acts, dense) if uses_dense else acts)
+def step(walk, i, layer, acts, plan, carry):
+    """Heads (if the budget takes any), then the MLP's neurons by structured OBS with the least-squares refit,
+    on this block's inputs from the already-pruned blocks before it."""
+    adapter, cfg, budget, layers = walk.adapter, walk.cfg, walk.budget, walk.layers
+    acts, dense = acts if cfg.target_mix > 0 else (acts, None)
+    span = _span_after(i, set(plan["removed_layers"]), len(layers))
+    if dense is not None:  # the dense trajectory through block i (and the span it compensates)
+        end = i + 1 + (len(span) if cfg.layer_compensation else 0)
+        dense = _advance(layers, range(carry.get("dense_next", 0), end), dense, walk.device)
+        carry["dense_next"] = end
+    moe = getattr(adapter, "moe", False)
+    width = adapter.experts(layer).width if moe else adapter.mlp(layer).down.in_features
+    allocation = plan["neuron_allocation"]
+    n = budget.neurons_per_layer if allocation is None else allocation[i]
+    n_remove = width - kept_width(width, n, cfg.round_to, cfg.min_width)
+    head_rec = {}
+    if budget.kv_groups_per_layer:
+        head_rec = prune_block_heads(layer, adapter, acts, budget.kv_groups_per_layer, cfg)
+    elif budget.query_heads_per_group:
+        head_rec = prune_block_query_heads(layer, adapter, acts, budget.query_heads_per_group, cfg)
+    target = _target(layers, i, acts, dense, span, cfg, walk.device)
+    if moe:
+        rec, acts = prune_block_moe(layer, adapter, acts, budget.experts_per_layer, n_remove, cfg)
+    else:
+        rec, acts = prune_block_mlp(layer, adapter, acts, n_remove, cfg, target=target)
+    del target
+    return {**rec, **head_rec}, ((acts, dense) if dense is not None else acts)
 
-    def pack(stream):  # the checkpoint holds the pruned batches, then the dense ones
-        pruned, dense = stream if isinstance(stream, tuple) else (stream, stream)
-        return type(pruned)(_joined(pruned.hidden, dense.hidden), pruned.kwargs)
 
-    def unpack(saved):
-        if isinstance(saved.hidden, _joined):  # nothing saved yet: both streams start at block 0's inputs
-            raw = type(saved)(saved.hidden.a, saved.kwargs)
-            return raw, copy_acts(raw)
-        if len(saved.hidden) != 2 * n_batches:
-            return saved, copy_acts(saved)
-        pruned_h, dense_h = new_buffer(), new_buffer()
-        while len(saved.hidden):  # moved batch by batch (files stay files when the walk spills)
-            (pruned_h if len(pruned_h) < n_batches else dense_h).append(saved.hidden.pop(0))
-        return type(saved)(pruned_h, saved.kwargs), type(saved)(dense_h, saved.kwargs)
-
-    the_plan, records, _ = walk_blocks(walk, acts, step, plan, "COMP neurons", pack=pack if uses_dense else None,
-                                       unpack=unpack if uses_dense else None)
-    out = {"removed_layers": the_plan["removed_layers"], "layer_scores": the_plan["layer_scores"], "blocks": records}
+def details(walk, plan, records) -> dict:
+    out = {"removed_layers": plan["removed_layers"], "layer_scores": plan["layer_scores"], "blocks": records}
     for key in ("neuron_allocation", "search"):
-        if the_plan.get(key) is not None:
-            out[key] = the_plan[key]
+        if plan.get(key) is not None:
+            out[key] = plan[key]
     return out
+
+
+def pack(walk, stream):
+    """With a dense-trajectory target the walk carries two streams: the checkpoint holds the pruned batches, then
+    the dense ones."""
+    if walk.cfg.target_mix == 0:
+        return stream
+    pruned, dense = stream if isinstance(stream, tuple) else (stream, stream)
+    return type(pruned)(_joined(pruned.hidden, dense.hidden), pruned.kwargs)
+
+
+def unpack(walk, saved):
+    if walk.cfg.target_mix == 0:
+        return saved
+    if isinstance(saved.hidden, _joined):  # nothing saved yet: both streams start at block 0's inputs
+        raw = type(saved)(saved.hidden.a, saved.kwargs)
+        return raw, copy_acts(raw)
+    n_batches = math.ceil(walk.input_ids.shape[0] / walk.cfg.batch_size)
+    if len(saved.hidden) != 2 * n_batches:
+        return saved, copy_acts(saved)
+    pruned_h, dense_h = new_buffer(), new_buffer()
+    while len(saved.hidden):  # moved batch by batch (files stay files when the walk spills)
+        (pruned_h if len(pruned_h) < n_batches else dense_h).append(saved.hidden.pop(0))
+    return type(saved)(pruned_h, saved.kwargs), type(saved)(dense_h, saved.kwargs)
 
 
 class _joined:
@@ -378,5 +300,6 @@ class _joined:
         return self.a[i] if i < len(self.a) else self.b[i - len(self.a)]
 
 
-register(Method("comp", run, COMPOptions, help="COMP: layers, then neurons (and heads) by structured OBS with "
-                 "least-squares recovery, block by block", resumable=True, uses_fitness=True, splits_budget=True))
+register(Method("comp", step, COMPOptions, plan=plan, details=details, pack=pack, unpack=unpack, desc="COMP neurons",
+                uses_fitness=True, splits_budget=True, help="COMP: layers, then neurons (and heads) by structured "
+                "OBS with least-squares recovery, block by block"))

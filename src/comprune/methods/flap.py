@@ -60,35 +60,29 @@ def flap_select(units: list[tuple[float, int, int, str, int]], target: float, n_
     return {(u[2], u[3], u[4]) for u in chosen[:best_len]}
 
 
-def _run_flap_moe(walk, acts) -> dict:
+def _step_moe(walk, i, layer, acts):
     """FLAP's uniform structure (its UL-UM option) on mixture-of-experts blocks: the config holds one expert
     width for every block, so each expert loses as many channels, the lowest fluctuation Var(X_j)·‖W_:,j‖² on
     the tokens routed to it, from a dense pass. No bias compensation: an expert's removed-channel mean is
     routing-weighted per token, which no bias of the shared output can hold. Attention is kept (one head
     count per config too)."""
-    adapter, n_remove = walk.adapter, walk.budget.neurons_per_layer
-
-    def step(i, layer, acts, plan, carry):
-        lst = adapter.experts(layer)
-        with lst.observing(RoutedMoments(lst.num_experts, lst.width)) as st:
-            acts = forward_block(layer, acts, consume=True)
-        rec = prune_experts_by(adapter, layer, n_remove, lambda e, ex: S.fluctuation_scores(
-            ex.down_proj.weight.detach(), st.var(e)))
-        return record(adapter, layer, **rec, bias_compensation=False), acts
-
-    _, blocks, _ = walk_blocks(walk, acts, step, desc="FLAP (experts)")
-    return {"removed_layers": [], "blocks": blocks, "bias_compensation": False, "structure": "UL-UM",
-            "note": "mixture-of-experts: uniform widths (one expert width per config), no bias compensation "
-                    "(experts have no bias), attention kept"}
+    lst = walk.adapter.experts(layer)
+    with lst.observing(RoutedMoments(lst.num_experts, lst.width)) as st:
+        acts = forward_block(layer, acts, consume=True)
+    rec = prune_experts_by(walk.adapter, layer, walk.budget.neurons_per_layer, lambda e, ex: S.fluctuation_scores(
+        ex.down_proj.weight.detach(), st.var(e)))
+    return record(walk.adapter, layer, **rec, bias_compensation=False), acts
 
 
-def _ranking(walk, acts) -> tuple[dict, None]:
-    """The plan: one dense pass for the mean and variance of the inputs of o_proj and down_proj in every block,
-    then one global ranking; biases are parameters too, so the target includes what compensation adds."""
+def plan(walk, acts) -> tuple[dict, None]:
+    """One dense pass for the mean and variance of the inputs of o_proj and down_proj in every block, then one
+    global ranking; biases are parameters too, so the target includes what compensation adds."""
     model, adapter, cfg = walk.model, walk.adapter, walk.cfg
+    if getattr(adapter, "moe", False):
+        return {"moe": True}, acts
     per_layer = []
 
-    def stats_step(i, layer, acts, plan, carry):
+    def stats_step(walk, i, layer, acts, plan, carry):
         a, m = attention_parts(adapter, layer), adapter.mlp(layer)
         stats, acts = collect_stats(layer, acts, {"o": a.o, "down": m.down}, forward=True)
         per_layer.append({
@@ -118,46 +112,50 @@ def _ranking(walk, acts) -> tuple[dict, None]:
     return {"bias": bias, "heads_ok": heads_ok, "blocks": blocks}, None
 
 
-def run_flap(walk, acts) -> dict:
-    model, adapter, cfg = walk.model, walk.adapter, walk.cfg
-    if getattr(adapter, "moe", False):
-        return _run_flap_moe(walk, acts)
+def prepare(walk, plan):
+    if plan.get("bias"):
+        enable_biases(walk.model, walk.adapter)
 
-    def prepare(plan):
-        if plan["bias"]:
-            enable_biases(model, adapter)
 
-    def step(i, layer, acts, plan, carry):
-        """Surgery with compensation: b = W[:, removed] @ mean(X[:, removed]) (dense-pass means)."""
-        p = plan["blocks"][str(i)]
-        a, m = attention_parts(adapter, layer), adapter.mlp(layer)
-        drop_kv, drop_n = torch.tensor(p["drop_kv"], dtype=torch.long), torch.tensor(p["drop_n"], dtype=torch.long)
-        keep_kv = torch.ones(a.n_kv, dtype=torch.bool)
-        keep_kv[drop_kv] = False
-        keep_n = torch.ones(m.down.in_features, dtype=torch.bool)
-        keep_n[drop_n] = False
-        if plan["bias"] and drop_kv.numel():
-            qo, _ = kv_group_channels(a, drop_kv)
-            add_bias(a.o, S.compensation_bias(a.o.weight.detach(), torch.tensor(p["mean_o"], dtype=torch.float64),
-                                              qo))
-        if plan["bias"] and drop_n.numel():
-            add_bias(m.down, S.compensation_bias(m.down.weight.detach(),
-                                                 torch.tensor(p["mean_down"], dtype=torch.float64), drop_n))
-        if drop_kv.numel():
-            prune_heads(adapter, layer, keep_kv)
-        if drop_n.numel():
-            prune_mlp(adapter, layer, keep_n)
-        return record(adapter, layer, kept_neurons=as_index(keep_n).tolist(), kept_kv_heads=as_index(keep_kv).tolist(),
-                      bias_compensation=plan["bias"], head_scores=p["head_scores"]), None
+def step(walk, i, layer, acts, plan, carry):
+    """Surgery with compensation: b = W[:, removed] @ mean(X[:, removed]) (dense-pass means)."""
+    adapter = walk.adapter
+    if plan.get("moe"):
+        return _step_moe(walk, i, layer, acts)
+    p = plan["blocks"][str(i)]
+    a, m = attention_parts(adapter, layer), adapter.mlp(layer)
+    drop_kv, drop_n = torch.tensor(p["drop_kv"], dtype=torch.long), torch.tensor(p["drop_n"], dtype=torch.long)
+    keep_kv = torch.ones(a.n_kv, dtype=torch.bool)
+    keep_kv[drop_kv] = False
+    keep_n = torch.ones(m.down.in_features, dtype=torch.bool)
+    keep_n[drop_n] = False
+    if plan["bias"] and drop_kv.numel():
+        qo, _ = kv_group_channels(a, drop_kv)
+        add_bias(a.o, S.compensation_bias(a.o.weight.detach(), torch.tensor(p["mean_o"], dtype=torch.float64), qo))
+    if plan["bias"] and drop_n.numel():
+        add_bias(m.down, S.compensation_bias(m.down.weight.detach(),
+                                             torch.tensor(p["mean_down"], dtype=torch.float64), drop_n))
+    if drop_kv.numel():
+        prune_heads(adapter, layer, keep_kv)
+    if drop_n.numel():
+        prune_mlp(adapter, layer, keep_n)
+    return record(adapter, layer, kept_neurons=as_index(keep_n).tolist(), kept_kv_heads=as_index(keep_kv).tolist(),
+                  bias_compensation=plan["bias"], head_scores=p["head_scores"]), None
 
-    plan, blocks, _ = walk_blocks(walk, acts, step, lambda a: _ranking(walk, a), "FLAP", prepare=prepare)
-    out = {"removed_layers": [], "blocks": blocks, "bias_compensation": plan["bias"]}
+
+def details(walk, plan, records) -> dict:
+    if plan.get("moe"):
+        return {"removed_layers": [], "blocks": records, "bias_compensation": False, "structure": "UL-UM",
+                "note": "mixture-of-experts: uniform widths (one expert width per config), no bias compensation "
+                        "(experts have no bias), attention kept"}
+    out = {"removed_layers": [], "blocks": records, "bias_compensation": plan["bias"]}
     if not plan["heads_ok"]:
-        out["heads_kept"] = adapter.head_pruning_refusal(model.config)
-    if cfg.flap_bias and not plan["bias"]:
+        out["heads_kept"] = walk.adapter.head_pruning_refusal(walk.model.config)
+    if walk.cfg.flap_bias and not plan["bias"]:
         out["note"] = "bias compensation skipped: this architecture has no bias flags for o_proj/down_proj"
     return out
 
 
-register(Method("flap", run_flap, FlapOptions, help="FLAP: fluctuation, one global ranking, bias compensation",
-                plan_budget=plan_neurons_only, resumable=True, streams=False))
+register(Method("flap", step, FlapOptions, plan=plan, prepare=prepare, details=details, desc="FLAP",
+                plan_budget=plan_neurons_only, streams=False,
+                help="FLAP: fluctuation, one global ranking, bias compensation"))

@@ -11,7 +11,6 @@ import torch
 from .. import scores as S
 from ..errors import CompruneError
 from ..registry import Method, register
-from ..sequential import walk_blocks
 from ..surgery import as_index, attention_parts, prune_heads, prune_mlp
 from ..walk import model_device
 from .baseline_parts import record
@@ -73,7 +72,7 @@ class LLMPrunerOptions:
             raise CompruneError("llm-pruner: taylor_nsamples must be >= 1 and taylor_seqlen >= 2")
 
 
-def _choices(walk) -> dict:
+def plan(walk, acts) -> tuple[dict, None]:
     """The gradient pass on the dense model, then every middle block's kept KV groups and neurons."""
     model, adapter, cfg, budget = walk.model, walk.adapter, walk.cfg, walk.budget
     n = min(int(cfg.taylor_nsamples), walk.input_ids.shape[0])
@@ -114,27 +113,26 @@ def _choices(walk) -> dict:
             p.requires_grad_(False)
         model.train(was_training)
     return {"blocks": blocks, "taylor": {"nsamples": n, "seqlen": t, "loss": loss, "blocks": [start, end],
-                                         "gqa_score": cfg.gqa_score}}
+                                         "gqa_score": cfg.gqa_score}}, None
 
 
-def run_llm_pruner(walk, acts) -> dict:
+def step(walk, i, layer, acts, plan, carry):
     adapter = walk.adapter
-
-    def step(i, layer, acts, plan, carry):
-        p = plan["blocks"].get(str(i))
-        if p is None:
-            return record(adapter, layer), None
-        kept_kv, kept_n = torch.tensor(p["kept_kv"], dtype=torch.long), torch.tensor(p["kept_n"], dtype=torch.long)
-        if p["g_rm"]:
-            prune_heads(adapter, layer, kept_kv)
-        prune_mlp(adapter, layer, kept_n)
-        return record(adapter, layer, kept_neurons=p["kept_n"], kept_kv_heads=p["kept_kv"],
-                      block_ratio=p["block_ratio"], group_scores=p["group_scores"]), None
-
-    plan, blocks, _ = walk_blocks(walk, None, step, lambda a: (_choices(walk), None), "LLM-Pruner")
-    return {"removed_layers": [], "blocks": blocks, "taylor": plan["taylor"]}
+    p = plan["blocks"].get(str(i))
+    if p is None:
+        return record(adapter, layer), None
+    kept_kv, kept_n = torch.tensor(p["kept_kv"], dtype=torch.long), torch.tensor(p["kept_n"], dtype=torch.long)
+    if p["g_rm"]:
+        prune_heads(adapter, layer, kept_kv)
+    prune_mlp(adapter, layer, kept_n)
+    return record(adapter, layer, kept_neurons=p["kept_n"], kept_kv_heads=p["kept_kv"],
+                  block_ratio=p["block_ratio"], group_scores=p["group_scores"]), None
 
 
-register(Method("llm-pruner", run_llm_pruner, LLMPrunerOptions, help="LLM-Pruner: first-order Taylor over coupled "
-                "groups (backward passes), no LoRA", plan_budget=plan_neurons_only, needs_gradients=True,
-                resumable=True))
+def details(walk, plan, records) -> dict:
+    return {"removed_layers": [], "blocks": records, "taylor": plan["taylor"]}
+
+
+register(Method("llm-pruner", step, LLMPrunerOptions, plan=plan, details=details, desc="LLM-Pruner",
+                plan_budget=plan_neurons_only, needs_gradients=True,
+                help="LLM-Pruner: first-order Taylor over coupled groups (backward passes), no LoRA"))
