@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from .errors import CompruneError
 from .outputs import sibling
 from .shards import save_tensors
-from .walk import Activations, SpilledBatches, batch_shape, new_buffer
+from .walk import Activations, SpilledBatches, batch_shape
 
 STATE = "state.json"
 ACTS = "acts.safetensors"          # (older checkpoints)
@@ -110,11 +110,11 @@ class Checkpoint:
             raise CompruneError(f"the checkpoint in {self.dir} lacks its activations ({acts_name}): rerun with "
                                 "--force instead of --resume to start over")
         device = template.hidden[0].device
-        hidden = new_buffer()  # one batch at a time: into files when the walk spills activations
+        hidden = template.store.new()  # one batch at a time: into files when the walk spills activations
         with safe_open(str(self.dir / acts_name), "pt") as f:
             for i in range(len(template.hidden)):
                 hidden.append(f.get_tensor(f"h{i}").to(device))
-        return state["next_block"], Activations(hidden, template.kwargs), details
+        return state["next_block"], template.like(hidden), details
 
     def save_block_tensors(self, block: int, tensors: dict):
         """Weights a record alone cannot rebuild (e.g. least-squares refitted down_proj), one file per block."""

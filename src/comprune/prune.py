@@ -24,7 +24,7 @@ from .models import get_adapter
 from .surgery import drop_layers, finalize_config, mlp_width
 from .version import __version__
 from .sequential import Walk, run_method
-from .walk import capture
+from .walk import IN_MEMORY, IN_PLACE, ActivationStore, Residency
 
 
 def versions() -> dict:
@@ -135,7 +135,8 @@ def _fitness_windows(tokenizer, calibration: Calibration, cfg) -> tuple[Calibrat
 
 def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Calibration | None = None,
           progress: bool = True, base_model: str | None = None, checkpoint_dir=None, resume: bool = False,
-          model_digest: str | None = None, target: dict | None = None):
+          model_digest: str | None = None, target: dict | None = None, residency: Residency = IN_PLACE,
+          store: ActivationStore = IN_MEMORY):
     """Prune `model` in place with `config` and return (model, PruneReport). Forward passes only for COMP.
     `target`: the record of the size or speed target `config` was resolved from (comprune.budget.targets),
     carried into the report.
@@ -145,21 +146,20 @@ def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Cali
     identity in the checkpoint is `model_digest`, else a sample of its weights' values."""
     cfg = (config or PruneConfig()).validate()
     adapter = get_adapter(model)
-    if adapter.fused and any(getattr(m, "_comprune_stream", None) is not None for m in adapter.layers(model)):
+    if adapter.fused and residency.streamed:
         raise CompruneError(f"{adapter.family} stores q/k/v and gate/up as fused matrices, which --stream does not "
                             "split yet: prune it without --stream")
     adapter.prepare(model)  # fused projections as their parts while pruning; restored below (or on error)
     try:
         return _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, checkpoint_dir, resume,
-                      model_digest, target)
+                      model_digest, target, residency, store)
     finally:
         adapter.restore(model)
 
 
 def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, checkpoint_dir, resume, model_digest,
-           target=None):
-    device = resolve_device(cfg.device)
-    cfg = cfg.replace(device=str(device))
+           target, residency, store):
+    device = resolve_device(cfg.device)  # the config keeps what was asked; the walk carries what was resolved
     method = get_method(cfg.method)
     t0 = time.perf_counter()
     if getattr(adapter, "moe", False) and cfg.method == "comp":
@@ -178,9 +178,6 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
     _check_round_to(model, adapter, cfg)
     budget = (method.plan_budget or plan_budget)(model, adapter, cfg)
     torch.manual_seed(cfg.seed)
-    # Forward-only methods get the block-0 inputs; gradient methods (llm-pruner) run their own passes.
-    needs_grad = method.needs_gradients
-    acts = None if needs_grad else capture(model, adapter, calibration.input_ids, cfg.batch_size, device)
     ckpt = None
     if checkpoint_dir is not None and method.resumable:
         if model_digest is None:
@@ -193,7 +190,10 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
     if resume and ckpt is None:
         raise CompruneError(f"method '{cfg.method}' cannot resume: rerun without --resume")
     walk = Walk(model, adapter, cfg, budget, device, calibration.input_ids, progress, ckpt,
-                fitness_ids if method.uses_fitness else None)
+                fitness_ids if method.uses_fitness else None, residency, store)
+    # Forward-only methods get the block-0 inputs; gradient methods (llm-pruner) run their own passes.
+    needs_grad = method.needs_gradients
+    acts = None if needs_grad else walk.capture()
     with torch.set_grad_enabled(needs_grad):
         details = run_method(walk, acts, method)
     n_layers = len(adapter.layers(model))
@@ -204,7 +204,7 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
         method=cfg.method, ratio_requested=cfg.ratio, ratio_achieved=(params_before - params_after) / base_before,
         params_before=params_before, params_after=params_after, removed_layers=list(details["removed_layers"]),
         kept_layers=kept, mlp_widths=widths, seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb(),
-        config=cfg.to_dict(), calibration=calibration.describe(), budget=budget.to_dict(),
+        config={**cfg.to_dict(), "device": str(device)}, calibration=calibration.describe(), budget=budget.to_dict(),
         layer_scores=details.get("layer_scores", []), blocks=details.get("blocks", {}), versions=versions(),
         base_model=base_model,
         details={k: v for k, v in details.items() if k not in ("removed_layers", "layer_scores", "blocks")},

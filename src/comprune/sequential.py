@@ -17,7 +17,7 @@ import torch
 
 from .surgery import (attention_heads, mlp_width, prune_expert_neurons, prune_experts, prune_heads, prune_mlp,
                       prune_query_heads)
-from .walk import Activations, progress, resident
+from .walk import IN_MEMORY, IN_PLACE, ActivationStore, Activations, Residency, capture, progress
 
 
 @dataclass
@@ -32,10 +32,22 @@ class Walk:
     show: bool = True
     checkpoint: object = None
     fitness_ids: torch.Tensor | None = None
+    residency: Residency = IN_PLACE      # how a module is held while worked on (streaming supplies its own)
+    store: ActivationStore = IN_MEMORY   # where activation batches live (files, in a streamed prune)
 
     @property
     def layers(self):
         return self.adapter.layers(self.model)
+
+    def hold(self, module):
+        """The module's tensors on the compute device for the duration (a context manager)."""
+        return self.residency.hold(module, self.device)
+
+    def capture(self, input_ids: torch.Tensor | None = None, device=None) -> Activations:
+        """Block 0's inputs for the calibration windows (or `input_ids`), in this walk's store."""
+        ids = self.input_ids if input_ids is None else input_ids
+        return capture(self.model, self.adapter, ids, self.cfg.batch_size, self.device if device is None else device,
+                       self.store, self.residency.embedding_rows(self.model))
 
     def without_checkpoint(self) -> "Walk":
         """The same run for an analysis pass inside a plan (a plan is checkpointed whole, not block by block)."""
@@ -78,7 +90,7 @@ def walk_blocks(walk: Walk, acts: Activations | None, step: Callable, plan: Call
         if i in removed:
             continue
         layer = layers[i]
-        with resident(layer, walk.device):
+        with walk.hold(layer):
             rec, acts = step(walk, i, layer, acts, the_plan, carry)
             if ckpt is not None:  # while resident: a streamed block's values exist only now
                 ckpt.save_block_tensors(i, dict(layer.state_dict()))

@@ -6,9 +6,9 @@ imports), transformers' classes otherwise (accelerate's `init_empty_weights`); b
 `inv_freq` are real, on the CPU. `load_resident_tensors` then reads the small tensors outside the blocks
 (final norm), leaves the input embedding on disk (`EmbeddingRows`: only the calibration tokens' rows are
 read) and the LM head too (`TensorStream`: read only while resident), and `attach_block_streams` gives every
-decoder block a `BlockStream` as its `_comprune_stream` attribute. `walk.resident` - the context manager
-every forward-only method uses to enter a block - calls `materialize` on enter (read only that block's
-tensors, on the compute device) and `release` on exit (back to meta tensors of the block's current shapes).
+decoder block a `BlockStream`. The run is the walk's residency policy (walk.Residency): holding a module
+calls its stream's `materialize` on enter (read only that block's tensors, on the compute device) and
+`release` on exit (back to meta tensors of the block's current shapes).
 A block that the method changed while resident is written to the partial output as `block-NNNNN.safetensors`
 before it is released; the next time it is entered it is read from there.
 """
@@ -27,9 +27,9 @@ from .loading import quiet_transformers, remote_code_error
 from .memory import release_memory
 from .models import lite as lite_models
 from .models import per_layer_config
+from .walk import Residency
 from .shards import ShardIndex, SourceTensor, read_rows, read_tensors, save_tensors
 
-STREAM_ATTR = "_comprune_stream"  # walk.resident looks for this attribute on a block
 STAGED = "block-{:05d}.safetensors"
 
 
@@ -96,7 +96,7 @@ class BlockStream:
             if missing:
                 raise CompruneError(f"{missing[0]} is not in the shards of {self.run.shards.dir}: the "
                                     "checkpoint does not match config.json, or the method changed the block outside "
-                                    "walk.resident (then it cannot stream)")
+                                    "the walk's hold (then it cannot stream)")
             src = self.run.shards.read(list(disk), self.run.dtype, device)
             tensors = {disk[n]: v for n, v in src.items()}
         if set(tensors) != set(want):
@@ -106,7 +106,7 @@ class BlockStream:
             if tuple(v.shape) != tuple(want[k]):
                 raise CompruneError(f"block {self.index}: {k} has shape {tuple(v.shape)} on disk but "
                                     f"{tuple(want[k])} in the model: the method changed the block outside "
-                                    "walk.resident, so it cannot stream")
+                                    "the walk's hold, so it cannot stream")
             assign(self.layer, k, v)
         persistent = set(want)
         for name, buf in list(self.layer.named_buffers()):
@@ -193,11 +193,39 @@ class TensorStream:
             release_memory()
 
 
-class StreamRun:
+class _Held:
+    """A streamed module held by the walk: read on enter, staged (if changed) and dropped on exit. Re-entrant:
+    a nested hold of the same block keeps what the step changed."""
+
+    def __init__(self, stream, device):
+        self.stream, self.device = stream, torch.device(device)
+
+    def __enter__(self):
+        self.stream.materialize(self.device)
+        return self.stream
+
+    def __exit__(self, *exc):
+        self.stream.release(save=exc[0] is None)
+        return False
+
+
+class StreamRun(Residency):
+    """A streamed prune: its shards, its staged blocks, and the residency policy the walk holds modules by."""
+    streamed = True
+
     def __init__(self, shards: ShardIndex, dtype: torch.dtype, partial: Path):
         self.shards, self.dtype, self.partial = shards, dtype, partial
         self.disk_name = lambda name: name  # the checkpoint's name of a state-dict entry (adapter.disk_name)
         self.stats = {"block_loads": 0, "block_writes": 0, "read_seconds": 0.0, "write_seconds": 0.0}
+        self.streams: dict[nn.Module, object] = {}  # the blocks and the LM head that live on disk
+        self.rows: EmbeddingRows | None = None      # the input embedding's rows, read per token
+
+    def hold(self, module: nn.Module, device):
+        stream = self.streams.get(module)
+        return super().hold(module, device) if stream is None else _Held(stream, device)
+
+    def embedding_rows(self, model):
+        return self.rows
 
 
 def build_skeleton(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool = False, seqlen: int | None = None,
@@ -256,7 +284,7 @@ def load_resident_tensors(model, adapter, shards: ShardIndex, dtype, run: "Strea
     emb = model.get_input_embeddings()
     emb_name = module_prefix(model, emb) + "weight"
     if emb_name in shards and getattr(emb, "weight", None) is not None and emb.weight.dim() == 2:
-        emb._comprune_rows = EmbeddingRows(run, emb, emb_name)
+        run.rows = EmbeddingRows(run, emb, emb_name)
         streamed.add(emb_name)
     head = model.get_output_embeddings()
     if head is not None:
@@ -265,7 +293,7 @@ def load_resident_tensors(model, adapter, shards: ShardIndex, dtype, run: "Strea
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
         local = {k: n if n in shards or not (tied and k == "weight") else emb_name for k, n in local.items()}
         if all(n in shards for n in local.values()):
-            setattr(head, STREAM_ATTR, TensorStream(run, head, local))
+            run.streams[head] = TensorStream(run, head, local)
             streamed.update(head_prefix + k for k in local)
     tensors = shards.read([n for n in names if n not in streamed], dtype)
     for k, v in tensors.items():
@@ -283,7 +311,7 @@ def attach_block_streams(model, adapter, run: StreamRun, done: int) -> list[nn.M
     layers = adapter.layers(model)
     for i, layer in enumerate(layers):
         stream = BlockStream(run, layer, i, module_prefix(model, layer))
-        setattr(layer, STREAM_ATTR, stream)
+        run.streams[layer] = stream
         if stream.staged_path.is_file():
             if i < done:
                 stream.staged = stream.staged_path

@@ -21,7 +21,6 @@ import json
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -46,7 +45,6 @@ from .prune import prune
 from .shards import INDEX, ShardIndex, SourceTensor, read_header_and_base, read_tensors, rename_tensors, save_tensors
 from .skeleton import (
     STAGED,
-    STREAM_ATTR,
     BlockStream,
     StreamRun,
     attach_block_streams,
@@ -55,7 +53,7 @@ from .skeleton import (
     module_prefix,
     non_block_state,
 )
-from .walk import spill_activations
+from .walk import ActivationStore
 
 FLOAT_NAMES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # safetensors dtype names
 
@@ -172,7 +170,7 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     release_memory()  # the calibration text's tokenisation is the largest transient so far
     run.stats["peak_rss_mb_setup"] = peak_rss_mb()  # imports, tokenizer, calibration, embeddings + head
     model, report = _walk(model, tokenizer, cfg, calibration, progress, base_model or str(model_dir), ckpt_dir,
-                          resume, out_dir, _source_digest(model_dir, shards))
+                          resume, out_dir, run, _source_digest(model_dir, shards))
     run.stats["peak_rss_mb_walk"] = peak_rss_mb()
     if adapter.moe:
         adapter.prepare(model)  # prune() stacked the (meta) experts again; the staged blocks hold them split
@@ -228,18 +226,19 @@ def _check_fits(model, layers, calibration, cfg, dtype):
 
 
 def _walk(model, tokenizer, cfg, calibration, progress, base_model, ckpt_dir: Path, resume: bool, out_dir: Path,
-          model_digest: str | None = None):
-    """The usual prune() on the skeleton. On the CPU, activation buffers go to files beside the output: RAM then
-    holds one batch, not N x T x d."""
-    spill = spill_activations(spill_dir(out_dir)) if resolve_device(cfg.device).type == "cpu" else nullcontext()
+          run: StreamRun, model_digest: str | None = None):
+    """The usual prune() on the skeleton, holding blocks by the run (read from disk while resident). On the CPU,
+    activation buffers go to files beside the output: RAM then holds one batch, not N x T x d."""
+    store = ActivationStore(spill_dir(out_dir) if resolve_device(cfg.device).type == "cpu" else None)
     try:
-        with spill:
+        with store:
             return prune(model, tokenizer, cfg, calibration=calibration, progress=progress, base_model=base_model,
-                         checkpoint_dir=ckpt_dir, resume=resume, model_digest=model_digest)
+                         checkpoint_dir=ckpt_dir, resume=resume, model_digest=model_digest, residency=run,
+                         store=store)
     except NotImplementedError as e:
         if "meta" in str(e):
-            raise CompruneError(f"{cfg.method} reads block weights outside the one-block walk (walk.resident), so it "
-                                "cannot stream: drop --stream or use comp, layer-drop or wanda-sp") from None
+            raise CompruneError(f"{cfg.method} reads block weights outside the one-block walk, so it cannot stream: "
+                                f"drop --stream or use one of {_streamers()}") from None
         raise
 
 
@@ -251,13 +250,12 @@ def _write_weights(model, adapter, run: StreamRun, n_layers: int, layers_prefix:
     weight_map: dict[str, str] = {}
     total_size = 0
     kept_layers = adapter.layers(model)
-    kept_index = {getattr(layer, STREAM_ATTR).index for layer in kept_layers}
+    kept_index = {run.streams[layer].index for layer in kept_layers}
     for new_idx, layer in enumerate(kept_layers):
         fname = f"model-block-{new_idx:05d}.safetensors"
-        for k in _write_block(model, layer, partial / fname, shards, dtype, method):
+        for k in _write_block(model, layer, run.streams.pop(layer), partial / fname, shards, dtype, method):
             weight_map[k] = fname
         total_size += (partial / fname).stat().st_size
-        delattr(layer, STREAM_ATTR)
     for i in range(n_layers):
         if i not in kept_index:
             (partial / STAGED.format(i)).unlink(missing_ok=True)
@@ -274,10 +272,9 @@ def _write_weights(model, adapter, run: StreamRun, n_layers: int, layers_prefix:
     return total_size
 
 
-def _write_block(model, layer, path: Path, shards: ShardIndex, dtype, method: str) -> list[str]:
+def _write_block(model, layer, stream: BlockStream, path: Path, shards: ShardIndex, dtype, method: str) -> list[str]:
     """One kept block under its new name: its staged file renamed in place, or copied from the source shards.
     Returns the tensor names written."""
-    stream: BlockStream = getattr(layer, STREAM_ATTR)
     new_prefix, disk = module_prefix(model, layer), stream.run.disk_name
     want = {disk(new_prefix + k): tuple(v.shape) for k, v in layer.state_dict().items()}
     if stream.staged is not None and _staged_dtype(stream.staged) != dtype:  # computed in another precision
@@ -301,7 +298,7 @@ def _write_block(model, layer, path: Path, shards: ShardIndex, dtype, method: st
         del src, tensors
     if got != want:
         raise CompruneError(f"block {stream.index}: the written tensors do not match the pruned model "
-                            f"({method} changed the block outside walk.resident, so it cannot stream)")
+                            f"({method} changed the block outside the walk's hold, so it cannot stream)")
     return list(want)
 
 

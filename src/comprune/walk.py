@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,33 +97,39 @@ class SpilledBatches:
             for item in self.items:
                 if item is not None:
                     item[0].unlink(missing_ok=True)
-        except Exception:  # noqa: BLE001 - interpreter shutdown; spill_activations removes the directory anyway
+        except Exception:  # noqa: BLE001 - interpreter shutdown; the store removes the directory anyway
             pass
 
 
-_SPILL_DIR: Path | None = None
+class ActivationStore:
+    """Where activation batches live: in memory (the default), or in files under `directory` (a streamed prune on
+    the CPU: RAM then holds about one batch, not N x T x d floats per buffer). Every buffer of a walk comes from
+    its activations' store, so the choice travels with the data. As a context manager, it removes the directory
+    (and what a killed run left there) around the walk."""
+
+    def __init__(self, directory=None):
+        self.dir = Path(directory) if directory is not None else None
+
+    @property
+    def spills(self) -> bool:
+        return self.dir is not None
+
+    def new(self):
+        """An empty list of activation batches."""
+        return SpilledBatches(self.dir) if self.dir is not None else []
+
+    def __enter__(self):
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)  # what a killed run left
+        return self
+
+    def __exit__(self, *exc):
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        return False
 
 
-@contextmanager
-def spill_activations(directory):
-    """Within this block, new activation buffers live in files under `directory` (removed at the end)."""
-    global _SPILL_DIR
-    shutil.rmtree(directory, ignore_errors=True)  # what a killed run left
-    previous, _SPILL_DIR = _SPILL_DIR, Path(directory)
-    try:
-        yield
-    finally:
-        _SPILL_DIR = previous
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def spilling() -> bool:
-    return _SPILL_DIR is not None
-
-
-def new_buffer():
-    """An empty list of activation batches: in memory, or in files inside spill_activations()."""
-    return SpilledBatches(_SPILL_DIR) if _SPILL_DIR is not None else []
+IN_MEMORY = ActivationStore()
 
 
 def batch_shape(hidden, i: int) -> tuple:
@@ -133,17 +138,23 @@ def batch_shape(hidden, i: int) -> tuple:
 
 @dataclass
 class Activations:
-    """One block's inputs for every calibration batch, plus the per-batch kwargs the decoder passes blocks."""
+    """One block's inputs for every calibration batch, plus the per-batch kwargs the decoder passes blocks, and
+    the store new buffers for them come from."""
     hidden: list[torch.Tensor]
     kwargs: list[dict]
+    store: ActivationStore = IN_MEMORY
 
     def clone(self) -> "Activations":
-        return Activations([h.clone() for h in self.hidden], self.kwargs)
+        return Activations([h.clone() for h in self.hidden], self.kwargs, self.store)
+
+    def like(self, hidden) -> "Activations":
+        """Other batches with these kwargs and this store."""
+        return Activations(hidden, self.kwargs, self.store)
 
     def take(self) -> "Activations":
         """Move the buffers into a new object and leave this one empty, so the callee holds the only reference
         and each buffer is freed as soon as the callee moves past it."""
-        moved = Activations(self.hidden, self.kwargs)
+        moved = Activations(self.hidden, self.kwargs, self.store)
         self.hidden, self.kwargs = [], []
         return moved
 
@@ -172,10 +183,12 @@ def model_device(model) -> torch.device:
 
 
 @torch.inference_mode()
-def capture(model, adapter, input_ids: torch.Tensor, batch_size: int, device) -> Activations:
-    """Inputs of block 0 for all calibration windows, without running any block."""
+def capture(model, adapter, input_ids: torch.Tensor, batch_size: int, device, store: ActivationStore = IN_MEMORY,
+            rows=None) -> Activations:
+    """Inputs of block 0 for all calibration windows, without running any block. `rows`: where a streamed
+    prune reads the calibration tokens' embedding rows (the table stays on disk)."""
     layers = adapter.layers(model)
-    store_hidden, store_kwargs = new_buffer(), []
+    store_hidden, store_kwargs = store.new(), []
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -190,8 +203,6 @@ def capture(model, adapter, input_ids: torch.Tensor, batch_size: int, device) ->
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     src = model_device(model)
-    # Streaming prune: the embedding table stays on disk and only the calibration tokens' rows are read.
-    rows = getattr(model.get_input_embeddings(), "_comprune_rows", None)
     try:
         for i in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[i:i + batch_size].to(src)
@@ -205,7 +216,7 @@ def capture(model, adapter, input_ids: torch.Tensor, batch_size: int, device) ->
                 pass
     finally:
         handle.remove()
-    return Activations(store_hidden, store_kwargs)
+    return Activations(store_hidden, store_kwargs, store)
 
 
 def block_output(out):
@@ -220,7 +231,7 @@ def forward_block(layer: nn.Module, acts: Activations, check: bool = True, keep:
     consume=True frees each input batch as soon as its output exists (acts is left empty), so the inputs and
     outputs are never both whole: about one activation buffer at the peak instead of two. on_batch(h, y)
     sees every input batch with its output (e.g. block influence) before the input goes."""
-    outs = new_buffer()
+    outs = acts.store.new()
     hidden = acts.hidden
     for i, kw in enumerate(acts.kwargs):
         h = hidden[i]
@@ -237,7 +248,7 @@ def forward_block(layer: nn.Module, acts: Activations, check: bool = True, keep:
             outs.append(y)
     if consume:
         acts.hidden = []
-    return Activations(outs, acts.kwargs) if keep else None
+    return acts.like(outs) if keep else None
 
 
 @dataclass
@@ -326,26 +337,34 @@ def progress(iterable, desc, enabled=True, total=None):
 
 
 class resident:
-    """Context manager: move one block to the compute device for the duration, then back (one resident block)."""
+    """Context manager: move one module to the compute device for the duration, then back (one resident block)."""
 
     def __init__(self, layer: nn.Module, device):
         self.layer, self.device = layer, torch.device(device)
-        # Streaming prune (comprune.stream): the block lives in shard files and only exists while resident.
-        self.stream = getattr(layer, "_comprune_stream", None)
         self.home = model_device(layer)
 
     def __enter__(self):
-        if self.stream is not None:
-            self.stream.materialize(self.device)  # re-entrant: a nested hold keeps what the step changed
-            return self.layer
         if self.home != self.device:
             self.layer.to(self.device)
         return self.layer
 
     def __exit__(self, *exc):
-        if self.stream is not None:
-            self.stream.release(save=exc[0] is None)
-            return False
         if self.home != self.device:
             self.layer.to(self.home)
         return False
+
+
+class Residency:
+    """Where a module's tensors are while the walk works on it: in memory, moved to the compute device for the
+    duration (this policy). A streamed prune supplies its own (comprune.skeleton.StreamRun: read from disk on
+    entry, written back and dropped on exit), and the calibration tokens' embedding rows."""
+    streamed = False
+
+    def hold(self, module: nn.Module, device):
+        return resident(module, device)
+
+    def embedding_rows(self, model):
+        return None
+
+
+IN_PLACE = Residency()

@@ -8,7 +8,7 @@ import torch
 from ..evaluate.perplexity import family_logits, chunked_nll
 from ..sequential import walk_blocks
 from ..surgery import attention_heads, mlp_width
-from ..walk import Activations, BlockInfluence, forward_block, progress, resident
+from ..walk import Activations, BlockInfluence, forward_block, progress
 
 
 def layer_scores_bi(walk, acts: Activations) -> list[float]:
@@ -27,12 +27,12 @@ def layer_scores_bi(walk, acts: Activations) -> list[float]:
 
 
 @torch.inference_mode()
-def layer_scores_loss(model, adapter, acts: Activations, input_ids: torch.Tensor, device, nsamples: int,
-                      show=True) -> list[float]:
+def layer_scores_loss(walk, acts: Activations, nsamples: int) -> list[float]:
     """Calibration loss increase when block i alone is skipped, on the first `nsamples` windows.
     Keeps every block's inputs for those windows (small), then reruns the tail once per block."""
+    model, adapter, input_ids, hold = walk.model, walk.adapter, walk.input_ids, walk.hold
     nb = max(1, math.ceil(nsamples / acts.hidden[0].shape[0]))
-    sub = Activations([h for h in acts.hidden[:nb]], acts.kwargs[:nb])
+    sub = Activations([h for h in acts.hidden[:nb]], acts.kwargs[:nb], acts.store)
     layers = adapter.layers(model)
     norm, head = adapter.head(model)
     logit_fn = family_logits(model)  # Gemma's soft-capping, Granite's logits_scaling: the loss the model has
@@ -40,9 +40,9 @@ def layer_scores_loss(model, adapter, acts: Activations, input_ids: torch.Tensor
 
     def loss_from(i, x):
         for layer in layers[i:]:
-            with resident(layer, device):
+            with hold(layer):
                 x = forward_block(layer, x)
-        with resident(norm, device), resident(head, device):
+        with hold(norm), hold(head):
             total, count = 0.0, 0
             for h, y in zip(x.hidden, ids):
                 hn = norm(h)[:, :-1].reshape(-1, h.shape[-1])
@@ -56,12 +56,12 @@ def layer_scores_loss(model, adapter, acts: Activations, input_ids: torch.Tensor
     inputs = [sub]
     x = sub
     for layer in layers:
-        with resident(layer, device):
+        with hold(layer):
             x = forward_block(layer, x)
         inputs.append(x)
     base = loss_from(len(layers), inputs[-1])
     scores = []
-    for i in progress(range(len(layers)), "layer scores (loss)", show):
+    for i in progress(range(len(layers)), "layer scores (loss)", walk.show):
         scores.append(loss_from(i + 1, inputs[i]) - base)
     return scores
 

@@ -26,7 +26,7 @@ from ..registry import Method, register
 from ..masktune import error_from_gram, output_gram, solve_scales
 from ..refit import BlockStats, dense_cross, refit, residual
 from ..surgery import as_index, prune_mlp
-from ..walk import (block_output, batch_shape, capture, collect_stats, forward_block, new_buffer, resident, spilling)
+from ..walk import (block_output, batch_shape, collect_stats, forward_block)
 from .attention import prune_block_heads, prune_block_query_heads
 from .experts import check_moe_config, prune_block_moe
 from .search import search_allocation
@@ -55,8 +55,9 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
     mlp_bytes = sum(p.numel() * p.element_size() for p in mlp.parameters())
     act_bytes = acts.ntokens * batch_shape(acts.hidden, 0)[-1] * next(mlp.parameters()).element_size()
     rebuild = cfg.mlp_rebuild  # "r" / "x" force one way (tests: both give the same bits)
-    keep_r_only = mlp_is_residual and (rebuild == "r" or (rebuild == "auto" and not spilling() and mlp_bytes < act_bytes))
-    mlp_x, mlp_r, last, hooks = new_buffer(), new_buffer(), [], []
+    keep_r_only = mlp_is_residual and (rebuild == "r" or (rebuild == "auto" and not acts.store.spills
+                                                           and mlp_bytes < act_bytes))
+    mlp_x, mlp_r, last, hooks = acts.store.new(), acts.store.new(), [], []
     if keep_r_only:
         hooks.append(adapter.mlp_input_norm(layer).register_forward_pre_hook(lambda m, args: mlp_r.append(args[0])))
     elif mlp_is_residual:
@@ -128,7 +129,7 @@ def _outputs_after_mlp_change(layer, adapter, acts, mlp_x, mlp_r, dense_mlp=None
         return forward_block(layer, acts)
     mlp = adapter.mlp_module(layer)
     norm = adapter.mlp_input_norm(layer)
-    outs = new_buffer()
+    outs = acts.store.new()
     while mlp_r:  # consumed in order, each input freed as soon as its output exists
         r = mlp_r.pop(0)
         if dense_mlp is not None:
@@ -141,7 +142,7 @@ def _outputs_after_mlp_change(layer, adapter, acts, mlp_x, mlp_r, dense_mlp=None
             x = mlp_x.pop(0)
         outs.append(r.add_(mlp(x)))
         del x, r
-    return type(acts)(outs, acts.kwargs)
+    return acts.like(outs)
 
 
 def layer_stage(walk, acts, k: int) -> tuple[list[int], list[float]]:
@@ -151,8 +152,7 @@ def layer_stage(walk, acts, k: int) -> tuple[list[int], list[float]]:
     if cfg.layer_scores is not None:  # precomputed for this model + calibration (benchmarks)
         scores = list(cfg.layer_scores)
     elif cfg.layer_score == "loss":
-        scores = layer_scores_loss(walk.model, walk.adapter, acts, walk.input_ids, walk.device,
-                                   cfg.layer_score_nsamples, walk.show)
+        scores = layer_scores_loss(walk, acts, cfg.layer_score_nsamples)
     else:
         scores = layer_scores_bi(walk, acts)
     return choose_layers(scores, k, cfg.protect_first, cfg.protect_last), scores
@@ -161,10 +161,10 @@ def layer_stage(walk, acts, k: int) -> tuple[list[int], list[float]]:
 @torch.inference_mode()
 def copy_acts(acts):
     """An independent copy of a block's inputs (in files when the walk spills)."""
-    hidden = new_buffer()
+    hidden = acts.store.new()
     for h in acts.hidden:
         hidden.append(h.clone())
-    return type(acts)(hidden, acts.kwargs)
+    return acts.like(hidden)
 
 
 def _span_after(i: int, removed: set, n: int) -> list[int]:
@@ -175,24 +175,25 @@ def _span_after(i: int, removed: set, n: int) -> list[int]:
     return span
 
 
-def _advance(layers, idx, acts, device):
+def _advance(walk, idx, acts):
     for j in idx:
-        with resident(layers[j], device):
-            acts = forward_block(layers[j], acts, consume=True)
+        with walk.hold(walk.layers[j]):
+            acts = forward_block(walk.layers[j], acts, consume=True)
     return acts
 
 
 @torch.inference_mode()
-def _target(layers, i, acts, dense, span, cfg, device):
+def _target(walk, i, acts, dense, span):
     """What block i's MLP refit reproduces (see prune_block_mlp), or None for the dense MLP on the same inputs.
     `dense` is the dense trajectory already advanced past block i and `span`; layer compensation also runs
     the removed span on the pruned stream's dense block-i output (ReplaceMe's target, folded into down_proj)."""
+    cfg = walk.cfg
     if span and cfg.layer_compensation:
-        local = _advance(layers, [i] + span, copy_acts(acts), device)
+        local = _advance(walk, [i] + span, copy_acts(acts))
         if dense is None:
             return local.hidden, 1.0
         a = cfg.target_mix
-        mixed = new_buffer()
+        mixed = acts.store.new()
         for b in range(len(local.hidden)):
             mixed.append(local.hidden[b].mul_(1 - a).add_(dense.hidden[b], alpha=a))
             local.hidden[b] = None
@@ -204,24 +205,21 @@ def _target(layers, i, acts, dense, span, cfg, device):
 
 def plan(walk, acts):
     """The layer stage, then the widths (uniform, adaptive or searched), before any block changes."""
-    model, adapter, cfg, budget, show = walk.model, walk.adapter, walk.cfg, walk.budget, walk.show
+    adapter, cfg, budget = walk.adapter, walk.cfg, walk.budget
     if getattr(adapter, "moe", False):
         check_moe_config(cfg)
-    capture_device = acts.hidden[0].device
     # The layer stage consumes the block-0 inputs; recapturing them (embeddings only) is cheaper in memory than
     # keeping a copy through the dense pass (a third activation buffer).
     removed, layer_scores = layer_stage(walk, acts.take(), budget.layers_to_remove)
-    acts = capture(model, adapter, walk.input_ids, cfg.batch_size, capture_device)
+    acts = walk.capture()
     allocation, search = None, None
     if cfg.width_allocation == "adaptive":
         allocation = allocate_widths(walk, acts.take(), removed, budget.neurons_per_layer)
-        acts = capture(model, adapter, walk.input_ids, cfg.batch_size, capture_device)
+        acts = walk.capture()
     elif cfg.width_allocation == "search":
-        allocation, search = search_allocation(model, adapter, acts.take(), removed, budget.neurons_per_layer, cfg,
-                                               walk.fitness_ids, show,
-                                               walk.checkpoint.dir if walk.checkpoint is not None else None)
+        allocation, search = search_allocation(walk, acts.take(), removed, budget.neurons_per_layer)
         removed = sorted(set(removed) | set(search.get("removed_blocks", ())))  # search_layers
-        acts = capture(model, adapter, walk.input_ids, cfg.batch_size, capture_device)
+        acts = walk.capture()
     return {"removed_layers": removed, "layer_scores": layer_scores, "neuron_allocation": allocation,
             "search": search}, acts
 
@@ -234,7 +232,7 @@ def step(walk, i, layer, acts, plan, carry):
     span = _span_after(i, set(plan["removed_layers"]), len(layers))
     if dense is not None:  # the dense trajectory through block i (and the span it compensates)
         end = i + 1 + (len(span) if cfg.layer_compensation else 0)
-        dense = _advance(layers, range(carry.get("dense_next", 0), end), dense, walk.device)
+        dense = _advance(walk, range(carry.get("dense_next", 0), end), dense)
         carry["dense_next"] = end
     moe = getattr(adapter, "moe", False)
     width = adapter.experts(layer).width if moe else adapter.mlp(layer).down.in_features
@@ -246,7 +244,7 @@ def step(walk, i, layer, acts, plan, carry):
         head_rec = prune_block_heads(layer, adapter, acts, budget.kv_groups_per_layer, cfg)
     elif budget.query_heads_per_group:
         head_rec = prune_block_query_heads(layer, adapter, acts, budget.query_heads_per_group, cfg)
-    target = _target(layers, i, acts, dense, span, cfg, walk.device)
+    target = _target(walk, i, acts, dense, span)
     if moe:
         rec, acts = prune_block_moe(layer, adapter, acts, budget.experts_per_layer, n_remove, cfg)
     else:
@@ -269,22 +267,22 @@ def pack(walk, stream):
     if walk.cfg.target_mix == 0:
         return stream
     pruned, dense = stream if isinstance(stream, tuple) else (stream, stream)
-    return type(pruned)(_joined(pruned.hidden, dense.hidden), pruned.kwargs)
+    return pruned.like(_joined(pruned.hidden, dense.hidden))
 
 
 def unpack(walk, saved):
     if walk.cfg.target_mix == 0:
         return saved
     if isinstance(saved.hidden, _joined):  # nothing saved yet: both streams start at block 0's inputs
-        raw = type(saved)(saved.hidden.a, saved.kwargs)
+        raw = saved.like(saved.hidden.a)
         return raw, copy_acts(raw)
     n_batches = math.ceil(walk.input_ids.shape[0] / walk.cfg.batch_size)
     if len(saved.hidden) != 2 * n_batches:
         return saved, copy_acts(saved)
-    pruned_h, dense_h = new_buffer(), new_buffer()
+    pruned_h, dense_h = saved.store.new(), saved.store.new()
     while len(saved.hidden):  # moved batch by batch (files stay files when the walk spills)
         (pruned_h if len(pruned_h) < n_batches else dense_h).append(saved.hidden.pop(0))
-    return type(saved)(pruned_h, saved.kwargs), type(saved)(dense_h, saved.kwargs)
+    return saved.like(pruned_h), saved.like(dense_h)
 
 
 class _joined:

@@ -62,13 +62,14 @@ class Database:
 
 
 @torch.inference_mode()
-def build_database(model, adapter, acts, kept: list[int], ladder: Ladder, cfg, db: Database, show=True) -> Database:
+def build_database(model, adapter, acts, kept: list[int], ladder: Ladder, cfg, db: Database, show=True,
+                   hold=None) -> Database:
     """Every kept block's variants at levels 1..top into `db` (blocks already there are kept). `acts` is
     consumed."""
     layers = adapter.layers(model)
     for i in progress(kept, "COMP search: variants", show):
         layer = layers[i]
-        with resident(layer, cfg.device):
+        with (hold or (lambda m: resident(m, cfg.device)))(layer):
             if db.has(i):  # built by an interrupted run: only carry the activations on
                 acts = forward_block(layer, acts, consume=True)
                 continue

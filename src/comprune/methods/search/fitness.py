@@ -32,14 +32,17 @@ class _Moments:
 class Fitness:
     """KL(dense ‖ stitched) per token on held-apart windows, from block-0 inputs kept in memory."""
 
-    def __init__(self, model, adapter, removed: list[int], db: dict, fit_ids: torch.Tensor, cfg):
+    def __init__(self, model, adapter, removed: list[int], db: dict, fit_ids: torch.Tensor, cfg, walk=None):
         self.adapter, self.cfg, self.db = adapter, cfg, db
+        # how modules are held and where activations live: the walk's (a streamed prune reads blocks from disk)
+        self.hold = walk.hold if walk is not None else (lambda m: resident(m, cfg.device))
         self.removed_level = None  # the level that removes a whole block (search_layers), above every ladder level
         self.layers = adapter.layers(model)
         self.norm, self.head = adapter.head(model)
         self.logit_fn = family_logits(model) or (lambda x: x)
         self.kept = [i for i in range(len(self.layers)) if i not in set(removed)]
-        self.x0 = capture(model, adapter, fit_ids, cfg.batch_size, cfg.device)
+        self.x0 = walk.capture(fit_ids) if walk is not None else capture(model, adapter, fit_ids, cfg.batch_size,
+                                                                         cfg.device)
         self.nbatches = len(self.x0.hidden)
         self.head_config = model.config
         self.linear_head = not getattr(model.config, "final_logit_softcapping", None)
@@ -51,11 +54,11 @@ class Fitness:
         self.evaluations = 0
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        with resident(self.head, self.cfg.device):
+        with self.hold(self.head):
             return self.logit_fn(self.head(x).float())
 
     def _normed(self, h: torch.Tensor) -> torch.Tensor:
-        with resident(self.norm, self.cfg.device):
+        with self.hold(self.norm):
             return self.norm(h)
 
     def _reference(self, h: torch.Tensor):
@@ -70,7 +73,7 @@ class Fitness:
             return logp.half()
         prob = logp.exp()
         scale = 1.0 / float(getattr(self.head_config, "logits_scaling", None) or 1.0)
-        with resident(self.head, self.cfg.device):
+        with self.hold(self.head):
             W, b = self.head.weight, self.head.bias
             m = (prob @ W.to(prob.device).float()) * scale  # [rows, T, d]: the head's input dimension
             const = (prob * logp).sum(-1)
@@ -90,7 +93,7 @@ class Fitness:
 
     def _run(self, acts, blocks, levels=None) -> Activations:
         for i in blocks:
-            with resident(self.layers[i], self.cfg.device):
+            with self.hold(self.layers[i]):
                 if levels is not None and levels[i] == self.removed_level:
                     continue  # the block is skipped: its inputs go on to the next
                 if levels is None or levels[i] == 0:
@@ -110,7 +113,7 @@ class Fitness:
             hidden.append(self.x0.hidden[b][j:j + 1])
             kwargs.append(_row_kwargs(self.x0.kwargs[b], j, self.x0.hidden[b].shape[0]))
             ref.append(self.ref[b][j:j + 1])
-        return Activations(hidden, kwargs), ref
+        return Activations(hidden, kwargs, self.x0.store), ref
 
     @torch.inference_mode()
     def __call__(self, levels: dict, windows=None, start: int | None = None, acts: Activations | None = None) -> float:
@@ -167,7 +170,8 @@ class Fitness:
                         split.append((ks, at_parent(p) if h is None else h))
                 for lv, at in todo.items():
                     hs = [split[j][1] for j in at]
-                    acts = Activations([torch.cat(hs) if len(hs) > 1 else hs[0]], [_repeat_kwargs(kw, rows, len(hs))])
+                    acts = Activations([torch.cat(hs) if len(hs) > 1 else hs[0]], [_repeat_kwargs(kw, rows, len(hs))],
+                                       self.x0.store)
                     for j, out in zip(at, self._run(acts, [i], {i: lv}).hidden[0].split(rows)):
                         split[j] = (split[j][0], out)
                 classes = split
@@ -200,7 +204,7 @@ class Fitness:
         _, refs = self.subset(windows)
         variants = [self._run(acts, [i], {**base, i: lv}) for lv in levels]
         stacked = Activations([torch.cat([v.hidden[w] for v in variants]) for w in range(len(acts.hidden))],
-                              [_repeat_kwargs(kw, 1, len(levels)) for kw in acts.kwargs])
+                              [_repeat_kwargs(kw, 1, len(levels)) for kw in acts.kwargs], acts.store)
         out = self._run(stacked, [j for j in self.kept if j > i])
         total, count = [0.0] * len(levels), 0
         for ref, h in zip(refs, out.hidden):

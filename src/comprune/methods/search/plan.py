@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from ...errors import CompruneError
 from ...walk import progress
@@ -55,11 +54,12 @@ def make_plan(model, adapter, removed: list[int], n_remove: int, cfg) -> Plan:
     return plan
 
 
-def search_allocation(model, adapter, acts, removed: list[int], n_remove: int, cfg, fit_ids: torch.Tensor,
-                      show=True, state_dir=None) -> tuple[list[int], dict]:
+def search_allocation(walk, acts, removed: list[int], n_remove: int) -> tuple[list[int], dict]:
     """Neurons to remove per block (0 for removed blocks), summing to what the uniform plan removes, and the
     search's record for pruning.json (with search_layers, `removed_blocks`: blocks the search removes whole).
-    `acts` (block-0 calibration inputs) is consumed."""
+    `acts` (block-0 calibration inputs) is consumed; the database and state live beside the walk's checkpoint."""
+    model, adapter, cfg, show = walk.model, walk.adapter, walk.cfg, walk.show
+    state_dir = walk.checkpoint.dir if walk.checkpoint is not None else None
     t0 = time.perf_counter()
     layers = adapter.layers(model)
     plan = make_plan(model, adapter, removed, n_remove, cfg)
@@ -70,13 +70,14 @@ def search_allocation(model, adapter, acts, removed: list[int], n_remove: int, c
     with tempfile.TemporaryDirectory(prefix="comprune-search-db-") as tmp:
         # with a checkpoint the database lives beside it (a resumed run keeps the blocks already built)
         db = Database(Path(state_dir) / "search-db" if state_dir is not None else tmp)
-        build_database(model, adapter, acts, kept, ladder, cfg, db, show)
-        return _search(model, adapter, removed, layers, plan, db, fit_ids, cfg, show, state_dir, t0)
+        build_database(model, adapter, acts, kept, ladder, cfg, db, show, walk.hold)
+        return _search(walk, removed, layers, plan, db, state_dir, t0)
 
 
-def _search(model, adapter, removed, layers, plan: Plan, db, fit_ids, cfg, show, state_dir, t0):
+def _search(walk, removed, layers, plan: Plan, db, state_dir, t0):
+    model, adapter, cfg, fit_ids, show = walk.model, walk.adapter, walk.cfg, walk.fitness_ids, walk.show
     kept, ladder, R = plan.kept, plan.ladder, plan.removed_level
-    fitness = Fitness(model, adapter, removed, db, fit_ids, cfg)
+    fitness = Fitness(model, adapter, removed, db, fit_ids, cfg, walk)
     fitness.removed_level = R
     few = fitness.windows[: cfg.search_filter]
     inputs = fitness.block_inputs(few)
