@@ -73,6 +73,7 @@ def _weights(d):
     ("llama", dict(ratio=0.3, layer_share=0.7)),                    # blocks removed + neurons, tied head
     ("uneven", dict(ratio=0.2, layer_share=0.3)),                   # untied head, per-layer widths in and out
     ("llama", dict(ratio=0.3, method="wanda-sp")),                  # a forward-only baseline streams unchanged
+    ("llama", dict(ratio=0.3, method="magnitude")),                 # data-free, each block changed while held
     ("llama", dict(ratio=0.3, layer_share=0.3, extra={"mlp_rebuild": "r"})),  # residual + dense MLP copy, spilled
     ("uneven", dict(ratio=0.2, layer_share=0.5, layer_score="loss")),  # the LM head read from disk while needed
     ("llama", dict(ratio=0.3, layer_share=0.3, width_allocation="adaptive")),  # an extra pass over the blocks

@@ -25,5 +25,5 @@ def step(walk, i, layer, acts, plan, carry):
     return record(adapter, layer, kept_neurons=idx.tolist(), width=int(idx.numel())), None
 
 
-register(Method("magnitude", step, plan_budget=plan_neurons_only, streams=False,
+register(Method("magnitude", step, plan_budget=plan_neurons_only,
                 help="MLP neurons by their weights' L2 norm, data-free"))
