@@ -23,7 +23,7 @@ from .methods.experts import check_moe_config
 from .models import get_adapter
 from .surgery import drop_layers, finalize_config, mlp_width
 from .version import __version__
-from .sequential import Walk, run_method
+from .sequential import Walk, walk_blocks
 from .walk import IN_MEMORY, IN_PLACE, ActivationStore, Residency
 
 
@@ -195,7 +195,10 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
     needs_grad = method.needs_gradients
     acts = None if needs_grad else walk.capture()
     with torch.set_grad_enabled(needs_grad):
-        details = run_method(walk, acts, method)
+        plan, records, _ = walk_blocks(walk, acts, method.step, method.plan, method.desc or method.name,
+                                       method.prepare, method.pack, method.unpack)
+    details = method.details(walk, plan, records) if method.details is not None else \
+        {"removed_layers": list(plan.get("removed_layers", [])), "blocks": records}
     n_layers = len(adapter.layers(model))
     kept = drop_layers(model, adapter, details["removed_layers"])
     widths = finalize_config(model, adapter)

@@ -101,15 +101,6 @@ def walk_blocks(walk: Walk, acts: Activations | None, step: Callable, plan: Call
     return the_plan, records, acts
 
 
-def run_method(walk: Walk, acts: Activations | None, method) -> dict:
-    """A registered method's walk: its plan, then its step on every block; its details from both."""
-    the_plan, records, _ = walk_blocks(walk, acts, method.step, method.plan, method.desc or method.name,
-                                       method.prepare, method.pack, method.unpack)
-    if method.details is not None:
-        return method.details(walk, the_plan, records)
-    return {"removed_layers": list(the_plan.get("removed_layers", [])), "blocks": records}
-
-
 @torch.no_grad()
 def replay_block(adapter, layer, rec: dict, saved: dict):
     """A finished block rebuilt on resume: its shapes from the record (kept heads, experts, neurons), then every
