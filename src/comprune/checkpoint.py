@@ -27,6 +27,8 @@ from .shards import save_tensors
 from .walk import Activations, SpilledBatches, batch_shape
 
 STATE = "state.json"
+OWNER = "run.json"                 # the run's fingerprint, written before anything else: a plan's own state
+                                   # (the width search's database and evolution) is resumed only by its run
 ACTS = "acts.safetensors"          # (older checkpoints)
 ACTS_BLOCK = "acts-{:05d}.safetensors"  # the inputs of block N, referenced from state.json
 
@@ -90,6 +92,28 @@ class Checkpoint:
         if os.environ.get("COMPRUNE_KILL_AFTER_BLOCK") == str(next_block):
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def claim(self):
+        """Mark the directory as this run's before any state is written."""
+        self._atomic_json(OWNER, {"fingerprint": self.fingerprint})
+
+    def verify(self):
+        """Refuse to resume another run's work: its fingerprint (config, calibration, model weights) must match,
+        and a directory holding state without an owner cannot be told apart from another run's."""
+        path = self.dir / OWNER
+        if path.is_file():
+            try:
+                owner = json.loads(path.read_text()).get("fingerprint")
+            except (ValueError, AttributeError):
+                owner = None
+            if owner == self.fingerprint:
+                return
+        elif not any(not p.name.startswith(".") for p in self.dir.iterdir()):
+            return  # nothing to resume (at most a temporary file a kill left): the run starts from scratch
+        err = CompruneError(f"the checkpoint in {self.dir} belongs to a different run (config, calibration or "
+                            "model differ): rerun with the same model and arguments, or with --force to start over")
+        err.keep_resumable = True  # the user's checkpoint stays for the right command
+        raise err
+
     def load(self, template: Activations) -> tuple[int, Activations, dict] | None:
         """(next_block, activations, details) or None when there is nothing to resume."""
         path = self.dir / STATE
@@ -127,7 +151,7 @@ class Checkpoint:
         return load_file(str(path)) if path.is_file() else None
 
     def clear(self):
-        for name in (STATE, ACTS):
+        for name in (STATE, ACTS, OWNER):
             (self.dir / name).unlink(missing_ok=True)
         for path in self.dir.glob("acts-*.safetensors"):
             path.unlink()

@@ -184,9 +184,12 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
             model_digest = tensor_digest_sample(model.state_dict().items())
         ckpt = Checkpoint(checkpoint_dir, run_fingerprint(cfg.to_dict(), calibration.sha256(), params_before,
                                                           model_digest))
-        if not resume:
+        if resume:
+            ckpt.verify()
+        else:
             ckpt.clear()
             ckpt = Checkpoint(checkpoint_dir, ckpt.fingerprint)
+            ckpt.claim()
     if resume and ckpt is None:
         raise CompruneError(f"method '{cfg.method}' cannot resume: rerun without --resume")
     walk = Walk(model, adapter, cfg, budget, device, calibration.input_ids, progress, ckpt,

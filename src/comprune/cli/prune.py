@@ -83,7 +83,7 @@ def _config_from_args(args):
 
 def _refuse_stale_checkpoint(out: Path, args):
     ckpt_dir = checkpoint_dir(out)
-    if (ckpt_dir / "state.json").exists() and not (args.resume or args.force):
+    if any((ckpt_dir / name).exists() for name in ("state.json", "run.json")) and not (args.resume or args.force):
         raise CompruneError(f"an interrupted run left a checkpoint in {ckpt_dir}: pass --resume to continue it "
                             "or --force to start over")
 

@@ -1,0 +1,45 @@
+"""The width search's own state (its variant database and its evolution) belongs to one run: a resume with
+another model of the same shape is refused, wherever the kill landed, and the right run resumes to the same
+bytes."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from _reliability import assert_clean_error, calib_text, jobs, tiny_dir
+
+SEARCH = ["--preset", "comp-search", "--search-generations", "6", "--search-nsamples", "2", "--ratio", "0.3",
+          "--nsamples", "6", "--seqlen", "32", "--calib-batch-size", "2", "--dtype", "float32", "--json"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search-faults")
+    src, other = tiny_dir(root / "tiny", layers=4), tiny_dir(root / "other", seed=1, layers=4)
+    text = calib_text(root / "calib.txt", words=3000)
+    ref = root / "ref"
+    r, = jobs([{"argv": ["prune", src, "--out", ref, "--calib", text, *SEARCH]}], root)
+    assert r["rc"] == 0, r["stderr"][-2000:]
+    return {"src": src, "other": other, "text": text, "ref": ref, "sites": r["sites"], "root": root}
+
+
+def _first(sites, needle):
+    return next(i for i, s in enumerate(sites, 1) if needle in s)
+
+
+@pytest.mark.parametrize("where", ["database.py:save", "search.json"])
+def test_search_state_is_not_resumed_by_another_model(env, tmp_path, where):
+    when = _first(env["sites"], where) + 1  # killed after the first database block / evolution state is written
+    model = shutil.copytree(env["src"], tmp_path / "model")
+    out = tmp_path / "out"
+    args = ["prune", model, "--out", out, "--calib", env["text"], *SEARCH]
+    r, = jobs([{"argv": args, "kill_at_rename": when}], tmp_path)
+    assert r["rc"] == -9, r["stderr"][-1500:]
+    shutil.copy(env["other"] / "model.safetensors", model / "model.safetensors")  # same path, other weights
+    r, = jobs([{"argv": [*args, "--resume"]}], tmp_path)
+    assert_clean_error(r["rc"], r["stderr"], "different run")
+    shutil.copy(env["src"] / "model.safetensors", model / "model.safetensors")  # the right model resumes
+    r, = jobs([{"argv": [*args, "--resume"]}], tmp_path)
+    assert r["rc"] == 0, r["stderr"][-1500:]
+    assert (out / "model.safetensors").read_bytes() == (env["ref"] / "model.safetensors").read_bytes()
