@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import transformers
 
-from .budget import budget_base, plan_budget, settled
+from .budget import block_params, budget_base, plan_budget, settled
 from .checkpoint import Checkpoint, run_fingerprint
 from .config import PruneConfig
 from .data import Calibration, get_calibration, heldout_windows
@@ -109,6 +110,21 @@ def precision_record(model) -> dict:
     return rec
 
 
+def blocks_share_note(model, adapter, cfg, budget) -> str | None:
+    """A ratio of all parameters can take most of the blocks' when embeddings dominate (Gemma 3 270M: 63 %):
+    said whenever it takes over half of them."""
+    if cfg.ratio_of != "all":
+        return None
+    blocks = block_params(model, adapter)
+    share = budget.params_to_remove / max(blocks, 1)
+    if share <= 0.5:
+        return None
+    embeddings = 1 - blocks / max(count_params(model), 1)
+    return (f"--ratio {cfg.ratio} of all parameters removes {share:.0%} of the decoder blocks' parameters "
+            f"({embeddings:.0%} of this model is embeddings and LM head, which no method prunes): --ratio-of blocks "
+            "budgets over the blocks alone")
+
+
 def _widths_text(widths):
     if not widths:
         return "-"
@@ -177,6 +193,9 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
     base_before = budget_base(model, adapter, cfg)
     _check_round_to(model, adapter, cfg)
     budget = (method.plan_budget or plan_budget)(model, adapter, cfg)
+    note = blocks_share_note(model, adapter, cfg, budget)
+    if note and progress:
+        print(f"comprune: note: {note}", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     ckpt = None
     if checkpoint_dir is not None and method.resumable:
@@ -216,6 +235,8 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
         details={k: v for k, v in details.items() if k not in ("removed_layers", "layer_scores", "blocks")},
         precision=precision_record(model), ratio_of=cfg.ratio_of)
     report.target = settled(target, report.details) or {}
+    if note:
+        report.details["budget_note"] = note
     assert len(kept) + len(report.removed_layers) == n_layers
     _check_ratio(report, cfg, details)
     model.comprune_report = report

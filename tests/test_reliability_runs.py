@@ -1,6 +1,6 @@
-"""The width search's own state (its variant database and its evolution) belongs to one run: a resume with
+"""A run's own state and budget: the width search's database and evolution belong to one run (a resume with
 another model of the same shape is refused, wherever the kill landed, and the right run resumes to the same
-bytes."""
+bytes), and a ratio that takes most of the blocks is said."""
 from __future__ import annotations
 
 import shutil
@@ -43,3 +43,23 @@ def test_search_state_is_not_resumed_by_another_model(env, tmp_path, where):
     r, = jobs([{"argv": [*args, "--resume"]}], tmp_path)
     assert r["rc"] == 0, r["stderr"][-1500:]
     assert (out / "model.safetensors").read_bytes() == (env["ref"] / "model.safetensors").read_bytes()
+
+
+def test_a_ratio_that_takes_most_of_the_blocks_is_said(tmp_path, capsys):
+    """An embedding-heavy model: 20 % of all parameters is over half of the blocks'. The prune says so (stderr
+    and pruning.json) and points to --ratio-of blocks; a budget under half of the blocks says nothing."""
+    import copy
+
+    from comprune import PruneConfig, prune
+    from conftest import calib, tiny_model
+    dense = tiny_model("llama", layers=4, vocab=6144)
+    _, rep = prune(copy.deepcopy(dense), None, PruneConfig(ratio=0.15, batch_size=4), calibration=calib(4, 16))
+    note = rep.details["budget_note"]
+    assert "--ratio-of blocks" in note and "of the decoder blocks' parameters" in note
+    assert f"comprune: note: {note}" in capsys.readouterr().err
+    _, rep = prune(copy.deepcopy(dense), None, PruneConfig(ratio=0.15, ratio_of="blocks", batch_size=4),
+                   calibration=calib(4, 16), progress=False)
+    assert "budget_note" not in rep.details
+    _, rep = prune(tiny_model("llama", layers=4), None, PruneConfig(ratio=0.2, batch_size=4), calibration=calib(4, 16),
+                   progress=False)
+    assert "budget_note" not in rep.details
