@@ -14,10 +14,11 @@ import torch
 from safetensors import safe_open
 
 from .errors import CompruneError
-from .models.adapters import base_model_type
+from .models.adapters import base_model_type, get_adapter
 from .models.families import family_of
 from .models.lite import CausalLM
 from .outputs import check_output, follow_umask, hidden_prefix
+from .shards import ShardIndex
 
 MANIFEST = "pruning.json"
 MODELING_FILE = Path(__file__).parent / "models" / "modeling_comprune.py"
@@ -92,21 +93,24 @@ def save_dtype(model, requested: str | None = "source") -> torch.dtype:
 _SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def save_weights(model, tmp: Path, target: torch.dtype):
+def save_weights(model, tmp: Path, target: torch.dtype, kept_layers: list[int] | None = None):
     """model.save_pretrained in `target` precision, the model itself unchanged afterwards. Wider than the model's
     (bf16 computed, float32 source): the parameters are cast in place and back, which is exact both ways, so no
-    second copy is held. Narrower: a state dict copy in `target` (smaller than the model)."""
+    second copy is held; a parameter the prune left as it was is written as the source holds it (the bf16 copy
+    of it rounded the source's bits away), as a streamed prune copies it. Narrower: a state dict copy in `target`
+    (smaller than the model)."""
     computed = next(model.parameters()).dtype
     if target == computed:
         model.save_pretrained(tmp, safe_serialization=True)
     elif torch.finfo(target).bits >= torch.finfo(computed).bits:
-        params = [p for p in model.parameters() if p.is_floating_point()]
+        params = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
+        source = _SourceTensors(model, kept_layers)
         try:
-            for p in params:
-                p.data = p.data.to(target)
+            for name, p in params:
+                p.data = source.untouched(name, p.data, target)
             model.save_pretrained(tmp, safe_serialization=True)
         finally:
-            for p in params:
+            for _, p in params:
                 p.data = p.data.to(computed)
     else:
         state = {k: v.to(target) if v.is_floating_point() else v for k, v in model.state_dict().items()}
@@ -127,7 +131,7 @@ def save_pretrained(model, tokenizer, out_dir, report=None, force: bool = False,
     target = save_dtype(model, dtype)
     tmp = Path(tempfile.mkdtemp(prefix=hidden_prefix(out_dir) + "partial-", dir=out_dir.parent))
     try:
-        save_weights(model, tmp, target)
+        save_weights(model, tmp, target, getattr(report, "kept_layers", None) if report is not None else None)
         if _crash_after_weights:  # test hook: a crash between weights and manifest
             raise KeyboardInterrupt("simulated crash")
         if tokenizer is not None:
@@ -147,6 +151,41 @@ def save_pretrained(model, tokenizer, out_dir, report=None, force: bool = False,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+class _SourceTensors:
+    """The tensors of the directory the model was loaded from (comprune.load records it), by the pruned model's
+    parameter names: a kept block's index is mapped back to its source index."""
+
+    def __init__(self, model, kept_layers: list[int] | None):
+        src = getattr(model, "comprune_source", None)
+        self.files = {}
+        if src is not None and any(Path(src).glob("*.safetensors")):  # pickle sources are written as computed
+            try:
+                self.files = ShardIndex(Path(src)).files
+            except CompruneError:
+                pass
+        self.kept = list(kept_layers) if kept_layers is not None else None
+        self.prefix = None
+        if self.files:
+            layers = get_adapter(model).layers(model)
+            self.prefix = next((n for n, m in model.named_modules() if m is layers), None)
+
+    def name(self, name: str) -> str:
+        if self.kept is None or not self.prefix or not name.startswith(self.prefix + "."):
+            return name
+        index, rest = name[len(self.prefix) + 1:].split(".", 1)
+        return f"{self.prefix}.{self.kept[int(index)]}.{rest}"
+
+    def untouched(self, name: str, value: torch.Tensor, target: torch.dtype) -> torch.Tensor:
+        """`value` in `target`: the source's own tensor where `value` is it in the computed precision."""
+        path = self.files.get(self.name(name))
+        if path is not None:
+            with safe_open(str(path), "pt") as f:
+                src = f.get_tensor(self.name(name))
+            if src.dtype == target and src.shape == value.shape and torch.equal(src.to(value.dtype), value.cpu()):
+                return src.to(value.device)
+        return value.to(target)
 
 
 def read_manifest(model_dir) -> dict | None:

@@ -232,6 +232,7 @@ def load_dir(path: str | os.PathLike, dtype=torch.float32, device="cpu", trust_r
     check_loading_info(info, path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    model.comprune_source = str(path)  # a save writes what a prune left untouched as this directory holds it
     return model.to(device).eval(), tok
 
 

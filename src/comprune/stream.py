@@ -259,7 +259,7 @@ def _write_weights(model, adapter, run: StreamRun, n_layers: int, layers_prefix:
     for i in range(n_layers):
         if i not in kept_index:
             (partial / STAGED.format(i)).unlink(missing_ok=True)
-    rest = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+    rest = {k: _as_source(shards, k, v, dtype) if torch.is_tensor(v) else v
             for k, v in non_block_state(model, layers_prefix, shards, dtype).items()}
     save_tensors(rest, partial / "model-rest.safetensors")
     for k in rest:
@@ -278,7 +278,7 @@ def _write_block(model, layer, stream: BlockStream, path: Path, shards: ShardInd
     new_prefix, disk = module_prefix(model, layer), stream.run.disk_name
     want = {disk(new_prefix + k): tuple(v.shape) for k, v in layer.state_dict().items()}
     if stream.staged is not None and _staged_dtype(stream.staged) != dtype:  # computed in another precision
-        tensors = {disk(new_prefix + k.removeprefix(stream.prefix)): v.to(dtype) if v.is_floating_point() else v
+        tensors = {disk(new_prefix + k.removeprefix(stream.prefix)): _as_source(shards, disk(k), v, dtype)
                    for k, v in read_tensors(stream.staged).items()}
         got = {k: tuple(v.shape) for k, v in tensors.items()}
         save_tensors(tensors, path)
@@ -300,6 +300,18 @@ def _write_block(model, layer, stream: BlockStream, path: Path, shards: ShardInd
         raise CompruneError(f"block {stream.index}: the written tensors do not match the pruned model "
                             f"({method} changed the block outside the walk's hold, so it cannot stream)")
     return list(want)
+
+
+def _as_source(shards: ShardIndex, name: str, value: torch.Tensor, dtype) -> torch.Tensor:
+    """`value` in `dtype`; a tensor the prune left as it was (equal to the source's in the computed precision) is
+    written as the source holds it, not widened from its rounded copy, as the in-memory save does."""
+    if not value.is_floating_point():
+        return value
+    if name in shards.files and shards.shapes.get(name) == tuple(value.shape):
+        src = read_tensors(shards.files[name], [name])[name]
+        if src.dtype == dtype and torch.equal(src.to(value.dtype), value):
+            return src
+    return value.to(dtype)
 
 
 def _staged_dtype(path: Path):
