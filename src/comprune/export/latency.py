@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from ..errors import CompruneError
 from ..files import read_config
 from ..loading import cache_dir
+from ..outputs import json_text
 from ..precision import cpu_name
 from .gguf import export_gguf, open_safetensors
 from .llamacpp import relative_llamacpp_speed
@@ -61,7 +62,7 @@ def sliced_variant(src: Path, dst: Path, n_layers: int, width: int):
     save_file(out, str(dst / "model.safetensors"))
     cfg = {**cfg, "num_hidden_layers": n_layers, "intermediate_size": width}
     cfg.pop("intermediate_sizes", None)
-    (dst / "config.json").write_text(json.dumps(cfg))
+    (dst / "config.json").write_text(json_text(cfg))
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if (src / f).is_file():
             shutil.copyfile(src / f, dst / f)
@@ -118,6 +119,6 @@ def latency_table(src, qtype: str = "f16", threads: int | None = None, show: boo
              "points": points, "runs": runs, "version": TABLE_VERSION}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(table, indent=1))
+    tmp.write_text(json_text(table, indent=1))
     os.replace(tmp, path)
     return table
