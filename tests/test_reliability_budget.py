@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from _reliability import calib_text, tiny_dir
+from _reliability import assert_clean_error, calib_text, main, tiny_dir
 
 NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 
@@ -41,11 +41,6 @@ def _records(tmp_path, obj):
     return (tmp_path / "run.json").read_text()
 
 
-def _latency(tmp_path, obj):
-    from comprune.outputs import json_text
-    return json_text(obj, indent=1)
-
-
 def _report(tmp_path, obj):
     """A PruneReport's detail through save_pretrained's manifest."""
     from comprune.io import write_manifest
@@ -56,7 +51,7 @@ def _report(tmp_path, obj):
     return (tmp_path / "pruning.json").read_text()
 
 
-@pytest.mark.parametrize("writer", [_manifest, _records, _latency, _report])
+@pytest.mark.parametrize("writer", [_manifest, _records, _report])
 def test_no_nan_or_infinity_in_json_files(tmp_path, writer):
     obj = {"score": NONFINITE["nan"], "ppl": NONFINITE["inf"], "nested": [1.5, NONFINITE["-inf"], (2, 3)],
            "ok": 0.25}
@@ -104,3 +99,90 @@ def test_resume_files_keep_non_finite_values_exactly(tmp_path):
     cfg.search_generations = 3
     _, resumed = opt.evolve(Fitness(), {0: 1, 1: 1}, 2, cfg, state, show=False)
     assert resumed[:3] == trace == [[0, math.inf], [1, math.inf], [2, math.inf]]
+
+
+# ------------------------------------------------------------------------------ a corrupt latency cache (2)
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A tiny llama whose MLPs (512) leave room for a speed target's widths in multiples of 32."""
+    from _reliability import word_tokenizer
+    from conftest import tiny_model
+    d = tmp_path_factory.mktemp("wide") / "m"
+    tiny_model("llama", layers=8, inter=512).save_pretrained(d)
+    word_tokenizer().save_pretrained(d)
+    return d
+
+
+def _table_path(cache: Path, src: Path) -> Path:
+    import torch
+    from comprune.export.latency import _key
+    from comprune.files import read_config
+    return cache / "latency" / f"{_key(read_config(src), 'f16', torch.get_num_threads())}.json"
+
+
+@pytest.mark.parametrize("cached", ["{broken", '{"c": 0.5}', '{"c": "x", "a": 0.3, "m": 0.5, "qtype": "f16", '
+                                    '"threads": 1, "cpu": "x", "points": []}', "[1, 2]", "", None])
+def test_corrupt_latency_cache_is_measured_again(env, wide, tmp_path, capsys, monkeypatch, cached):
+    """A cached latency table that is not JSON, not an object, or lacks a field is measured again (here a fake
+    measurement: nothing is timed) and replaced; the prune goes on."""
+    import comprune.export.latency as latency
+    src, text = wide, env[1]
+    monkeypatch.setenv("COMPRUNE_CACHE", str(tmp_path / "cache"))
+    path = _table_path(tmp_path / "cache", src)
+    if cached is not None:
+        path.parent.mkdir(parents=True)
+        path.write_text(cached)
+    measured = []
+
+    def fake_measure(src_, cfg, width_key, qtype, threads, show, prompt):
+        measured.append(width_key)
+        return {"c": 0.1, "a": 0.35, "m": 0.55, "qtype": qtype, "threads": threads, "cpu": "x",
+                "points": [[1.0, 0.5, 0.8]], "runs": [], "version": latency.TABLE_VERSION, "spread": math.nan}
+    monkeypatch.setattr(latency, "measure_table", fake_measure)
+    out = tmp_path / "out"
+    code, err = main(["prune", src, "--target-speedup", "1.2", "--layer-share", "0.5", "--nsamples", "4",
+                      "--seqlen", "32", "--calib", text, "--out", out, "--json"], capsys)
+    assert code == 0, err[-2000:]
+    assert measured == ["intermediate_size"]
+    table = strict_loads(path.read_text())  # replaced by the measured table, in strict JSON
+    assert table["c"] == 0.1 and table["spread"] is None
+    assert json.loads((out / "pruning.json").read_text())["target_speedup"]["predicted"] >= 1.2
+    code, err = main(["prune", src, "--target-speedup", "1.2", "--layer-share", "0.5", "--nsamples", "4",
+                      "--seqlen", "32", "--calib", text, "--out", tmp_path / "again", "--json"], capsys)
+    assert code == 0 and measured == ["intermediate_size"], err[-2000:]  # the good table is used as it is
+
+
+# ------------------------------------------------------------------------------ a speed target on OPT (3)
+@pytest.fixture(scope="module")
+def opt_dir(tmp_path_factory):
+    from _reliability import word_tokenizer
+    from conftest import tiny_model
+    d = tmp_path_factory.mktemp("opt") / "opt"
+    tiny_model("opt").save_pretrained(d)
+    word_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("extra", [[], ["--ratio", "0.3", "--preset", "comp-search"]], ids=["speedup", "with-ratio"])
+def test_target_speedup_on_opt_is_refused_first(env, opt_dir, tmp_path, capsys, monkeypatch, extra):
+    """llama.cpp has no OPT architecture, so a llama.cpp speed is meaningless for it: one line, before any work
+    (nothing measured, nothing loaded)."""
+    import comprune.export.latency as latency
+    import comprune.loading as loading
+    _, text = env
+    monkeypatch.setenv("COMPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(latency, "measure_table", lambda *a, **k: pytest.fail("measured a latency table"))
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("loaded the model"))
+    out = tmp_path / "out"
+    code, err = main(["prune", opt_dir, "--target-speedup", "1.2", "--nsamples", "4", "--seqlen", "32", "--calib",
+                      text, "--out", out, *extra], capsys)
+    assert_clean_error(code, err, "--target-speedup", "llama.cpp has no OPT architecture", "--ratio")
+    assert not out.exists()
+
+
+def test_latency_widths_come_from_the_family_record(opt_dir):
+    """The cache key reads the MLP width under the family's key (OPT: ffn_dim), not a hard-coded one."""
+    from comprune.export.latency import _key
+    from comprune.files import read_config
+    cfg = read_config(opt_dir)
+    assert "intermediate_size" not in cfg and _key(cfg, "f16", 1) != _key({**cfg, "ffn_dim": 1}, "f16", 1)
