@@ -186,3 +186,54 @@ def test_latency_widths_come_from_the_family_record(opt_dir):
     from comprune.files import read_config
     cfg = read_config(opt_dir)
     assert "intermediate_size" not in cfg and _key(cfg, "f16", 1) != _key({**cfg, "ffn_dim": 1}, "f16", 1)
+
+
+# ------------------------------------------------------------------------------ --json on every exit (5)
+def _run(argv, capsys) -> tuple[int, str, str]:
+    from comprune.cli import main as cli_main
+    capsys.readouterr()
+    try:
+        code = cli_main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _prune(src, out, text, *extra):
+    return ["prune", src, "--ratio", "0.3", "--nsamples", "4", "--seqlen", "32", "--calib", text, "--out", out,
+            "--json", *extra]
+
+
+JSON_ERRORS = {  # name: (argv builder, needle in the error, from argparse)
+    "search-generations": (lambda s, t, o: _prune(s, o, t, "--preset", "comp-search", "--search-generations", "-1"),
+                           "search settings", False),
+    "stream-nan": (lambda s, t, o: _prune(s, o, t, "--stream", "--layer-share", "nan"), "layer", False),
+    "bad-choice": (lambda s, t, o: _prune(s, o, t, "--method", "nope"), "invalid choice", True),
+    "bad-type": (lambda s, t, o: _prune(s, o, t, "--nsamples", "many"), "invalid int value", True),
+    "missing-out": (lambda s, t, o: ["prune", s, "--json"], "--out", True),
+    "abbreviated": (lambda s, t, o: ["prune", s, "--out", o, "--js", "--search-time", "soon"], "duration", True),
+    "eval-missing": (lambda s, t, o: ["eval", o.parent / "nowhere", "--json"], "nowhere", False),
+    "eval-bad-seqlen": (lambda s, t, o: ["eval", s, "--seqlen", "x", "--json"], "integers", False),
+    "export-no-gguf": (lambda s, t, o: ["export", s, "--json"], "--gguf", False),
+    "compare-nan": (lambda s, t, o: ["compare", s, "--methods", "comp", "--out", o, "--ratios", "nan", "--json",
+                                     "--skip", "prune,ppl,speed,stream,zeroshot,full"], "ratios", False),
+}
+
+
+@pytest.mark.parametrize("case", list(JSON_ERRORS))
+def test_json_errors_are_one_json_object(env, tmp_path, capsys, case):
+    """With --json every failed run prints exactly one JSON object {"error", "fix"} on stdout (exit 2), and the
+    one-line message on stderr."""
+    src, text = env
+    build, needle, usage = JSON_ERRORS[case]
+    code, out, err = _run(build(src, text, tmp_path / "out"), capsys)
+    assert code == 2, (code, err[-1500:])
+    got = strict_loads(out)  # the whole of stdout is one object
+    assert isinstance(got, dict) and set(got) == {"error", "fix"} and got["error"], got
+    assert needle.lower() in (got["error"] + ": " + got["fix"]).lower(), got
+    if usage:
+        assert err.strip().splitlines()[-1].startswith("comprune") and ": error: " in err, err
+    else:
+        line = assert_clean_error(code, err)  # a message without ": " has no fix of its own: "fix" is ""
+        assert line == f"comprune: error: {got['error']}" + (f": {got['fix']}" if got["fix"] else ""), (line, got)
