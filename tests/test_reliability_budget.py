@@ -237,3 +237,24 @@ def test_json_errors_are_one_json_object(env, tmp_path, capsys, case):
     else:
         line = assert_clean_error(code, err)  # a message without ": " has no fix of its own: "fix" is ""
         assert line == f"comprune: error: {got['error']}" + (f": {got['fix']}" if got["fix"] else ""), (line, got)
+
+
+# ------------------------------------------------------------------------------ late refusals (6)
+@pytest.mark.parametrize("stream", [False, True], ids=["memory", "stream"])
+def test_too_many_fitness_windows_is_refused_before_any_block(env, tmp_path, capsys, stream):
+    """--search-nsamples beyond what the calibration text holds apart from its calibration windows: one line
+    at once (the room is counted before any window is drawn; drawing until giving up took minutes), before the
+    walk: no checkpoint, nothing beside --out."""
+    import time
+    from _reliability import siblings
+    src, _ = env
+    text = calib_text(tmp_path / "short.txt", words=9000)  # ~54 k tokens: room for ~3,300 windows of 16
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    code, err = main(["prune", src, "--ratio", "0.3", "--preset", "comp-search", "--search-nsamples", "4000",
+                      "--nsamples", "4", "--seqlen", "16", "--calib", text, "--out", out,
+                      *(["--stream"] if stream else [])], capsys)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 15, f"refused after {elapsed:.0f} s: {err[-500:]}"
+    assert_clean_error(code, err, "too short for 4000 search windows", "room for at most", "--search-nsamples")
+    assert "block" not in err.lower() and not siblings(out), (err, siblings(out))
