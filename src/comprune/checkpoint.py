@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CompruneError
-from .outputs import sibling
+from .outputs import json_text, loads_exact, sibling
 from .shards import save_tensors
 from .walk import Activations, SpilledBatches, batch_shape
 
@@ -70,7 +70,7 @@ class Checkpoint:
 
     def _atomic_json(self, name: str, obj):
         tmp = self.dir / f".{name}.tmp"
-        tmp.write_text(json.dumps(obj))
+        tmp.write_text(json_text(obj, exact=True))  # a resumed run needs back every value, inf and nan too
         os.replace(tmp, self.dir / name)
 
     def save(self, next_block: int, acts: Activations | None, details: dict):
@@ -119,7 +119,7 @@ class Checkpoint:
         path = self.dir / STATE
         if not path.is_file():
             return None
-        state = json.loads(path.read_text())
+        state = loads_exact(path.read_text())
         if state.get("fingerprint") != self.fingerprint:
             err = CompruneError(f"the checkpoint in {self.dir} belongs to a different run (config, calibration or "
                                 "model differ): rerun with the same model and arguments, or with --force to start over")

@@ -238,21 +238,40 @@ def heldout_windows(tokenizer, calibration: "Calibration", nsamples: int, seqlen
 def _windows_apart(ids: torch.Tensor, calib_starts: list[int], calibration: "Calibration", nsamples: int,
                    seqlen: int) -> torch.Tensor:
     taken = sorted(calib_starts)
+    room = _room_apart(ids.numel(), taken, calibration.seqlen, seqlen)
+    if room < nsamples:  # refused before drawing: the draws below cannot place more than fit
+        raise CompruneError(f"the calibration text is too short for {nsamples} search windows apart from the "
+                            f"calibration windows ({ids.numel()} tokens leave room for at most {room} of {seqlen} "
+                            "tokens): lower --search-nsamples or use a longer --calib text")
     rng = random.Random(f"heldout:{calibration.seed}")
     starts: list[int] = []
+    placed: list[int] = []  # starts, sorted: a draw is checked against its two neighbours only
     for _ in range(100 * nsamples):
         if len(starts) == nsamples:
             break
         s = rng.randrange(0, ids.numel() - seqlen)
         j = bisect.bisect_left(taken, s)
         near = taken[max(j - 1, 0): j + 1]
+        k = bisect.bisect_left(placed, s)
         if all(s + seqlen <= t or t + calibration.seqlen <= s for t in near) and \
-                all(s + seqlen <= t or t + seqlen <= s for t in starts):
+                all(s + seqlen <= t or t + seqlen <= s for t in placed[max(k - 1, 0): k + 1]):
             starts.append(s)
+            placed.insert(k, s)
     if len(starts) < nsamples:
         raise CompruneError(f"the calibration text is too short for {nsamples} search windows apart from the "
-                            "calibration windows: lower --search-nsamples or use a longer --calib text")
+                            f"calibration windows (random draws placed {len(starts)} of at most {room}): lower "
+                            "--search-nsamples or use a longer --calib text")
     return torch.stack([ids[s:s + seqlen] for s in starts])
+
+
+def _room_apart(n_tokens: int, taken: list[int], taken_len: int, seqlen: int) -> int:
+    """How many windows of `seqlen` fit, apart from each other, in the tokens that the windows at the sorted
+    starts `taken` (each `taken_len` long) leave free; a window starts before n_tokens - seqlen (randrange)."""
+    room, free = 0, 0
+    for t in taken:
+        room += max(t - free, 0) // seqlen
+        free = max(free, t + taken_len)
+    return room + max(n_tokens - 1 - free, 0) // seqlen
 
 
 def get_calibration(tokenizer, source: str = "c4", nsamples: int = 128, seqlen: int = 128, seed: int = 0,

@@ -17,7 +17,7 @@ from .errors import CompruneError
 from .models.adapters import base_model_type, get_adapter
 from .models.families import family_of
 from .models.lite import CausalLM
-from .outputs import check_output, follow_umask, hidden_prefix
+from .outputs import check_output, dump_json, follow_umask, hidden_prefix, json_text
 from .shards import ShardIndex
 
 MANIFEST = "pruning.json"
@@ -46,7 +46,7 @@ def add_auto_map(tmp: Path, model):
     cfg["model_type"] = base_model_type(model.config)
     cfg["auto_map"] = {"AutoConfig": f"modeling_comprune.{type(model.config).__name__}",
                        "AutoModelForCausalLM": f"modeling_comprune.{architecture(model)}"}
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    cfg_path.write_text(json_text(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def architecture(model) -> str:
@@ -59,7 +59,7 @@ def write_manifest(path: Path, manifest: dict):
     # json.dump streams its pieces to the file: dumps would first hold them all (an indented manifest of a
     # few thousand kept neurons per block is ~10 MB of small strings, more than a streamed prune's block)
     with open(path, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
+        dump_json(manifest, f, indent=2, sort_keys=True)
         f.write("\n")
 
 
@@ -119,7 +119,7 @@ def save_weights(model, tmp: Path, target: torch.dtype, kept_layers: list[int] |
         cfg_path = tmp / "config.json"  # transformers names the model's own dtype there
         cfg = json.loads(cfg_path.read_text())
         cfg["dtype"] = str(target).removeprefix("torch.")
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        cfg_path.write_text(json_text(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def save_pretrained(model, tokenizer, out_dir, report=None, force: bool = False, dtype: str | None = "source",

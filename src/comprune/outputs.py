@@ -8,7 +8,10 @@
 - `OutputLock`: an exclusive flock on `.NAME.lock` held for a run's life: a second run is refused at once;
 - `guard_output`: lock, remove what a killed run left, and on any error (not a kill, not Ctrl-C) remove
   everything the run wrote beside the output, with OSErrors (full disk, read-only) turned into one line;
-- `follow_umask`: temporary directories are created 0700; published outputs get the umask's modes.
+- `follow_umask`: temporary directories are created 0700; published outputs get the umask's modes;
+- `json_text` / `dump_json`: strict JSON for every file comprune writes (no NaN or Infinity, which strict readers
+  refuse): a non-finite float is written as null, or, in a resume file (`exact`), as {"$float": "inf"}, which
+  `loads_exact` reads back.
 See docs/reliability.md.
 """
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import json
+import math
 import os
 import re
 import shutil
@@ -228,3 +233,39 @@ def follow_umask(path):
         if p.is_symlink():
             continue
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+_FLOAT_TAG = "$float"
+
+
+def strict_json(obj, exact: bool = False):
+    """`obj` with every non-finite float replaced: by None, or with `exact` by {"$float": "nan" | "inf" | "-inf"}
+    (a resume file must give back the very value it saved). Everything else is the same object, so a file
+    without non-finite values is byte-identical to json.dumps of `obj`."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {_FLOAT_TAG: repr(float(obj))} if exact else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v, exact) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v, exact) for v in obj]
+    return obj
+
+
+def json_text(obj, exact: bool = False, **kw) -> str:
+    """json.dumps(obj, **kw) as strict JSON (see strict_json); allow_nan=False guards against a value it missed."""
+    return json.dumps(strict_json(obj, exact), allow_nan=False, **kw)
+
+
+def dump_json(obj, f, exact: bool = False, **kw):
+    """json.dump(obj, f, **kw) as strict JSON (see json_text)."""
+    json.dump(strict_json(obj, exact), f, allow_nan=False, **kw)
+
+
+def _exact_float(d: dict):
+    return float(d[_FLOAT_TAG]) if len(d) == 1 and isinstance(d.get(_FLOAT_TAG), str) else d
+
+
+def loads_exact(text: str):
+    """What json_text(obj, exact=True) wrote, with its non-finite floats back."""
+    return json.loads(text, object_hook=_exact_float)
+

@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from .errors import CompruneError
 from .files import safetensors_header
+from .outputs import json_text
 
 INDEX = "model.safetensors.index.json"
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -164,7 +165,7 @@ def rename_tensors(src: Path, dst: Path, rename) -> dict:
         n = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(n))
     new = {k if k == "__metadata__" else rename(k): v for k, v in header.items()}
-    blob = json.dumps(new, separators=(",", ":")).encode()
+    blob = json_text(new, separators=(",", ":")).encode()
     if len(blob) <= n:
         with open(src, "r+b") as f:
             f.seek(8)
@@ -193,7 +194,7 @@ def save_tensors(tensors: dict, path: Path):
         n = v.nbytes() if hasattr(v, "write_to") else v.numel() * v.element_size()
         header[k] = {"dtype": _ST_DTYPES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + n]}
         offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob = json_text(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:

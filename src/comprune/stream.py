@@ -40,7 +40,7 @@ from . import registry
 from .models import get_adapter
 from .models import lite as lite_models
 from .models.adapters import base_model_type
-from .outputs import sibling
+from .outputs import json_text, sibling
 from .prune import prune
 from .shards import INDEX, ShardIndex, SourceTensor, read_header_and_base, read_tensors, rename_tensors, save_tensors
 from .skeleton import (
@@ -268,7 +268,7 @@ def _write_weights(model, adapter, run: StreamRun, n_layers: int, layers_prefix:
                       for v in rest.values())
     index = {"metadata": {"total_size": total_size, "total_parameters": params_after},
              "weight_map": dict(sorted(weight_map.items()))}
-    (partial / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    (partial / INDEX).write_text(json_text(index, indent=2) + "\n")
     return total_size
 
 

@@ -28,6 +28,7 @@ from ..export.size import gguf_bytes, param_counts, parse_size, weight_bytes
 from ..files import read_config
 from ..io import MANIFEST, read_manifest, write_manifest
 from ..models.adapters import get_adapter
+from ..outputs import json_text
 from ..skeleton import build_skeleton
 from ..stream import resolve_stream_source
 from .speed import ratio_for_speedup, settled, speedup_blocks
@@ -111,7 +112,7 @@ def finish(out_dir, record: dict | None) -> dict | None:
     if final["kind"] == "target_size":
         got = gguf_bytes(out, final["qtype"])
         final = {**final, "gguf_bytes": got, "met": got <= final["requested_bytes"]}
-    final = json.loads(json.dumps(final))  # as pruning.json holds it (lists, not tuples), to compare
+    final = json.loads(json_text(final))  # as pruning.json holds it (lists, not tuples), to compare
     if manifest.get(final["kind"]) != final:
         # a prune given the target wrote it with its report; the real size is only known from the saved
         # directory (the export's layout read from its files), and a streamed prune writes its report itself,

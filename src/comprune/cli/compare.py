@@ -1,7 +1,6 @@
 """comprune compare: COMP and the baselines pruned and evaluated alike (resumable)."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -9,6 +8,7 @@ from ..compare import DEFAULT_METHODS, DEFAULT_OUT, STAGES, compare
 from ..config import PRESETS, PruneConfig
 from ..registry import names as method_names
 from ..errors import CompruneError
+from ..outputs import json_text
 from .format import add_common, floats
 
 
@@ -37,7 +37,7 @@ def cmd_compare(args) -> int:
                      allow_pickle=args.allow_pickle,
                      full_seqlens=[int(x) for x in floats(args.full_seqlens)] if args.full_seqlens else None)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json_text(result, indent=2))
     else:
         print((Path(args.out) / "results.md").read_text())
         print(f"results: {args.out}/results.json, results.md, results.png")

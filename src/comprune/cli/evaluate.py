@@ -1,9 +1,9 @@
 """comprune eval: perplexity and zero-shot scores of a dense or pruned model."""
 from __future__ import annotations
 
-import json
 
 from ..errors import CompruneError
+from ..outputs import json_text
 from ..evaluate.hardware import against_peak, use_sdpa
 from ..evaluate.perplexity import perplexity
 from ..evaluate.zeroshot import evaluate_zeroshot, format_zeroshot_table
@@ -44,7 +44,7 @@ def cmd_eval(args) -> int:
         out = results[0] if len(results) == 1 and zeroshot is None else (
             {"model": args.model, "precision": precision, "perplexity": results, "zeroshot": zeroshot} if zeroshot
             else results)
-        print(json.dumps(out, indent=2))
+        print(json_text(out, indent=2))
     else:
         if results:
             rows = [{**r, "dtype": r["dtype"], "GFLOP/s": r["hardware"]["achieved_gflops"],

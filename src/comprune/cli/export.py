@@ -1,9 +1,9 @@
 """comprune export: a (pruned) model directory as a GGUF file for llama.cpp."""
 from __future__ import annotations
 
-import json
 
 from ..errors import CompruneError
+from ..outputs import json_text
 from ..export.gguf import export_gguf
 from .format import table
 
@@ -13,7 +13,7 @@ def cmd_export(args) -> int:
         raise CompruneError("nothing to export: pass --gguf OUT.gguf")
     summary = export_gguf(args.model_dir, args.gguf, qtype=args.type, force=args.force, pad_to=args.pad_to)
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json_text(summary, indent=2))
     else:
         print(table([{k: v for k, v in summary.items() if not isinstance(v, (list, dict))}],
                     [k for k, v in summary.items() if not isinstance(v, (list, dict))]))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import json
 import shutil
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from ..data import get_calibration
 from ..errors import CompruneError
 from ..io import save_pretrained
 from ..loading import load
-from ..outputs import check_output, guard_output
+from ..outputs import check_output, guard_output, json_text
 from ..prune import prune
 from ..stream import prune_streaming
 from .budgets import add_budget_options, budget_record, finish_budget, print_budget, resolve_budget
@@ -100,7 +99,7 @@ def cmd_prune_stream(args, cfg) -> int:
                                  lite=not getattr(args, "stream_transformers_modules", False))
     finish_budget(out, size)
     if args.json:
-        print(json.dumps({"out": str(out), **{k: v for k, v in report.to_dict().items() if k != "blocks"},
+        print(json_text({"out": str(out), **{k: v for k, v in report.to_dict().items() if k != "blocks"},
                           **budget_record(out, size)}, indent=2))
     else:
         print(table(report.summary_rows(), list(report.summary_rows()[0])))
@@ -127,7 +126,7 @@ def cmd_prune(args) -> int:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     finish_budget(out, size)
     if args.json:
-        print(json.dumps({"out": str(out), **{k: v for k, v in report.to_dict().items() if k != "blocks"},
+        print(json_text({"out": str(out), **{k: v for k, v in report.to_dict().items() if k != "blocks"},
                           **budget_record(out, size)}, indent=2))
     else:
         print(table(report.summary_rows(), list(report.summary_rows()[0])))

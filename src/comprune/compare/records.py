@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..outputs import json_text
+
 DEFAULT_METHODS = ("comp", "llm-pruner", "flap", "layer-drop", "wanda-sp")
 DEFAULT_OUT = "benchmarks/results/compare"
 STAGES = ("prune", "ppl", "speed", "llamacpp", "stream", "zeroshot", "full", "zeroshot_full")
@@ -35,7 +37,7 @@ def read_json(path: Path) -> dict:
 def write_json(path: Path, obj: dict):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json_text(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
 

@@ -34,7 +34,6 @@ models needs (evaluate.significance).
 from __future__ import annotations
 
 import bz2
-import json
 import logging
 import random
 import re
@@ -45,6 +44,7 @@ from .. import deferred
 from ..data import resolve_data_dir
 from ..errors import CompruneError
 from ..loading import cache_dir as comprune_cache
+from ..outputs import json_text, loads_exact
 from . import compiled, packed
 
 PAPER7 = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
@@ -132,7 +132,7 @@ def _hellaswag_jsonl(src: Path) -> Path:
         tmp = out.with_suffix(".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             for row in _hellaswag_rows(src):
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.write(json_text(row, ensure_ascii=False) + "\n")
         tmp.replace(out)  # atomic: a crash never leaves a half-written file under the final name
     return out
 
@@ -243,7 +243,6 @@ def evaluate_zeroshot(model, tokenizer, tasks, limit=None, subset=None, data_dir
 def _json_cache(lm, path):
     """lm_eval's CachingLM stores pickles (sqlitedict's default), and unpickling a db someone else wrote runs their
     code: store JSON instead (responses are numbers, booleans and strings). A db of pickles is not read."""
-    import json
     import sqlite3
 
     from sqlitedict import SqliteDict
@@ -256,7 +255,8 @@ def _json_cache(lm, path):
     if row is not None and isinstance(row[0], bytes) and row[0][:1] == b"\x80":
         raise CompruneError(f"{path} is an lm_eval cache of pickles, which comprune does not read (it could run "
                             "code): delete it, or pass another cache directory")
-    lm.dbdict = SqliteDict(str(path), autocommit=True, encode=json.dumps, decode=json.loads)
+    # the cache gives back exactly what lm_eval stored (a log-likelihood may be -inf), in strict JSON
+    lm.dbdict = SqliteDict(str(path), autocommit=True, encode=lambda obj: json_text(obj, exact=True), decode=loads_exact)
     from lm_eval.api.model import CacheHook
     lm.lm.set_cache_hook(CacheHook(lm))  # the hook holds the db it writes partial results to
 

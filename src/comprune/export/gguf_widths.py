@@ -23,12 +23,13 @@ from .gguf_hparams import model_family
 
 
 def ffn_widths(cfg: dict, tensors: dict) -> list[int]:
-    """Per-layer MLP widths: `intermediate_sizes` (pruned, non-uniform) or the one `intermediate_size`."""
+    """Per-layer MLP widths: `intermediate_sizes` (pruned, non-uniform) or the one width under the family's
+    width key (`intermediate_size`)."""
     n_layers = int(cfg["num_hidden_layers"])
     family = model_family(cfg)
     if gguf_family(family).moe:
         return _expert_widths(family, cfg, tensors, n_layers)
-    widths = [int(w) for w in cfg.get("intermediate_sizes") or [cfg["intermediate_size"]] * n_layers]
+    widths = [int(w) for w in cfg.get("intermediate_sizes") or [cfg[gguf_family(family).width_key]] * n_layers]
     require(len(widths) == n_layers, f"config has {len(widths)} intermediate_sizes for {n_layers} layers")
     fused = spec_for(family).fused_mlp
     for i, w in enumerate(widths):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -27,17 +28,22 @@ from safetensors.torch import save_file
 from ..errors import CompruneError
 from ..files import read_config
 from ..loading import cache_dir
+from ..models.families import family_of
+from ..outputs import json_text
 from ..precision import cpu_name
 from .gguf import export_gguf, open_safetensors
 from .llamacpp import relative_llamacpp_speed
 
 NEW_TOKENS, REPEATS = 64, 3
 TABLE_VERSION = 2
+# what a cached table must hold to be used: the fit, and what a target's record copies from it
+FIELDS = ("c", "a", "m", "qtype", "threads", "cpu", "points")
 
 
 def _key(cfg: dict, qtype: str, threads: int) -> str:
-    dims = {k: cfg.get(k) for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                    "num_attention_heads", "num_key_value_heads", "vocab_size", "head_dim")}
+    dims = {k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                    "num_key_value_heads", "vocab_size", "head_dim")}
+    dims["intermediate_size"] = cfg.get(family_of(cfg).width_key)  # the key's name keeps existing caches valid
     text = json.dumps([dims, qtype, threads, cpu_name(), os.cpu_count(), TABLE_VERSION], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -59,9 +65,9 @@ def sliced_variant(src: Path, dst: Path, n_layers: int, width: int):
         out[name] = t.contiguous()
     dst.mkdir(parents=True)
     save_file(out, str(dst / "model.safetensors"))
-    cfg = {**cfg, "num_hidden_layers": n_layers, "intermediate_size": width}
+    cfg = {**cfg, "num_hidden_layers": n_layers, family_of(cfg).width_key: width}
     cfg.pop("intermediate_sizes", None)
-    (dst / "config.json").write_text(json.dumps(cfg))
+    (dst / "config.json").write_text(json_text(cfg))
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if (src / f).is_file():
             shutil.copyfile(src / f, dst / f)
@@ -81,16 +87,50 @@ def fit(points: list[tuple[float, float, float]]) -> dict:
     return {"c": max(1 - a - m, 0.0), "a": a, "m": m}
 
 
+def cached_table(path: Path) -> dict | None:
+    """The table cached in `path`, or None when there is none or it cannot be used (unreadable, not JSON, a field
+    missing or not a finite number): a cache is disposable, so such a table is measured again."""
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(table, dict) or not all(k in table for k in FIELDS) or not isinstance(table["points"], list):
+        return None
+    if not all(isinstance(table[k], (int, float)) and not isinstance(table[k], bool) and math.isfinite(table[k])
+               for k in "cam"):
+        return None
+    return table
+
+
 def latency_table(src, qtype: str = "f16", threads: int | None = None, show: bool = True, refresh: bool = False,
                   prompt: list[int] | None = None) -> dict:
     """The fitted table for the model in directory `src`, measured once and cached (COMPRUNE_CACHE)."""
     src = Path(src)
     cfg = read_config(src)
+    family = family_of(cfg)
+    if family.no_gguf:
+        raise CompruneError(f"--target-speedup is a speed in llama.cpp, which cannot run this model "
+                            f"({family.no_gguf}): give --ratio or --target-size")
     threads = threads or torch.get_num_threads()
     path = cache_dir() / "latency" / f"{_key(cfg, qtype, threads)}.json"
-    if path.is_file() and not refresh:
-        return json.loads(path.read_text())
-    L, W = int(cfg["num_hidden_layers"]), int(cfg["intermediate_size"])
+    if not refresh:
+        table = cached_table(path)
+        if table is not None:
+            return table
+        if path.exists() and show:
+            print(f"latency table: {path} is unreadable or incomplete: measuring it again", flush=True)
+    table = measure_table(src, cfg, family.width_key, qtype, threads, show, prompt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json_text(table, indent=1))
+    os.replace(tmp, path)
+    return table
+
+
+def measure_table(src: Path, cfg: dict, width_key: str, qtype: str, threads: int, show: bool,
+                  prompt: list[int] | None) -> dict:
+    """Time the sliced variants against the dense export in llama.cpp and fit the table (minutes)."""
+    L, W = int(cfg["num_hidden_layers"]), int(cfg[width_key])
     names = open_safetensors(src)
     if not all(f"model.layers.0.mlp.{p}_proj.weight" in names for p in ("gate", "up", "down")):
         raise CompruneError("--target-speedup models Llama-style MLPs (gate/up/down projections): give --ratio "
@@ -114,10 +154,5 @@ def latency_table(src, qtype: str = "f16", threads: int | None = None, show: boo
             runs.append({"layers": n, "width": w, **rec})
             shutil.rmtree(d / f"v{i}")
             os.unlink(path_v)
-    table = {**fit(points), "layers": L, "width": W, "qtype": qtype, "threads": threads, "cpu": cpu_name(),
-             "points": points, "runs": runs, "version": TABLE_VERSION}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(table, indent=1))
-    os.replace(tmp, path)
-    return table
+    return {**fit(points), "layers": L, "width": W, "qtype": qtype, "threads": threads, "cpu": cpu_name(),
+            "points": points, "runs": runs, "version": TABLE_VERSION}

@@ -8,6 +8,7 @@ arithmetic is importable and testable on its own.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -96,13 +97,24 @@ def _toggle_block(child: dict, top: int, rng: random.Random, removed: int, remov
         child[a] = removed
 
 
+# A resumed search compares with the very fitness the killed one had (inf and nan too), in strict JSON: the
+# format of comprune.outputs.json_text(exact=True), written here because this module imports nothing of comprune.
+def _exact(x):
+    return {"$float": repr(x)} if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def _exact_float(d: dict):
+    return float(d["$float"]) if len(d) == 1 and isinstance(d.get("$float"), str) else d
+
+
 def evolve(fitness, start: dict, top: int, cfg, state_file: Path | None = None, show=True,
            removable=(), min_removed: int = 0) -> tuple[dict, list]:
     """(1 + λ) evolution from `start`; every generation's randomness comes from (seed, generation), so a resumed
     search continues exactly where the killed one stopped. Offspring removing fewer than `min_removed` whole
     blocks (the speed budget) are not considered. `fitness` is what fitness.Fitness is to it: `population`,
     `windows` and `removed_level`."""
-    state = json.loads(state_file.read_text()) if state_file is not None and state_file.exists() else None
+    state = json.loads(state_file.read_text(), object_hook=_exact_float) \
+        if state_file is not None and state_file.exists() else None
     parent = {int(k): v for k, v in state["parent"].items()} if state is not None else dict(start)
     # the parent's trajectory: offspring run from where they leave it
     (parent_fit,), (traj,) = fitness.population([parent], record=True)
@@ -140,7 +152,8 @@ def evolve(fitness, start: dict, top: int, cfg, state_file: Path | None = None, 
         trace.append([gen + 1, parent_fit])
         if state_file is not None:
             tmp = state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"parent": parent, "fitness": parent_fit, "trace": trace,
-                                       "generation": gen + 1}))
+            tmp.write_text(json.dumps({"parent": parent, "fitness": _exact(parent_fit),
+                                       "trace": [[g, _exact(f)] for g, f in trace], "generation": gen + 1},
+                                      allow_nan=False))
             os.replace(tmp, state_file)
     return parent, trace
