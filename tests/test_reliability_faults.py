@@ -172,6 +172,21 @@ def test_read_only_output_is_refused_first(env, readonly_dir, tmp_path, capsys, 
     assert_clean_error(code, err, "writ")
 
 
+@pytest.mark.parametrize("where", ["new", "existing"])
+def test_compare_read_only_out_is_refused_first(readonly_dir, tmp_path, capsys, monkeypatch, where):
+    from comprune.compare.runner import Comparison
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the output was checked")
+    monkeypatch.setattr(Comparison, "prune_run", no_work)
+    monkeypatch.setattr(Comparison, "runtime_floor", no_work)
+    src = tiny_dir(tmp_path / "tiny", tokenizer=False)
+    out = readonly_dir / "cmp" if where == "new" else readonly_dir
+    code, err = main(["compare", src, "--out", out, "--methods", "layer-drop", "--ratios", "0.5", "--skip",
+                      "ppl,speed,stream,zeroshot,full,llamacpp"], capsys)
+    assert_clean_error(code, err, "writ")
+
+
 # ------------------------------------------------------------------------------ busy output (13)
 def _hold_lock(out: Path):
     """Take the lock a comprune run takes on `out` (docs/reliability.md: `.NAME.lock` beside it, flock)."""

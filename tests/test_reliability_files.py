@@ -181,6 +181,61 @@ def test_compare_passes_the_consent_flags_to_its_prunes(base, tmp_path, capsys, 
     assert model.config.num_hidden_layers == 4
 
 
+def fake_prunes(monkeypatch, fail: bool = False):
+    """compare's prunes replaced by a quick record (or a failure): what is under test is the records around them."""
+    from comprune.compare.records import RSS_PROBE
+    from comprune.compare.runner import Comparison
+    from comprune.errors import CompruneError
+
+    def prune_run(self, method, ratio, stream=False):
+        if fail:
+            raise CompruneError(f"pruning {method} failed (exit 2): boom")
+        return {"rss_probe": RSS_PROBE, "params_after": 1, "kept_layers": [0], "removed_layers": [1]}
+    monkeypatch.setattr(Comparison, "prune_run", prune_run)
+    monkeypatch.setattr(Comparison, "runtime_floor", lambda self: {})
+
+
+COMPARE_PRUNE_ONLY = ["--methods", "layer-drop", "--ratios", "0.5", "--skip", "ppl,speed,stream,zeroshot,full,llamacpp"]
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", ""], ids=["not-json", "not-object", "empty"])
+def test_compare_redoes_a_corrupt_run_record(base, tmp_path, capsys, monkeypatch, content):
+    src, _ = base
+    fake_prunes(monkeypatch)
+    out = tmp_path / "cmp"
+    (out / "runs").mkdir(parents=True)
+    for name in ("dense", "layer-drop-r0.50"):
+        (out / "runs" / f"{name}.json").write_text(content)
+    code, err = main(["compare", src, "--out", out, *COMPARE_PRUNE_ONLY, "--json"], capsys)
+    assert code == 0 and "Traceback" not in err, err[-2000:]
+    warnings = [ln for ln in err.splitlines() if ln.startswith("comprune: warning:")]
+    assert len(warnings) == 2 and all("redone" in w for w in warnings), err
+    assert any("layer-drop-r0.50.json" in w for w in warnings) and any("dense.json" in w for w in warnings)
+    rec = json.loads((out / "runs" / "layer-drop-r0.50.json").read_text())
+    assert rec["prune"]["params_after"] == 1
+    assert (out / "runs" / "layer-drop-r0.50.json.corrupt").read_text() == content
+
+
+def test_compare_corrupt_settings_is_one_line(base, tmp_path, capsys, monkeypatch):
+    src, _ = base
+    fake_prunes(monkeypatch)
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "settings.json").write_text("[]")
+    code, err = main(["compare", src, "--out", out, *COMPARE_PRUNE_ONLY], capsys)
+    assert_clean_error(code, err, "settings.json", "delete it")
+    assert not (out / "runs").exists()
+
+
+def test_compare_fails_when_every_prune_fails(base, tmp_path, capsys, monkeypatch):
+    src, _ = base
+    fake_prunes(monkeypatch, fail=True)
+    code, err = main(["compare", src, "--out", tmp_path / "cmp", *COMPARE_PRUNE_ONLY, "--json"], capsys)
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("comprune: ")]
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert lines == [lines[-1]] and "every prune failed" in lines[-1] and "boom" in lines[-1], err
+
+
 def test_zeroshot_cache_is_not_a_pickle(tmp_path):
     """lm_eval's CachingLM pickles into sqlite: comprune's cache stores JSON, and compare keeps it in its --out."""
     pytest.importorskip("lm_eval")
