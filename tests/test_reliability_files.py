@@ -337,6 +337,81 @@ def test_config_not_json(base, tmp_path, capsys, kind):
     assert_clean_error(code, err, "config.json")
 
 
+# ------------------------------------------------------------------------------ files outside the model directory
+SECRET = "SECRET-OUTSIDE-THE-MODEL-0123456789"
+
+
+@pytest.fixture(scope="module")
+def exportable(tmp_path_factory):
+    return export_ready(tmp_path_factory.mktemp("exportable") / "m", layers=2)
+
+
+def within(seconds: int):
+    """Fail instead of hanging: SIGALRM interrupts a blocking open (of a FIFO) in this thread."""
+    import signal
+
+    def timeout(*_):
+        raise TimeoutError(f"still running after {seconds} s (blocked on a FIFO?)")
+    signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(seconds)
+    return signal
+
+
+def everything_written(root: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()
+                    and p.name != "secret.txt")
+
+
+@pytest.mark.parametrize("kind", ["prune", "export"])
+@pytest.mark.parametrize("link", ["outside", "loop", "dangling"])
+def test_model_file_linked_outside_is_not_read(base, exportable, tmp_path, capsys, kind, link):
+    """A `chat_template.jinja` (read by transformers and by gguf, copied into a pruned model and a GGUF a user
+    may publish) that links to a file elsewhere is refused, naming it; its content is written nowhere."""
+    src, text = base
+    d = copy_model(exportable if kind == "export" else src, tmp_path / "m")
+    secret = tmp_path / "secret.txt"
+    secret.write_text(SECRET)
+    target = {"outside": secret, "loop": d / "chat_template.jinja", "dangling": tmp_path / "gone"}[link]
+    (d / "chat_template.jinja").symlink_to(target)
+    work = tmp_path / "work"
+    work.mkdir()
+    code, err = main(loader_argv(kind, d, work, text), capsys)
+    assert_clean_error(code, err, "chat_template.jinja", {"outside": "outside the model directory",
+                                                          "loop": "loop", "dangling": "to nothing"}[link])
+    assert SECRET.encode() not in everything_written(work)
+    assert not list(work.iterdir())
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "model.safetensors", "tokenizer_config.json"])
+@pytest.mark.parametrize("kind", ["prune", "stream", "export"])
+def test_fifo_in_the_model_directory_is_refused_at_once(base, exportable, tmp_path, capsys, kind, name):
+    src, text = base
+    d = copy_model(exportable if kind == "export" else src, tmp_path / "m")
+    (d / name).unlink()
+    os.mkfifo(d / name)
+    signal = within(60)
+    try:
+        code, err = main(loader_argv(kind, d, tmp_path, text), capsys)
+    finally:
+        signal.alarm(0)
+    assert_clean_error(code, err, name, "is a FIFO, not a regular file")
+
+
+def test_hub_cache_snapshot_links_are_read(exportable, tmp_path, capsys):
+    """A Hugging Face cache snapshot is links into its repository's blob store: those are the model's files."""
+    repo = tmp_path / "models--org--m"
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in exportable.iterdir():
+        blob = repo / "blobs" / f"blob-{f.name}"
+        shutil.copyfile(f, blob)
+        (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    code, err = main(["export", snap, "--gguf", tmp_path / "m.gguf"], capsys)
+    assert code == 0, err[-2000:]
+    assert (tmp_path / "m.gguf").stat().st_size > 0
+
+
 # ------------------------------------------------------------------------------ GGUF inputs (9)
 @pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory):
