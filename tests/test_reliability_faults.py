@@ -195,6 +195,24 @@ def _hold_lock(out: Path):
     return f
 
 
+@pytest.mark.parametrize("planted", ["lock", "export-tmp"])
+def test_link_planted_at_a_hidden_name_is_not_followed(env, tmp_path, capsys, planted):
+    """A link at `.NAME.lock` (or an export's temporary) must not make comprune create or write its target."""
+    mode = "export" if planted == "export-tmp" else "memory"
+    out = tmp_path / ("m.gguf" if mode == "export" else "out")
+    target = tmp_path / "elsewhere" / "victim"
+    target.parent.mkdir()
+    name = f".{out.name}.lock" if planted == "lock" else f".{out.name}.tmp{os.getpid()}"
+    (out.parent / name).symlink_to(target)
+    code, err = main(writer_argv(env, mode, out), capsys)
+    assert not target.exists(), "a file was created through the planted link"
+    if planted == "lock":
+        assert_clean_error(code, err, name, "symbolic link")
+        assert not out.exists()
+    else:
+        assert code == 0, err[-2000:]
+
+
 @pytest.mark.parametrize("mode", WRITERS)
 def test_busy_output_is_refused_at_once(env, tmp_path, capsys, mode):
     out = tmp_path / ("m.gguf" if mode == "export" else "out")
