@@ -52,6 +52,29 @@ def test_compare_rejects_non_finite_floats(env, tmp_path, capsys, args):
     assert_clean_error(code, err, args[0].lstrip("-").split("-")[0])
 
 
+COMPARE_NO_WORK = ["--methods", "layer-drop", "--skip", "prune,ppl,speed,stream,zeroshot,full,llamacpp"]
+
+
+@pytest.mark.parametrize("args", [["--ratios", "nan", "--json"], ["--ratios", "0"], ["--ratios", "0.95"],
+                                  ["--ratios", "-0.1"], ["--ratios", "0.2", "--stream-ratios", "nan"],
+                                  ["--ratios", "0.2", "--stream-ratios", "1.5"]])
+def test_compare_refuses_ratios_out_of_range(env, tmp_path, capsys, args):
+    src, _ = env
+    out = tmp_path / "cmp"
+    code, err = main(["compare", src, "--out", out, *COMPARE_NO_WORK, *args], capsys)
+    assert_clean_error(code, err, args[-3] if args[-1] == "--json" else args[-2], "(0, 0.9]")
+    assert not out.exists()
+
+
+def test_compare_out_is_a_file(env, tmp_path, capsys):
+    src, _ = env
+    out = tmp_path / "cmp"
+    out.write_text("mine")
+    code, err = main(["compare", src, "--out", out, "--ratios", "0.2", *COMPARE_NO_WORK], capsys)
+    assert_clean_error(code, err, str(out), "not a directory")
+    assert out.read_text() == "mine"
+
+
 # ------------------------------------------------------------------------------ --round-to (6)
 def test_round_to_larger_than_the_widths_is_refused(env, tmp_path, capsys):
     src, text = env

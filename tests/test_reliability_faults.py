@@ -172,12 +172,45 @@ def test_read_only_output_is_refused_first(env, readonly_dir, tmp_path, capsys, 
     assert_clean_error(code, err, "writ")
 
 
+@pytest.mark.parametrize("where", ["new", "existing"])
+def test_compare_read_only_out_is_refused_first(readonly_dir, tmp_path, capsys, monkeypatch, where):
+    from comprune.compare.runner import Comparison
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the output was checked")
+    monkeypatch.setattr(Comparison, "prune_run", no_work)
+    monkeypatch.setattr(Comparison, "runtime_floor", no_work)
+    src = tiny_dir(tmp_path / "tiny", tokenizer=False)
+    out = readonly_dir / "cmp" if where == "new" else readonly_dir
+    code, err = main(["compare", src, "--out", out, "--methods", "layer-drop", "--ratios", "0.5", "--skip",
+                      "ppl,speed,stream,zeroshot,full,llamacpp"], capsys)
+    assert_clean_error(code, err, "writ")
+
+
 # ------------------------------------------------------------------------------ busy output (13)
 def _hold_lock(out: Path):
     """Take the lock a comprune run takes on `out` (docs/reliability.md: `.NAME.lock` beside it, flock)."""
     f = open(out.parent / f".{out.name}.lock", "a+")
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return f
+
+
+@pytest.mark.parametrize("planted", ["lock", "export-tmp"])
+def test_link_planted_at_a_hidden_name_is_not_followed(env, tmp_path, capsys, planted):
+    """A link at `.NAME.lock` (or an export's temporary) must not make comprune create or write its target."""
+    mode = "export" if planted == "export-tmp" else "memory"
+    out = tmp_path / ("m.gguf" if mode == "export" else "out")
+    target = tmp_path / "elsewhere" / "victim"
+    target.parent.mkdir()
+    name = f".{out.name}.lock" if planted == "lock" else f".{out.name}.tmp{os.getpid()}"
+    (out.parent / name).symlink_to(target)
+    code, err = main(writer_argv(env, mode, out), capsys)
+    assert not target.exists(), "a file was created through the planted link"
+    if planted == "lock":
+        assert_clean_error(code, err, name, "symbolic link")
+        assert not out.exists()
+    else:
+        assert code == 0, err[-2000:]
 
 
 @pytest.mark.parametrize("mode", WRITERS)

@@ -181,6 +181,61 @@ def test_compare_passes_the_consent_flags_to_its_prunes(base, tmp_path, capsys, 
     assert model.config.num_hidden_layers == 4
 
 
+def fake_prunes(monkeypatch, fail: bool = False):
+    """compare's prunes replaced by a quick record (or a failure): what is under test is the records around them."""
+    from comprune.compare.records import RSS_PROBE
+    from comprune.compare.runner import Comparison
+    from comprune.errors import CompruneError
+
+    def prune_run(self, method, ratio, stream=False):
+        if fail:
+            raise CompruneError(f"pruning {method} failed (exit 2): boom")
+        return {"rss_probe": RSS_PROBE, "params_after": 1, "kept_layers": [0], "removed_layers": [1]}
+    monkeypatch.setattr(Comparison, "prune_run", prune_run)
+    monkeypatch.setattr(Comparison, "runtime_floor", lambda self: {})
+
+
+COMPARE_PRUNE_ONLY = ["--methods", "layer-drop", "--ratios", "0.5", "--skip", "ppl,speed,stream,zeroshot,full,llamacpp"]
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", ""], ids=["not-json", "not-object", "empty"])
+def test_compare_redoes_a_corrupt_run_record(base, tmp_path, capsys, monkeypatch, content):
+    src, _ = base
+    fake_prunes(monkeypatch)
+    out = tmp_path / "cmp"
+    (out / "runs").mkdir(parents=True)
+    for name in ("dense", "layer-drop-r0.50"):
+        (out / "runs" / f"{name}.json").write_text(content)
+    code, err = main(["compare", src, "--out", out, *COMPARE_PRUNE_ONLY, "--json"], capsys)
+    assert code == 0 and "Traceback" not in err, err[-2000:]
+    warnings = [ln for ln in err.splitlines() if ln.startswith("comprune: warning:")]
+    assert len(warnings) == 2 and all("redone" in w for w in warnings), err
+    assert any("layer-drop-r0.50.json" in w for w in warnings) and any("dense.json" in w for w in warnings)
+    rec = json.loads((out / "runs" / "layer-drop-r0.50.json").read_text())
+    assert rec["prune"]["params_after"] == 1
+    assert (out / "runs" / "layer-drop-r0.50.json.corrupt").read_text() == content
+
+
+def test_compare_corrupt_settings_is_one_line(base, tmp_path, capsys, monkeypatch):
+    src, _ = base
+    fake_prunes(monkeypatch)
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "settings.json").write_text("[]")
+    code, err = main(["compare", src, "--out", out, *COMPARE_PRUNE_ONLY], capsys)
+    assert_clean_error(code, err, "settings.json", "delete it")
+    assert not (out / "runs").exists()
+
+
+def test_compare_fails_when_every_prune_fails(base, tmp_path, capsys, monkeypatch):
+    src, _ = base
+    fake_prunes(monkeypatch, fail=True)
+    code, err = main(["compare", src, "--out", tmp_path / "cmp", *COMPARE_PRUNE_ONLY, "--json"], capsys)
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("comprune: ")]
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert lines == [lines[-1]] and "every prune failed" in lines[-1] and "boom" in lines[-1], err
+
+
 def test_zeroshot_cache_is_not_a_pickle(tmp_path):
     """lm_eval's CachingLM pickles into sqlite: comprune's cache stores JSON, and compare keeps it in its --out."""
     pytest.importorskip("lm_eval")
@@ -280,6 +335,81 @@ def test_config_not_json(base, tmp_path, capsys, kind):
     (d / "config.json").write_text("{not json")
     code, err = main(loader_argv(kind, d, tmp_path, text), capsys)
     assert_clean_error(code, err, "config.json")
+
+
+# ------------------------------------------------------------------------------ files outside the model directory
+SECRET = "SECRET-OUTSIDE-THE-MODEL-0123456789"
+
+
+@pytest.fixture(scope="module")
+def exportable(tmp_path_factory):
+    return export_ready(tmp_path_factory.mktemp("exportable") / "m", layers=2)
+
+
+def within(seconds: int):
+    """Fail instead of hanging: SIGALRM interrupts a blocking open (of a FIFO) in this thread."""
+    import signal
+
+    def timeout(*_):
+        raise TimeoutError(f"still running after {seconds} s (blocked on a FIFO?)")
+    signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(seconds)
+    return signal
+
+
+def everything_written(root: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()
+                    and p.name != "secret.txt")
+
+
+@pytest.mark.parametrize("kind", ["prune", "export"])
+@pytest.mark.parametrize("link", ["outside", "loop", "dangling"])
+def test_model_file_linked_outside_is_not_read(base, exportable, tmp_path, capsys, kind, link):
+    """A `chat_template.jinja` (read by transformers and by gguf, copied into a pruned model and a GGUF a user
+    may publish) that links to a file elsewhere is refused, naming it; its content is written nowhere."""
+    src, text = base
+    d = copy_model(exportable if kind == "export" else src, tmp_path / "m")
+    secret = tmp_path / "secret.txt"
+    secret.write_text(SECRET)
+    target = {"outside": secret, "loop": d / "chat_template.jinja", "dangling": tmp_path / "gone"}[link]
+    (d / "chat_template.jinja").symlink_to(target)
+    work = tmp_path / "work"
+    work.mkdir()
+    code, err = main(loader_argv(kind, d, work, text), capsys)
+    assert_clean_error(code, err, "chat_template.jinja", {"outside": "outside the model directory",
+                                                          "loop": "loop", "dangling": "to nothing"}[link])
+    assert SECRET.encode() not in everything_written(work)
+    assert not list(work.iterdir())
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "model.safetensors", "tokenizer_config.json"])
+@pytest.mark.parametrize("kind", ["prune", "stream", "export"])
+def test_fifo_in_the_model_directory_is_refused_at_once(base, exportable, tmp_path, capsys, kind, name):
+    src, text = base
+    d = copy_model(exportable if kind == "export" else src, tmp_path / "m")
+    (d / name).unlink()
+    os.mkfifo(d / name)
+    signal = within(60)
+    try:
+        code, err = main(loader_argv(kind, d, tmp_path, text), capsys)
+    finally:
+        signal.alarm(0)
+    assert_clean_error(code, err, name, "is a FIFO, not a regular file")
+
+
+def test_hub_cache_snapshot_links_are_read(exportable, tmp_path, capsys):
+    """A Hugging Face cache snapshot is links into its repository's blob store: those are the model's files."""
+    repo = tmp_path / "models--org--m"
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in exportable.iterdir():
+        blob = repo / "blobs" / f"blob-{f.name}"
+        shutil.copyfile(f, blob)
+        (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    code, err = main(["export", snap, "--gguf", tmp_path / "m.gguf"], capsys)
+    assert code == 0, err[-2000:]
+    assert (tmp_path / "m.gguf").stat().st_size > 0
 
 
 # ------------------------------------------------------------------------------ GGUF inputs (9)

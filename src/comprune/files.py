@@ -1,6 +1,8 @@
 """Checks on a model directory's files before anything loads them (docs/reliability.md):
 
-- `read_config`: config.json parsed, or one line naming it;
+- `model_file` / `check_model_dir` / `read_model_file`: only regular files that resolve inside the model
+  directory are read (no link to a file elsewhere, no FIFO or device), or one line naming the file;
+- `read_config`: config.json parsed (the directory checked first), or one line naming it;
 - `check_safetensors`: every safetensors file complete (header readable, data as long as the header says);
 - `check_gguf`: the same for a .gguf file;
 - `refuse_pickles`: a directory whose weights are only pickles (.bin/.pt/.pth) needs --allow-pickle;
@@ -9,11 +11,13 @@
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
 import mmap
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -22,13 +26,103 @@ from .errors import CompruneError
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device"}
+
+
+def _allowed_roots(model_dir: Path) -> list[str]:
+    """Where a model directory's files may resolve: inside it, and for a Hugging Face cache snapshot
+    (`.../snapshots/REV`, whose files are links to `../../blobs/HASH`) its repository's blob store."""
+    root = os.path.realpath(model_dir)
+    roots = [root]
+    if Path(root).parent.name == "snapshots":
+        roots.append(str(Path(root).parent.parent / "blobs"))
+    return roots
+
+
+def model_file(model_dir, name) -> Path | None:
+    """`model_dir/name` when it is a regular file (or a directory) that resolves inside the model directory,
+    None when absent; else one line naming it. A link to a file elsewhere would put that file's content into
+    what comprune writes (a GGUF a user may publish), and opening a FIFO blocks forever: neither is read."""
+    model_dir = Path(model_dir)
+    path = model_dir / name
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CompruneError(f"cannot read {path} ({e.strerror or e}): check the file") from None
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise CompruneError(f"{path} is a symbolic link loop: replace it with the file it should be, or "
+                                    "remove it") from None
+            raise CompruneError(f"{path} is a symbolic link to nothing ({e.strerror or e}): replace it with the "
+                                "file it should be, or remove it") from None
+        target = os.path.realpath(path)
+        if not any(target == r or target.startswith(r.rstrip(os.sep) + os.sep) for r in _allowed_roots(model_dir)):
+            raise CompruneError(f"{path} links to {target}, outside the model directory: comprune reads only the "
+                                f"model directory's own files; copy the file into {model_dir} to use it")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise CompruneError(f"{path} is {kind}, not a regular file: remove it or replace it with the file it "
+                            "should be")
+    return path
+
+
+def check_model_dir(model_dir) -> None:
+    """`model_file` for every file of a model directory and its subdirectories (transformers and gguf read
+    files comprune does not name: tokenizer_config.json, chat_template.jinja, additional_chat_templates/...).
+    Hidden subdirectories (.git, .cache) are not read by any loader and are not searched."""
+    model_dir = Path(model_dir)
+    pending = [Path()]
+    while pending:
+        rel = pending.pop()
+        try:
+            names = sorted(os.listdir(model_dir / rel))
+        except OSError as e:
+            raise CompruneError(f"cannot list {model_dir / rel} ({e.strerror or e}): check the directory") from None
+        for name in names:
+            path = model_file(model_dir, rel / name)
+            if path is not None and not path.is_symlink() and path.is_dir() and not name.startswith("."):
+                pending.append(rel / name)
+
+
+def read_model_file(model_dir, name) -> bytes | None:
+    """The bytes of `model_dir/name` (None when absent), read only when `model_file` allows it. Opened
+    non-blocking and checked again on the open file: a FIFO swapped in after the check cannot block."""
+    path = model_file(model_dir, name)
+    if path is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise CompruneError(f"cannot read {path} ({e.strerror or e}): check the file") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CompruneError(f"{path} is not a regular file: replace it with the file it should be")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            return f.read()
+        except OSError as e:
+            raise CompruneError(f"cannot read {path} ({e.strerror or e}): check the file") from None
+
+
 def read_config(model_dir) -> dict:
+    """config.json of a model directory, after `check_model_dir`: every loader reads it first, before
+    transformers or gguf open any other file of the directory."""
     path = Path(model_dir) / "config.json"
-    if not path.is_file():
+    data = None
+    if Path(model_dir).is_dir():
+        check_model_dir(model_dir)
+        data = read_model_file(model_dir, "config.json")
+    if data is None:
         raise CompruneError(f"{model_dir} has no config.json: pass a model directory saved by comprune or "
                             "transformers")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise CompruneError(f"{path} is not valid JSON ({str(e).splitlines()[0][:100]}): fix it or re-save the "
                             "model") from None

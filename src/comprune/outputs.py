@@ -24,6 +24,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,10 +123,17 @@ class OutputLock:
 
     def acquire(self):
         for _ in range(5):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a link planted at the lock's name: it would create or truncate its target
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
             except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise CompruneError(f"{self.path} is a symbolic link, not comprune's lock file: remove it "
+                                        "and retry") from None
                 raise io_error(e, self.path) from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise CompruneError(f"{self.path} is not a regular file, not comprune's lock file: remove it "
+                                    "and retry")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..compare import DEFAULT_METHODS, DEFAULT_OUT, STAGES, compare
+from ..compare import DEFAULT_METHODS, DEFAULT_OUT, STAGES, check_results_dir, compare
 from ..config import PRESETS, PruneConfig
 from ..registry import names as method_names
 from ..errors import CompruneError
@@ -20,10 +20,14 @@ def cmd_compare(args) -> int:
         if not math.isfinite(getattr(args, name)):
             raise CompruneError(f"--{name.replace('_', '-')} must be a number (got {getattr(args, name)}): "
                                 "e.g. 0.2, or -1 for none")
-    if not all(math.isfinite(r) for r in ratios):
-        raise CompruneError(f"--ratios must be finite numbers in (0, 0.9] (got {args.ratios})")
+    stream_ratios = floats(args.stream_ratios) if args.stream_ratios else None
+    for flag, values in (("--ratios", ratios), ("--stream-ratios", stream_ratios or [])):
+        if not all(math.isfinite(r) and 0 < r <= 0.9 for r in values):  # nan fails every comparison: refuse it
+            raise CompruneError(f"{flag} must be numbers in (0, 0.9] (got {getattr(args, flag[2:].replace('-', '_'))}"
+                                "): e.g. 0.1,0.2,0.3")
     if not ratios or not methods:
         raise CompruneError("nothing to compare: pass --ratios 0.1,0.2,0.3 and --methods comp,flap,...")
+    check_results_dir(args.out)
     result = compare(args.model, ratios, methods, args.out, calib=args.calib, nsamples=args.nsamples,
                      seqlen=args.seqlen, seed=args.seed, ppl_max_tokens=args.max_tokens,
                      full_ratio=None if args.full_ratio < 0 else args.full_ratio,
@@ -31,17 +35,30 @@ def cmd_compare(args) -> int:
                      zeroshot_subset=args.subset, speed_tokens=args.speed_tokens, data_dir=args.data_dir,
                      dtype=args.dtype, keep_models=args.keep_models, skip=skip, progress=not args.json,
                      zeroshot_cache_dir=args.zeroshot_cache_dir,
-                     stream_ratios=floats(args.stream_ratios) if args.stream_ratios else None,
+                     stream_ratios=stream_ratios,
                      redo=[x.strip() for x in (args.redo or "").split(",") if x.strip()], redo_tag=args.redo_tag,
                      zeroshot_full=args.zeroshot_full, trust_remote_code=args.trust_remote_code,
                      allow_pickle=args.allow_pickle,
                      full_seqlens=[int(x) for x in floats(args.full_seqlens)] if args.full_seqlens else None)
+    check_some_result(result, args.out)
     if args.json:
         print(json_text(result, indent=2))
     else:
         print((Path(args.out) / "results.md").read_text())
         print(f"results: {args.out}/results.json, results.md, results.png")
     return 0
+
+
+def check_some_result(result: dict, out) -> None:
+    """A comparison in which no method produced a result is a failure, not an empty table with exit 0."""
+    pruned = [r for r in result["rows"] if r["method"] != "dense"]
+    if any(not (r.get("errors") or {}).get("prune") for r in pruned):
+        return
+    if pruned:
+        first = pruned[0]
+        raise CompruneError(f"no method produced a result: every prune failed (first, {first['method']} at "
+                            f"{first['ratio']}: {' '.join(first['errors']['prune'].split())[:300]}); see {out}/logs")
+    raise CompruneError(f"no method produced a result in {out}: nothing was pruned (is prune in --skip?)")
 
 
 def add_command(sub):

@@ -23,7 +23,7 @@ skips what is there. Work is ordered so the most useful numbers come first: the 
 (prune, slice perplexity, speed), the other ratios, the zero-shot scores, then the full-test-set perplexity.
 `<out>/results.json`, `results.md` and `results.png` are rewritten after every step.
 """
-from .records import DEFAULT_METHODS, DEFAULT_OUT, REDOABLE, STAGES
+from .records import DEFAULT_METHODS, DEFAULT_OUT, REDOABLE, STAGES, check_results_dir
 from .runner import Comparison, compare
 
-__all__ = ["Comparison", "compare", "DEFAULT_METHODS", "DEFAULT_OUT", "STAGES", "REDOABLE"]
+__all__ = ["Comparison", "compare", "check_results_dir", "DEFAULT_METHODS", "DEFAULT_OUT", "STAGES", "REDOABLE"]

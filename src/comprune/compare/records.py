@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from ..errors import CompruneError
 from ..outputs import json_text
 
 DEFAULT_METHODS = ("comp", "llm-pruner", "flap", "layer-drop", "wanda-sp")
@@ -31,7 +33,65 @@ def ppl_key(seqlen: int, full: bool, max_tokens: int) -> str:
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A record, or {} when there is none or it is not a JSON object (a run killed by a full disk or an edit:
+    the run is not done, `set_aside_corrupt` says so once and its stages are redone)."""
+    try:
+        obj = json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def corrupt_reason(path: Path) -> str | None:
+    """Why `path` is not a usable record (not JSON, not an object), or None."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"not valid JSON: {str(e).splitlines()[0][:80]}"
+    return None if isinstance(obj, dict) else f"JSON but not an object ({type(obj).__name__})"
+
+
+def set_aside_corrupt(runs: Path) -> list[Path]:
+    """Move every unusable run record in `runs` to NAME.json.corrupt (its bytes kept for the user) with one
+    warning line each: its run counts as not done and is redone."""
+    moved = []
+    for path in sorted(Path(runs).glob("*.json")) if Path(runs).is_dir() else []:
+        why = corrupt_reason(path)
+        if why is None:
+            continue
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        print(f"comprune: warning: {path} is {why}: that run is redone (the file is kept as {aside.name})",
+              file=sys.stderr, flush=True)
+        moved.append(aside)
+    return moved
+
+
+def check_results_dir(out) -> Path:
+    """Refuse a comparison's `--out` that cannot hold results, before any work: a file, a dangling link, a
+    location that cannot be created or written (the directory itself and the subdirectories a rerun writes)."""
+    out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise CompruneError(f"--out {out} is a dangling symbolic link: remove it or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise CompruneError(f"--out {out} exists and is not a directory: choose another --out (a comparison's "
+                            "results directory; an existing one is resumed)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CompruneError(f"cannot create --out {out} ({e.strerror or e}): choose a writable location") from None
+    for d in [out] + [out / sub for sub in ("runs", "logs", "models") if (out / sub).is_dir()]:
+        try:  # for real: root ignores permission bits but not a read-only mount
+            fd, probe = tempfile.mkstemp(prefix=".probe-", dir=d)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise CompruneError(f"cannot write in {d} ({e.strerror or e}): choose a writable --out") from None
+    settings = out / "settings.json"
+    if settings.exists() and corrupt_reason(settings):
+        raise CompruneError(f"{settings} is {corrupt_reason(settings)}: it says which model and calibration the "
+                            "results are of; delete it (the runs are then taken as they are) or choose another --out")
+    return out
 
 
 def write_json(path: Path, obj: dict):

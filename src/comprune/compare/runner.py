@@ -28,10 +28,12 @@ from .records import (
     RSS_PROBE,
     STAGES,
     STREAM_RECORD,
+    check_results_dir,
     log,
     ppl_key,
     read_json,
     run_name,
+    set_aside_corrupt,
     write_json,
 )
 from .report import write_reports
@@ -350,7 +352,8 @@ class Comparison:
         return not any(n == name and self.needed(n, s, rec) for n, s in self.plan())
 
     def run(self) -> dict:
-        self.out.mkdir(parents=True, exist_ok=True)
+        check_results_dir(self.out)
+        set_aside_corrupt(self.out / "runs")
         self._machine = host()
         settings_path = self.out / "settings.json"
         old = read_json(settings_path)

@@ -8,6 +8,7 @@ from pathlib import Path
 import gguf
 
 from ..errors import require
+from ..files import read_model_file
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,9 @@ def bpe_pre_name(tok: dict) -> str:
 
 def add_tokenizer(writer, model_dir: Path, n_vocab: int) -> None:
     """tokenizer.json BPE -> llama.cpp `gpt2` (byte-level) or `llama` (SentencePiece-style, byte fallback)."""
-    path = model_dir / "tokenizer.json"
-    require(path.is_file(), f"{model_dir} has no tokenizer.json: GGUF export needs a fast (tokenizers) tokenizer")
-    tok = json.loads(path.read_text(encoding="utf-8"))
+    data = read_model_file(model_dir, "tokenizer.json")
+    require(data is not None, f"{model_dir} has no tokenizer.json: GGUF export needs a fast (tokenizers) tokenizer")
+    tok = json.loads(data.decode("utf-8"))
     model = tok["model"]
     require(model.get("type") == "BPE", f"GGUF export supports BPE tokenizers, not {model.get('type')}")
     spm = bool(model.get("byte_fallback"))
