@@ -138,9 +138,10 @@ def run_measured(cmd: list[str], as_limit: int | None = None, log: Path | None =
             "as_limit_bytes": as_limit, "command": shlex.join(cmd)}
 
 
-def prune_cmd(spec, out, stream: bool, nsamples: int, seqlen: int) -> list[str]:
+def prune_cmd(spec, out, stream: bool, nsamples: int, seqlen: int, dtype: str = "auto") -> list[str]:
     return [sys.executable, "-m", "comprune.cli", "prune", str(spec), "--out", str(out), "--force", "--ratio", "0.2",
-            "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--calib", "c4", "--json"] + (["--stream"] if stream else [])
+            "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--calib", "c4", "--json"] + \
+        (["--stream"] if stream else []) + (["--dtype", dtype] if dtype != "auto" else [])
 
 
 def dir_bytes(d: Path) -> int:
@@ -182,12 +183,15 @@ def main():
     ap.add_argument("--as-limit-gb", type=float, default=2.0, help="address-space cap of the big streaming run (GiB)")
     ap.add_argument("--keep", action="store_true", help="keep the random model and outputs")
     ap.add_argument("--reuse", action="store_true", help="reuse a random model left by --keep (or a killed run)")
+    ap.add_argument("--dtype", default="auto", help="SmolLM2 parts: the prune's --dtype (a row of its own unless auto)")
     args = ap.parse_args()
     parts = args.parts.split(",")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    from comprune.precision import cpu_name
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                           "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}}
+                           "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+                           "cpu": cpu_name()}}
     command = shlex.join(["python", "benchmarks/stream_memory.py", *sys.argv[1:]])
     calibration = {"source": "c4", "nsamples": args.nsamples, "seqlen": args.seqlen}
     smol = embedded_cached_dir("smollm2")
@@ -229,11 +233,12 @@ def main():
                 sm = {k: v for k, v in sm.items() if k not in ("stream", "in_memory")}
             for mode in modes:
                 out = work / f"smollm2-comp20-{mode}"
-                r = run_measured(prune_cmd("smollm2", out, mode == "stream", args.nsamples, args.seqlen), None,
-                                 work / f"smollm2-{mode}.log")
+                r = run_measured(prune_cmd("smollm2", out, mode == "stream", args.nsamples, args.seqlen, args.dtype),
+                                 None, work / f"smollm2-{mode}.log")
                 merge_manifest(r, manifest(out))
                 r["benchmark_command"] = command  # the parts may be measured by separate invocations
-                sm[mode] = r
+                r["dtype"], r["host"] = args.dtype, cpu_name()
+                sm[mode if args.dtype == "auto" else f"{mode}_{args.dtype}"] = r
                 print(mode, json.dumps(r, indent=1), flush=True)
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
@@ -243,6 +248,11 @@ def main():
         if not args.keep and "big" in parts:  # (never while another invocation may be using it)
             shutil.rmtree(work / "random-llama", ignore_errors=True)
             shutil.rmtree(work / "random-llama.tmp", ignore_errors=True)
+
+
+def _modes(record: dict) -> list[str]:
+    """The measured runs of a record: stream, in_memory, and the ones with an explicit --dtype."""
+    return [k for k, v in record.items() if isinstance(v, dict) and "peak_rss_bytes" in v]
 
 
 def _r4(x):
@@ -277,19 +287,21 @@ def write(new: dict):
                      _r4(s.get("ratio_achieved"))))
     if "smollm2" in results:
         sm = results["smollm2"]
-        for mode in ("stream", "in_memory"):
+        for mode in _modes(sm):
             s = sm.get(mode)
             if s:
                 c = sm["calibration"]
+                label = mode.replace("_memory", "-memory").replace("_", ", --dtype ")
                 rows.append(("SmolLM2-135M", f"{(s.get('params_before') or 0) / 1e6:.0f} M", gb(sm["weights_bytes"]),
-                             mode.replace("_", "-"), f"{c['nsamples']} x {c['seqlen']}", gb(s["as_limit_bytes"]),
+                             label, f"{c['nsamples']} x {c['seqlen']}", gb(s["as_limit_bytes"]),
                              gb(s["peak_rss_bytes"]), _ratio(s, sm["weights_bytes"]), _setup(s), s["seconds"],
                              s["returncode"], _r4(s.get("ratio_achieved"))))
     head = ("model", "params", "weights GB (f32)", "mode", "calibration", "address-space cap GB", "peak RSS GB",
             "peak RSS / weights", "peak RSS before the walk GB", "seconds", "exit", "ratio achieved")
     lines = ["# Streaming prune: peak memory vs model size", "",
              f"COMP 20 %, c4 calibration, {results['machine']['cpus']} CPU cores (shared with other jobs: times are "
-             "noisy).", "",
+             f"noisy); host of the latest rows: {results['machine'].get('cpu', 'not recorded')}. A row without "
+             "--dtype ran in the auto precision of its host.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join("-" if v is None else str(v) for v in r) + " |" for r in rows]
     lines += ["", "Peak RSS is the pruning process's own VmHWM (its resident high-water mark, file pages of any "
@@ -301,7 +313,7 @@ def write(new: dict):
         if key in results:
             if not any((results[key].get(m) or {}).get("benchmark_command") for m in ("stream", "in_memory")):
                 lines.append(results[key]["command"])
-            for mode in ("stream", "in_memory"):
+            for mode in _modes(results[key]):
                 s = results[key].get(mode)
                 if s:
                     if s.get("benchmark_command"):
