@@ -1,4 +1,4 @@
-"""COMP ablations on SmolLM2-135M (issue 3): ratios 0.1/0.2/0.3 and, at 0.2, mask tuning off, neuron metric
+"""COMP ablations on SmolLM2-135M: ratios 0.1/0.2/0.3 and, at 0.2, mask tuning off, neuron metric
 variants, layer_share, BI vs loss layer score, calibration size.
 
 Every configuration runs in its own subprocess (so its peak RSS is its own) and writes
@@ -9,7 +9,7 @@ tokens, windows of 128 and 2048.
     python benchmarks/comp_ablation.py                 # run everything missing, then write the table
     python benchmarks/comp_ablation.py --table         # only rebuild the markdown table
 
-Held-out selection (issue 6: defaults must not be chosen on the test text): the same rows evaluated on the
+Held-out selection (defaults are never chosen on the test text): the same rows evaluated on the
 WikiText-2 *validation* split, written to results/comp_ablation_validation/ and comp_ablation_validation.md:
 
     python benchmarks/comp_ablation.py --eval wikitext2-validation \
@@ -61,7 +61,7 @@ CONFIGS = [
     ("metric-activation-adaptive", "width", SPEC | {"metric": "activation", "width_allocation": "adaptive"}),
     ("head-share-0.3", "heads", SPEC | {"head_share": 0.3, "head_unit": "kv"}),   # one of SmolLM2's 3 KV groups per kept block
     ("width-adaptive-mlp-norm", "width", SPEC | {"width_allocation": "adaptive", "extra": {"allocation_norm": "mlp"}}),
-    # Issue 13: exact compensation, targets, attention, compensated layers, calibration size. Every row spells
+    # Exact compensation, targets, attention, compensated layers, calibration size. Every row spells
     # out what it changes from the literal spec (so the rows keep their meaning when defaults move).
     ("ls-condition", "ls", SPEC | {"recovery": "least-squares"}),
     ("ls-obs", "ls", SPEC | {"recovery": "least-squares", "metric": "obs"}),
@@ -80,7 +80,7 @@ CONFIGS = [
     ("obs-tokw-mix-0.5", "token-weight", SPEC | LSOBS | {"token_weight": "output", "target_mix": 0.5}),
     ("obs-tokw-heads-0.1", "token-weight", SPEC | LSOBS | {"token_weight": "output", "head_share": 0.1}),
     ("obs-tokw-layer-share-0", "token-weight", SPEC | LSOBS | {"token_weight": "output", "layer_share": 0.0}),
-    # Issue 13's knobs on the current default: query heads, damping, dense-trajectory mix, compensated block removal.
+    # The compensation knobs on the current default: query heads, damping, dense-trajectory mix, compensated block removal.
     # (0.1 removes nothing on SmolLM2: a query head in each of the 3 groups is 221k parameters, 0.1 of a block's
     # share 90k; 0.25 is the smallest step, one of the 3 query heads of every group)
     ("def-heads-0.1", "heads", DEFAULT | {"head_share": 0.1, "head_unit": "query"}),
@@ -110,7 +110,7 @@ CONFIGS = [
                                                 "search_generations": 40}),
     ("search-evo-40-ls0", "search", SPEC | LSOBS | {"token_weight": "output", "width_allocation": "search",
                                                     "search_generations": 40, "layer_share": 0.0}),
-    # is the evolution converged at 40 generations, and do more fitness tokens generalise better? (issue 14)
+    # is the evolution converged at 40 generations, and do more fitness tokens generalise better?
     ("search-evo-80-ls0", "search", DEFAULT | {"width_allocation": "search", "search_generations": 80}),
     # search-evo-40-ls0 again, on the host of the two rows above: float rounding differs between CPUs (here AVX2
     # against AVX-512), and the search's trajectory with it, so 40 against 80 generations is compared on one host

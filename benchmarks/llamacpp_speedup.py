@@ -1,6 +1,6 @@
 """Pruned models against the dense one in llama.cpp, side by side: each model dir exported to GGUF (f16) and timed
 alternately with the dense export (prompt processing and greedy generation, median of --repeats runs after a
-warm-up each), with the slice perplexity of the pruned model in transformers beside it (issue 14's speed target).
+warm-up each), with the slice perplexity of the pruned model in transformers beside it (the speed target's measure).
 
     python benchmarks/llamacpp_speedup.py out/comp-20 out/comp-search-20 out/comp-search-speed13
 

@@ -1,5 +1,5 @@
 """Dense SmolLM2-135M WikiText-2 perplexity on the full test set (seqlen 128 and 2048) and the evaluator's
-throughput as achieved GFLOP/s beside this machine's measured float32 matmul rate (issue 2).
+throughput as achieved GFLOP/s beside this machine's measured float32 matmul rate.
 
     python benchmarks/ppl_dense.py [--max-tokens N]
 

@@ -1,4 +1,4 @@
-"""The quality and time cost of `--dtype auto` (issue 15): the same COMP prune of SmolLM2 in float32 and in
+"""The quality and time cost of `--dtype auto`: the same COMP prune of SmolLM2 in float32 and in
 auto precision, each pruned model evaluated in float32 and in auto, eager, on the same slice; and dense eval
 speed in both precisions on the same slice.
 

@@ -1,5 +1,5 @@
 """The evaluator against the hardware: dense SmolLM2 WikiText-2 test perplexity at seqlen 128 and 2048 in the
-precision `--dtype auto` picks here, with tokens/s and the fraction of the matmul probe's peak (issue 15).
+precision `--dtype auto` picks here, with tokens/s and the fraction of the matmul probe's peak.
 
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/speed_probe.py     # first 16,384 test tokens (fixed slice)
     nice -n 19 python benchmarks/speed_probe.py --max-tokens 0        # the full test set, all threads
