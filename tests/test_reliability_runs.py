@@ -63,3 +63,34 @@ def test_a_ratio_that_takes_most_of_the_blocks_is_said(tmp_path, capsys):
     _, rep = prune(tiny_model("llama", layers=4), None, PruneConfig(ratio=0.2, batch_size=4), calibration=calib(4, 16),
                    progress=False)
     assert "budget_note" not in rep.details
+
+
+def test_resume_under_auto_keeps_the_interrupted_runs_precision(tmp_path, capsys, monkeypatch):
+    """--dtype auto's probe may choose otherwise on a resume (another load on the machine): the resumed run
+    computes in the precision the interrupted one chose, to the same bytes and the same precision record."""
+    import json
+
+    from comprune import precision
+    from comprune.checkpoint import Checkpoint
+    from _reliability import main
+    src, text = tiny_dir(tmp_path / "tiny"), calib_text(tmp_path / "calib.txt")
+    args = ["prune", src, "--ratio", "0.3", "--nsamples", "4", "--seqlen", "32", "--calib", text, "--json"]
+    chosen = {"dtype": "bfloat16"}
+    monkeypatch.setattr(precision, "choose", lambda device="cpu", config=None: precision.Choice(
+        chosen["dtype"], reason=f"probe chose {chosen['dtype']}"))
+    assert main([*args, "--out", tmp_path / "ref"], capsys)[0] == 0
+    save = Checkpoint.save
+
+    def interrupted(self, next_block, acts, details):
+        save(self, next_block, acts, details)
+        if next_block == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(Checkpoint, "save", interrupted)
+    assert main([*args, "--out", tmp_path / "out"], capsys)[0] == 130
+    monkeypatch.setattr(Checkpoint, "save", save)
+    chosen["dtype"] = "float32"  # the probe now chooses otherwise
+    code, err = main([*args, "--out", tmp_path / "out", "--resume"], capsys)
+    assert code == 0, err[-1500:]
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+    precision_of = lambda d: json.loads((d / "pruning.json").read_text())["precision"]  # noqa: E731
+    assert precision_of(tmp_path / "out") == precision_of(tmp_path / "ref")

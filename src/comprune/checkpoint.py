@@ -38,6 +38,15 @@ def checkpoint_dir(out_dir: Path) -> Path:
     return sibling(out_dir, "checkpoint")
 
 
+def resumed_precision(ckpt_dir: Path) -> dict | None:
+    """How the interrupted run in `ckpt_dir` chose its precision (precision.Choice's fields), if it recorded it."""
+    try:
+        rec = json.loads((Path(ckpt_dir) / OWNER).read_text()).get("precision")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("dtype") in ("float32", "float16", "bfloat16") else None
+
+
 def run_fingerprint(cfg_dict: dict, calib_sha: str, params_before: int, model_digest: str = "") -> str:
     """Identity of a run: config, calibration windows, parameter count and the model's weights (a digest)."""
     keep = {k: v for k, v in cfg_dict.items() if k not in ("device",)}
@@ -92,9 +101,10 @@ class Checkpoint:
         if os.environ.get("COMPRUNE_KILL_AFTER_BLOCK") == str(next_block):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def claim(self):
-        """Mark the directory as this run's before any state is written."""
-        self._atomic_json(OWNER, {"fingerprint": self.fingerprint})
+    def claim(self, precision: dict | None = None):
+        """Mark the directory as this run's before any state is written, with how its precision was chosen (a
+        resume under --dtype auto computes in it again: the probe that chose it may choose otherwise under load)."""
+        self._atomic_json(OWNER, {"fingerprint": self.fingerprint, "precision": precision})
 
     def verify(self):
         """Refuse to resume another run's work: its fingerprint (config, calibration, model weights) must match,

@@ -16,7 +16,10 @@ def resolve_dtype(dtype, device="cpu", config=None) -> torch.dtype:
 
 
 def resolve_precision(dtype, device="cpu", config=None) -> tuple[torch.dtype, precision.Choice]:
-    """(torch dtype, the record of how it was chosen) for a dtype name, "auto" or None."""
+    """(torch dtype, the record of how it was chosen) for a dtype name, "auto" or None, or a choice already made
+    (a resumed run's)."""
+    if isinstance(dtype, precision.Choice):
+        return _DTYPES[dtype.dtype], dtype
     if isinstance(dtype, torch.dtype):
         return dtype, precision.fixed(dtype, device)
     if dtype in (None, "auto"):

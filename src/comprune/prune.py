@@ -208,7 +208,7 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
         else:
             ckpt.clear()
             ckpt = Checkpoint(checkpoint_dir, ckpt.fingerprint)
-            ckpt.claim()
+            ckpt.claim(getattr(model, "comprune_precision", None))
     if resume and ckpt is None:
         raise CompruneError(f"method '{cfg.method}' cannot resume: rerun without --resume")
     walk = Walk(model, adapter, cfg, budget, device, calibration.input_ids, progress, ckpt,

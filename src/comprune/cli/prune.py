@@ -7,13 +7,14 @@ import math
 import shutil
 from pathlib import Path
 
-from ..checkpoint import checkpoint_dir
+from ..checkpoint import checkpoint_dir, resumed_precision
 from .. import registry
 from ..config import PRESETS, PruneConfig
 from ..data import get_calibration
 from ..errors import CompruneError
 from ..io import save_pretrained
 from ..loading import load
+from ..precision import Choice
 from ..outputs import check_output, guard_output, json_text
 from ..prune import prune
 from ..stream import prune_streaming
@@ -87,13 +88,23 @@ def _refuse_stale_checkpoint(out: Path, args):
                             "or --force to start over")
 
 
+def _dtype(args, out: Path):
+    """--dtype, except that a resume under auto computes in the precision the interrupted run chose, as it chose
+    it (the same record in pruning.json)."""
+    if args.resume and args.dtype == "auto":
+        rec = resumed_precision(checkpoint_dir(out))
+        if rec is not None:
+            return Choice(**{f.name: rec[f.name] for f in dataclasses.fields(Choice) if f.name in rec})
+    return args.dtype
+
+
 def cmd_prune_stream(args, cfg) -> int:
     """comprune prune DIR --stream: the same prune, one decoder block in memory at a time (comprune.stream)."""
     out = check_output(Path(args.out), args.force)
     cfg, size = resolve_budget(args, cfg)
     with guard_output(out, resume=args.resume, before=lambda: _refuse_stale_checkpoint(out, args)):
         report = prune_streaming(args.model, out, cfg, resume=args.resume, force=args.force, progress=not args.json,
-                                 dtype=args.dtype, save_dtype=args.save_dtype, base_model=args.model,
+                                 dtype=_dtype(args, out), save_dtype=args.save_dtype, base_model=args.model,
                                  trust_remote_code=args.trust_remote_code,
                                  data_dir=args.data_dir,
                                  lite=not getattr(args, "stream_transformers_modules", False))
@@ -116,7 +127,7 @@ def cmd_prune(args) -> int:
     cfg, size = resolve_budget(args, cfg)
     ckpt_dir = checkpoint_dir(out)
     with guard_output(out, resume=args.resume, before=lambda: _refuse_stale_checkpoint(out, args)):
-        model, tok = load(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code,
+        model, tok = load(args.model, dtype=_dtype(args, out), device="cpu", trust_remote_code=args.trust_remote_code,
                           allow_pickle=args.allow_pickle, compute_device=cfg.device)
         calib = get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=args.data_dir,
                                 heldout=cfg.heldout_windows)

@@ -45,7 +45,7 @@ def export_gguf(model_dir, out_path, qtype: str = "f16", force: bool = False, pa
     with guard_output(out_path):
         tmp = sibling(out_path, f"tmp{os.getpid()}")
         # created here, exclusively and not through a link: the writer then opens this very file by name
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666))  # umask applies
         _write(model_dir, tmp, cfg, arch, tensors, file_widths, qtype)
         os.replace(tmp, out_path)  # readers never see a half-written file
     return {"path": str(out_path), "bytes": out_path.stat().st_size, "arch": arch, "qtype": qtype,
