@@ -94,3 +94,17 @@ def test_resume_under_auto_keeps_the_interrupted_runs_precision(tmp_path, capsys
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
     precision_of = lambda d: json.loads((d / "pruning.json").read_text())["precision"]  # noqa: E731
     assert precision_of(tmp_path / "out") == precision_of(tmp_path / "ref")
+
+
+def test_widths_rounded_to_32_after_a_rounded_neuron_count_pass_the_ratio_check():
+    """A plan rounds its neurons per block, then the widths to --round-to: the two roundings may add up to just
+    over half a width step (here 368 neurons a block, widths 656 -> 640), which is the plan's own granularity,
+    not a missed request (it was refused, e.g. under a --target-speedup ratio)."""
+    import copy
+
+    from comprune import PruneConfig, prune
+    from conftest import calib, tiny_model
+    dense = tiny_model("llama", vocab=300, layers=4, inter=1024)
+    cfg = PruneConfig(ratio=0.49185791015625, layer_share=0.5, round_to=32, batch_size=4)
+    _, rep = prune(copy.deepcopy(dense), None, cfg, calibration=calib(8, 16), progress=False)
+    assert all(w % 32 == 0 for w in rep.mlp_widths) and abs(rep.ratio_achieved - cfg.ratio) > 0.0108

@@ -85,12 +85,14 @@ def _check_round_to(model, adapter, cfg):
 
 def _check_ratio(report, cfg, details):
     """A result that misses the requested ratio by more than 0.5 % (or half the plan's coarsest width step, e.g.
-    8 neurons of every expert) is an error, unless the method says why (a `ratio_note` in its details, e.g.
-    layer-drop's one-block granularity)."""
+    8 neurons of every expert, plus the one neuron per block the plan's count rounds to before the widths are
+    rounded) is an error, unless the method says why (a `ratio_note` in its details, e.g. layer-drop's one-block
+    granularity)."""
     miss = report.ratio_achieved - report.ratio_requested
     # what the ratio is a fraction of (all parameters or the blocks'), from the plan
     base = report.budget.get("params_to_remove", 0) / report.ratio_requested
-    half_step = report.budget.get("quantum_params", 0) / 2 / max(base, 1)  # a plan's coarsest width step
+    step = report.budget.get("quantum_params", 0)  # a plan's coarsest width step, over every kept block
+    half_step = (step / 2 + step / max(cfg.round_to, 1)) / max(base, 1)
     if abs(miss) <= max(RATIO_TOLERANCE, half_step * 1.01) or details.get("ratio_note"):
         return
     hint = (f"--round-to {cfg.round_to} makes MLP widths multiples of {cfg.round_to}: use a smaller one"
