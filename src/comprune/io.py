@@ -159,10 +159,11 @@ class _SourceTensors:
 
     def __init__(self, model, kept_layers: list[int] | None):
         src = getattr(model, "comprune_source", None)
-        self.files = {}
+        self.files, self.shapes = {}, {}
         if src is not None and any(Path(src).glob("*.safetensors")):  # pickle sources are written as computed
             try:
-                self.files = ShardIndex(Path(src)).files
+                index = ShardIndex(Path(src))
+                self.files, self.shapes = index.files, index.shapes
             except CompruneError:
                 pass
         self.kept = list(kept_layers) if kept_layers is not None else None
@@ -179,11 +180,11 @@ class _SourceTensors:
 
     def untouched(self, name: str, value: torch.Tensor, target: torch.dtype) -> torch.Tensor:
         """`value` in `target`: the source's own tensor where `value` is it in the computed precision."""
-        path = self.files.get(self.name(name))
-        if path is not None:
-            with safe_open(str(path), "pt") as f:
-                src = f.get_tensor(self.name(name))
-            if src.dtype == target and src.shape == value.shape and torch.equal(src.to(value.dtype), value.cpu()):
+        source = self.name(name)
+        if source in self.files and self.shapes.get(source) == tuple(value.shape):  # a sliced tensor is not read
+            with safe_open(str(self.files[source]), "pt") as f:
+                src = f.get_tensor(source)
+            if src.dtype == target and torch.equal(src.to(value.dtype), value.cpu()):
                 return src.to(value.device)
         return value.to(target)
 

@@ -4,12 +4,13 @@
 A method supplies a plan (its dense analysis passes: block scores, a global ranking, gradients, a width search),
 computed once and checkpointed before any block changes, and a per-block step. The driver owns the loop,
 residency, progress, checkpoints and resume, so every method resumes: after each block it saves the block's
-record, its tensors and the activations that feed the next one; a resumed run rebuilds the finished blocks from
+record, the tensors its step changed and the activations that feed the next one; a resumed run rebuilds the finished blocks from
 those (shapes from the record, values from the tensors) and walks on from the first unfinished block, to the
 same bytes as an uninterrupted run."""
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -91,9 +92,10 @@ def walk_blocks(walk: Walk, acts: Activations | None, step: Callable, plan: Call
             continue
         layer = layers[i]
         with walk.hold(layer):
+            before = _versions(layer)
             rec, acts = step(walk, i, layer, acts, the_plan, carry)
             if ckpt is not None:  # while resident: a streamed block's values exist only now
-                ckpt.save_block_tensors(i, dict(layer.state_dict()))
+                ckpt.save_block_tensors(i, _changed(layer, before))
         records[i] = rec
         if ckpt is not None:
             ckpt.save(i + 1, to_ckpt(acts) if acts is not None else None,
@@ -101,10 +103,27 @@ def walk_blocks(walk: Walk, acts: Activations | None, step: Callable, plan: Call
     return the_plan, records, acts
 
 
+def _versions(layer) -> dict:
+    """Each tensor of the block as (a weak reference to it, its version): a tensor the step replaced (surgery) or
+    wrote in place (a refit, a bias) is no longer the same live object at the same version. Weak, so a replaced
+    tensor is freed as the step goes."""
+    return {n: (weakref.ref(t), t._version) for n, t in layer.state_dict(keep_vars=True).items()}
+
+
+def _changed(layer, before: dict) -> dict:
+    """The tensors the step changed: what a resume must restore (the others are the model's own)."""
+    out = {}
+    for n, t in layer.state_dict(keep_vars=True).items():
+        ref, version = before.get(n, (None, None))
+        if ref is None or ref() is not t or t._version != version:
+            out[n] = t.detach()
+    return out
+
+
 @torch.no_grad()
 def replay_block(adapter, layer, rec: dict, saved: dict):
-    """A finished block rebuilt on resume: its shapes from the record (kept heads, experts, neurons), then every
-    tensor's exact values from the checkpoint."""
+    """A finished block rebuilt on resume: its shapes from the record (kept heads, experts, neurons), then the exact
+    values of every tensor its step changed, from the checkpoint."""
     as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     if "kept_kv_heads" in rec and len(rec["kept_kv_heads"]) < attention_heads(adapter, layer)[1]:
         prune_heads(adapter, layer, as_long(rec["kept_kv_heads"]))
