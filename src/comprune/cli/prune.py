@@ -7,10 +7,12 @@ import math
 import shutil
 from pathlib import Path
 
+from .. import distributed
 from ..checkpoint import checkpoint_dir, resumed_precision
 from .. import registry
 from ..config import PRESETS, PruneConfig
 from ..data import get_calibration
+from ..devices import resolve_device
 from ..errors import CompruneError
 from ..io import save_pretrained
 from ..loading import load
@@ -121,10 +123,15 @@ def cmd_prune_stream(args, cfg) -> int:
 
 def cmd_prune(args) -> int:
     if getattr(args, "stream", False):
+        if distributed.init():
+            raise CompruneError("--stream runs in one process: drop --stream or run without torchrun")
         return cmd_prune_stream(args, _config_from_args(args))
     cfg = _config_from_args(args)
+    if distributed.init(resolve_device(cfg.device)) and not distributed.is_writer():
+        return _prune_rank(args)
     out = check_output(Path(args.out), args.force)  # fail before any work, and never leave a half-written directory
     cfg, size = resolve_budget(args, cfg)
+    cfg = distributed.decided(cfg)  # the other ranks take the resolved config (_prune_rank)
     ckpt_dir = checkpoint_dir(out)
     with guard_output(out, resume=args.resume, before=lambda: _refuse_stale_checkpoint(out, args)):
         model, tok = load(args.model, dtype=_dtype(args, out), device="cpu", trust_remote_code=args.trust_remote_code,
@@ -143,6 +150,20 @@ def cmd_prune(args) -> int:
         print(table(report.summary_rows(), list(report.summary_rows()[0])))
         print(f"removed layers: {report.removed_layers or 'none'}; saved to {out}")
         print_budget(out, size)
+    return 0
+
+
+def _prune_rank(args) -> int:
+    """A rank other than 0 under torchrun (comprune.distributed): the same prune on its share of the windows, with
+    rank 0's resolved config; rank 0 alone checks and writes the output (and the checkpoint's shared state)."""
+    cfg = distributed.decided(None)
+    out = Path(args.out)
+    model, tok = load(args.model, dtype=_dtype(args, out), device="cpu", trust_remote_code=args.trust_remote_code,
+                      allow_pickle=args.allow_pickle, compute_device=cfg.device)
+    calib = get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=args.data_dir,
+                            heldout=cfg.heldout_windows)
+    prune(model, tok, cfg, calibration=calib, progress=False, base_model=args.model,
+          checkpoint_dir=checkpoint_dir(out), resume=args.resume)
     return 0
 
 
