@@ -61,25 +61,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def group(names, out: Path, world: int = 2, env: dict | None = None, ckpt=None, resume=False,
-          timeout: float = 240) -> list[int]:
+def group(names, out: Path, world: int = 2, env: dict | None = None, ckpt=None, resume=False) -> list[int]:
     """Fork `world` ranks that each run `names` and save their results as out/<rank>-<name>.*; returns their exit
     codes. When one rank dies the others are killed, as torchrun's agent does."""
-    from _forking import fork
     out.mkdir(parents=True, exist_ok=True)
+
+    def body():
+        for name in names:
+            save(run(name, ckpt=ckpt, resume=resume), out / f"{os.environ['RANK']}-{name}")
+        return 0
+    return ranks(body, world, env)
+
+
+def cli(argv, world: int = 2) -> list[int]:
+    """`torchrun --nproc-per-node <world> -m comprune.cli <argv>` without the agent: forked ranks with the
+    environment torchrun gives them (world=1: one plain process)."""
+    def body():
+        from comprune.cli import main
+        return main([str(a) for a in argv])
+    return ranks(body, world) if world > 1 else ranks(body, 1, rendezvous=False)
+
+
+def ranks(body, world: int, env: dict | None = None, rendezvous: bool = True, timeout: float = 240) -> list[int]:
+    """Fork `world` processes that run body() as ranks 0..world-1 of a group (torchrun's environment variables,
+    one thread each) and leave the group; their exit codes."""
+    from _forking import fork
     port = free_port()
 
-    def body(rank):
+    def rank_body(rank):
         import torch.distributed as dist
-        os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **(env or {})})
+        if rendezvous:
+            os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        os.environ.update(env or {})
         torch.set_num_threads(1)
-        for name in names:
-            save(run(name, ckpt=ckpt, resume=resume), out / f"{rank}-{name}")
-        dist.destroy_process_group()
-        return 0
+        code = body()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return code
 
-    pids = [fork(lambda r=r: body(r)) for r in range(world)]
+    pids = [fork(lambda r=r: rank_body(r)) for r in range(world)]
     codes, deadline = {}, time.monotonic() + timeout
     while len(codes) < world:
         for pid in pids:

@@ -47,7 +47,7 @@ class Comparison:
                  data_dir=None, dtype="float32", keep_models=False, skip=(), prune_args=None, progress=True,
                  dense_cache_key=None, zeroshot_cache_dir=None, python=None, stream_ratios=None, redo=(),
                  redo_tag=None, zeroshot_full=False, trust_remote_code=False, allow_pickle=False, full_seqlens=None,
-                 compile="auto"):
+                 compile="auto", nproc=1):
         for m in methods:  # a preset (e.g. comp-search) is compared as a method of its own
             if m not in method_names() and m not in PRESETS:
                 raise CompruneError(f"unknown method '{m}': use some of {', '.join(method_names() + tuple(PRESETS))}")
@@ -89,6 +89,9 @@ class Comparison:
         # the response cache lives in the output the user owns (never a shared cache someone else can write)
         self.zeroshot_cache_dir = zeroshot_cache_dir or self.out / "zeroshot-cache"
         self.python = python or sys.executable
+        if int(nproc) < 1:
+            raise CompruneError(f"--nproc {nproc}: pass 1 or more processes per prune")
+        self.nproc = int(nproc)  # > 1: each prune is a torchrun group of this many processes (comprune.distributed)
         # the source model's consent flags, for the dense model here and every prune process (measure.prune_run)
         self.trust_remote_code, self.allow_pickle = bool(trust_remote_code), bool(allow_pickle)
         self.load_flags = ["--trust-remote-code"] * self.trust_remote_code + ["--allow-pickle"] * self.allow_pickle
@@ -114,7 +117,8 @@ class Comparison:
                 "speed_tokens": self.speed_tokens, "speed_repeats": self.speed_repeats, "dtype": self.dtype,
                 "precision": self.precision,
                 "stream_ratios": self.stream_ratios,
-                "prune_args": self.prune_args, "machine": self._machine}
+                "prune_args": self.prune_args, "machine": self._machine,
+                **({"nproc": self.nproc} if self.nproc > 1 else {})}
 
     def run_path(self, name: str) -> Path:
         return self.out / "runs" / f"{name}.json"
