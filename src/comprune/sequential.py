@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from . import distributed
+from .errors import CompruneError
 from .surgery import (attention_heads, mlp_width, prune_expert_neurons, prune_experts, prune_heads, prune_mlp,
                       prune_query_heads)
 from .walk import IN_MEMORY, IN_PLACE, ActivationStore, Activations, Residency, capture, progress
@@ -73,6 +74,7 @@ def walk_blocks(walk: Walk, acts: Activations | None, step: Callable, plan: Call
     to_ckpt = (lambda a: pack(walk, a)) if pack is not None else (lambda a: a)
     from_ckpt = (lambda a: unpack(walk, a)) if unpack is not None else (lambda a: a)
     state = ckpt.load(to_ckpt(acts) if acts is not None else None) if ckpt is not None else None
+    _same_start(state)
     if state is None:
         the_plan, acts = plan(walk, acts) if plan is not None else ({}, acts)
         the_plan = distributed.decided(the_plan)  # rank 0's plan (the ranks computed it from the same sums)
@@ -107,6 +109,14 @@ def walk_blocks(walk: Walk, acts: Activations | None, step: Callable, plan: Call
             ckpt.save(i + 1, to_ckpt(acts) if acts is not None else None,
                       {"plan": the_plan, "blocks": records, "carry": carry})
     return the_plan, records, acts
+
+
+def _same_start(state):
+    """Every rank of a group resumes from rank 0's block (a rank that sees no checkpoint, or another one, cannot)."""
+    mine = state[0] if state is not None else None
+    if distributed.decided(mine) != mine:
+        raise CompruneError(f"rank {distributed.rank()} sees another checkpoint than rank 0: put --out (and the "
+                            "checkpoint beside it) on storage every rank sees")
 
 
 def _versions(layer) -> dict:
