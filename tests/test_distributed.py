@@ -72,12 +72,13 @@ def test_unequal_shares_prune_as_one_process(name, unequal, one_process):
     assert rank0["distributed"]["shares"] == [4.0, 1.0]
 
 
-def test_killed_rank_resumes_to_the_uninterrupted_result(tmp_path, equal):
+@pytest.mark.parametrize("rank", [0, 1])  # rank 0 right after it committed block 2; rank 1 before it could
+def test_killed_rank_resumes_to_the_uninterrupted_result(tmp_path, equal, rank):
     ckpt = tmp_path / "ckpt"
-    kill = {"COMPRUNE_KILL_AFTER_BLOCK": "2", "COMPRUNE_KILL_RANK": "1"}
+    kill = {"COMPRUNE_KILL_AFTER_BLOCK": "2", "COMPRUNE_KILL_RANK": str(rank)}
     codes = W.group(["comp"], tmp_path / "killed", env=kill, ckpt=ckpt)
-    assert codes[1] == -9 and codes[0] != 0  # rank 1 died; its peer was stopped (torchrun's agent does the same)
-    assert (ckpt / "state.json").is_file()
+    assert codes[rank] == -9 and codes[1 - rank] != 0  # its peer was stopped (torchrun's agent does the same)
+    assert json.loads((ckpt / "state.json").read_text())["next_block"] == 2 - rank  # mid-run: blocks remain
     assert W.group(["comp"], tmp_path / "resumed", ckpt=ckpt, resume=True) == [0, 0]
     for rank in (0, 1):
         resumed, whole = W.load(tmp_path / "resumed" / f"{rank}-comp"), W.load(equal / f"{rank}-comp")
