@@ -57,9 +57,11 @@ def run(method: str, mode: str, out: Path, model: str) -> dict:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={m['procs']}",
                *me, *cli]
+    load0 = os.getloadavg()[0]  # the host is shared: what else ran shows here
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    load = [round(load0, 2), round(os.getloadavg()[0], 2)]
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
     peaks = {p.stem: json.loads(p.read_text())["peak_rss_mb"] for p in sorted(rss.glob("rank*.json"))}
@@ -67,6 +69,7 @@ def run(method: str, mode: str, out: Path, model: str) -> dict:
     man = json.loads((out / "pruning.json").read_text())
     return {"method": method, "mode": mode, "processes": m["procs"], "threads": m["threads"],
             "wall_s": round(wall, 1), "prune_s": round(man["seconds"], 1), "peak_rss_mb": peaks,
+            "loadavg_1min_before_after": load,
             "sha256": hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest(),
             "distributed": man.get("distributed", {}), "ratio_achieved": man["ratio_achieved"],
             "removed_layers": man["removed_layers"],
@@ -99,7 +102,8 @@ def write_md(res: dict, path: Path):
              "--standalone --nproc-per-node 2`, 1 thread per rank (gloo). Wall time is the whole command (loading "
              "included); prune time is pruning.json's `seconds` (rank 0). Peak RSS per process (ru_maxrss).", "",
              "| method | run | wall s | prune s | peak RSS MB per rank | same kept layers and neurons | "
-             "max logit diff | ppl (wikitext2 val, 8x128) |", "|---|---|---|---|---|---|---|---|"]
+             "max logit diff | ppl (wikitext2 val, 8x128) | load avg before, after |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method, r in res.get("runs", {}).items():
         for mode in MODES:
             if mode not in r:
@@ -110,9 +114,10 @@ def write_md(res: dict, path: Path):
             diff = f"{cmp['max_logit_diff']:.2e}" if mode == "2x1" and cmp else ""
             ppl = cmp.get(f"ppl_{mode}", "-")
             lines.append(f"| {method} | {mode} | {x['wall_s']} | {x['prune_s']} | "
-                         f"{', '.join(str(v) for v in x['peak_rss_mb'].values())} | {same} | {diff} | {ppl} |")
+                         f"{', '.join(str(v) for v in x['peak_rss_mb'].values())} | {same} | {diff} | {ppl} | "
+                         f"{', '.join(str(v) for v in x.get('loadavg_1min_before_after', [])) or '-'} |")
         if "1x2" in r and "2x1" in r:
-            lines.append(f"| {method} | sha256 equal | {r['1x2']['sha256'] == r['2x1']['sha256']} | | | | | |")
+            lines.append(f"| {method} | sha256 equal | {r['1x2']['sha256'] == r['2x1']['sha256']} | | | | | | |")
     lines += ["", "Commands:", "", "```", *res.get("commands", []), "```", ""]
     path.write_text("\n".join(lines))
 
