@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .card import write_card
 from .errors import CompruneError
 from .models.adapters import base_model_type, get_adapter
 from .models.families import family_of
@@ -149,6 +150,7 @@ def save_pretrained(model, tokenizer, out_dir, report=None, force: bool = False,
                 manifest["precision"] = {**manifest["precision"], "saved_dtype": str(target).removeprefix("torch.")}
             manifest["base_model_type"] = base_model_type(model.config)
             write_manifest(tmp / MANIFEST, manifest)
+            write_card(tmp, manifest, out_dir.name)
         publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
