@@ -20,13 +20,12 @@ def card_meta(model_dir):
 def pruned(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("card")
     src, text = tiny_dir(tmp / "src"), calib_text(tmp / "calib.txt")
-    out = tmp / "out"
-    return src, text, out
+    (src / CARD).write_text('---\nlicense: "apache-2.0"\nbase_model: org/tiny-base\ntags:\n- x\n---\n# tiny\n')
+    return src, text, tmp / "out"
 
 
 def test_card_metadata_and_numbers_come_from_the_run_and_the_recipe_reprunes_the_same_bytes(pruned, capsys):
     src, text, out = pruned
-    (src / CARD).write_text('---\nlicense: "apache-2.0"\nbase_model: org/tiny-base\ntags:\n- x\n---\n# tiny\n')
     code, err = main(prune_args(src, out, text, "--width-allocation", "adaptive"), capsys)
     assert code == 0, err
     man = json.loads((out / "pruning.json").read_text())
@@ -102,3 +101,27 @@ def test_known_bases_front_matter_and_bad_recipes(tmp_path):
     for bad in (tmp_path / "r.json", tmp_path / "missing.json"):
         with pytest.raises(CompruneError, match="recipe"):
             read_recipe(bad)
+
+
+def test_compare_measurements_are_recorded_as_measured(pruned, capsys):
+    from comprune.compare.runner import card_entries
+    src, text, out = pruned
+    if not (out / "pruning.json").is_file():
+        code, err = main(prune_args(src, out, text), capsys)
+        assert code == 0, err
+    rec = {"ppl": {"ppl32": {"dataset": "wikitext2", "seqlen": 32, "max_tokens": 1024, "windows": 32, "tokens": 1024,
+                             "ppl": 41.25, "tokens_per_second": 900.5}},
+           "speed": {"relative": 1.31, "tokens_per_second": 55.0, "dense_tokens_per_second": 42.0, "note": "x"},
+           "zeroshot": {"tasks": {"piqa": {"metric": "acc", "acc": 0.61}}, "average": None, "subset": 200}}
+    for stage in ("ppl", "speed", "zeroshot"):
+        for entry in card_entries(stage, rec, "float32"):
+            assert record_evaluation(out, entry)
+    evals = json.loads((out / "pruning.json").read_text())["evaluations"]
+    by_what = {e["what"]: e for e in evals if e["by"] == "comprune compare"}
+    assert by_what["perplexity"]["ppl"] == 41.25
+    assert by_what["generation speed (transformers)"]["results"] == {"relative": 1.31, "tokens_per_second": 55.0,
+                                                                     "dense_tokens_per_second": 42.0}
+    assert by_what["zeroshot"]["results"] == {"piqa acc": 0.61, "average": None}
+    _, card = card_meta(out)
+    assert "| wikitext2 | 32 | 1024 | 41.25 | 900.5 | float32 | comprune compare |" in card
+    assert "- relative: 1.31" in card and "- piqa acc: 0.61" in card

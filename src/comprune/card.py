@@ -153,7 +153,7 @@ def base_metadata(base_model: str | None) -> dict:
         meta = front_matter((src / CARD).read_text(encoding="utf-8", errors="replace")) \
             if (src / CARD).is_file() else {}
         return {k: meta[k] for k in ("base_model", "license") if isinstance(meta.get(k), str)}
-    if base_model.count("/") == 1 and not base_model.startswith((".", "/")):  # a Hub id
+    if not src.exists() and base_model.count("/") == 1 and not base_model.startswith((".", "/")):  # a Hub id
         return {"base_model": base_model}
     return {}
 
