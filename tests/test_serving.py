@@ -77,6 +77,9 @@ def test_per_layer_config_round_trips_through_transformers_and_matches_tensors(t
     again = type(own)(**bare)
     assert again.intermediate_sizes == [128, 128, 43, 0]
     assert again.to_dict()["per_layer_config"] == cfg["per_layer_config"]
+    # comprune's lists win over a stale per_layer_config (a config rebuilt from an older one's to_dict)
+    stale = type(own)(**{**cfg, "per_layer_config": {"1": {"intermediate_size": 7}}})
+    assert stale.intermediate_sizes == [128, 128, 43, 0]
 
 
 def test_per_layer_heads_in_the_config_class_and_a_config_json_stock_transformers_reads(tmp_path):
@@ -96,7 +99,8 @@ def test_per_layer_heads_in_the_config_class_and_a_config_json_stock_transformer
     assert not any(lc.is_heterogeneous for lc in own.per_layer_config)  # vLLM converts each layer on its own
     # another tool's config whose per_layer_config holds heads fills the head lists too
     overrides = {"1": {"num_attention_heads": 2, "num_key_value_heads": 1}, "2": {"intermediate_size": 43}}
-    again = type(own)(**{k: v for k, v in cfg.items() if not k.endswith("_per_layer")}, per_layer_config=overrides)
+    mine = ("intermediate_sizes", "num_attention_heads_per_layer", "num_key_value_heads_per_layer")
+    again = type(own)(**{k: v for k, v in cfg.items() if k not in mine}, per_layer_config=overrides)
     assert again.num_attention_heads_per_layer == [4, 2, 4, 4] and again.intermediate_sizes == [128, 128, 43, 128]
 
 

@@ -96,8 +96,9 @@ def _per_layer_config(self):
 
 
 def _set_per_layer_config(self, per_layer):
-    """Read transformers' `per_layer_config` (a saved config.json's) into the lists, the global values filling in
-    the attributes a layer does not override."""
+    """Read transformers' `per_layer_config` (another tool's config.json) into the lists the config lacks, the
+    global values filling in the attributes a layer does not override. Lists already given win: they are what
+    comprune wrote (and a config rebuilt from an older config's to_dict may carry a stale per_layer_config)."""
     if per_layer is None:
         return
     per_layer = {int(i): dict(o) for i, o in dict(per_layer).items()}
@@ -109,7 +110,7 @@ def _set_per_layer_config(self, per_layer):
         raise ValueError(f"per_layer_config holds {sorted(unknown) or 'layers'} that comprune's per-layer "
                          f"classes do not build (widths {width_key} and head counts of {n} layers)")
     for attr, name in names.items():
-        if attr == width_key or any(attr in o for o in per_layer.values()):
+        if self.__dict__.get(name) is None and (attr == width_key or any(attr in o for o in per_layer.values())):
             glob = self.__dict__.get(attr)
             setattr(self, name, [int(per_layer.get(i, {}).get(attr, glob)) for i in range(n)])
 
