@@ -29,13 +29,11 @@ CARD = "README.md"
 RECIPE = "recipe.json"
 RECIPE_VERSION = 1
 
-# comprune's embedded models: the Hub repository their weights come from and its licence
-KNOWN_BASES = {
-    "smollm2": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
-    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
-    "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
-    "gemma3-270m": ("google/gemma-3-270m", "gemma"),
-}
+# comprune's embedded models: the Hub repository their weights come from, its licence, and the file comprune
+# actually pruned (a quantized GGUF, dequantised: the card says so)
+_SMOLLM2 = ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0", "SmolLM2-135M-Instruct.Q4_1.gguf")
+KNOWN_BASES = {"smollm2": _SMOLLM2, "smollm2-135m": _SMOLLM2, "smollm2-135m-instruct": _SMOLLM2,
+               "gemma3-270m": ("google/gemma-3-270m", "gemma", "gemma-3-270m-q4_k_m.gguf")}
 
 
 # ------------------------------------------------------------------------------------------------ recipe
@@ -146,7 +144,7 @@ def base_metadata(base_model: str | None) -> dict:
     if not base_model:
         return {}
     if base_model.lower() in KNOWN_BASES:
-        repo, licence = KNOWN_BASES[base_model.lower()]
+        repo, licence, _ = KNOWN_BASES[base_model.lower()]
         return {"base_model": repo, "license": licence}
     src = Path(base_model)
     if src.is_dir():
@@ -208,7 +206,7 @@ def render(manifest: dict, name: str = "pruned model", per_layer: bool = False) 
              f"`{base or 'a model'}` pruned by comprune with **{method}**: "
              f"{_pct(manifest.get('ratio_achieved'))} of its parameters removed "
              f"(requested {_pct(manifest.get('ratio_requested'))} of {manifest.get('ratio_of', 'all')} parameters), "
-             "without fine-tuning.", "",
+             "without fine-tuning." + _source_note(base), "",
              "## Pruning", "",
              "| | |", "|---|---|",
              f"| method | {method} |",
@@ -240,6 +238,11 @@ def render(manifest: dict, name: str = "pruned model", per_layer: bool = False) 
               f"`{RECIPE}` holds the configuration above, the precision and the calibration's sha256 (checked "
               "before pruning): the same command on the same data and precision gives the same weights.", ""]
     return "\n".join(lines)
+
+
+def _source_note(base: str | None) -> str:
+    known = KNOWN_BASES.get((base or "").lower())
+    return f" The weights pruned were comprune's embedded `{known[2]}`, dequantised." if known else ""
 
 
 def _settings(cfg: dict) -> list:

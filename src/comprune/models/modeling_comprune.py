@@ -11,11 +11,12 @@ of loading a wrong model. In memory the config's model_type is `comprune_<base>`
 The config is the base architecture's own config plus `intermediate_sizes` (one MLP width per layer,
 0 = MLP removed); when attention heads were pruned unevenly, also
 `num_attention_heads_per_layer` and `num_key_value_heads_per_layer` (query and KV heads of each layer;
-`head_dim` is then explicit in the config). The same shapes are also written as transformers 5's
+`head_dim` is then explicit in the config). config.json also holds the same shapes as transformers 5's
 `per_layer_config` (layer index -> the attributes that differ from the global ones), which stock configs, vLLM's
-Transformers backend and NVIDIA's AnyModel read; the config class reads it back into the lists, and answers
-`is_heterogeneous` / `per_layer_config[i]` from them, so its global values (the largest layer's) stay readable.
-`auto_map["AutoModel"]` names the base model (CompruneLlamaModel, ...) that vLLM builds.
+Transformers backend and NVIDIA's AnyModel read, wherever the base config class accepts them (see
+`stock_overrides`). The config class answers `is_heterogeneous` and `per_layer_config[i]` from its lists (so its
+global values, the largest layer's, stay readable), and fills lists it lacks from a `per_layer_config`.
+`auto_map["AutoModel"]` names the base model (CompruneLlamaModel, ...) that vLLM builds under its own LM head.
 
 Which families it defines is data given to `add_family`: comprune calls it for every family it knows
 (models/families.py), and the copy saved next to a model ends with the call for that model's family.
