@@ -89,6 +89,9 @@ def test_streamed_prune_writes_card_and_recipe(tmp_path, capsys):
     code, err = main(["prune", "--recipe", tmp_path / "s", "--calib", text, "--out", tmp_path / "s2"], capsys)
     assert code == 0, err
     assert same_weights(tmp_path / "s", tmp_path / "s2")
+    other = calib_text(tmp_path / "other.txt", words=1500)  # streamed: the digest is known after the prune only
+    code, err = main(["prune", "--recipe", tmp_path / "s", "--calib", other, "--out", tmp_path / "s3"], capsys)
+    assert code == 0 and "calibration data differs from the recipe's" in err
 
 
 def test_known_bases_front_matter_and_bad_recipes(tmp_path):

@@ -235,8 +235,8 @@ def render(manifest: dict, name: str = "pruned model", per_layer: bool = False) 
     lines += ["With comprune: `model, tok = comprune.from_pretrained(PATH)`; for llama.cpp: "
               "`comprune export PATH --gguf model.gguf --type q8_0`.", "",
               "## Reproduce", "", "```", command(manifest), "```", "",
-              f"`{RECIPE}` holds the configuration above, the precision and the calibration's sha256 (checked "
-              "before pruning): the same command on the same data and precision gives the same weights.", ""]
+              f"`{RECIPE}` holds every setting, the precision and the calibration's sha256 (which the prune "
+              "checks): the same command on the same data gives the same weights.", ""]
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import math
 import shutil
+import sys
 from pathlib import Path
 
 from ..card import read_recipe
@@ -146,6 +147,10 @@ def cmd_prune_stream(args, cfg) -> int:
                                  trust_remote_code=args.trust_remote_code,
                                  data_dir=args.data_dir,
                                  lite=not getattr(args, "stream_transformers_modules", False))
+    want = (args.recipe_record or {}).get("calibration_sha256")
+    if want and report.calibration.get("sha256") != want:  # read in a child process: known only now
+        print(f"warning: the calibration data differs from the recipe's (sha256 {report.calibration['sha256'][:12]}"
+              f"... against {want[:12]}...): {out} is another model than the recipe's", file=sys.stderr)
     finish_budget(out, size)
     if args.json:
         print(json_text({"out": str(out), **{k: v for k, v in report.to_dict().items() if k != "blocks"},
