@@ -2,9 +2,10 @@
 
 Both are rendered from pruning.json alone, so they say only what the run recorded: the card's Hub metadata
 (base model and licence where comprune knows them: its embedded models, or the source directory's own card),
-the method and every setting, the ratio and parameters before/after, the calibration data and its sha256, how to
-load the model, and the one command that prunes it again. `comprune eval` and `comprune compare` append what they
-measure to pruning.json's `evaluations` and render the card again: its numbers are those runs' numbers.
+the method and the settings that differ from the defaults, the ratio and parameters before/after, the calibration
+data and its sha256, how to load the model, and the one command that prunes it again. `comprune eval` and
+`comprune compare` append what they measure to pruning.json's `evaluations` and render the card again: its
+numbers are those runs' numbers.
 
 The recipe is the run's configuration as `comprune prune --recipe recipe.json --out DIR` reads it: the model it
 pruned, the full PruneConfig, the precision it computed in and saved (which the bytes depend on) and whether it
