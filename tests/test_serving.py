@@ -130,12 +130,12 @@ def test_auto_model_builds_the_base_model_from_remote_code(tmp_path):
             f"m = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True, dtype=torch.float32).eval(); "
             "assert 'comprune' not in sys.modules; "
             f"h = m(torch.tensor({IDS.tolist()})).last_hidden_state[0, -1, :6].tolist(); "
-            "print(json.dumps([type(m).__name__, c.is_heterogeneous, layers, h]))")
+            "print(json.dumps([type(m).__name__, c.is_heterogeneous, layers, h, type(m).is_backend_compatible()]))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-2000:]
-    name, het, layers, hidden = json.loads(r.stdout.strip().splitlines()[-1])
-    assert name == "CompruneLlamaModel" and het
+    name, het, layers, hidden, compatible = json.loads(r.stdout.strip().splitlines()[-1])
+    assert name == "CompruneLlamaModel" and het and compatible  # vLLM checks is_backend_compatible()
     assert layers == [[128, 4, 2], [128, 2, 1], [43, 4, 2], [0, 2, 1]]
     assert hidden == pytest.approx(expect, abs=1e-5)
 
