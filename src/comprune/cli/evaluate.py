@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 
+from ..card import record_evaluation
 from ..errors import CompruneError
 from ..outputs import json_text
 from ..evaluate.hardware import against_peak, use_sdpa
@@ -40,6 +41,8 @@ def cmd_eval(args) -> int:
                                      progress=not args.json, runner=args.zeroshot_runner, heldout=args.heldout,
                                      compile=args.compile)
         zeroshot["precision"] = precision
+    for entry in card_entries(args, results, zeroshot):  # a pruned model's card shows what this run measured
+        record_evaluation(args.model, entry)
     if args.json:
         out = results[0] if len(results) == 1 and zeroshot is None else (
             {"model": args.model, "precision": precision, "perplexity": results, "zeroshot": zeroshot} if zeroshot
@@ -56,6 +59,21 @@ def cmd_eval(args) -> int:
         if zeroshot is not None:
             print(format_zeroshot_table(zeroshot))
     return 0
+
+
+def card_entries(args, results: list, zeroshot: dict | None) -> list[dict]:
+    """What `comprune eval` measured, as pruned models record it (pruning.json `evaluations`, the card)."""
+    run = {"by": "comprune eval", "device": args.device}
+    entries = [{**run, "what": "perplexity", "dtype": r["dtype"],
+                **{k: r.get(k) for k in ("dataset", "seqlen", "max_tokens", "windows", "tokens", "ppl",
+                                         "tokens_per_second", "compiled")}} for r in results]
+    if zeroshot is not None:
+        tasks = zeroshot["tasks"]
+        entries.append({**run, "what": "zeroshot", "dtype": zeroshot["precision"]["dtype"], "tasks": sorted(tasks),
+                        "subset": args.subset, "limit": args.limit, "heldout": bool(args.heldout),
+                        "results": {**{f"{t} {r['metric']}": r.get(r["metric"]) for t, r in tasks.items()},
+                                    "average": zeroshot.get("average")}})
+    return entries
 
 
 def add_command(sub):

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..card import record_evaluation
 from ..config import PRESETS
 from ..registry import names as method_names
 from ..data import load_ids
@@ -331,6 +332,9 @@ class Comparison:
                    f"compare-{self.model_spec}-{name}-{calib}-{weights}-{self.dtype}")
             self.eval_zeroshot(name, stage, rec, model, tok, key)
         rec.setdefault("eval_seconds", {})[stage] = round(time.perf_counter() - t0, 1)
+        if not is_dense:  # the pruned model's card shows what this comparison measured
+            for entry in card_entries(stage, rec, self.dtype):
+                record_evaluation(self.model_dir(name), entry)
 
     def plan(self) -> list[tuple[str, str]]:
         """(run, stage) in the order the work is done: the headline ratio first (prune, streamed prune, slice
@@ -378,6 +382,26 @@ class Comparison:
 
     def write_reports(self) -> dict:
         return write_reports(self.out, self.settings())
+
+
+def card_entries(stage: str, rec: dict, dtype) -> list[dict]:
+    """A stage's measurements of a run, as pruned models record them (pruning.json `evaluations`, the card)."""
+    run = {"by": "comprune compare", "dtype": dtype}
+    if stage in ("ppl", "full"):
+        return [{**run, "what": "perplexity", **{k: r.get(k) for k in ("dataset", "seqlen", "max_tokens", "windows",
+                                                                        "tokens", "ppl", "tokens_per_second")}}
+                for r in rec.get("ppl", {}).values()]
+    res = rec.get(stage)
+    if not isinstance(res, dict):
+        return []
+    if stage in ("zeroshot", "zeroshot_full"):
+        tasks = res.get("tasks", {})
+        results = {**{f"{t} {r['metric']}": r.get(r["metric"]) for t, r in tasks.items()},
+                   "average": res.get("average")}
+        return [{**run, "what": stage, "tasks": sorted(tasks), "subset": res.get("subset"), "results": results}]
+    results = {k: v for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return [{**run, "what": {"speed": "generation speed (transformers)", "llamacpp": "llama.cpp speed"}.get(stage, stage),
+             "results": results}] if results else []
 
 
 def compare(model_spec="smollm2", ratios=(0.1, 0.2, 0.3), methods=DEFAULT_METHODS, out_dir=DEFAULT_OUT, **kw) -> dict:
