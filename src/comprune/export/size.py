@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 
 from ..errors import CompruneError
-from .gguf import QTYPES, gguf_tensors, new_writer, open_safetensors, prepare, tensor_type
+from .gguf import QTYPES, gguf_tensors, mix_of, new_writer, open_safetensors, prepare, tensor_type
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -36,16 +36,18 @@ def weight_bytes(qtype: str) -> float:
     return size / block
 
 
-def gguf_bytes(model_dir, qtype: str = "f16", pad_to: int | None = None) -> int:
-    """The exact size of `comprune export model_dir --type qtype`, without writing a tensor."""
+def gguf_bytes(model_dir, qtype: str = "f16", pad_to: int | None = None, imatrix: bool = False) -> int:
+    """The exact size of `comprune export model_dir --type qtype`, without writing a tensor (`imatrix`: with an
+    importance matrix, which changes q4_0's and q5_0's mix)."""
     model_dir = Path(model_dir)
     cfg, arch, tensors, _, file_widths = prepare(model_dir, qtype, pad_to)
+    mix = mix_of(cfg, tensors, qtype, imatrix)
     with tempfile.TemporaryDirectory() as d:
         writer = new_writer(model_dir, Path(d) / "meta.gguf", cfg, arch, file_widths, qtype)
         align, data = writer.data_alignment, 0
         try:
             for name, t in gguf_tensors(tensors, cfg, arch, file_widths):
-                kind = tensor_type(tuple(t.shape), qtype)
+                kind = tensor_type(name, tuple(t.shape), qtype, mix)
                 block, size = gguf.GGML_QUANT_SIZES[kind]
                 nbytes = t.numel() // block * size
                 writer.add_tensor_info(name, tuple(t.shape), np.float32, nbytes, raw_dtype=kind)
