@@ -135,3 +135,28 @@ def test_quantizer_matches_gguf_reference():
                        for im in (None, imp.numpy()))
     err = lambda d: float(((d - w)[:, :16] ** 2).mean())  # noqa: E731
     assert err(weighted) < err(plain)
+
+
+@needs_llamacpp
+def test_imatrix_export_and_cache(tmp_path):
+    """An importance matrix from calibration windows: collected on the model, cached beside it by the windows'
+    sha256 (not collected again), and the export quantizes with it (q4_0's first ffn_down layers become q4_1, as
+    in llama.cpp), still running in llama.cpp as transformers does on the dequantized weights."""
+    from comprune.export import imatrix as im
+    model = tiny_model("llama", layers=8, hidden=256, inter=256, vocab=VOCAB)
+    src = save(model, tmp_path / "m")
+    windows = torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    got = im.imatrix_for(src, windows, model=model)
+    assert got["blk.0.attn_q.weight"].shape == (256,) and got["blk.3.ffn_down.weight"].shape == (256,)
+    assert (got["blk.0.attn_q.weight"] > 0).all() and "token_embd.weight" in got  # tied: the head's input
+    assert len(list((src / im.CACHE).glob("*.safetensors"))) == 1
+    again = im.imatrix_for(src, windows, model=None)  # from the cache: no model to load
+    assert all((again[k] == v).all() for k, v in got.items())
+    info = export_gguf(src, tmp_path / "m.gguf", "q4_0", imatrix=got)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(info["path"]).tensors}
+    assert types["blk.0.ffn_down.weight"] == T.Q4_1 and types["blk.1.ffn_down.weight"] == T.Q4_0
+    assert info["bytes"] == gguf_bytes(src, "q4_0", imatrix=True)
+    _check(model, src, info["path"], TOL[256])
+    from comprune.errors import CompruneError
+    with pytest.raises(CompruneError, match="not f16"):
+        export_gguf(src, tmp_path / "f.gguf", "f16", imatrix=got)

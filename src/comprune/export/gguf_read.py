@@ -17,7 +17,7 @@ from ..errors import require
 from .gguf import prepare
 from .gguf_arch import expert_count, expert_names, spec_for, transform
 from .gguf_hparams import head_dim, layer_heads, model_family
-from .gguf_tensors import open_safetensors, permute_qk
+from .gguf_tensors import open_safetensors
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
