@@ -160,3 +160,24 @@ def test_imatrix_export_and_cache(tmp_path):
     from comprune.errors import CompruneError
     with pytest.raises(CompruneError, match="not f16"):
         export_gguf(src, tmp_path / "f.gguf", "f16", imatrix=got)
+
+
+@pytest.mark.parametrize("qtype", ["q4_k_m", "q5_0"])
+def test_prune_to_target_size_at_a_quantized_type(tmp_path, qtype):
+    """--target-size at a mix: the pruned model's file at that type is within the target and not far under,
+    counting that a pruned ffn_down falls back from the K-quant blocks its dense width filled."""
+    import json
+    import subprocess
+    import sys
+    src = save(tiny_model("llama", vocab=VOCAB, layers=4, inter=1024), tmp_path / "m")
+    dense = gguf_bytes(src, qtype)
+    target = int(dense * 0.75)
+    out = tmp_path / "p"
+    r = subprocess.run([sys.executable, "-m", "comprune.cli", "prune", str(src), "--out", str(out), "--target-size",
+                        str(target), "--target-type", qtype, "--nsamples", "8", "--seqlen", "32", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(r.stdout)["target_size"]
+    got = export_gguf(out, tmp_path / "p.gguf", qtype)
+    assert rec["gguf_bytes"] == got["bytes"] <= target and rec["met"]
+    assert got["bytes"] > 0.85 * target  # not far under either
