@@ -181,3 +181,39 @@ def test_prune_to_target_size_at_a_quantized_type(tmp_path, qtype):
     got = export_gguf(out, tmp_path / "p.gguf", qtype)
     assert rec["gguf_bytes"] == got["bytes"] <= target and rec["met"]
     assert got["bytes"] > 0.85 * target  # not far under either
+
+
+def test_plan_by_the_frontier(tmp_path):
+    """comprune plan: the (ratio, type) pairs within a size, measured quality where the frontier has it (and
+    interpolated between its ratios), and the verdict whether quantization alone meets the budget with less
+    loss; without a frontier, no quality is invented."""
+    import json
+    import subprocess
+    import sys
+    from comprune.budget.frontier import plan
+    src = save(tiny_model("llama", vocab=VOCAB, layers=4, inter=1024), tmp_path / "m")
+    q4 = gguf_bytes(src, "q4_k_m")
+    pts = [{"method": "dense", "ratio": 0.0, "qtype": "f16", "ppl": 10.0, "gen_rel": 0.5},
+           {"method": "dense", "ratio": 0.0, "qtype": "q4_k_m", "ppl": 10.5, "gen_rel": 1.0},
+           {"method": "comp", "ratio": 0.1, "qtype": "q8_0", "ppl": 12.0},
+           {"method": "comp", "ratio": 0.5, "qtype": "q8_0", "ppl": 20.0}]
+    front = tmp_path / "f.json"
+    front.write_text(json.dumps({"model": str(src), "points": pts}))
+    out = plan(str(src), target_size=q4 + 1, frontier=front, types=["f16", "q8_0", "q4_k_m"])
+    by = {c["qtype"]: c for c in out["candidates"]}
+    assert by["q4_k_m"]["ratio"] == 0 and by["q4_k_m"]["ppl"] == 10.5 and by["q4_k_m"]["quality"] == "measured"
+    assert 0.1 < by["q8_0"]["ratio"] < 0.5 and by["q8_0"]["quality"].startswith("interpolated")
+    assert 12.0 < by["q8_0"]["ppl"] < 20.0 and by["q8_0"]["gguf_bytes"] <= q4 + 1
+    assert by["q4_k_m"]["speedup_vs_f16"] == 2.0 and by["q4_k_m"]["speed"] == "measured"
+    assert "f16" not in by or by["f16"]["ppl"] is None  # f16 needs a prune not measured
+    assert out["verdict"].startswith("quantization alone meets it with less loss: the dense model at q4_k_m")
+    bare = plan(str(src), target_size=int(q4 * 0.8), types=["q8_0", "q4_k_m"])
+    assert all(c["ppl"] is None and c["ratio"] > 0 for c in bare["candidates"])
+    assert bare["verdict"].startswith("quantization alone does not meet it")
+    assert "nothing meets this budget" in plan(str(src), target_size="1kB", types=["q4_k_m"])["verdict"]
+    r = subprocess.run([sys.executable, "-m", "comprune.cli", "plan", str(src), "--target-size", str(q4 + 1),
+                        "--frontier", str(front), "--types", "q8_0", "q4_k_m", "--json"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["verdict"] == plan(str(src), target_size=q4 + 1, frontier=front,
+                                                   types=["q8_0", "q4_k_m"])["verdict"]
