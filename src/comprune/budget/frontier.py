@@ -128,7 +128,9 @@ def plan(model, target_size=None, target_speedup: float | None = None, frontier=
         if ppl is not None and dense_ppl is not None:
             cand["loss_vs_f16"] = round(ppl / dense_ppl - 1, 4)
         candidates.append(cand)
-    candidates.sort(key=lambda c: (c["ppl"] is None, c["ppl"] if c["ppl"] is not None else 0, -c["gguf_bytes"]))
+    # known quality first, best first; the rest by how little they prune
+    candidates.sort(key=lambda c: (c["ppl"] is None, c["ppl"] if c["ppl"] is not None else c["ratio"],
+                                   -c["gguf_bytes"]))
     dense_ok = [c for c in candidates if c["ratio"] == 0]
     pruned = [c for c in candidates if c["ratio"] > 0]
     return {"model": name, "target_size": target_size, "target_speedup": target_speedup, "budget_bytes": budget,
@@ -145,7 +147,7 @@ def verdict(dense_ok: list[dict], pruned: list[dict]) -> str:
         return (f"quantization alone does not meet it: prune ({best['method']} {best['ratio']:.0%}) and export "
                 f"{best['qtype']}" + (f", PPL {best['ppl']} ({best['quality']})" if best["ppl"] else
                                       " (quality not measured: run benchmarks/frontier.py)"))
-    best_dense = min(dense_ok, key=lambda c: (c["ppl"] is None, c["ppl"] or 0, -c["gguf_bytes"]))
+    best_dense = min(dense_ok, key=lambda c: (c["ppl"] is None, c["ppl"] or 0, -c["gguf_bytes"]))  # unmeasured: largest
     known = [c for c in pruned if c["ppl"] is not None]
     if best_dense["ppl"] is None:
         return (f"quantization alone meets it: the dense model at {best_dense['qtype']} "
