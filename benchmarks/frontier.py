@@ -167,7 +167,7 @@ def main(argv=None):
             if args.pad256 and q.endswith(("_k", "_k_m")):
                 jobs.append((f"{method}-{ratio:.2f}-{q}-pad256", method, ratio, q, d, 256))
 
-    ref_path = work / f"dense-{REFERENCE}.gguf"
+    ref_path = work / f"reference-dense-{REFERENCE}.gguf"
     if not args.no_speed and not ref_path.is_file():
         export_gguf(dense_dir, ref_path, REFERENCE, imatrix=_imatrix(dense_dir, args, REFERENCE))
     for name, method, ratio, qtype, d, pad in jobs:
@@ -207,7 +207,7 @@ def main(argv=None):
               flush=True)
         _save(js, data)
         if d is not None and args.work is None:
-            path.unlink()
+            path.unlink()  # a temporary folder: keep the disk small
     _save(js, data)
     write_markdown(out.with_suffix(".md"), data)
     try:
@@ -245,6 +245,10 @@ def write_markdown(path: Path, data: dict) -> None:
              f"weights. Speeds: llama.cpp, each point alternated run by run with the {data['speed_reference']} file "
              "(gen rel. = its generation tokens/s over that file's). ◆ = on the Pareto front of perplexity against "
              "bytes, ★ against generation speed.", "",
+             "Peak RSS: the llama.cpp process that loaded the file and generated, less the same process after "
+             "importing xllamacpp only. llama.cpp check: the largest |Δ log p| over llama.cpp's top-20 next tokens "
+             "against the dequantized model in transformers, and top-1 agreement, at the end of a few 256-token "
+             "windows.", "",
              "| point | type | MB | PPL | prompt tok/s | gen tok/s | gen rel. | peak RSS MB | llama.cpp check | front |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for p in pts:
@@ -253,8 +257,12 @@ def write_markdown(path: Path, data: dict) -> None:
         front = ("◆" if p.get("pareto_bytes") else "") + ("★" if p.get("pareto_speed") else "")
         lines.append(f"| {p['name']} | {p['qtype']} | {p['bytes'] / 1e6:.1f} | {p['ppl']:.2f} | "
                      f"{p.get('prompt_tok_s', '-')} | {p.get('gen_tok_s', '-')} | {p.get('gen_rel', '-')} | "
-                     f"{p.get('peak_rss_mb', '-')} | {check} | {front} |")
+                     f"{_rss(p)} | {check} | {front} |")
     path.write_text("\n".join(lines) + "\n")
+
+
+def _rss(p: dict) -> str:
+    return f"{p['peak_rss_mb'] - p['import_rss_mb']:.0f}" if p.get("peak_rss_mb") else "-"
 
 
 def plot(path: Path, data: dict) -> None:
