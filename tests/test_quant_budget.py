@@ -90,3 +90,16 @@ def test_plan_by_the_frontier(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["verdict"] == plan(str(src), target_size=q4 + 1, frontier=front,
                                                    types=["q8_0", "q4_k_m"])["verdict"]
+
+
+def test_plan_refusals_are_one_line(tmp_path, capsys):
+    from comprune.cli import main
+    src = save(tiny_model("llama", vocab=VOCAB, layers=2), tmp_path / "m")
+    capsys.readouterr()
+    for args, needle in (([str(src)], "give one of"), ([str(src), "--target-size", "1MB", "--target-speedup", "2"],
+                                                         "give one of"),
+                         ([str(src), "--target-speedup", "0.5"], "must be above 1"),
+                         ([str(src), "--target-size", "1MB", "--frontier", str(tmp_path / "no.json")], "not found")):
+        assert main(["plan", *args]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
