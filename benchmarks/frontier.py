@@ -278,9 +278,11 @@ def plot(path: Path, data: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     pts = data["points"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, flag, label in ((axes[0], "bytes", "pareto_bytes", "file MB"),
-                                 (axes[1], "gen_rel", "pareto_speed", f"generation speed / {data['speed_reference']}")):
+    panels = [(key, flag, label) for key, flag, label in (
+        ("bytes", "pareto_bytes", "file MB"), ("gen_rel", "pareto_speed", f"generation speed / {data['speed_reference']}"))
+        if any(p.get(key) is not None for p in pts)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (key, flag, label) in zip(axes[0], panels):
         for method in sorted({p["method"] for p in pts}):
             sel = [p for p in pts if p["method"] == method and p.get(key) is not None]
             xs = [p[key] / 1e6 if key == "bytes" else p[key] for p in sel]

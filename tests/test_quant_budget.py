@@ -36,7 +36,7 @@ def test_imatrix_export_and_cache(tmp_path):
         export_gguf(src, tmp_path / "f.gguf", "f16", imatrix=got)
 
 
-def test_prune_to_target_size_at_a_quantized_type(tmp_path, qtype="q4_k_m"):
+def test_prune_to_target_size_at_a_quantized_type(tmp_path, capsys, qtype="q4_k_m"):
     """--target-size at a mix: the pruned model's file at that type is within the target and not far under,
     counting that a pruned ffn_down falls back from the K-quant blocks its dense width filled."""
     import json
@@ -54,6 +54,14 @@ def test_prune_to_target_size_at_a_quantized_type(tmp_path, qtype="q4_k_m"):
     got = export_gguf(out, tmp_path / "p.gguf", qtype)
     assert rec["gguf_bytes"] == got["bytes"] <= target and rec["met"]
     assert got["bytes"] > 0.85 * target  # not far under either
+    # `comprune export` quantizes a pruned model with the importance matrix of its own calibration by default
+    from comprune.cli import main
+    capsys.readouterr()
+    for flag, used in (([], True), (["--no-imatrix"], False)):
+        assert main(["export", str(out), "--gguf", str(tmp_path / f"{used}.gguf"), "--type", qtype, "--json",
+                     *flag]) == 0
+        assert json.loads(capsys.readouterr().out)["imatrix"] is used
+    assert len(list((out / "imatrix").glob("*.safetensors"))) == 1
 
 
 def test_plan_by_the_frontier(tmp_path):

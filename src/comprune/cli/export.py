@@ -1,10 +1,12 @@
 """comprune export: a (pruned) model directory as a GGUF file for llama.cpp."""
 from __future__ import annotations
 
+import argparse
 
 from ..errors import CompruneError
 from ..outputs import json_text
 from ..export.gguf import QTYPES, export_gguf
+from ..export.gguf_quant import QUANT_TYPES
 from .format import table
 
 
@@ -12,7 +14,11 @@ def cmd_export(args) -> int:
     if not args.gguf:
         raise CompruneError("nothing to export: pass --gguf OUT.gguf")
     imatrix = None
-    if args.imatrix or args.imatrix_data:
+    use = args.imatrix
+    if use is None:  # default: for the low-bit types, where the model records its calibration windows
+        from ..export.imatrix import has_calibration
+        use = args.type in QUANT_TYPES and has_calibration(args.model_dir)
+    if use or args.imatrix_data:
         from ..export.imatrix import imatrix_for, source_windows
         windows = None
         if args.imatrix_data:
@@ -39,9 +45,11 @@ def add_command(sub):
                    help="write MLP widths rounded up to a multiple of this with zero neurons (same outputs; default "
                         "32, which llama.cpp's kernels run much faster than odd widths; 1: the exact widths; 256: whole "
                         "K-quant blocks instead of llama.cpp's fallback types)")
-    p.add_argument("--imatrix", action="store_true",
+    p.add_argument("--imatrix", action=argparse.BooleanOptionalAction, default=None,
                    help="quantize with an importance matrix collected on the model from its prune's calibration "
-                        "windows (pruning.json; cached beside the model as imatrix.safetensors)")
+                        "windows (pruning.json; cached beside the model in imatrix/). Default: on for the types "
+                        "below q8_0 when the model records its calibration (SmolLM2, WikiText-2 validation: "
+                        "-3 to -7 %% perplexity); --no-imatrix: llama.cpp's plain quantization")
     p.add_argument("--imatrix-data", default=None,
                    help="collect the importance matrix from 128 windows of 128 tokens of this calibration source "
                         "(c4, wikitext2, ...) instead, e.g. for a dense model")

@@ -112,6 +112,16 @@ def _sha(windows: torch.Tensor) -> str:
     return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()
 
 
+def has_calibration(model_dir) -> bool:
+    """Whether the model's pruning.json records the calibration windows its prune used."""
+    manifest = Path(model_dir) / "pruning.json"
+    try:
+        rec = json.loads(manifest.read_text()).get("calibration") or {}
+    except (OSError, ValueError):
+        return False
+    return {"source", "nsamples", "seqlen", "seed"} <= set(rec)
+
+
 def recorded_windows(model_dir: Path, data_dir=None) -> torch.Tensor:
     """The calibration windows the prune of `model_dir` used, from its pruning.json record, checked by sha256."""
     from ..calibration import load_tokenizer
