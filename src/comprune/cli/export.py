@@ -49,7 +49,7 @@ def add_command(sub):
                    help="quantize with an importance matrix collected on the model from its prune's calibration "
                         "windows (pruning.json; cached beside the model in imatrix/). Default: on for the types "
                         "below q8_0 when the model records its calibration (SmolLM2, WikiText-2 validation: "
-                        "-3 to -7 %% perplexity); --no-imatrix: llama.cpp's plain quantization")
+                        "-3 to -8 %% perplexity); --no-imatrix: llama.cpp's plain quantization")
     p.add_argument("--imatrix-data", default=None,
                    help="collect the importance matrix from 128 windows of 128 tokens of this calibration source "
                         "(c4, wikitext2, ...) instead, e.g. for a dense model")
