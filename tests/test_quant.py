@@ -119,6 +119,9 @@ def test_mix_follows_llamacpp_rules():
     assert tensor_type("blk.9.ffn_down.weight", (576, 40), mix("q4_k_m")) == T.F16
     assert tensor_type("blk.9.attn_norm.weight", (576,), mix("q4_k_m")) == T.F32
     assert tensor_type("blk.9.ffn_gate_inp.weight", (8, 576), mix("q4_k_m")) == T.F32
+    moe8 = Mix("q4_k_m", n_layers=32, n_gqa=4, tied=False, n_expert=8)  # Mixtral's own rules
+    assert [tensor_type(f"blk.4.{n}.weight", shape, moe8) for n in ("attn_v", "attn_k", "attn_output", "attn_q")] \
+        == [T.Q8_0, T.Q8_0, T.Q5_K, T.Q4_K]
 
 
 @needs_llamacpp

@@ -24,7 +24,7 @@ import torch
 from ..errors import CompruneError, require
 from ..files import check_safetensors, read_config
 from ..outputs import check_output, guard_output, sibling
-from .gguf_arch import add_family_hparams, check_family_config, pick_arch
+from .gguf_arch import add_family_hparams, check_family_config, expert_count, gguf_family, pick_arch
 from .gguf_hparams import QTYPES, add_hparams, layer_heads, model_family
 from .gguf_quant import QUANT_TYPES, Mix, quantize
 from .gguf_quant import tensor_type as mix_type
@@ -65,7 +65,10 @@ def mix_of(cfg: dict, tensors: dict, qtype: str, imatrix: bool = False) -> Mix |
     if qtype not in QUANT_TYPES:
         return None
     n_head, n_kv = layer_heads(cfg)[0]
-    return Mix(qtype, int(cfg["num_hidden_layers"]), n_head // max(n_kv, 1), not has_output(tensors, cfg), imatrix)
+    family = model_family(cfg)
+    experts = expert_count(family, cfg) if gguf_family(family).moe else 0
+    return Mix(qtype, int(cfg["num_hidden_layers"]), n_head // max(n_kv, 1), not has_output(tensors, cfg), imatrix,
+               experts)
 
 
 def prepare(model_dir: Path, qtype: str, pad_to: int | None = None):

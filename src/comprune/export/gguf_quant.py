@@ -5,7 +5,7 @@ The kernel is `ggml_quantize_chunk` of the llama.cpp build that xllamacpp ships 
 through ctypes: the same code `llama-quantize` runs, importance matrix included. What `llama-quantize` adds on
 top, the *mix* (which tensor of a Q4_K_M file is Q4_K, Q6_K, Q5_0 or Q8_0), is llama.cpp's C++ policy
 `llama_tensor_get_type` (src/llama-quant.cpp), which the bindings do not export: `tensor_type` restates its rules
-for the types offered here and the dense, non-Falcon, non-MoE-of-8 models comprune exports:
+for the types offered here and the (non-Falcon) models comprune exports:
 
 - the output matrix (or the token embedding when it doubles as the output) becomes Q6_K, or Q8_0 when its rows
   are no multiple of the type's block (a q8_0 file keeps Q8_0);
@@ -15,6 +15,7 @@ for the types offered here and the dense, non-Falcon, non-MoE-of-8 models compru
   branch never applies); Q6_K in the `use_more_bits` layers (q4_k_m, q5_k_m); with an importance matrix, the
   first 1/8 of the layers of q4_0/q5_0 become q4_1/q5_1;
 - attn_output: Q3_K (q2_k), Q4_K (q3_k_m); fused attn_qkv: Q4_K (q3_k_m), Q5_K (q4_k_m), Q6_K (q5_k_m);
+- a model of exactly 8 experts (Mixtral): attn_v and attn_k Q8_0, attn_output Q5_K (q2_k, q3_k_m, q4_k_m);
 - a row length that is no multiple of the chosen type's block falls back (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0,
   Q5_K -> Q5_1, Q6_K -> Q8_0), then to F16 if still no multiple of 32. SmolLM2's hidden size 576 is no
   multiple of 256: most of its K-quant tensors are these fallbacks, exactly as in llama.cpp's own files.
@@ -55,6 +56,7 @@ class Mix:
     n_gqa: int          # query heads per KV head of the first layer (llama.cpp's hparams.n_gqa())
     tied: bool          # no output.weight in the file: token_embd is also the output matrix
     imatrix: bool = False
+    n_expert: int = 0
 
 
 def _use_more_bits(i: int, n: int) -> bool:
@@ -96,6 +98,10 @@ def tensor_type(name: str, shape, mix: Mix):
             kind = T.Q5_K if layer < 2 else T.Q4_K
         elif q in ("q4_k_m", "q5_k_m") and _use_more_bits(layer, mix.n_layers):
             kind = T.Q6_K
+        if mix.n_expert == 8:
+            kind = T.Q8_0
+    elif name.endswith("attn_k.weight") and mix.n_expert == 8:
+        kind = T.Q8_0
     elif "ffn_down" in name:
         n = mix.n_layers
         if q == "q2_k":
@@ -107,7 +113,10 @@ def tensor_type(name: str, shape, mix: Mix):
         elif q in ("q4_0", "q5_0") and mix.imatrix and layer < n // 8:
             kind = T.Q4_1 if q == "q4_0" else T.Q5_1
     elif name.endswith("attn_output.weight"):
-        kind = {"q2_k": T.Q3_K, "q3_k_m": T.Q4_K}.get(q, base)
+        if mix.n_expert == 8:
+            kind = T.Q5_K if q in ("q2_k", "q3_k_m", "q4_k_m") else base
+        else:
+            kind = {"q2_k": T.Q3_K, "q3_k_m": T.Q4_K}.get(q, base)
     elif name.endswith("attn_qkv.weight"):
         kind = {"q3_k_m": T.Q4_K, "q4_k_m": T.Q5_K, "q5_k_m": T.Q6_K}.get(q, base)
     return _fallback(kind, ncols)
