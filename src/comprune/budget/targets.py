@@ -23,6 +23,7 @@ import torch
 
 from ..errors import CompruneError
 from ..export.gguf import pad_step
+from ..export.gguf_quant import QUANT_TYPES
 from ..export.latency import latency_table
 from ..export.size import gguf_bytes, param_counts, parse_size, weight_bytes
 from ..files import read_config
@@ -45,7 +46,10 @@ def ratio_for_size(model_dir, target_bytes: int, qtype: str, ratio_of: str = "al
     total, blocks = param_counts(model_dir)
     cfg = read_config(model_dir)
     margin = int(cfg["num_hidden_layers"]) * 3 * int(cfg["hidden_size"]) * max(1, round_to)
-    params = math.ceil((dense - target_bytes) / weight_bytes(qtype)) + margin
+    # a mix's ffn_down may fall back to a larger type once pruned widths no longer fill its blocks: count the
+    # savings from the dense model at the pruned types
+    start = gguf_bytes(model_dir, qtype, as_pruned=True) if qtype in QUANT_TYPES else dense
+    params = math.ceil((start - target_bytes) / weight_bytes(qtype, model_dir)) + margin
     base = blocks if ratio_of == "blocks" else total
     ratio = params / base
     if ratio > 0.9:

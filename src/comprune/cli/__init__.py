@@ -1,4 +1,4 @@
-"""`comprune prune|eval|export|compare`: a thin shell over the Python API."""
+"""`comprune prune|eval|export|compare|plan`: a thin shell over the Python API."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import sys
 
 from ..errors import CompruneError
 from ..outputs import json_text
-from . import compare, evaluate, export, prune
+from . import compare, evaluate, export, plan, prune
 
 
 class UsageError(Exception):
@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="comprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (evaluate, prune, compare, export):  # the order of `comprune --help`
+    for command in (evaluate, prune, compare, export, plan):  # the order of `comprune --help`
         command.add_command(sub)
     return parser
 

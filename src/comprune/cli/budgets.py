@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..budget.targets import describe, finish, resolve
 from ..errors import CompruneError
+from ..export.gguf import QTYPES
 from ..io import read_manifest
 
 
@@ -19,7 +20,7 @@ def add_budget_options(p):
                         "this machine (e.g. 1.5), from a latency table timed once per model, machine, type and "
                         "thread count (cached; docs/budgets.md); with --preset comp-search and --ratio, a constraint of the "
                         "width search at that exact size instead")
-    p.add_argument("--target-type", default="f16", choices=["f32", "f16", "q8_0"],
+    p.add_argument("--target-type", default="f16", choices=list(QTYPES),
                    help="GGUF type of --target-size and --target-speedup (default f16; widths are rounded to the export's "
                         "multiple of 32)")
 

@@ -7,12 +7,14 @@ import gguf
 
 from ..errors import CompruneError, require
 from .gguf_arch import gguf_family, rope_dims
+from .gguf_quant import QUANT_TYPES
 
 # qtype -> (tensor type for 2-D weights, GGUF file type)
 QTYPES = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    **QUANT_TYPES,  # llama.cpp's quantizer and its per-tensor mix (gguf_quant)
 }
 
 

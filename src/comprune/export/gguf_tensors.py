@@ -112,6 +112,12 @@ def llama3_rope_factors(cfg: dict) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
+def has_output(tensors: dict, cfg: dict) -> bool:
+    """Whether the file holds `output.weight` (else llama.cpp uses token_embd as the output matrix too)."""
+    tied = cfg.get("tie_word_embeddings") or "lm_head.weight" not in tensors
+    return not tied or spec_for(model_family(cfg)).output_required
+
+
 def gguf_tensors(tensors: dict, cfg: dict, arch: str, widths: list[int]):
     """Yield (gguf name, float32 tensor) in llama.cpp order: globals, then each block."""
     heads = layer_heads(cfg)

@@ -8,8 +8,10 @@ down columns: silu(0) * 0 = 0, so the output is unchanged):
   much slower than the next multiple of 32 (SmolLM2 on an AVX2 CPU: MLPs at 1017 prompt 0.95x / generate
   1.11x the dense model, at 1024 1.22x / 1.21x; benchmarks/results/round_to_amd.md), far more than the
   zero neurons cost; `pad_to=1` writes the exact widths;
-- q8_0 quantizes rows in blocks of 32, so for q8_0 widths are always a multiple of 32 and ffn_down (whose rows
-  are as long as the width) is quantized too instead of staying f16.
+- q8_0 and the other quantized types take rows in blocks of 32 (or more), so for them widths are always a
+  multiple of 32 and ffn_down (whose rows are as long as the width) is quantized too instead of staying f16;
+  the K-quants' blocks of 256 take a width that is no multiple of 256 by llama.cpp's fallback types (Q4_K ->
+  Q5_0 ...) unless `pad_to=256` pads it to whole blocks.
 """
 from __future__ import annotations
 
@@ -55,16 +57,22 @@ def _expert_widths(family: str, cfg: dict, tensors: dict, n_layers: int) -> list
 PAD_TO = 32
 
 
+def blocked(qtype: str) -> bool:
+    """Whether the type quantizes rows in blocks (of 32 or more): every type but f32 and f16."""
+    return qtype not in ("f32", "f16")
+
+
 def pad_step(qtype: str, pad_to: int | None = None) -> int:
-    """The multiple every written MLP width is rounded up to (q8_0's blocks of 32 always)."""
-    return math.lcm(PAD_TO if pad_to is None else pad_to, 32 if qtype == "q8_0" else 1)
+    """The multiple every written MLP width is rounded up to (a quantized type's blocks of 32 always)."""
+    return math.lcm(PAD_TO if pad_to is None else pad_to, 32 if blocked(qtype) else 1)
 
 
 def padded_width(width: int, qtype: str, pad_to: int | None = None) -> int:
     """MLP width written to the file (zero neurons added, see the module docstring). A removed MLP is one zero
-    neuron (a whole block of 32 for q8_0), not a padded block: it has no product worth a fast kernel."""
+    neuron (a whole block of 32 for a quantized type), not a padded block: it has no product worth a fast
+    kernel."""
     if width == 0:
-        return 32 if qtype == "q8_0" else 1
+        return 32 if blocked(qtype) else 1
     step = pad_step(qtype, pad_to)
     return -(-width // step) * step
 

@@ -17,7 +17,8 @@ import gguf
 import numpy as np
 
 from ..errors import CompruneError
-from .gguf import QTYPES, gguf_tensors, new_writer, open_safetensors, prepare, tensor_type
+from .gguf import QTYPES, gguf_tensors, mix_of, new_writer, open_safetensors, prepare, tensor_type
+from .gguf_quant import QUANT_TYPES
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -30,22 +31,46 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * UNITS[m.group(2) or ""])
 
 
-def weight_bytes(qtype: str) -> float:
-    """Bytes per element of a 2-D weight at `qtype` (f16: 2, q8_0: 34 per 32)."""
-    block, size = gguf.GGML_QUANT_SIZES[QTYPES[qtype][0]]
-    return size / block
+def weight_bytes(qtype: str, model_dir=None) -> float:
+    """Bytes per element of a 2-D weight at `qtype` (f16: 2, q8_0: 34 per 32). A mix (q4_k_m ...) gives its
+    tensors different types: with `model_dir`, the mean over the dense model's MLP weights as the mix writes
+    them (a prune removes mostly MLP neurons)."""
+    if model_dir is None or qtype not in QUANT_TYPES:
+        block, size = gguf.GGML_QUANT_SIZES[QTYPES[qtype][0]]
+        return size / block
+    model_dir = Path(model_dir)
+    cfg, arch, tensors, _, file_widths = prepare(model_dir, qtype)
+    mix = mix_of(cfg, tensors, qtype)
+    nbytes = numel = 0
+    for name, t in gguf_tensors(tensors, cfg, arch, file_widths):
+        if ".ffn_" in name and name.endswith(".weight") and "ffn_gate_inp" not in name and len(t.shape) >= 2:
+            block, size = gguf.GGML_QUANT_SIZES[pruned_type(name, tuple(t.shape), qtype, mix)]
+            nbytes, numel = nbytes + t.numel() // block * size, numel + t.numel()
+    return nbytes / numel
 
 
-def gguf_bytes(model_dir, qtype: str = "f16", pad_to: int | None = None) -> int:
-    """The exact size of `comprune export model_dir --type qtype`, without writing a tensor."""
+def pruned_type(name: str, shape, qtype: str, mix) -> object:
+    """The type tensor `name` takes once pruned: as now, but an ffn_down (whose rows are as long as the MLP) at a
+    width in blocks of 32 only, i.e. at the mix's fallback type where its rows now fill K-quant blocks of 256."""
+    if mix is not None and "ffn_down" in name:
+        shape = (*shape[:-1], 32)
+    return tensor_type(name, shape, qtype, mix)
+
+
+def gguf_bytes(model_dir, qtype: str = "f16", pad_to: int | None = None, imatrix: bool = False,
+               as_pruned: bool = False) -> int:
+    """The exact size of `comprune export model_dir --type qtype`, without writing a tensor (`imatrix`: with an
+    importance matrix, which changes q4_0's and q5_0's mix). `as_pruned`: with every ffn_down at the type a
+    pruned width takes (pruned_type), the size a ratio's savings are counted from."""
     model_dir = Path(model_dir)
     cfg, arch, tensors, _, file_widths = prepare(model_dir, qtype, pad_to)
+    mix = mix_of(cfg, tensors, qtype, imatrix)
     with tempfile.TemporaryDirectory() as d:
         writer = new_writer(model_dir, Path(d) / "meta.gguf", cfg, arch, file_widths, qtype)
         align, data = writer.data_alignment, 0
         try:
             for name, t in gguf_tensors(tensors, cfg, arch, file_widths):
-                kind = tensor_type(tuple(t.shape), qtype)
+                kind = (pruned_type if as_pruned else tensor_type)(name, tuple(t.shape), qtype, mix)
                 block, size = gguf.GGML_QUANT_SIZES[kind]
                 nbytes = t.numel() // block * size
                 writer.add_tensor_info(name, tuple(t.shape), np.float32, nbytes, raw_dtype=kind)
