@@ -28,6 +28,21 @@ CALIBS = {"self": "self", "self+c4": "self:0.5,c4:0.5"}
 PPL_SETS = ("wikitext2-validation", "c4-validation", "wikitext2")  # held out, held out, test
 
 
+class _Lock:
+    """The shared machine's lock for heavy work, held for one unit (a prune, one measure of one model) at a time."""
+    path = None
+
+    def __enter__(self):
+        import fcntl
+        self.f = open(self.path, "a") if self.path else None
+        if self.f:
+            fcntl.flock(self.f, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc):
+        if self.f:
+            self.f.close()
+
+
 def _save(path: Path, rec: dict):
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(rec, indent=1) + "\n")
@@ -54,7 +69,9 @@ def main(argv=None):
     ap.add_argument("--models-dir", default=str(Path.home() / ".cache" / "comprune" / "selfcal-bench"))
     ap.add_argument("--max-tokens", type=int, default=32768)
     ap.add_argument("--out", default=str(HERE / "results" / "self_calibration"))
+    ap.add_argument("--lock", default="", help="a file to flock around each prune and measure (a shared machine)")
     args = ap.parse_args(argv)
+    _Lock.path = args.lock or None
     import torch
 
     import comprune
@@ -75,7 +92,8 @@ def main(argv=None):
         row = rows.setdefault(f"comp {name}", {})
         if "prune" not in row or not (d / "pruning.json").is_file():
             print(f"pruning comp --calib {calib}", file=sys.stderr, flush=True)
-            row["prune"] = _prune(calib, d, args.ratio)
+            with _Lock():
+                row["prune"] = _prune(calib, d, args.ratio)
             _save(out, rec)
         specs[f"comp {name}"] = str(d)
     search = Path(args.prepruned) / f"smollm2-comp-search-{pct}"
@@ -93,9 +111,10 @@ def main(argv=None):
             continue
         model = dense if name == "dense" else comprune.load(spec, dtype="auto")[0]
         for split in todo:
-            if split not in refs:
-                refs[split] = chat_reference(dense, tok, split)
-            row[f"chat:{split}"] = chat_measure(model, tok, refs[split], split)
+            with _Lock():
+                if split not in refs:
+                    refs[split] = chat_reference(dense, tok, split)
+                row[f"chat:{split}"] = chat_measure(model, tok, refs[split], split)
             row[f"chat:{split}"]["host"] = host()
             print(f"{name} chat {split}: {row[f'chat:{split}']['hits']} hits, KL {row[f'chat:{split}']['kl']:.4f}",
                   file=sys.stderr, flush=True)
@@ -106,7 +125,8 @@ def main(argv=None):
             if key in row:
                 continue
             model = dense if name == "dense" else comprune.load(spec, dtype="auto")[0]
-            r = comprune.perplexity(model, tok, dataset, seqlen=2048, max_tokens=args.max_tokens, progress=False)
+            with _Lock():
+                r = comprune.perplexity(model, tok, dataset, seqlen=2048, max_tokens=args.max_tokens, progress=False)
             row[key] = {k: r.get(k) for k in ("ppl", "tokens", "windows", "seconds", "dtype")} | {"host": host()}
             print(f"{name} {dataset}: {r['ppl']:.3f}", file=sys.stderr, flush=True)
             _save(out, rec)
