@@ -119,8 +119,10 @@ def main(argv=None):
             print(f"{name} chat {split}: {row[f'chat:{split}']['hits']} hits, KL {row[f'chat:{split}']['kl']:.4f}",
                   file=sys.stderr, flush=True)
             _save(out, rec)
-    for dataset in PPL_SETS:
-        for name, spec in specs.items():
+    order = [n for n in specs if n.startswith("comp self")] + [n for n in specs if not n.startswith("comp self")]
+    for dataset in PPL_SETS:  # the new rows first, the held-out sets before the test set
+        for name in order:
+            spec = specs[name]
             row, key = rows[name], f"ppl:{dataset}"
             if key in row:
                 continue
