@@ -132,11 +132,27 @@ def main(argv=None):
             row[key] = {k: r.get(k) for k in ("ppl", "tokens", "windows", "seconds", "dtype")} | {"host": host()}
             print(f"{name} {dataset}: {r['ppl']:.3f}", file=sys.stderr, flush=True)
             _save(out, rec)
+    _rescore(rows)
     rec["machine"] = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
     rec["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     _save(out, rec)
     out.with_suffix(".md").write_text(markdown(rec) + "\n")
     print(markdown(rec))
+
+
+def _rescore(rows: dict):
+    """Hits recomputed from the stored replies with the current rule (a pure function of the reply's text)."""
+    from comprune.evaluate.chat import chat_items, is_hit
+    for row in rows.values():
+        for split in ("heldout", "test"):
+            c = row.get(f"chat:{split}")
+            if c is None:
+                continue
+            answers = {q["question"]: q["answers"] for q in chat_items(split)[1]}
+            for r in c["replies"]:
+                r["hit"] = is_hit(r["reply"], answers[r["question"]])
+            c["hits"] = sum(r["hit"] for r in c["replies"])
+            c["hit_rate"] = c["hits"] / c["questions"]
 
 
 def markdown(rec: dict) -> str:
