@@ -102,18 +102,26 @@ def main(argv=None):
     for name, spec in specs.items():
         rows.setdefault(name, {})["model"] = spec
 
-    dense, tok = comprune.load("smollm2", dtype="auto")
+    loaded = {}
+
+    def dense():  # loaded only when something is left to measure
+        if not loaded:
+            loaded["model"], loaded["tok"] = comprune.load("smollm2", dtype="auto")
+        return loaded["model"], loaded["tok"]
+
     refs = {}
     for name, spec in specs.items():  # the chat measure first (a minute a model), then perplexity
         row = rows[name]
         todo = [s for s in ("heldout", "test") if f"chat:{s}" not in row]
         if not todo:
             continue
-        model = dense if name == "dense" else comprune.load(spec, dtype="auto")[0]
+        with _Lock():
+            d, tok = dense()
+            model = d if name == "dense" else comprune.load(spec, dtype="auto")[0]
         for split in todo:
             with _Lock():
                 if split not in refs:
-                    refs[split] = chat_reference(dense, tok, split)
+                    refs[split] = chat_reference(d, tok, split)
                 row[f"chat:{split}"] = chat_measure(model, tok, refs[split], split)
             row[f"chat:{split}"]["host"] = host()
             print(f"{name} chat {split}: {row[f'chat:{split}']['hits']} hits, KL {row[f'chat:{split}']['kl']:.4f}",
@@ -126,8 +134,9 @@ def main(argv=None):
             row, key = rows[name], f"ppl:{dataset}"
             if key in row:
                 continue
-            model = dense if name == "dense" else comprune.load(spec, dtype="auto")[0]
             with _Lock():
+                d, tok = dense()
+                model = d if name == "dense" else comprune.load(spec, dtype="auto")[0]
                 r = comprune.perplexity(model, tok, dataset, seqlen=2048, max_tokens=args.max_tokens, progress=False)
             row[key] = {k: r.get(k) for k in ("ppl", "tokens", "windows", "seconds", "dtype")} | {"host": host()}
             print(f"{name} {dataset}: {r['ppl']:.3f}", file=sys.stderr, flush=True)
