@@ -198,10 +198,10 @@ def markdown(rec: dict) -> str:
             p = row["prune"]
             lines.append(f"- {name}: `{p['command']}` ({p['wall_seconds']:.0f} s wall, calibration sha256 "
                          f"{p['calibration']['sha256'][:16]}…, {p['precision']['dtype']})")
-    lines += ["", "Five test-half answers of each model:", "",
+    lines += ["", "Five test-half answers of each model (one of each kind of question):", "",
               "| question | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
     first = next((r["chat:test"]["replies"] for r in rows.values() if "chat:test" in r), [])
-    for k, q in enumerate(first[:5]):
+    for k, q in list(enumerate(first))[::6][:5]:  # one of each kind: arithmetic, capitals, counts, colours, units
         cells = [rows[n].get("chat:test", {}).get("replies", [{}] * 5)[k].get("reply", "-").replace("\n", " ")
                  .replace("|", "\\|")[:120] for n in rows]
         lines.append(f"| {q['question']} | " + " | ".join(cells) + " |")
