@@ -67,7 +67,8 @@ def main(argv=None):
     ap.add_argument("--ratio", type=float, default=0.2)
     ap.add_argument("--prepruned", default="/work/prunes")
     ap.add_argument("--models-dir", default=str(Path.home() / ".cache" / "comprune" / "selfcal-bench"))
-    ap.add_argument("--max-tokens", type=int, default=32768)
+    ap.add_argument("--max-tokens", type=int, default=32768, help="WikiText-2 test tokens (reported)")
+    ap.add_argument("--heldout-tokens", type=int, default=16384, help="tokens of each held-out set")
     ap.add_argument("--out", default=str(HERE / "results" / "self_calibration"))
     ap.add_argument("--lock", default="", help="a file to flock around each prune and measure (a shared machine)")
     args = ap.parse_args(argv)
@@ -83,7 +84,8 @@ def main(argv=None):
     path = out.with_suffix(".json")
     rec = json.loads(path.read_text()) if path.is_file() else {}
     rec.update({"command": "python benchmarks/self_calibration.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "ratio": args.ratio, "max_tokens": args.max_tokens, "seqlen": 2048})
+                "ratio": args.ratio, "max_tokens": args.max_tokens, "heldout_tokens": args.heldout_tokens,
+                "seqlen": 2048})
     rows = rec.setdefault("rows", {})
     pct = f"{args.ratio:.2f}"
     specs = {"dense": "smollm2", "comp c4": f"{args.prepruned}/smollm2-comp-{pct}"}
@@ -137,7 +139,8 @@ def main(argv=None):
             with _Lock():
                 d, tok = dense()
                 model = d if name == "dense" else comprune.load(spec, dtype="auto")[0]
-                r = comprune.perplexity(model, tok, dataset, seqlen=2048, max_tokens=args.max_tokens, progress=False)
+                r = comprune.perplexity(model, tok, dataset, seqlen=2048, progress=False,
+                                        max_tokens=args.max_tokens if dataset == "wikitext2" else args.heldout_tokens)
             row[key] = {k: r.get(k) for k in ("ppl", "tokens", "windows", "seconds", "dtype")} | {"host": host()}
             print(f"{name} {dataset}: {r['ppl']:.3f}", file=sys.stderr, flush=True)
             _save(out, rec)
@@ -177,10 +180,10 @@ def markdown(rec: dict) -> str:
         c = row.get(f"chat:{split}")
         return "-" if c is None else f"{c['hits']}/{c['questions']} / {c['kl']:.3f}"
 
-    mt = rec["max_tokens"] // 1024
+    mt, ht = rec["max_tokens"] // 1024, rec.get("heldout_tokens", rec["max_tokens"]) // 1024
     lines = [f"# Self-calibration: SmolLM2-135M-Instruct, COMP at {rec['ratio']:.0%}", "",
              f"Command: `{rec['command']}`  ",
-             f"PPL@2048 on the first {mt}k tokens of each set (× dense). Chat: exact-answer hits / KL(dense ‖ model) "
+             f"PPL@2048 on the first {ht}k tokens of each held-out set and {mt}k of WikiText-2 test (× dense). Chat: exact-answer hits / KL(dense ‖ model) "
              "in nats per token on the dense model's greedy answers (comprune.evaluate.chat). Held out (to choose): "
              "WikiText-2 validation, C4 held-out documents, the chat set's held-out half. Reported: WikiText-2 test, "
              "the chat set's test half.", "",
