@@ -6,9 +6,10 @@ self`) and on a 50/50 mix, beside the dense model and the width search (C4), on 
 
 Rows: dense; `comp` and `comp-search` at 20 % calibrated on C4 (pre-pruned directories, when present in
 --prepruned); `comp` pruned here with `--calib self` and `--calib self:0.5,c4:0.5`. Measures: PPL@2048 on the
-first --max-tokens tokens of WikiText-2 *validation* and of the C4 held-out documents (held out: settings are chosen
-on these and on the chat measure's held-out half), on the first --max-tokens WikiText-2 *test* tokens (reported),
-and the chat measure (comprune.evaluate.chat) on both halves. Writes benchmarks/results/self_calibration.json/.md.
+first --heldout-tokens tokens of WikiText-2 *validation* and of the C4 held-out documents (held out: settings are
+chosen on these and on the chat measure's held-out half), on the first --max-tokens WikiText-2 *test* tokens
+(reported), and the chat measure (comprune.evaluate.chat) on both halves. With --lock FILE, each prune and each
+measure of one model holds that file's flock (a shared machine). Writes benchmarks/results/self_calibration.json/.md.
 """
 from __future__ import annotations
 
