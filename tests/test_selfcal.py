@@ -126,3 +126,15 @@ def test_prune_records_the_generator(chat):
     assert len(rec["self"]["calibration"]["ids_sha256"]) == 64 and rec["sha256"]
     # the same windows as get_calibration with the dense model: the prune generated from the model before it cut
     assert rec["sha256"] == get_calibration(tok, "self", 4, 32, model=model, progress=False).sha256()
+
+
+def test_cli_prune_with_a_mix(chat, tmp_path):
+    from comprune.cli import main
+    model, tok = chat
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "t.txt").write_text("words and more words " * 300)
+    assert main(["prune", str(tmp_path / "m"), "--ratio", "0.2", "--calib", f"self:0.5,{tmp_path / 't.txt'}:0.5",
+                 "--nsamples", "8", "--seqlen", "32", "--out", str(tmp_path / "o"), "--json", "--dtype", "float32"]) == 0
+    rec = json.loads((tmp_path / "o" / "pruning.json").read_text())["calibration"]
+    assert [p["windows"] for p in rec["parts"]] == [4, 4] and rec["self"]["calibration"]["kind"] == "chat template"
