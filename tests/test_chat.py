@@ -100,6 +100,9 @@ def test_eval_cli_chat_uses_the_base_model_as_reference(dense, tmp_path, capsys)
     out = json.loads(capsys.readouterr().out)
     assert out["chat"]["reference"] == str(base) and out["chat"]["kl"] > 0 and out["chat"]["split"] == "heldout"
     assert out["perplexity"] == []  # --chat alone measures only the chat
+    evals = json.loads((tmp_path / "pruned" / "pruning.json").read_text())["evaluations"]
+    assert [e["results"]["exact-answer hits"] for e in evals if e["what"] == "chat"] == \
+        [f"{out['chat']['hits']}/{out['chat']['questions']}"]
 
 
 def test_compare_chat_stage_and_column(dense, tmp_path):

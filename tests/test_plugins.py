@@ -40,8 +40,9 @@ def files(tmp_path_factory):
 
 
 def _bytes(d: Path) -> dict:
-    """The model files of an output (pruning.json aside: it holds times and paths)."""
-    return {f.name: f.read_bytes() for f in sorted(Path(d).iterdir()) if f.name != "pruning.json"}
+    """The model files of an output (pruning.json, the card and the recipe aside: they hold times and paths)."""
+    return {f.name: f.read_bytes() for f in sorted(Path(d).iterdir())
+            if f.name not in ("pruning.json", "README.md", "recipe.json")}
 
 
 def test_plugin_through_the_python_api(act_norm):

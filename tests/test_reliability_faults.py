@@ -42,6 +42,8 @@ def output_bytes(d: Path) -> dict:
     """Every file of an output, volatile manifest fields (time, memory) dropped."""
     out = {}
     for f in sorted(d.iterdir()):
+        if f.name in ("README.md", "recipe.json"):  # rendered from pruning.json: times, paths, how it ran
+            continue
         if f.name == "pruning.json":
             man = strip_manifest(json.loads(f.read_text()))
             man.pop("base_model", None)

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .errors import CompruneError
 from .outputs import json_text, loads_exact, sibling
 from .shards import save_tensors
@@ -31,6 +32,7 @@ OWNER = "run.json"                 # the run's fingerprint, written before anyth
                                    # (the width search's database and evolution) is resumed only by its run
 ACTS = "acts.safetensors"          # (older checkpoints)
 ACTS_BLOCK = "acts-{:05d}.safetensors"  # the inputs of block N, referenced from state.json
+RANK_ACTS = "rank{}-acts-{:05d}.safetensors"  # another rank's share of them (comprune.distributed)
 
 
 def checkpoint_dir(out_dir: Path) -> Path:
@@ -71,6 +73,14 @@ class _Batch:
             f.write(memoryview(t.view(torch.uint8).numpy()))
 
 
+def _kill_hook(next_block: int):
+    """Test hook: die by a signal right after this checkpoint (the resume tests), on one rank with
+    COMPRUNE_KILL_RANK."""
+    if os.environ.get("COMPRUNE_KILL_AFTER_BLOCK") == str(next_block) and \
+            os.environ.get("COMPRUNE_KILL_RANK", str(distributed.rank())) == str(distributed.rank()):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class Checkpoint:
     def __init__(self, directory, fingerprint: str):
         self.dir = Path(directory)
@@ -90,21 +100,33 @@ class Checkpoint:
         if acts is not None:
             # tensor by tensor: no serialized copy of the activations in memory
             acts_name = ACTS_BLOCK.format(next_block)
-            save_tensors({f"h{i}": _Batch(acts.hidden, i) for i in range(len(acts.hidden))}, self.dir / acts_name)
+            own = acts_name if distributed.is_writer() else RANK_ACTS.format(distributed.rank(), next_block)
+            save_tensors({f"h{i}": _Batch(acts.hidden, i) for i in range(len(acts.hidden))}, self.dir / own)
+        if distributed.active():
+            # In a group every rank keeps its own activations and rank 0 commits once all of them are on disk; a
+            # rank's older file goes only after a later commit, so a kill anywhere leaves a complete checkpoint.
+            if not distributed.is_writer():
+                _kill_hook(next_block)
+            distributed.barrier()
+            if not distributed.is_writer():
+                return
         state = {"fingerprint": self.fingerprint, "next_block": next_block, "acts": acts_name,
                  "details": {**details, "blocks": {str(k): v for k, v in details.get("blocks", {}).items()}}}
         self._atomic_json(STATE, state)
         for old in self.dir.glob("acts*.safetensors"):  # superseded by the state just committed
             if old.name != acts_name:
                 old.unlink(missing_ok=True)
-        # Test hook: die by a signal right after this checkpoint (used by the resume test).
-        if os.environ.get("COMPRUNE_KILL_AFTER_BLOCK") == str(next_block):
-            os.kill(os.getpid(), signal.SIGKILL)
+        for old in self.dir.glob("rank*-acts-*.safetensors"):  # the other ranks' shares of earlier blocks
+            if int(old.name.split("-")[-1].split(".")[0]) < next_block:
+                old.unlink(missing_ok=True)
+        _kill_hook(next_block)
 
     def claim(self, precision: dict | None = None):
         """Mark the directory as this run's before any state is written, with how its precision was chosen (a
         resume under --dtype auto computes in it again: the probe that chose it may choose otherwise under load)."""
-        self._atomic_json(OWNER, {"fingerprint": self.fingerprint, "precision": precision})
+        if distributed.is_writer():
+            self._atomic_json(OWNER, {"fingerprint": self.fingerprint, "precision": precision})
+        distributed.barrier()  # the other ranks write their activations into the directory claimed
 
     def verify(self):
         """Refuse to resume another run's work: its fingerprint (config, calibration, model weights) must match,
@@ -140,6 +162,8 @@ class Checkpoint:
         acts_name = state.get("acts")
         if not acts_name:  # only the layer stage had finished: start from block 0's inputs
             return state["next_block"], template, details
+        if not distributed.is_writer():
+            acts_name = RANK_ACTS.format(distributed.rank(), state["next_block"])
         if not (self.dir / acts_name).is_file():
             raise CompruneError(f"the checkpoint in {self.dir} lacks its activations ({acts_name}): rerun with "
                                 "--force instead of --resume to start over")
@@ -152,6 +176,8 @@ class Checkpoint:
 
     def save_block_tensors(self, block: int, tensors: dict):
         """Weights a record alone cannot rebuild (e.g. least-squares refitted down_proj), one file per block."""
+        if not distributed.is_writer():
+            return
         tmp = self.dir / f".block{block}.tmp"
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, self.dir / f"block{block}.safetensors")
@@ -161,9 +187,13 @@ class Checkpoint:
         return load_file(str(path)) if path.is_file() else None
 
     def clear(self):
+        if not distributed.is_writer():
+            return
         for name in (STATE, ACTS, OWNER):
             (self.dir / name).unlink(missing_ok=True)
         for path in self.dir.glob("acts-*.safetensors"):
+            path.unlink()
+        for path in self.dir.glob("rank*-acts-*.safetensors"):
             path.unlink()
         for path in self.dir.glob("block*.safetensors"):
             path.unlink()

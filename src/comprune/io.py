@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .card import write_card
 from .errors import CompruneError
 from .models.adapters import base_model_type, get_adapter
 from .models.families import family_of
@@ -31,8 +32,9 @@ def check_target(out_dir: Path, force: bool):
 
 def add_auto_map(tmp: Path, model):
     """Non-uniform models: ship the self-contained modeling file so stock transformers can load them
-    with trust_remote_code=True (import comprune makes that unnecessary). config.json names the base
-    model_type: stock AutoTokenizer, which always reads the config first, then needs no remote code."""
+    with trust_remote_code=True (import comprune makes that unnecessary), and vLLM's Transformers backend through
+    `AutoModel` and `per_layer_config`. config.json names the base model_type: stock AutoTokenizer, which always
+    reads the config first, then needs no remote code."""
     if "intermediate_sizes" not in model.config.to_dict():
         return
     family = family_of(model.config)
@@ -45,7 +47,9 @@ def add_auto_map(tmp: Path, model):
     cfg = json.loads(cfg_path.read_text())
     cfg["model_type"] = base_model_type(model.config)
     cfg["auto_map"] = {"AutoConfig": f"modeling_comprune.{type(model.config).__name__}",
-                       "AutoModelForCausalLM": f"modeling_comprune.{architecture(model)}"}
+                       "AutoModelForCausalLM": f"modeling_comprune.{architecture(model)}",
+                       # the base model: what vLLM's Transformers backend builds (under its own LM head)
+                       "AutoModel": f"modeling_comprune.{architecture(model).replace('ForCausalLM', 'Model')}"}
     cfg_path.write_text(json_text(cfg, indent=2, sort_keys=True) + "\n")
 
 
@@ -146,6 +150,7 @@ def save_pretrained(model, tokenizer, out_dir, report=None, force: bool = False,
                 manifest["precision"] = {**manifest["precision"], "saved_dtype": str(target).removeprefix("torch.")}
             manifest["base_model_type"] = base_model_type(model.config)
             write_manifest(tmp / MANIFEST, manifest)
+            write_card(tmp, manifest, out_dir.name)
         publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import transformers
 
+from . import distributed
 from .budget import block_params, budget_base, plan_budget, settled
 from .checkpoint import Checkpoint, run_fingerprint
 from .config import PruneConfig
@@ -56,6 +57,7 @@ class PruneReport:
     precision: dict = field(default_factory=dict)    # the precision that ran, how it was chosen (and saved in)
     ratio_of: str = "all"                            # ratios are fractions of all parameters or of the blocks'
     target: dict = field(default_factory=dict)       # a size or speed target's record (comprune.budget.targets)
+    distributed: dict = field(default_factory=dict)  # the process group that ran it (world size, backend, shares)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -63,6 +65,8 @@ class PruneReport:
         target = d.pop("target")
         if target:  # under its kind, as comprune.budget.targets.finish completes it
             d[target["kind"]] = target
+        if not d["distributed"]:  # one process: nothing to say
+            del d["distributed"]
         return d
 
     def summary_rows(self) -> list[dict]:
@@ -164,6 +168,8 @@ def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Cali
     identity in the checkpoint is `model_digest`, else a sample of its weights' values."""
     cfg = (config or PruneConfig()).validate()
     adapter = get_adapter(model)
+    if distributed.init(resolve_device(cfg.device)):
+        _check_group(adapter, residency)
     if adapter.fused and residency.streamed:
         raise CompruneError(f"{adapter.family} stores q/k/v and gate/up as fused matrices, which --stream does not "
                             "split yet: prune it without --stream")
@@ -175,11 +181,20 @@ def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Cali
         adapter.restore(model)
 
 
+def _check_group(adapter, residency):
+    """What a prune in a process group does not do yet, refused before any work (comprune.distributed)."""
+    if residency.streamed:
+        raise CompruneError("--stream runs in one process: drop --stream or run without torchrun")
+    if getattr(adapter, "moe", False):
+        raise CompruneError("mixture-of-experts models are pruned in one process: run without torchrun")
+
+
 def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, checkpoint_dir, resume, model_digest,
            target, residency, store):
     device = resolve_device(cfg.device)  # the config keeps what was asked; the walk carries what was resolved
     method = get_method(cfg.method)
     t0 = time.perf_counter()
+    progress = progress and distributed.is_writer()  # one progress bar for the group
     if getattr(adapter, "moe", False) and cfg.method == "comp":
         check_moe_config(cfg)
     if calibration is None:
@@ -203,8 +218,10 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
     if checkpoint_dir is not None and method.resumable:
         if model_digest is None:
             model_digest = tensor_digest_sample(model.state_dict().items())
-        ckpt = Checkpoint(checkpoint_dir, run_fingerprint(cfg.to_dict(), calibration.sha256(), params_before,
-                                                          model_digest))
+        # a group's checkpoint holds each rank's share of the activations: resumable by the same split only
+        group = distributed.describe()
+        ckpt = Checkpoint(checkpoint_dir, run_fingerprint({**cfg.to_dict(), **({"group": group} if group else {})},
+                                                          calibration.sha256(), params_before, model_digest))
         if resume:
             ckpt.verify()
         else:
@@ -235,7 +252,7 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
         layer_scores=details.get("layer_scores", []), blocks=details.get("blocks", {}), versions=versions(),
         base_model=base_model,
         details={k: v for k, v in details.items() if k not in ("removed_layers", "layer_scores", "blocks")},
-        precision=precision_record(model), ratio_of=cfg.ratio_of)
+        precision=precision_record(model), ratio_of=cfg.ratio_of, distributed=distributed.describe())
     report.target = settled(target, report.details) or {}
     if note:
         report.details["budget_note"] = note

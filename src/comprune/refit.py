@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from . import distributed
 from .walk import block_output
 
 
@@ -89,3 +90,13 @@ class BlockStats:
         self.i += 1
         e = m.pow(2).sum(1)
         self.t_energy += float((e * w).sum() if w is not None else e.sum())
+
+    def summed(self) -> "BlockStats":
+        """G, D and the target's energy summed over the ranks' tokens (comprune.distributed), once the block has
+        run on every batch; nothing in one process."""
+        if distributed.active():
+            for t in (self.G, self.D):
+                if t is not None:
+                    distributed.all_reduce_sum(t)
+            self.t_energy = distributed.sum_floats(self.t_energy)[0]
+        return self

@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from . import distributed
+from .errors import CompruneError
 from .surgery import (attention_heads, mlp_width, prune_expert_neurons, prune_experts, prune_heads, prune_mlp,
                       prune_query_heads)
 from .walk import IN_MEMORY, IN_PLACE, ActivationStore, Activations, Residency, capture, progress
@@ -45,8 +47,10 @@ class Walk:
         return self.residency.hold(module, self.device)
 
     def capture(self, input_ids: torch.Tensor | None = None, device=None) -> Activations:
-        """Block 0's inputs for the calibration windows (or `input_ids`), in this walk's store."""
+        """Block 0's inputs for the calibration windows (or `input_ids`), in this walk's store: this rank's share of
+        them in a process group (comprune.distributed)."""
         ids = self.input_ids if input_ids is None else input_ids
+        ids = ids[distributed.window_share(ids.shape[0], self.cfg.batch_size)]
         return capture(self.model, self.adapter, ids, self.cfg.batch_size, self.device if device is None else device,
                        self.store, self.residency.embedding_rows(self.model))
 
@@ -70,8 +74,10 @@ def walk_blocks(walk: Walk, acts: Activations | None, step: Callable, plan: Call
     to_ckpt = (lambda a: pack(walk, a)) if pack is not None else (lambda a: a)
     from_ckpt = (lambda a: unpack(walk, a)) if unpack is not None else (lambda a: a)
     state = ckpt.load(to_ckpt(acts) if acts is not None else None) if ckpt is not None else None
+    _same_start(state)
     if state is None:
         the_plan, acts = plan(walk, acts) if plan is not None else ({}, acts)
+        the_plan = distributed.decided(the_plan)  # rank 0's plan (the ranks computed it from the same sums)
         acts = from_ckpt(acts) if acts is not None else None
         start, records, carry = 0, {}, {}
         if prepare is not None:
@@ -94,13 +100,23 @@ def walk_blocks(walk: Walk, acts: Activations | None, step: Callable, plan: Call
         with walk.hold(layer):
             before = _versions(layer)
             rec, acts = step(walk, i, layer, acts, the_plan, carry)
+            changed = _changed(layer, before) if ckpt is not None or distributed.active() else None
+            distributed.take_block(layer, rec, changed)  # every rank holds rank 0's block
             if ckpt is not None:  # while resident: a streamed block's values exist only now
-                ckpt.save_block_tensors(i, _changed(layer, before))
+                ckpt.save_block_tensors(i, changed)
         records[i] = rec
         if ckpt is not None:
             ckpt.save(i + 1, to_ckpt(acts) if acts is not None else None,
                       {"plan": the_plan, "blocks": records, "carry": carry})
     return the_plan, records, acts
+
+
+def _same_start(state):
+    """Every rank of a group resumes from rank 0's block (a rank that sees no checkpoint, or another one, cannot)."""
+    mine = state[0] if state is not None else None
+    if distributed.decided(mine) != mine:
+        raise CompruneError(f"rank {distributed.rank()} sees another checkpoint than rank 0: put --out (and the "
+                            "checkpoint beside it) on storage every rank sees")
 
 
 def _versions(layer) -> dict:

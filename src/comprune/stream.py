@@ -32,6 +32,7 @@ from .data import get_calibration, uses_self
 from .devices import check_device_memory, dtype_name, pick_device, resolve_device, resolve_precision
 from .errors import CompruneError
 from .files import check_tensors_match, read_config, weights_digest_sample
+from .card import write_card
 from .io import MANIFEST, add_auto_map, architecture, check_target, publish, write_manifest
 from .io import save_dtype as resolve_save_dtype
 from .loading import EMBEDDED, embedded_cached_dir, source_dtype
@@ -188,7 +189,7 @@ def prune_streaming(model_dir, out_dir, config=None, calibration=None, tokenizer
     add_auto_map(partial, model)
     report.seconds = time.perf_counter() - t0
     report.peak_rss_mb = peak_rss_mb()
-    _write_manifest(model, report, run, total_size)
+    write_card(partial, _write_manifest(model, report, run, total_size), Path(out_dir).name)
     model.comprune_report = report
     publish(partial, out_dir)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -338,3 +339,4 @@ def _write_manifest(model, report, run: StreamRun, total_size: int):
     manifest["streaming"] = {**run.stats, "source_bytes": sum(f.stat().st_size for f in set(run.shards.files.values())),
                              "output_bytes": total_size}
     write_manifest(run.partial / MANIFEST, manifest)
+    return manifest

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import CompruneError
 
 
@@ -282,6 +283,15 @@ class InputStats:
             self.col_sqsum += (xd * xd).sum(0)
         self.count += x.shape[0]
 
+    def summed(self) -> "InputStats":
+        """The sums over every rank's tokens (comprune.distributed; nothing in one process)."""
+        if distributed.active():
+            for t in (self.gram, self.col_sum, self.col_sqsum):
+                if t is not None:
+                    distributed.all_reduce_sum(t)
+            self.count = int(distributed.sum_floats(self.count)[0])
+        return self
+
 
 @torch.inference_mode()
 def collect_stats(layer: nn.Module, acts: Activations, linears: dict[str, nn.Linear], gram: set[str] = frozenset(),
@@ -312,6 +322,9 @@ def collect_stats(layer: nn.Module, acts: Activations, linears: dict[str, nn.Lin
     finally:
         for h in handles:
             h.remove()
+    if forward:  # complete: summed over the ranks' tokens (a caller that runs the forward itself sums them)
+        for s in stats.values():
+            s.summed()
     return stats, outs
 
 
@@ -329,7 +342,8 @@ class BlockInfluence:
         self.count += cos.numel()
 
     def value(self) -> float:
-        return 1.0 - self.total / self.count
+        total, count = distributed.sum_floats(self.total, self.count)
+        return 1.0 - total / count
 
 
 def progress(iterable, desc, enabled=True, total=None):

@@ -39,7 +39,8 @@ def cmd_compare(args) -> int:
                      redo=[x.strip() for x in (args.redo or "").split(",") if x.strip()], redo_tag=args.redo_tag,
                      zeroshot_full=args.zeroshot_full, trust_remote_code=args.trust_remote_code,
                      allow_pickle=args.allow_pickle,
-                     full_seqlens=[int(x) for x in floats(args.full_seqlens)] if args.full_seqlens else None)
+                     full_seqlens=[int(x) for x in floats(args.full_seqlens)] if args.full_seqlens else None,
+                     nproc=args.nproc)
     check_some_result(result, args.out)
     if args.json:
         print(json_text(result, indent=2))
@@ -95,6 +96,8 @@ def add_command(sub):
                    "time and memory re-measured, the model checked identical; speed): e.g. on a quiet machine")
     p.add_argument("--redo-tag", default=None, help="a name for the --redo pass: results carrying it count as "
                    "redone, so an interrupted --redo resumes when given the same tag")
+    p.add_argument("--nproc", type=int, default=1, help="processes per prune: > 1 runs each prune as a torchrun "
+                   "group on this host (docs/distributed.md); its peak RSS is the group's largest process")
     p.add_argument("--keep-models", action="store_true", help="keep the pruned model directories")
     add_common(p)
     p.set_defaults(func=cmd_compare)

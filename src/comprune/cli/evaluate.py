@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 
+from ..card import record_evaluation
 from ..errors import CompruneError
 from ..outputs import json_text
 from ..evaluate.chat import chat_measure, chat_reference
@@ -43,6 +44,14 @@ def cmd_eval(args) -> int:
                                      compile=args.compile)
         zeroshot["precision"] = precision
     chat = _chat(args, model, tok) if getattr(args, "chat", False) else None
+    for entry in card_entries(args, results, zeroshot):  # a pruned model's card shows what this run measured
+        record_evaluation(args.model, entry)
+    if chat is not None:
+        record_evaluation(args.model, {"by": "comprune eval", "device": args.device, "what": "chat",
+                                       "dtype": precision["dtype"], "heldout": chat["split"] == "heldout",
+                                       "results": {"exact-answer hits": f"{chat['hits']}/{chat['questions']}",
+                                                   "KL(dense || model), nats/token": chat.get("kl"),
+                                                   "reference": chat["reference"]}})
     if args.json:
         out = {"model": args.model, "precision": precision, "perplexity": results, "zeroshot": zeroshot,
                "chat": chat} if chat else results[0] if len(results) == 1 and zeroshot is None else (
@@ -79,6 +88,21 @@ def _chat(args, model, tok) -> dict:
     res = chat_measure(model, tok, reference, args.chat_split)
     res["reference"] = ref_spec
     return res
+
+
+def card_entries(args, results: list, zeroshot: dict | None) -> list[dict]:
+    """What `comprune eval` measured, as pruned models record it (pruning.json `evaluations`, the card)."""
+    run = {"by": "comprune eval", "device": args.device}
+    entries = [{**run, "what": "perplexity", "dtype": r["dtype"],
+                **{k: r.get(k) for k in ("dataset", "seqlen", "max_tokens", "windows", "tokens", "ppl",
+                                         "tokens_per_second", "compiled")}} for r in results]
+    if zeroshot is not None:
+        tasks = zeroshot["tasks"]
+        entries.append({**run, "what": "zeroshot", "dtype": zeroshot["precision"]["dtype"], "tasks": sorted(tasks),
+                        "subset": args.subset, "limit": args.limit, "heldout": bool(args.heldout),
+                        "results": {**{f"{t} {r['metric']}": r.get(r["metric"]) for t, r in tasks.items()},
+                                    "average": zeroshot.get("average")}})
+    return entries
 
 
 def add_command(sub):

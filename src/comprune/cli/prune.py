@@ -5,12 +5,16 @@ import argparse
 import dataclasses
 import math
 import shutil
+import sys
 from pathlib import Path
 
+from .. import distributed
+from ..card import read_recipe
 from ..checkpoint import checkpoint_dir, resumed_precision
 from .. import registry
 from ..config import PRESETS, PruneConfig
 from ..data import get_calibration
+from ..devices import resolve_device
 from ..errors import CompruneError
 from ..io import save_pretrained
 from ..loading import load
@@ -78,7 +82,44 @@ def _config_from_args(args):
     given = {field: getattr(args, dest) for dest, field in _RUN.items() if getattr(args, dest, None) is not None}
     given.update({name: getattr(args, name) for name in _option_fields() if getattr(args, name, None) is not None})
     given["device"] = args.device
+    recipe = getattr(args, "recipe_record", None)
+    if recipe is not None:  # the recipe's settings, the options given on the command line on top
+        base = recipe["config"]
+        if given.get("method", base.get("method")) != base.get("method"):  # another method: its own defaults
+            base = {k: v for k, v in base.items() if k in PruneConfig().run_settings()}
+        return PruneConfig(**{**base, **given})
     return PruneConfig.from_preset(args.preset, **given) if args.preset else PruneConfig(**given)
+
+
+def _apply_recipe(args):
+    """--recipe FILE: the model, precision and streaming of the recorded run, unless given on the command line."""
+    args.recipe_record = None
+    if not getattr(args, "recipe", None):
+        if not args.model:
+            raise CompruneError("no model given: pass MODEL ('smollm2', a directory, a .gguf file or a hub id) "
+                                "or --recipe recipe.json")
+        return
+    if args.preset:
+        raise CompruneError("--recipe and --preset both give every setting: pass one of them")
+    rec = args.recipe_record = read_recipe(args.recipe)
+    args.model = args.model or rec.get("model")
+    if not args.model:
+        raise CompruneError(f"the recipe {args.recipe} names no model: pass it, e.g. comprune prune MODEL "
+                            f"--recipe {args.recipe} --out OUT")
+    if args.dtype == "auto" and rec.get("dtype"):
+        args.dtype = rec["dtype"]
+    if args.save_dtype == "source" and rec.get("save_dtype"):
+        args.save_dtype = rec["save_dtype"]
+    args.stream = args.stream or bool(rec.get("stream"))
+
+
+def _check_recipe_calibration(args, calib):
+    """The recipe's calibration data, or a clear refusal: other data would prune another model."""
+    want = (args.recipe_record or {}).get("calibration_sha256")
+    got = calib.describe()["sha256"]
+    if want and got != want:
+        raise CompruneError(f"the calibration data differs from the recipe's (sha256 {got[:12]}... against "
+                            f"{want[:12]}...): pass the --data-dir the recipe's run read, or the same --calib file")
 
 
 def _refuse_stale_checkpoint(out: Path, args):
@@ -108,6 +149,10 @@ def cmd_prune_stream(args, cfg) -> int:
                                  trust_remote_code=args.trust_remote_code,
                                  data_dir=args.data_dir,
                                  lite=not getattr(args, "stream_transformers_modules", False))
+    want = (args.recipe_record or {}).get("calibration_sha256")
+    if want and report.calibration.get("sha256") != want:  # read in a child process: known only now
+        print(f"warning: the calibration data differs from the recipe's (sha256 {report.calibration['sha256'][:12]}"
+              f"... against {want[:12]}...): {out} is another model than the recipe's", file=sys.stderr)
     finish_budget(out, size)
     if args.json:
         print(json_text({"out": str(out), **{k: v for k, v in report.to_dict().items() if k != "blocks"},
@@ -120,17 +165,24 @@ def cmd_prune_stream(args, cfg) -> int:
 
 
 def cmd_prune(args) -> int:
+    _apply_recipe(args)
     if getattr(args, "stream", False):
+        if distributed.init():
+            raise CompruneError("--stream runs in one process: drop --stream or run without torchrun")
         return cmd_prune_stream(args, _config_from_args(args))
     cfg = _config_from_args(args)
+    if distributed.init(resolve_device(cfg.device)) and not distributed.is_writer():
+        return _prune_rank(args)
     out = check_output(Path(args.out), args.force)  # fail before any work, and never leave a half-written directory
     cfg, size = resolve_budget(args, cfg)
+    cfg = distributed.decided(cfg)  # the other ranks take the resolved config (_prune_rank)
     ckpt_dir = checkpoint_dir(out)
     with guard_output(out, resume=args.resume, before=lambda: _refuse_stale_checkpoint(out, args)):
         model, tok = load(args.model, dtype=_dtype(args, out), device="cpu", trust_remote_code=args.trust_remote_code,
                           allow_pickle=args.allow_pickle, compute_device=cfg.device)
         calib = get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=args.data_dir,
                                 heldout=cfg.heldout_windows, model=model, progress=not args.json)
+        _check_recipe_calibration(args, calib)
         model, report = prune(model, tok, cfg, calibration=calib, progress=not args.json, base_model=args.model,
                               checkpoint_dir=ckpt_dir, resume=args.resume, target=size)
         save_pretrained(model, tok, out, report, force=args.force, dtype=args.save_dtype)
@@ -146,11 +198,30 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _prune_rank(args) -> int:
+    """A rank other than 0 under torchrun (comprune.distributed): the same prune on its share of the windows, with
+    rank 0's resolved config; rank 0 alone checks and writes the output (and the checkpoint's shared state)."""
+    cfg = distributed.decided(None)
+    out = Path(args.out)
+    model, tok = load(args.model, dtype=_dtype(args, out), device="cpu", trust_remote_code=args.trust_remote_code,
+                      allow_pickle=args.allow_pickle, compute_device=cfg.device)
+    calib = get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=args.data_dir,
+                            heldout=cfg.heldout_windows)
+    prune(model, tok, cfg, calibration=calib, progress=False, base_model=args.model,
+          checkpoint_dir=checkpoint_dir(out), resume=args.resume)
+    return 0
+
+
 def add_command(sub):
     d = PruneConfig()
     p = sub.add_parser("prune", help="prune a model and save it (safetensors + pruning.json)")
-    p.add_argument("model", help="'smollm2', a model directory, a .gguf file or a hub id")
+    p.add_argument("model", nargs="?", default=None,
+                   help="'smollm2', a model directory, a .gguf file or a hub id (default with --recipe: its model)")
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --force)")
+    p.add_argument("--recipe", default=None,
+                   help="recipe.json written beside a pruned model (or that model's directory): prune again with its "
+                        "model, every setting, precision and calibration (checked by sha256); options given here "
+                        "override it")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
     p.add_argument("--stream", action="store_true",

@@ -53,7 +53,9 @@ def prune_command(cmp, method: str, ratio: float, out: Path, stream: bool = Fals
     """The `comprune prune` command line of one run (a fresh process each)."""
     # a preset runs as `--preset NAME` (its own method and knobs), a method as `--method NAME` with its defaults
     how = ["--preset", method] if method in PRESETS else ["--method", method]
-    cmd = [cmp.python, "-m", "comprune.cli", "prune", cmp.model_spec, *how, "--ratio", str(ratio),
+    # --nproc N: a torchrun group of N processes on this host (comprune.distributed), one thread each
+    group = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cmp.nproc}"] if cmp.nproc > 1 else []
+    cmd = [cmp.python, *group, "-m", "comprune.cli", "prune", cmp.model_spec, *how, "--ratio", str(ratio),
            "--calib", cmp.calib, "--nsamples", str(cmp.nsamples), "--seqlen", str(cmp.seqlen),
            "--seed", str(cmp.seed), "--dtype", cmp.dtype, "--out", str(out), "--force", "--json"]
     if cmp.data_dir:
@@ -76,8 +78,10 @@ def prune_run(cmp, method: str, ratio: float, stream: bool = False) -> dict:
     cmd = prune_command(cmp, method, ratio, out, stream)
     log(f"prune {name}{' (streamed)' if stream else ''}: {' '.join(cmd[1:])}", cmp.show)
     t0 = time.perf_counter()
-    code, stdout, peak = run_with_peak_rss(cmd, subprocess.PIPE, log_path,
-                                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if cmp.nproc > 1:  # the host's cores shared by the ranks
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cmp.nproc)))
+    code, stdout, peak = run_with_peak_rss(cmd, subprocess.PIPE, log_path, env=env)
     wall = time.perf_counter() - t0
     if code != 0:
         tail = log_path.read_text().strip().splitlines()[-3:]
@@ -88,6 +92,8 @@ def prune_run(cmp, method: str, ratio: float, stream: bool = False) -> dict:
             "versions", "precision")
     rec = {k: rep.get(k) for k in keep}
     rec["wall_seconds"] = round(wall, 2)
+    if rep.get("distributed"):
+        rec["distributed"] = rep["distributed"]
     rec["command"] = " ".join(["python"] + cmd[1:])
     rec["rss_probe"] = RSS_PROBE
     rec["self_reported_peak_rss_mb"] = rec.get("peak_rss_mb")

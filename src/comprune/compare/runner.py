@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..card import record_evaluation
 from ..config import PRESETS
 from ..registry import names as method_names
 from ..data import load_ids
@@ -48,7 +49,7 @@ class Comparison:
                  data_dir=None, dtype="float32", keep_models=False, skip=(), prune_args=None, progress=True,
                  dense_cache_key=None, zeroshot_cache_dir=None, python=None, stream_ratios=None, redo=(),
                  redo_tag=None, zeroshot_full=False, trust_remote_code=False, allow_pickle=False, full_seqlens=None,
-                 compile="auto"):
+                 compile="auto", nproc=1):
         for m in methods:  # a preset (e.g. comp-search) is compared as a method of its own
             if m not in method_names() and m not in PRESETS:
                 raise CompruneError(f"unknown method '{m}': use some of {', '.join(method_names() + tuple(PRESETS))}")
@@ -90,6 +91,9 @@ class Comparison:
         # the response cache lives in the output the user owns (never a shared cache someone else can write)
         self.zeroshot_cache_dir = zeroshot_cache_dir or self.out / "zeroshot-cache"
         self.python = python or sys.executable
+        if int(nproc) < 1:
+            raise CompruneError(f"--nproc {nproc}: pass 1 or more processes per prune")
+        self.nproc = int(nproc)  # > 1: each prune is a torchrun group of this many processes (comprune.distributed)
         # the source model's consent flags, for the dense model here and every prune process (measure.prune_run)
         self.trust_remote_code, self.allow_pickle = bool(trust_remote_code), bool(allow_pickle)
         self.load_flags = ["--trust-remote-code"] * self.trust_remote_code + ["--allow-pickle"] * self.allow_pickle
@@ -116,7 +120,8 @@ class Comparison:
                 "speed_tokens": self.speed_tokens, "speed_repeats": self.speed_repeats, "dtype": self.dtype,
                 "precision": self.precision,
                 "stream_ratios": self.stream_ratios,
-                "prune_args": self.prune_args, "machine": self._machine}
+                "prune_args": self.prune_args, "machine": self._machine,
+                **({"nproc": self.nproc} if self.nproc > 1 else {})}
 
     def run_path(self, name: str) -> Path:
         return self.out / "runs" / f"{name}.json"
@@ -333,6 +338,9 @@ class Comparison:
                    f"compare-{self.model_spec}-{name}-{calib}-{weights}-{self.dtype}")
             self.eval_zeroshot(name, stage, rec, model, tok, key)
         rec.setdefault("eval_seconds", {})[stage] = round(time.perf_counter() - t0, 1)
+        if not is_dense:  # the pruned model's card shows what this comparison measured
+            for entry in card_entries(stage, rec, self.dtype):
+                record_evaluation(self.model_dir(name), entry)
 
     def plan(self) -> list[tuple[str, str]]:
         """(run, stage) in the order the work is done: the headline ratio first (prune, streamed prune, slice
@@ -380,6 +388,26 @@ class Comparison:
 
     def write_reports(self) -> dict:
         return write_reports(self.out, self.settings())
+
+
+def card_entries(stage: str, rec: dict, dtype) -> list[dict]:
+    """A stage's measurements of a run, as pruned models record them (pruning.json `evaluations`, the card)."""
+    run = {"by": "comprune compare", "dtype": dtype}
+    if stage in ("ppl", "full"):
+        return [{**run, "what": "perplexity", **{k: r.get(k) for k in ("dataset", "seqlen", "max_tokens", "windows",
+                                                                        "tokens", "ppl", "tokens_per_second")}}
+                for r in rec.get("ppl", {}).values()]
+    res = rec.get(stage)
+    if not isinstance(res, dict):
+        return []
+    if stage in ("zeroshot", "zeroshot_full"):
+        tasks = res.get("tasks", {})
+        results = {**{f"{t} {r['metric']}": r.get(r["metric"]) for t, r in tasks.items()},
+                   "average": res.get("average")}
+        return [{**run, "what": stage, "tasks": sorted(tasks), "subset": res.get("subset"), "results": results}]
+    results = {k: v for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return [{**run, "what": {"speed": "generation speed (transformers)", "llamacpp": "llama.cpp speed"}.get(stage, stage),
+             "results": results}] if results else []
 
 
 def compare(model_spec="smollm2", ratios=(0.1, 0.2, 0.3), methods=DEFAULT_METHODS, out_dir=DEFAULT_OUT, **kw) -> dict:

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .. import scores as S
+from .. import distributed, scores as S
 from ..errors import CompruneError
 from ..sequential import walk_blocks
 from ..walk import collect_stats
@@ -43,7 +43,7 @@ def allocate_widths(walk, acts, removed: list[int], neurons_per_layer: int) -> l
                 W = parts.down.weight.detach().double().to(G.device)
                 energy = float(((W @ G) * W).sum())
             else:  # the block's output (residual stream) energy
-                energy = sum(float(y.double().pow(2).sum()) for y in acts.hidden)
+                energy = distributed.sum_floats(sum(float(y.double().pow(2).sum()) for y in acts.hidden))[0]
             score = one_shot_scores("condition", G, parts, cfg) / max(energy, 1e-30)
             del G
         del stats

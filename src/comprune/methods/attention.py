@@ -26,7 +26,7 @@ def _o_stats(layer, adapter, acts, parts, cfg):
     finally:
         for h in hooks:
             h.remove()
-    return own.G if own is not None else stats["o"].gram
+    return own.summed().G if own is not None else stats["o"].gram
 
 
 def _refit_record(G, C, W, keep_ch, cfg) -> tuple[torch.Tensor | None, dict]:

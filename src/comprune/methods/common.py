@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from .. import distributed
 from ..evaluate.perplexity import family_logits, chunked_nll
 from ..sequential import walk_blocks
 from ..surgery import attention_heads, mlp_width
@@ -29,14 +30,18 @@ def layer_scores_bi(walk, acts: Activations) -> list[float]:
 @torch.inference_mode()
 def layer_scores_loss(walk, acts: Activations, nsamples: int) -> list[float]:
     """Calibration loss increase when block i alone is skipped, on the first `nsamples` windows.
-    Keeps every block's inputs for those windows (small), then reruns the tail once per block."""
+    Keeps every block's inputs for those windows (small), then reruns the tail once per block. In a process
+    group, each rank runs those of the windows it holds and the losses are summed over the ranks."""
     model, adapter, input_ids, hold = walk.model, walk.adapter, walk.input_ids, walk.hold
-    nb = max(1, math.ceil(nsamples / acts.hidden[0].shape[0]))
-    sub = Activations([h for h in acts.hidden[:nb]], acts.kwargs[:nb], acts.store)
+    rows = min(walk.cfg.batch_size, input_ids.shape[0])
+    nb = max(1, math.ceil(nsamples / rows))
+    first, last = distributed.batch_share(input_ids.shape[0], walk.cfg.batch_size)
+    mine = max(0, min(last, nb) - first)  # this rank's batches among the first nb
+    sub = Activations([h for h in acts.hidden[:mine]], acts.kwargs[:mine], acts.store)
     layers = adapter.layers(model)
     norm, head = adapter.head(model)
     logit_fn = family_logits(model)  # Gemma's soft-capping, Granite's logits_scaling: the loss the model has
-    ids = [b for b in input_ids.split(acts.hidden[0].shape[0])][:nb]
+    ids = [b for b in input_ids.split(rows)][first:first + mine]
 
     def loss_from(i, x):
         for layer in layers[i:]:
@@ -51,6 +56,7 @@ def layer_scores_loss(walk, acts: Activations, nsamples: int) -> list[float]:
                 total += chunked_nll(hn, y[:, 1:].reshape(-1).to(hn.device), head, chunk=1024,
                                      logit_fn=logit_fn).item()
                 count += hn.shape[0]
+        total, count = distributed.sum_floats(total, count)
         return total / count
 
     inputs = [sub]

@@ -17,10 +17,10 @@ Forward passes only: no autograd anywhere.
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 
+from .. import distributed
 from ..budget.plan import kept_width
 from ..registry import Method, register
 from ..masktune import error_from_gram, output_gram, solve_scales
@@ -78,7 +78,7 @@ def prune_block_mlp(layer, adapter, acts, n_remove: int, cfg, metric: str | None
     finally:
         for h in hooks:
             h.remove()
-    G = own.G if own is not None else stats["down"].gram
+    G = own.summed().G if own is not None else stats["down"].gram
     W = parts.down.weight.detach()
     least_squares = cfg.mask_tuning and cfg.recovery == "least-squares"
     C = dense_cross(G, W) if least_squares else None
@@ -276,7 +276,8 @@ def unpack(walk, saved):
     if isinstance(saved.hidden, _joined):  # nothing saved yet: both streams start at block 0's inputs
         raw = saved.like(saved.hidden.a)
         return raw, copy_acts(raw)
-    n_batches = math.ceil(walk.input_ids.shape[0] / walk.cfg.batch_size)
+    first, last = distributed.batch_share(walk.input_ids.shape[0], walk.cfg.batch_size)
+    n_batches = last - first  # this rank's
     if len(saved.hidden) != 2 * n_batches:
         return saved, copy_acts(saved)
     pruned_h, dense_h = saved.store.new(), saved.store.new()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import scores as S
+from .. import distributed, scores as S
 from ..errors import CompruneError
 from ..registry import Method, register
 from ..surgery import as_index, attention_parts, prune_heads, prune_mlp
@@ -30,10 +30,11 @@ def middle_blocks(n_layers: int, cfg) -> tuple[int, int]:
     return start, end
 
 
-def loss_gradients(model, input_ids: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token loss over the windows and its gradient w.r.t. every parameter (into .grad)."""
+def loss_gradients(model, input_ids: torch.Tensor, batch_size: int, total: int | None = None) -> float:
+    """Mean next-token loss over the windows and its gradient w.r.t. every parameter (into .grad); with
+    `total`, these windows are a share of `total` windows (a rank's) and the mean is over all of them."""
     dev = model_device(model)
-    n = input_ids.shape[0]
+    n = input_ids.shape[0] if total is None else total
     total = 0.0
     model.zero_grad(set_to_none=True)
     with torch.enable_grad():
@@ -43,6 +44,22 @@ def loss_gradients(model, input_ids: torch.Tensor, batch_size: int) -> float:
             loss.backward()
             total += float(loss.detach())
     return total
+
+
+def _summed_gradients(model, input_ids, n: int, t: int, batch_size: int, blocks) -> float:
+    """loss_gradients on the first n windows (t tokens each); in a process group, each rank's share of them and
+    the gradients of the scored blocks summed over the ranks (comprune.distributed)."""
+    if not distributed.active():
+        return loss_gradients(model, input_ids[:n, :t], batch_size)
+    share = distributed.window_share(input_ids.shape[0], batch_size)
+    lo, hi = share.start, max(share.start, min(share.stop, n))
+    loss = loss_gradients(model, input_ids[lo:hi, :t], batch_size, total=n) if hi > lo else 0.0
+    for block in blocks:
+        for p in block.parameters():
+            if p.grad is None:  # a rank with none of the n windows
+                p.grad = torch.zeros_like(p)
+            distributed.all_reduce_sum(p.grad)
+    return distributed.sum_floats(loss)[0]
 
 
 GQA_SCORES = {"group": S.taylor_kv_groups, "folded": S.taylor_kv_groups_folded}
@@ -87,7 +104,7 @@ def plan(walk, acts) -> tuple[dict, None]:
     try:
         for p in model.parameters():
             p.requires_grad_(True)
-        loss = loss_gradients(model, walk.input_ids[:n, :t], max(1, cfg.batch_size))
+        loss = _summed_gradients(model, walk.input_ids, n, t, max(1, cfg.batch_size), layers[start:end])
         per_block = budget.params_to_remove / (end - start)
         for i in range(start, end):
             layer = layers[i]

@@ -52,6 +52,7 @@ def write_config(model, adapter, widths: list[int], heads: list[tuple[int, int]]
     heads_uniform = len(set(heads)) <= 1
     fields = {k: v for k, v in cfg.to_dict().items()
               if k not in ("model_type", "architectures", "transformers_version", "intermediate_sizes", "auto_map",
+                           "per_layer_config",
                            *HEAD_KEYS)}
     if widths:
         fields[wkey] = max(widths) if len(set(widths)) > 1 else widths[0]

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ... import distributed
 from ...obs import obs_select
 from ...refit import BlockStats, dense_cross, refit
 from ...walk import collect_stats, forward_block, progress, resident
@@ -70,7 +71,7 @@ def build_database(model, adapter, acts, kept: list[int], ladder: Ladder, cfg, d
     for i in progress(kept, "COMP search: variants", show):
         layer = layers[i]
         with (hold or (lambda m: resident(m, cfg.device)))(layer):
-            if db.has(i):  # built by an interrupted run: only carry the activations on
+            if distributed.all_true(db.has(i)):  # built by an interrupted run: only carry the activations on
                 acts = forward_block(layer, acts, consume=True)
                 continue
             down = adapter.mlp(layer).down
@@ -81,7 +82,7 @@ def build_database(model, adapter, acts, kept: list[int], ladder: Ladder, cfg, d
             finally:
                 for h in hooks:
                     h.remove()
-            G, W = own.G, down.weight.detach()
+            G, W = own.summed().G, down.weight.detach()
             C = dense_cross(G, W)
             order: list[int] = []
             obs_select(G, C, ladder.top * ladder.step, cfg.damp, cfg.chunk, order=order)

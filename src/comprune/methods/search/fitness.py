@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ... import distributed
 from ...evaluate.perplexity import family_logits
 from ...walk import Activations, capture, forward_block, resident
 from .database import _narrowed
@@ -30,7 +31,11 @@ class _Moments:
 
 
 class Fitness:
-    """KL(dense ‖ stitched) per token on held-apart windows, from block-0 inputs kept in memory."""
+    """KL(dense ‖ stitched) per token on held-apart windows, from block-0 inputs kept in memory.
+
+    In a process group each rank holds its share of the windows (whole batches); `windows` names every window
+    by its batch among all ranks', a rank evaluates the ones it holds, and the KL sums and token counts are
+    summed over the ranks (comprune.distributed), so every rank gets the one-process fitness."""
 
     def __init__(self, model, adapter, removed: list[int], db: dict, fit_ids: torch.Tensor, cfg, walk=None):
         self.adapter, self.cfg, self.db = adapter, cfg, db
@@ -43,14 +48,15 @@ class Fitness:
         self.kept = [i for i in range(len(self.layers)) if i not in set(removed)]
         self.x0 = walk.capture(fit_ids) if walk is not None else capture(model, adapter, fit_ids, cfg.batch_size,
                                                                          cfg.device)
-        self.nbatches = len(self.x0.hidden)
+        n, bs = fit_ids.shape[0], cfg.batch_size
+        self.first, self.last = distributed.batch_share(n, bs) if walk is not None else (0, len(self.x0.hidden))
         self.head_config = model.config
         self.linear_head = not getattr(model.config, "final_logit_softcapping", None)
         with torch.inference_mode():
             self.ref = [self._reference(h) for h in self._run(self.x0, range(len(self.layers))).hidden]
         # Single windows for the cheap stages (error curves, offspring filter): the LM head over the vocabulary
         # costs as much as a third of the blocks, so those stages read few tokens.
-        self.windows = [(b, j) for b in range(self.nbatches) for j in range(self.x0.hidden[b].shape[0])]
+        self.windows = [(b, j) for b in range(-(-n // bs)) for j in range(min(bs, n - b * bs))]
         self.evaluations = 0
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,9 +109,18 @@ class Fitness:
                     acts = forward_block(self.layers[i], acts)
         return acts
 
+    def _local(self, windows):
+        """The windows this rank holds, by its own batch numbers (None: all of them)."""
+        if windows is None:
+            return None
+        return [(b - self.first, j) for b, j in windows if self.first <= b < self.last]
+
     def subset(self, windows=None) -> tuple[Activations, list[torch.Tensor]]:
         """Block-0 inputs and reference log-probabilities of some windows ((batch, row) pairs), or of all, as
-        batches of the same shapes."""
+        batches of the same shapes: those this rank holds."""
+        return self._subset(self._local(windows))
+
+    def _subset(self, windows):
         if windows is None:
             return self.x0, self.ref
         hidden, kwargs, ref = [], [], []
@@ -128,6 +143,7 @@ class Fitness:
             total += self._kl_sum(ref, h)
             count += ref.shape[0] * ref.shape[1]
         self.evaluations += 1
+        total, count = distributed.sum_floats(total, count)
         return total / max(count, 1)
 
     @torch.inference_mode()
@@ -143,7 +159,8 @@ class Fitness:
         search from scratch, so a trajectory recorded that way is bit for bit what a resumed search recomputes."""
         if record and windows is not None:
             raise ValueError("trajectories are recorded on every window")
-        x0, refs = self.subset(windows)
+        windows = self._local(windows)
+        x0, refs = self._subset(windows)
         n = len(self.kept)
         levels0, traj0 = parent if parent is not None else (None, None)
         trajs = [[[None] * len(x0.hidden) for _ in range(n + 1)] for _ in kids] if record else None
@@ -184,6 +201,7 @@ class Fitness:
                         trajs[k][n][b] = h
             count += ref.shape[0] * ref.shape[1]
         self.evaluations += len(kids)
+        *totals, count = distributed.sum_floats(*totals, count)
         fits = [t / max(count, 1) for t in totals]
         return (fits, trajs) if record else fits
 
@@ -212,6 +230,7 @@ class Fitness:
                 total[k] += self._kl_sum(ref, hk)
             count += ref.shape[0] * ref.shape[1]
         self.evaluations += len(levels)
+        *total, count = distributed.sum_floats(*total, count)
         return [t / max(count, 1) for t in total]
 
     def block_inputs(self, windows) -> dict[int, Activations]:

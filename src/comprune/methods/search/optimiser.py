@@ -108,10 +108,11 @@ def _exact_float(d: dict):
 
 
 def evolve(fitness, start: dict, top: int, cfg, state_file: Path | None = None, show=True,
-           removable=(), min_removed: int = 0) -> tuple[dict, list]:
+           removable=(), min_removed: int = 0, write: bool = True) -> tuple[dict, list]:
     """(1 + λ) evolution from `start`; every generation's randomness comes from (seed, generation), so a resumed
     search continues exactly where the killed one stopped. Offspring removing fewer than `min_removed` whole
-    blocks (the speed budget) are not considered. `fitness` is what fitness.Fitness is to it: `population`,
+    blocks (the speed budget) are not considered; write=False reads a state file without writing it (the other
+    ranks of a process group, which take the same steps from the same summed fitness). `fitness` is what fitness.Fitness is to it: `population`,
     `windows` and `removed_level`."""
     state = json.loads(state_file.read_text(), object_hook=_exact_float) \
         if state_file is not None and state_file.exists() else None
@@ -150,7 +151,7 @@ def evolve(fitness, start: dict, top: int, cfg, state_file: Path | None = None, 
             parent, parent_fit, traj = ranked[j], fits[j], scored[j][1][0]
         del scored  # the losers' trajectories
         trace.append([gen + 1, parent_fit])
-        if state_file is not None:
+        if state_file is not None and write:
             tmp = state_file.with_suffix(".tmp")
             tmp.write_text(json.dumps({"parent": parent, "fitness": _exact(parent_fit),
                                        "trace": [[g, _exact(f)] for g, f in trace], "generation": gen + 1},

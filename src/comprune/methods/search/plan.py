@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+from ... import distributed
 from ...errors import CompruneError
 from ...walk import progress
 from ...budget.plan import kept_width, params_per_neuron
@@ -68,8 +69,9 @@ def search_allocation(walk, acts, removed: list[int], n_remove: int) -> tuple[li
         raise CompruneError(f"the budget needs {plan.total} levels of {ladder.step} neurons but the search's "
                             f"ladder holds {ladder.top} per block: raise --layer-share or lower --ratio")
     with tempfile.TemporaryDirectory(prefix="comprune-search-db-") as tmp:
-        # with a checkpoint the database lives beside it (a resumed run keeps the blocks already built)
-        db = Database(Path(state_dir) / "search-db" if state_dir is not None else tmp)
+        # with a checkpoint the database lives beside it (a resumed run keeps the blocks already built); the other
+        # ranks of a group build theirs from the same summed statistics, in their own temporary directory
+        db = Database(Path(state_dir) / "search-db" if state_dir is not None and distributed.is_writer() else tmp)
         build_database(model, adapter, acts, kept, ladder, cfg, db, show, walk.hold)
         return _search(walk, removed, layers, plan, db, state_dir, t0)
 
@@ -94,7 +96,8 @@ def _search(walk, removed, layers, plan: Plan, db, state_dir, t0):
                             f"{ladder.step} neurons a block): raise --layer-share or lower --ratio") from None
     dp_fit = fitness(levels)
     state_file = Path(state_dir) / "search.json" if state_dir is not None else None
-    levels, trace = evolve(fitness, levels, ladder.top, cfg, state_file, show, plan.removable, plan.min_removed) \
+    levels, trace = evolve(fitness, levels, ladder.top, cfg, state_file, show, plan.removable, plan.min_removed,
+                           write=distributed.is_writer()) \
         if cfg.search_generations else (levels, [[0, dp_fit]])
     gone = [i for i in kept if levels[i] == R]
     counts = _neuron_counts(levels, gone, costs, plan, len(layers))
