@@ -182,3 +182,24 @@ def greedy_matches_uncached(model, ids, steps=4):
             nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], 1)
     return torch.equal(out, seq)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_bpe_tokenizer(chat: bool = True):
+    """A real (fast) tokenizer for tiny models: one token per byte (ids 0..255), then <|im_start|> = 256 and
+    <|im_end|> = 257 (the end of a turn and eos); with `chat`, a ChatML template. Use tiny_model(vocab=260)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from test_zeroshot import _bytes_to_unicode
+    b2u = _bytes_to_unicode()
+    tk = Tokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token=b2u[0])
+    tok.add_special_tokens({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"})
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok

@@ -270,7 +270,7 @@ def test_compare_runs_resumes_and_writes_reports(tmp_path):
     data.joinpath("test.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in text.splitlines()[:200]))
     (tmp_path / "calib.txt").write_text(text[:20000])
     kw = dict(nsamples=8, seqlen=32, ppl_seqlens=(32, 64), ppl_max_tokens=1024, speed_tokens=4, speed_repeats=1,
-              skip=("zeroshot", "full"), progress=False, calib=str(tmp_path / "calib.txt"),
+              skip=("zeroshot", "full", "chat"), progress=False, calib=str(tmp_path / "calib.txt"),
               data_dir=str(tmp_path / "data"))
     out = tmp_path / "cmp"
     res = Comparison(str(d), [0.25], ["flap", "layer-drop"], out, **kw).run()

@@ -19,6 +19,7 @@ import torch
 
 from . import deferred
 from .errors import CompruneError
+from .selfcal import SELF, self_windows
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -186,6 +187,8 @@ class Calibration:
     # the width search's fitness windows, when whoever tokenised the source also drew them (a streamed prune's
     # child process: the walk itself holds no tokenizer)
     heldout: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # how a mix was made (its parts' window counts) and, for `self`, the generator's settings and token digests
+    record: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def nsamples(self) -> int:
@@ -200,7 +203,7 @@ class Calibration:
 
     def describe(self) -> dict:
         return {"source": self.source, "nsamples": self.nsamples, "seqlen": self.seqlen,
-                "seed": self.seed, "sha256": self.sha256()}
+                "seed": self.seed, "sha256": self.sha256(), **(self.record or {})}
 
 
 def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -274,10 +277,74 @@ def _room_apart(n_tokens: int, taken: list[int], taken_len: int, seqlen: int) ->
     return room + max(n_tokens - 1 - free, 0) // seqlen
 
 
+def parse_mix(source: str) -> list[tuple[str, float]]:
+    """`--calib` as (source, weight) parts: `c4`, `self`, or a mix such as `self:0.5,c4:0.5` (weights are shares of
+    the windows, normalised to sum to 1)."""
+    parts = []
+    for part in source.split(",") if "," in source or ":" in source else [source]:
+        name, _, weight = part.rpartition(":")
+        try:
+            w = float(weight)
+        except ValueError:
+            if "," in source:
+                raise CompruneError(f"--calib {source}: '{part}' is not SOURCE:WEIGHT: write a mix as e.g. "
+                                    "self:0.5,c4:0.5") from None
+            return [(source, 1.0)]  # a path with a colon in it, not a mix
+        if not name or not w > 0 or w != w or w == float("inf"):
+            raise CompruneError(f"--calib {source}: '{part}' needs a source and a positive weight, e.g. self:0.5,c4:0.5")
+        parts.append((name, w))
+    names = [n for n, _ in parts]
+    if len(set(names)) != len(names):
+        raise CompruneError(f"--calib {source} names a source twice: give each source once with its share")
+    total = sum(w for _, w in parts)
+    return [(n, w / total) for n, w in parts]
+
+
+def uses_self(source: str) -> bool:
+    """Whether `--calib source` needs the dense model to write text (`self`, alone or in a mix)."""
+    return any(name == SELF for name, _ in parse_mix(source))
+
+
+def mix_counts(total: int, weights: list[float]) -> list[int]:
+    """`total` windows shared by weight, largest remainders first (ties to the earlier part): they sum to `total`."""
+    exact = [total * w for w in weights]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(weights)), key=lambda i: (counts[i] - exact[i], i))[:total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
 def get_calibration(tokenizer, source: str = "c4", nsamples: int = 128, seqlen: int = 128, seed: int = 0,
-                    data_dir=None, heldout: int = 0) -> Calibration:
+                    data_dir=None, heldout: int = 0, model=None, progress: bool = True) -> Calibration:
     """N windows of T tokens of `source`; with `heldout`, also that many windows apart from them
-    (Calibration.heldout, the width search's fitness windows), from the same tokenisation."""
+    (Calibration.heldout, the width search's fitness windows), from the same tokenisation. `source` may be `self`
+    (text the dense `model` writes: comprune.selfcal) or a mix such as `self:0.5,c4:0.5` (each part's share of the
+    windows, drawn as that source alone would draw them, the parts in the order written)."""
+    parts = parse_mix(source)
+    if len(parts) == 1 and parts[0][0] != SELF:
+        return _source_calibration(tokenizer, parts[0][0], nsamples, seqlen, seed, data_dir, heldout)
+    if nsamples < 1:
+        raise CompruneError(f"nsamples must be >= 1 (got {nsamples})")
+    counts = mix_counts(nsamples, [w for _, w in parts])
+    held_counts = mix_counts(heldout, [w for _, w in parts])
+    windows, held, record = [], [], {"parts": []}
+    for (name, _), n, k in zip(parts, counts, held_counts):
+        if n == 0 and k == 0:
+            continue
+        if name == SELF:
+            w, h, record["self"] = self_windows(model, tokenizer, n, seqlen, seed, heldout=k, progress=progress)
+        else:
+            c = _source_calibration(tokenizer, name, max(n, 1), seqlen, seed, data_dir, k)
+            w, h = c.input_ids[:n], c.heldout
+        windows.append(w)
+        if h is not None:
+            held.append(h)
+        record["parts"].append({"source": name, "windows": n, "heldout_windows": k})
+    return Calibration(torch.cat(windows), source, seed, data_dir=None if data_dir is None else str(data_dir),
+                       heldout=torch.cat(held) if heldout else None, record=record)
+
+
+def _source_calibration(tokenizer, source, nsamples, seqlen, seed, data_dir, heldout) -> Calibration:
     ids = load_ids(tokenizer, source, data_dir)
     calib = Calibration(sample_windows(ids, nsamples, seqlen, seed), source, seed,
                         data_dir=None if data_dir is None else str(data_dir))

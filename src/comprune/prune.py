@@ -199,7 +199,7 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
         check_moe_config(cfg)
     if calibration is None:
         calibration = get_calibration(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed,
-                                      heldout=cfg.heldout_windows)
+                                      heldout=cfg.heldout_windows, model=model, progress=progress)
     if calibration.seqlen <= 1:
         raise CompruneError("calibration windows must be longer than one token")
     fitness_ids = None

@@ -28,7 +28,7 @@ import torch
 from .calibration import calibration_in_child, load_tokenizer
 from .checkpoint import checkpoint_dir
 from .config import PruneConfig
-from .data import get_calibration
+from .data import get_calibration, uses_self
 from .devices import check_device_memory, dtype_name, pick_device, resolve_device, resolve_precision
 from .errors import CompruneError
 from .files import check_tensors_match, read_config, weights_digest_sample
@@ -206,6 +206,9 @@ def _calibrate(model_dir: Path, cfg, calibration, tokenizer, data_dir, partial: 
     """(calibration, whether the tokenizer is already saved in `partial`)."""
     if calibration is not None:
         return calibration, False
+    if uses_self(cfg.calib):
+        raise CompruneError(f"--calib {cfg.calib}: the dense model writes that text, and a streamed prune never holds "
+                            "the whole model: prune without --stream")
     if tokenizer is not None:
         return get_calibration(tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=data_dir), False
     # the child also writes the tokenizer into the output: loading it costs ~60 MB of heap (more than the

@@ -5,15 +5,17 @@ from __future__ import annotations
 from ..card import record_evaluation
 from ..errors import CompruneError
 from ..outputs import json_text
+from ..evaluate.chat import chat_measure, chat_reference
 from ..evaluate.hardware import against_peak, use_sdpa
 from ..evaluate.perplexity import perplexity
 from ..evaluate.zeroshot import evaluate_zeroshot, format_zeroshot_table
+from ..io import read_manifest
 from ..loading import load
 from .format import add_common, ints, table
 
 
 def cmd_eval(args) -> int:
-    if not args.ppl and not getattr(args, "tasks", None):
+    if not args.ppl and not getattr(args, "tasks", None) and not getattr(args, "chat", False):
         args.ppl = "wikitext2"
     for name in ("batch_size", "max_tokens", "limit", "subset"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
@@ -41,10 +43,18 @@ def cmd_eval(args) -> int:
                                      progress=not args.json, runner=args.zeroshot_runner, heldout=args.heldout,
                                      compile=args.compile)
         zeroshot["precision"] = precision
+    chat = _chat(args, model, tok) if getattr(args, "chat", False) else None
     for entry in card_entries(args, results, zeroshot):  # a pruned model's card shows what this run measured
         record_evaluation(args.model, entry)
+    if chat is not None:
+        record_evaluation(args.model, {"by": "comprune eval", "device": args.device, "what": "chat",
+                                       "dtype": precision["dtype"], "heldout": chat["split"] == "heldout",
+                                       "results": {"exact-answer hits": f"{chat['hits']}/{chat['questions']}",
+                                                   "KL(dense || model), nats/token": chat.get("kl"),
+                                                   "reference": chat["reference"]}})
     if args.json:
-        out = results[0] if len(results) == 1 and zeroshot is None else (
+        out = {"model": args.model, "precision": precision, "perplexity": results, "zeroshot": zeroshot,
+               "chat": chat} if chat else results[0] if len(results) == 1 and zeroshot is None else (
             {"model": args.model, "precision": precision, "perplexity": results, "zeroshot": zeroshot} if zeroshot
             else results)
         print(json_text(out, indent=2))
@@ -58,7 +68,26 @@ def cmd_eval(args) -> int:
                   "probe on this model's MLP shape (comprune.evaluate.hardware)")
         if zeroshot is not None:
             print(format_zeroshot_table(zeroshot))
+        if chat is not None:
+            print(f"chat ({chat['split']} half): {chat['hits']}/{chat['questions']} exact-answer hits" +
+                  (f"; KL(dense || model) {chat['kl']:.4f} nats/token on {chat['kl_prompts']} dense answers "
+                   f"(reference: {chat['reference']})" if "kl" in chat else "; no dense reference, no KL"))
     return 0
+
+
+def _chat(args, model, tok) -> dict:
+    """The chat measure, with the KL against --chat-reference (default: the base model pruning.json names)."""
+    ref_spec = args.chat_reference
+    if ref_spec is None and not str(args.model).endswith(".gguf"):
+        ref_spec = (read_manifest(args.model) or {}).get("base_model")
+    reference = None
+    if ref_spec:
+        dense, _ = load(ref_spec, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                        allow_pickle=args.allow_pickle)
+        reference = chat_reference(dense, tok, args.chat_split)
+    res = chat_measure(model, tok, reference, args.chat_split)
+    res["reference"] = ref_spec
+    return res
 
 
 def card_entries(args, results: list, zeroshot: dict | None) -> list[dict]:
@@ -96,5 +125,13 @@ def add_command(sub):
                    help="torch.compile the decoder layers and the head's cross-entropy: 'auto' (default) for "
                         "perplexity slices of >= 131,072 tokens and the zero-shot tasks' full sets, where ~10-30 s "
                         "of compilation pays for itself; eager where compilation fails")
+    p.add_argument("--chat", action="store_true",
+                   help="the chat measure: exact-answer hits on short questions and KL(dense || model) on the dense "
+                        "model's greedy answers, through the chat template (docs/comparison.md)")
+    p.add_argument("--chat-split", default="test", choices=["test", "heldout"],
+                   help="--chat: the reported half (test, default) or the half for choosing settings (heldout)")
+    p.add_argument("--chat-reference", default=None,
+                   help="--chat: the dense model of the KL (default: the base model in pruning.json; none for a "
+                        "dense model)")
     add_common(p)
     p.set_defaults(func=cmd_eval)

@@ -181,7 +181,7 @@ def cmd_prune(args) -> int:
         model, tok = load(args.model, dtype=_dtype(args, out), device="cpu", trust_remote_code=args.trust_remote_code,
                           allow_pickle=args.allow_pickle, compute_device=cfg.device)
         calib = get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=args.data_dir,
-                                heldout=cfg.heldout_windows)
+                                heldout=cfg.heldout_windows, model=model, progress=not args.json)
         _check_recipe_calibration(args, calib)
         model, report = prune(model, tok, cfg, calibration=calib, progress=not args.json, base_model=args.model,
                               checkpoint_dir=ckpt_dir, resume=args.resume, target=size)
@@ -239,7 +239,9 @@ def add_command(sub):
                    help="; ".join(f"{m.name}: {m.help}" for m in registry.methods().values()) + f" (default {d.method})")
     p.add_argument("--layer-share", type=float, default=None,
                    help=f"fraction of the removed parameters taken by whole layers (default {d.layer_share})")
-    p.add_argument("--calib", default=None, help="calibration text: c4 (default), wikitext2-validation, or a file")
+    p.add_argument("--calib", default=None, help="calibration text: c4 (default), wikitext2-validation, a file, self (text the dense model "
+                        "writes: its chat answers, or continuations for a base model), or a mix such as "
+                        "self:0.5,c4:0.5 (shares of the windows)")
     p.add_argument("--nsamples", type=int, default=None, help=f"calibration windows (default {d.nsamples})")
     p.add_argument("--seqlen", type=int, default=None, help=f"tokens per window (default {d.seqlen})")
     p.add_argument("--seed", type=int, default=None, help=f"default {d.seed}")

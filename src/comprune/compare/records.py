@@ -13,7 +13,7 @@ from ..outputs import json_text
 
 DEFAULT_METHODS = ("comp", "llm-pruner", "flap", "layer-drop", "wanda-sp")
 DEFAULT_OUT = "benchmarks/results/compare"
-STAGES = ("prune", "ppl", "speed", "llamacpp", "stream", "zeroshot", "full", "zeroshot_full")
+STAGES = ("prune", "ppl", "speed", "llamacpp", "stream", "zeroshot", "full", "zeroshot_full", "chat")
 REDOABLE = ("prune", "speed", "llamacpp", "stream")  # measurements of time and memory; the others are deterministic
 # How prune records measured peak memory. Records with another probe (or none: getrusage's ru_maxrss in the
 # prune itself, which Linux carries across exec from the launching process) are re-pruned (same model,

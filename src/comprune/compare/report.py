@@ -43,6 +43,8 @@ def rows(out: Path, settings: dict) -> list[dict]:
             "speed_relative": rec.get("speed", {}).get("relative", 1.0 if name == "dense" else None),
             "tokens_per_second": rec.get("speed", {}).get("tokens_per_second"),
             **llamacpp_fields(rec, name == "dense"),
+            "chat_hits": rec.get("chat", {}).get("hits"), "chat_questions": rec.get("chat", {}).get("questions"),
+            "chat_kl": rec.get("chat", {}).get("kl"),
             "calibration_sha256": p.get("calibration", {}).get("sha256"),
             "errors": rec.get("errors") or None})
     return rows
@@ -149,6 +151,12 @@ def _avg_cell(avg, se) -> str:
     return f"{100 * avg:.2f}" + ("" if se is None else f" ± {100 * se:.2f}")
 
 
+def _chat_cell(r: dict) -> str:
+    if r.get("chat_hits") is None:
+        return "-"
+    return f"{r['chat_hits']}/{r['chat_questions']} / {_f(r.get('chat_kl'), '{:.3f}')}"
+
+
 def _f(v, fmt="{:.2f}"):
     return "-" if v is None else fmt.format(v)
 
@@ -160,6 +168,7 @@ def markdown_table(rows: list[dict], settings: dict, shas=(), floor_mb: float | 
     head += [f"PPL@{s} ({mt // 1024}k tok)" for s in seqlens] + [f"PPL@{s} full" for s in seqlens]
     full_zs = any(r.get("avg7_full") is not None for r in rows)
     head += ["7-task avg (%)"] + (["7-task avg, full sets (%)"] if full_zs else [])
+    head += ["chat hits / KL"]
     head += ["prune s", "peak RSS (MB)", "streamed: s / peak RSS (MB)", "gen tok/s vs dense",
              "llama.cpp prompt / gen tok/s vs dense"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
@@ -172,6 +181,7 @@ def markdown_table(rows: list[dict], settings: dict, shas=(), floor_mb: float | 
         cells += [_avg_cell(r["avg7"], r.get("avg7_stderr"))]
         if full_zs:
             cells += [_avg_cell(r.get("avg7_full"), r.get("avg7_full_stderr"))]
+        cells += [_chat_cell(r)]
         cells += [_f(r["prune_seconds"], "{:.0f}"),
                   _f(r["peak_rss_mb"], "{:.0f}"), streamed, _f(r["speed_relative"], "{:.2f}×"), llamacpp_cell(r)]
         if r.get("errors"):
@@ -185,6 +195,8 @@ def markdown_table(rows: list[dict], settings: dict, shas=(), floor_mb: float | 
                                               settings.get("zeroshot_full") else "") +
             " (± the standard error of the average: the tasks' stderrs combined, sqrt(Σ se²) / 7)"
             f"; full-test-set perplexity at ratio {settings['full_ratio']}. "
+            "Chat: exact-answer hits on the test half's short questions and KL(dense ‖ model) in nats per token on "
+            "the dense model's greedy answers, through the chat template (comprune.evaluate.chat). "
             "Peak RSS: the pruning process's own high-water mark (wait4's ru_maxrss through a small launcher, or its "
             "VmHWM if larger). Streamed: the same prune with "
             "`--stream` (one block in memory) in its own process; its weights equal the in-memory prune's "

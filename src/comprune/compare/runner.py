@@ -12,6 +12,7 @@ from ..config import PRESETS
 from ..registry import names as method_names
 from ..data import load_ids
 from ..errors import CompruneError
+from ..evaluate.chat import chat_measure, chat_reference
 from ..evaluate.perplexity import perplexity
 from ..evaluate.speed import relative_speed
 from ..evaluate.significance import average_stderr
@@ -105,6 +106,7 @@ class Comparison:
         self._dense = None
         self._machine = None
         self._ids = None
+        self._chat_ref = None
 
     # ------------------------------------------------------------------------------------------ bookkeeping
     def settings(self) -> dict:
@@ -282,7 +284,7 @@ class Comparison:
             check_same_model(name, rec["prune"], new)
             new["superseded"] = {k: rec["prune"].get(k) for k in ("seconds", "peak_rss_mb", "wall_seconds")}
             if not self.same_evaluations(name, rec, new):
-                for stage_result in ("ppl", "speed", "llamacpp", "zeroshot", "zeroshot_full", "eval_seconds"):
+                for stage_result in ("ppl", "speed", "llamacpp", "zeroshot", "zeroshot_full", "chat", "eval_seconds"):
                     rec.pop(stage_result, None)  # a different model: everything is measured again
         if stage in self.redo:
             new["redo_tag"] = self.redo_tag
@@ -323,6 +325,10 @@ class Comparison:
             rec["llamacpp"] = llamacpp_speed(self, name, self.model_dir(name), tok)
             if stage in self.redo:
                 rec["llamacpp"]["redo_tag"] = self.redo_tag
+        elif stage == "chat":  # the reported half; the dense model's answers are the KL's reference
+            if self._chat_ref is None:
+                self._chat_ref = chat_reference(dense, tok, "test")
+            rec["chat"] = chat_measure(model, tok, self._chat_ref, "test")
         elif stage in ("zeroshot", "zeroshot_full"):
             # keyed by the weights' digest too: a method whose code changed prunes another model under the same
             # name and calibration, and must not be answered from the old model's cached responses
@@ -341,10 +347,10 @@ class Comparison:
         perplexity, speed), then the other ratios, then zero-shot at the headline ratio, then full-test-set perplexity."""
         first = [r for r in self.ratios if self.zeroshot_ratio is not None and abs(r - self.zeroshot_ratio) < 1e-9]
         rest = [r for r in self.ratios if r not in first]
-        steps = [("dense", "ppl")]
+        steps = [("dense", "ppl"), ("dense", "chat")]
         for r in first + rest:
             for m in self.methods:
-                steps += [(run_name(m, r), s) for s in ("prune", "stream", "ppl", "speed", "llamacpp")]
+                steps += [(run_name(m, r), s) for s in ("prune", "stream", "ppl", "speed", "chat", "llamacpp")]
         if first:
             steps += [("dense", "zeroshot")] + [(run_name(m, r), "zeroshot") for r in first for m in self.methods]
         if self.full_ratio is not None and any(abs(r - self.full_ratio) < 1e-9 for r in self.ratios):
