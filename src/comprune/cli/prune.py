@@ -20,6 +20,7 @@ from ..prune import prune
 from ..stream import prune_streaming
 from .budgets import add_budget_options, budget_record, finish_budget, print_budget, resolve_budget
 from .format import add_common, table
+from .recover import add_recover_options, recovery_from_args, refuse_streamed
 
 
 # argparse dest -> PruneConfig run setting, for the options a preset can set (None = not given on the command line);
@@ -121,8 +122,10 @@ def cmd_prune_stream(args, cfg) -> int:
 
 def cmd_prune(args) -> int:
     if getattr(args, "stream", False):
+        refuse_streamed(args)
         return cmd_prune_stream(args, _config_from_args(args))
     cfg = _config_from_args(args)
+    recovery = recovery_from_args(args)
     out = check_output(Path(args.out), args.force)  # fail before any work, and never leave a half-written directory
     cfg, size = resolve_budget(args, cfg)
     ckpt_dir = checkpoint_dir(out)
@@ -132,7 +135,7 @@ def cmd_prune(args) -> int:
         calib = get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=args.data_dir,
                                 heldout=cfg.heldout_windows)
         model, report = prune(model, tok, cfg, calibration=calib, progress=not args.json, base_model=args.model,
-                              checkpoint_dir=ckpt_dir, resume=args.resume, target=size)
+                              checkpoint_dir=ckpt_dir, resume=args.resume, target=size, recovery=recovery)
         save_pretrained(model, tok, out, report, force=args.force, dtype=args.save_dtype)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     finish_budget(out, size)
@@ -188,5 +191,6 @@ def add_command(sub):
                    help="precision of the saved weights: source (default: the precision the model was stored in), "
                         "compute (the --dtype that ran), or a dtype")
     add_method_options(p)
+    add_recover_options(p, duration)
     add_common(p)
     p.set_defaults(func=cmd_prune)
