@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "recovery"
