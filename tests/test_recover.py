@@ -31,7 +31,7 @@ def _pruned(tok, calib, recovery=None):
 
 def test_tune_lowers_heldout_kl_and_never_adds_parameters(text_calib):
     tok, calib = text_calib
-    rec = Recovery(tune=TuneOptions(steps=24, eval_every=4, patience=3, lr=0.02), heldout=4)
+    rec = Recovery(tune=TuneOptions(steps=16, eval_every=4, patience=3, lr=0.02), heldout=4)
     plain, rep0 = _pruned(tok, calib)
     tuned, rep = _pruned(tok, calib, rec)
     st = rep.stages[0]
@@ -85,10 +85,10 @@ def test_distill_merges_into_same_shapes_and_reloads_in_transformers(text_calib,
     tok, calib = text_calib
     cfg = PruneConfig(ratio=0.2, nsamples=24, seqlen=32)  # uniform widths: a stock config
     plain, _ = prune(tiny_model("llama", layers=4), tok, cfg, calibration=calib, progress=False)
-    rec = Recovery(distill=DistillOptions(tokens=24 * 32 * 4, batch=4, eval_every=8, lr=1e-3, bf16="off"), heldout=4)
+    rec = Recovery(distill=DistillOptions(tokens=16 * 4 * 32, batch=4, eval_every=8, lr=1e-3, bf16="off"), heldout=4)
     model, rep = prune(tiny_model("llama", layers=4), tok, cfg, calibration=calib, progress=False, recovery=rec)
     st = rep.stages[0]
-    assert st["stage"] == "distill" and st["steps"] == 24 and st["kl_after"] < st["kl_before"]
+    assert st["stage"] == "distill" and st["steps"] == 16 and st["kl_after"] < st["kl_before"]
     assert {n: p.shape for n, p in model.named_parameters()} == {n: p.shape for n, p in plain.named_parameters()}
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
@@ -151,3 +151,20 @@ def test_streamed_prune_refuses_recovery_in_one_line(tmp_path, capsys):
     src = tiny_dir(tmp_path / "tiny", layers=4)
     code, err = main(["prune", src, "--stream", "--tune", "--out", tmp_path / "out"], capsys)
     assert code != 0 and "--stream" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_compare_rows_with_recovery_stages(tmp_path):
+    """comp+tune, comp-search+tune, comp-search+distill are rows of a comparison: their method's (or preset's)
+    prune with the stage's flags; they never stream; an unknown stage is refused in one line."""
+    from comprune.compare.measure import prune_command
+    from comprune.compare.runner import Comparison
+    from comprune.compare.stages import ROWS
+    src = tiny_dir(tmp_path / "tiny", layers=4)
+    cmp = Comparison(str(src), ratios=(0.2,), methods=ROWS, out_dir=tmp_path / "c", progress=False)
+    cmd = prune_command(cmp, "comp-search+distill", 0.2, tmp_path / "m")
+    assert cmd[cmd.index("--preset") + 1] == "comp-search" and cmd[cmd.index("--recover") + 1] == "distill"
+    cmd = prune_command(cmp, "comp+tune", 0.2, tmp_path / "m")
+    assert cmd[cmd.index("--method") + 1] == "comp" and "--tune" in cmd
+    assert not cmp.needed("comp+tune-r0.20", "stream", {"method": "comp+tune", "ratio": 0.2, "prune": {}})
+    with pytest.raises(CompruneError, match=r"\+tune or \+distill"):
+        Comparison(str(src), ratios=(0.2,), methods=("comp+finetune",), out_dir=tmp_path / "d", progress=False)
