@@ -145,6 +145,9 @@ def cmd_prune(args) -> int:
     else:
         print(table(report.summary_rows(), list(report.summary_rows()[0])))
         print(f"removed layers: {report.removed_layers or 'none'}; saved to {out}")
+        for st in report.stages:
+            print(f"{st['stage']}: held-out KL {st['kl_before']:.4f} -> {st['kl_after']:.4f} in {st['steps']} steps "
+                  f"({st['tokens']} tokens, {st['seconds']:.0f} s; stopped: {st['stopped']})")
         print_budget(out, size)
     return 0
 
