@@ -151,7 +151,9 @@ def write_markdown(out: Path):
                     f"{r.get('time_vs_prune', '-')} | {r.get('process_peak_rss_mb', '-')} | {st.get('stopped', '-')} |")
     text = ("# Recovery stages on SmolLM2-135M-Instruct prunes\n\n"
             "Made by `benchmarks/recovery.py` (one JSON per row beside this file, with its command and host). "
-            "PPL@2048 on the full WikiText-2 test and validation sets; dense test PPL 21.61 (float32). Held-out KL: "
+            "PPL@2048 on the full WikiText-2 test and validation sets, in bfloat16 (the stages train in it too); dense "
+            "test PPL 21.61 (float32), the untuned prunes' 43.48 (COMP) and 39.87 (comp-search) (docs/comparison.md, "
+            "the same windows). Held-out KL: "
             "KL(dense ‖ model) per token on 16 windows of the C4 sample's held-out documents, before → after the "
             "stage. Seconds: the stage with its dense targets (not the models' loading); prune seconds from the "
             "prune's pruning.json; peak RSS of the whole benchmark process (dense and pruned model loaded).\n\n"
