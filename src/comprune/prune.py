@@ -20,6 +20,8 @@ from .files import tensor_digest_sample
 from .loading import count_params
 from .memory import peak_rss_mb
 from . import methods as _builtin  # noqa: F401  (the built-in methods register on import)
+from . import recover
+from .recover import Recovery
 from .registry import get as get_method
 from .methods.experts import check_moe_config
 from .models import get_adapter
@@ -58,6 +60,7 @@ class PruneReport:
     ratio_of: str = "all"                            # ratios are fractions of all parameters or of the blocks'
     target: dict = field(default_factory=dict)       # a size or speed target's record (comprune.budget.targets)
     distributed: dict = field(default_factory=dict)  # the process group that ran it (world size, backend, shares)
+    stages: list = field(default_factory=list)       # the recovery stages that ran after the walk (comprune.recover)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -67,6 +70,8 @@ class PruneReport:
             d[target["kind"]] = target
         if not d["distributed"]:  # one process: nothing to say
             del d["distributed"]
+        if not d["stages"]:
+            d.pop("stages")
         return d
 
     def summary_rows(self) -> list[dict]:
@@ -158,10 +163,11 @@ def _fitness_windows(tokenizer, calibration: Calibration, cfg) -> tuple[Calibrat
 def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Calibration | None = None,
           progress: bool = True, base_model: str | None = None, checkpoint_dir=None, resume: bool = False,
           model_digest: str | None = None, target: dict | None = None, residency: Residency = IN_PLACE,
-          store: ActivationStore = IN_MEMORY):
+          store: ActivationStore = IN_MEMORY, recovery: Recovery | None = None):
     """Prune `model` in place with `config` and return (model, PruneReport). Forward passes only for COMP.
     `target`: the record of the size or speed target `config` was resolved from (comprune.budget.targets),
-    carried into the report.
+    carried into the report. `recovery`: the stages (mask tuning, distillation) that run on the pruned model,
+    recorded in the report's `stages`.
 
     With `checkpoint_dir`, progress is saved after every block; `resume=True` continues an interrupted run
     from its last finished block (same arguments and model required) with a bit-identical result. The model's
@@ -176,7 +182,7 @@ def prune(model, tokenizer, config: PruneConfig | None = None, calibration: Cali
     adapter.prepare(model)  # fused projections as their parts while pruning; restored below (or on error)
     try:
         return _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, checkpoint_dir, resume,
-                      model_digest, target, residency, store)
+                      model_digest, target, residency, store, recovery)
     finally:
         adapter.restore(model)
 
@@ -190,7 +196,7 @@ def _check_group(adapter, residency):
 
 
 def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, checkpoint_dir, resume, model_digest,
-           target, residency, store):
+           target, residency, store, recovery=None):
     device = resolve_device(cfg.device)  # the config keeps what was asked; the walk carries what was resolved
     method = get_method(cfg.method)
     t0 = time.perf_counter()
@@ -206,6 +212,8 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
     if method.uses_fitness and cfg.heldout_windows:
         calibration, fitness_ids = _fitness_windows(tokenizer, calibration, cfg)
     model.eval()
+    # the dense model's targets (and teacher), before the walk changes it
+    prepared = recover.prepare(model, tokenizer, calibration, recovery, device) if recovery else None
     params_before = count_params(model)
     base_before = budget_base(model, adapter, cfg)
     _check_round_to(model, adapter, cfg)
@@ -258,5 +266,9 @@ def _prune(model, adapter, tokenizer, cfg, calibration, progress, base_model, ch
         report.details["budget_note"] = note
     assert len(kept) + len(report.removed_layers) == n_layers
     _check_ratio(report, cfg, details)
+    if prepared is not None:
+        report.stages = recover.run(model, adapter, prepared, recovery, device, ckpt.dir if ckpt else None, resume,
+                                    progress)
+        assert count_params(model) == params_after
     model.comprune_report = report
     return model, report

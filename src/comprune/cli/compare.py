@@ -68,7 +68,7 @@ def add_command(sub):
                                        "evaluate them alike (resumable)")
     p.add_argument("model", help="'smollm2', a model directory, a .gguf file or a hub id")
     p.add_argument("--ratios", default="0.1,0.2,0.3", help="comma-separated pruning ratios (default 0.1,0.2,0.3)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, any of {', '.join(method_names())}, or a preset ({', '.join(PRESETS)})")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, any of {', '.join(method_names())}, or a preset ({', '.join(PRESETS)}); +tune or +distill after one adds that recovery stage (e.g. comp-search+tune)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT}); reruns resume")
     p.add_argument("--calib", default=d.calib)
     p.add_argument("--nsamples", type=int, default=d.nsamples)

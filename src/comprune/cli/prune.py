@@ -24,6 +24,7 @@ from ..prune import prune
 from ..stream import prune_streaming
 from .budgets import add_budget_options, budget_record, finish_budget, print_budget, resolve_budget
 from .format import add_common, table
+from .recover import add_recover_options, recovery_from_args, refuse_streamed
 
 
 # argparse dest -> PruneConfig run setting, for the options a preset can set (None = not given on the command line);
@@ -169,10 +170,16 @@ def cmd_prune(args) -> int:
     if getattr(args, "stream", False):
         if distributed.init():
             raise CompruneError("--stream runs in one process: drop --stream or run without torchrun")
+        refuse_streamed(args)
         return cmd_prune_stream(args, _config_from_args(args))
     cfg = _config_from_args(args)
-    if distributed.init(resolve_device(cfg.device)) and not distributed.is_writer():
-        return _prune_rank(args)
+    recovery = recovery_from_args(args)
+    if distributed.init(resolve_device(cfg.device)):
+        if recovery:
+            raise CompruneError("--tune and --recover run in one process for now: prune in the group, then run the "
+                                "stage without torchrun")
+        if not distributed.is_writer():
+            return _prune_rank(args)
     out = check_output(Path(args.out), args.force)  # fail before any work, and never leave a half-written directory
     cfg, size = resolve_budget(args, cfg)
     cfg = distributed.decided(cfg)  # the other ranks take the resolved config (_prune_rank)
@@ -184,7 +191,7 @@ def cmd_prune(args) -> int:
                                 heldout=cfg.heldout_windows, model=model, progress=not args.json)
         _check_recipe_calibration(args, calib)
         model, report = prune(model, tok, cfg, calibration=calib, progress=not args.json, base_model=args.model,
-                              checkpoint_dir=ckpt_dir, resume=args.resume, target=size)
+                              checkpoint_dir=ckpt_dir, resume=args.resume, target=size, recovery=recovery)
         save_pretrained(model, tok, out, report, force=args.force, dtype=args.save_dtype)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     finish_budget(out, size)
@@ -194,6 +201,9 @@ def cmd_prune(args) -> int:
     else:
         print(table(report.summary_rows(), list(report.summary_rows()[0])))
         print(f"removed layers: {report.removed_layers or 'none'}; saved to {out}")
+        for st in report.stages:
+            print(f"{st['stage']}: held-out KL {st['kl_before']:.4f} -> {st['kl_after']:.4f} in {st['steps']} steps "
+                  f"({st['tokens']} tokens, {st['seconds']:.0f} s; stopped: {st['stopped']})")
         print_budget(out, size)
     return 0
 
@@ -261,5 +271,6 @@ def add_command(sub):
                    help="precision of the saved weights: source (default: the precision the model was stored in), "
                         "compute (the --dtype that ran), or a dtype")
     add_method_options(p)
+    add_recover_options(p, duration)
     add_common(p)
     p.set_defaults(func=cmd_prune)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from ..config import PRESETS
+from .stages import split_row, stage_flags
 from ..errors import CompruneError
 from ..io import weights_digest
 from ..stream import resolve_stream_source
@@ -52,7 +53,9 @@ def check_same_model(name: str, old: dict, new: dict):
 def prune_command(cmp, method: str, ratio: float, out: Path, stream: bool = False) -> list[str]:
     """The `comprune prune` command line of one run (a fresh process each)."""
     # a preset runs as `--preset NAME` (its own method and knobs), a method as `--method NAME` with its defaults
-    how = ["--preset", method] if method in PRESETS else ["--method", method]
+    base = split_row(method)[0]  # a row with recovery stages: its method's prune, then the stages' flags
+    how = ["--preset", base] if base in PRESETS else ["--method", base]
+    how += stage_flags(method)
     # --nproc N: a torchrun group of N processes on this host (comprune.distributed), one thread each
     group = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cmp.nproc}"] if cmp.nproc > 1 else []
     cmd = [cmp.python, *group, "-m", "comprune.cli", "prune", cmp.model_spec, *how, "--ratio", str(ratio),

@@ -21,6 +21,7 @@ from ..devices import resolve_precision
 from ..precision import host
 from ..loading import count_params, load, spec_config
 from ..stream import can_stream
+from .stages import ROWS, STAGE_FLAGS, split_row, unknown_stages
 from .llamacpp import llamacpp_speed
 from .measure import check_same_model, prune_run, runtime_floor
 from .records import (
@@ -51,8 +52,12 @@ class Comparison:
                  redo_tag=None, zeroshot_full=False, trust_remote_code=False, allow_pickle=False, full_seqlens=None,
                  compile="auto", nproc=1):
         for m in methods:  # a preset (e.g. comp-search) is compared as a method of its own
-            if m not in method_names() and m not in PRESETS:
+            base = split_row(m)[0]
+            if base not in method_names() and base not in PRESETS:
                 raise CompruneError(f"unknown method '{m}': use some of {', '.join(method_names() + tuple(PRESETS))}")
+            if unknown_stages(m):
+                raise CompruneError(f"unknown recovery stage '{unknown_stages(m)[0]}' in '{m}': use "
+                                    f"{' or '.join('+' + s for s in STAGE_FLAGS)} (e.g. {ROWS[0]})")
         for r in ratios:
             if not 0 < r <= 0.9:
                 raise CompruneError(f"ratio {r} out of (0, 0.9]: e.g. --ratios 0.1,0.2,0.3")
@@ -94,6 +99,10 @@ class Comparison:
         if int(nproc) < 1:
             raise CompruneError(f"--nproc {nproc}: pass 1 or more processes per prune")
         self.nproc = int(nproc)  # > 1: each prune is a torchrun group of this many processes (comprune.distributed)
+        staged = [m for m in self.methods if "+" in m]
+        if self.nproc > 1 and staged:
+            raise CompruneError(f"--nproc {self.nproc} with {staged[0]}: recovery stages run in one process for now; "
+                                "compare those rows without --nproc")
         # the source model's consent flags, for the dense model here and every prune process (measure.prune_run)
         self.trust_remote_code, self.allow_pickle = bool(trust_remote_code), bool(allow_pickle)
         self.load_flags = ["--trust-remote-code"] * self.trust_remote_code + ["--allow-pickle"] * self.allow_pickle

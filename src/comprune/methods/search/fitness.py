@@ -30,6 +30,28 @@ class _Moments:
         return _Moments(self.m[rows], self.const[rows], self.mass[rows])
 
 
+def dense_moments(logp: torch.Tensor, head, config) -> _Moments:
+    """The moments standing for the dense log-probabilities `logp` [rows, T, V] of a linear LM head `head`
+    (Fitness._reference says why they suffice)."""
+    prob = logp.exp()
+    scale = 1.0 / float(getattr(config, "logits_scaling", None) or 1.0)
+    W, b = head.weight, head.bias
+    m = (prob @ W.to(prob.device).float()) * scale  # [rows, T, d]: the head's input dimension
+    const = (prob * logp).sum(-1)
+    if b is not None:
+        const = const - (prob @ b.to(prob.device).float()) * scale
+    return _Moments(m, const, prob.sum(-1))
+
+
+def kl_sum(ref, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Σ over tokens of KL(dense ‖ model) as a float64 scalar (differentiable), from the dense reference (moments,
+    or float16 log-probabilities), the model's final normed hidden states x and its logits z."""
+    if isinstance(ref, _Moments):
+        return (ref.const - (x.float() * ref.m).sum(-1) + torch.logsumexp(z.float(), -1) * ref.mass).double().sum()
+    ref = ref.float()
+    return (ref.exp() * (ref - torch.log_softmax(z.float(), -1))).sum().double()
+
+
 class Fitness:
     """KL(dense ‖ stitched) per token on held-apart windows, from block-0 inputs kept in memory.
 
@@ -77,25 +99,14 @@ class Fitness:
         logp = torch.log_softmax(self._logits(x), -1)
         if not self.linear_head:
             return logp.half()
-        prob = logp.exp()
-        scale = 1.0 / float(getattr(self.head_config, "logits_scaling", None) or 1.0)
         with self.hold(self.head):
-            W, b = self.head.weight, self.head.bias
-            m = (prob @ W.to(prob.device).float()) * scale  # [rows, T, d]: the head's input dimension
-            const = (prob * logp).sum(-1)
-            if b is not None:
-                const = const - (prob @ b.to(prob.device).float()) * scale
-        return _Moments(m, const, prob.sum(-1))
+            return dense_moments(logp, self.head, self.head_config)
 
     @torch.inference_mode()
     def _kl_sum(self, ref, h: torch.Tensor) -> float:
         """Σ over tokens of KL(dense ‖ stitched), from the dense reference and the stitched hidden states."""
         x = self._normed(h)
-        z = self._logits(x)
-        if isinstance(ref, _Moments):
-            return float((ref.const - (x.float() * ref.m).sum(-1) + torch.logsumexp(z, -1) * ref.mass).double().sum())
-        ref = ref.float()
-        return float((ref.exp() * (ref - torch.log_softmax(z, -1))).sum())
+        return float(kl_sum(ref, x, self._logits(x)))
 
     def _run(self, acts, blocks, levels=None) -> Activations:
         for i in blocks:

@@ -1,0 +1,167 @@
+"""Recovery stages on models pruned earlier: end-to-end mask tuning (--stage tune) and LoRA distillation (--stage
+distill) applied to the SmolLM2 prunes in /work/prunes, with PPL@2048 on the full WikiText-2 test (and validation,
+which chooses defaults), the seconds and peak RSS of each stage.
+
+    python benchmarks/recovery.py --row comp-0.20 --stage none      # the pruned model as it is
+    python benchmarks/recovery.py --row comp-0.20 --stage tune [--tune-steps N ...]
+    python benchmarks/recovery.py --row comp-search-0.20 --stage distill --distill-time 15m
+
+Each (row, stage, tag) is one JSON file in benchmarks/results/recovery/ written as its parts finish (a rerun skips
+what is there; the trained model is kept under --models so a killed evaluation does not train again); the
+markdown table (recovery.md beside it) is rebuilt from all of them. The calibration windows are the prune's own
+(its pruning.json), the early-stopping windows the C4 sample's held-out documents; WikiText-2 is only evaluated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "results" / "recovery"
+PRUNES = Path("/work/prunes")
+MODELS = Path("/work/recover-models")
+DENSE_PPL = {"test": 21.6084, "validation": None}  # fp32, benchmarks/results/ppl_dense.json
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--row", required=True, help="a prune under /work/prunes without 'smollm2-', e.g. comp-0.20")
+    p.add_argument("--stage", required=True, choices=["none", "tune", "distill"])
+    p.add_argument("--tag", default="", help="names a variant's file (e.g. an ablation)")
+    p.add_argument("--splits", default="test,validation", help="WikiText-2 splits to evaluate")
+    p.add_argument("--dtype", default="bfloat16",
+                   help="precision the models load, train and evaluate in (bfloat16: this host multiplies it natively)")
+    p.add_argument("--tune-steps", type=int, default=None)
+    p.add_argument("--tune-lr", type=float, default=None)
+    p.add_argument("--tune-batch", type=int, default=None)
+    p.add_argument("--tune-train", default=None)
+    p.add_argument("--tune-bound", type=float, default=None)
+    p.add_argument("--tune-time", type=float, default=None, help="seconds")
+    p.add_argument("--distill-time", type=float, default=900.0, help="seconds")
+    p.add_argument("--distill-tokens", type=int, default=1_000_000)
+    p.add_argument("--distill-lr", type=float, default=None)
+    p.add_argument("--distill-batch", type=int, default=None)
+    p.add_argument("--heldout", type=int, default=16)
+    p.add_argument("--models", default=str(MODELS))
+    p.add_argument("--out", default=str(OUT))
+    return p.parse_args()
+
+
+def write(path: Path, rec: dict):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=2))
+    os.replace(tmp, path)
+
+
+def train(args, src: Path, dst: Path) -> dict:
+    """Apply the stage to the prune in `src`, save the result in `dst`; the stage's record."""
+    import comprune
+    from comprune.data import get_calibration
+    from comprune.io import save_pretrained
+    from comprune.models import get_adapter
+    from comprune.recover import DenseTargets, DistillOptions, TuneOptions, distill, heldout_ids, tune
+    from comprune.recover.stage import _distill_windows
+    manifest = json.loads((src / "pruning.json").read_text())
+    c = manifest["calibration"]
+    t0 = time.perf_counter()
+    dense, tok = comprune.load("smollm2", dtype=args.dtype)
+    model, _ = comprune.load(str(src), dtype=args.dtype)
+    load_s = time.perf_counter() - t0
+    calib = get_calibration(tok, c["source"], c["nsamples"], c["seqlen"], c["seed"])
+    assert calib.sha256() == c["sha256"], "the calibration windows differ from the prune's"
+    held, what, _ = heldout_ids(tok, calib, args.heldout)
+    adapter = get_adapter(model)
+    t1 = time.perf_counter()
+    if args.stage == "tune":
+        given = {k: getattr(args, f"tune_{k}") for k in ("steps", "lr", "batch", "train", "bound", "time")
+                 if getattr(args, f"tune_{k}") is not None}
+        opts = TuneOptions(**given)
+        heldout = DenseTargets.capture(dense, held, opts.batch)
+        targets = DenseTargets.capture(dense, calib.input_ids, opts.batch)
+        del dense
+        targets_s = time.perf_counter() - t1
+        rec = tune(model, adapter, targets, heldout, opts, progress=sys.stderr.isatty())
+    else:
+        given = {k: getattr(args, f"distill_{k}") for k in ("lr", "batch") if getattr(args, f"distill_{k}") is not None}
+        opts = DistillOptions(tokens=args.distill_tokens, time=args.distill_time, **given)
+        heldout = DenseTargets.capture(dense, held, 4)
+        ids = _distill_windows(tok, calib, calib.input_ids, opts, False)
+        targets_s = time.perf_counter() - t1
+        rec = distill(model, adapter, dense, ids, heldout, opts, progress=sys.stderr.isatty())
+    rec.update(targets_seconds=round(targets_s, 2), load_seconds=round(load_s, 2), heldout_data=what,
+               stage_seconds_total=round(time.perf_counter() - t1, 2))
+    save_pretrained(model, tok, dst, {**manifest, "stages": manifest.get("stages", []) + [rec]}, force=True)
+    return rec
+
+
+def evaluate(args, model_dir: Path, split: str) -> dict:
+    import comprune
+    from comprune.evaluate.perplexity import perplexity
+    model, tok = comprune.load(str(model_dir), dtype=args.dtype)
+    r = perplexity(model, tok, f"wikitext2-{split}" if split != "test" else "wikitext2", seqlen=2048,
+                   progress=False, compile="auto")
+    return {k: r[k] for k in ("ppl", "tokens", "seconds", "dtype", "compiled")}
+
+
+def main():
+    args = parse()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{args.row}+{args.stage}" + (f"-{args.tag}" if args.tag else "")
+    path = out / f"{name}.json"
+    rec = json.loads(path.read_text()) if path.is_file() else {}
+    src = PRUNES / f"smollm2-{args.row}"
+    prune_manifest = json.loads((src / "pruning.json").read_text())
+    rec.update(row=args.row, stage=args.stage, tag=args.tag, prune_seconds=prune_manifest["seconds"],
+               prune_peak_rss_mb=prune_manifest["peak_rss_mb"], command="python " + " ".join(sys.argv))
+    model_dir = src
+    if args.stage != "none":
+        model_dir = Path(args.models) / name
+        if "record" not in rec or not (model_dir / "pruning.json").is_file():
+            from comprune.memory import peak_rss_mb
+            from comprune.precision import host
+            rec["record"] = train(args, src, model_dir)
+            rec["host"] = host()
+            rec["process_peak_rss_mb"] = round(peak_rss_mb(), 1)
+            rec["time_vs_prune"] = round(rec["record"]["stage_seconds_total"] / prune_manifest["seconds"], 2)
+            write(path, rec)
+    for split in args.splits.split(","):
+        if f"ppl_{split}" not in rec:
+            rec[f"ppl_{split}"] = evaluate(args, model_dir, split)
+            write(path, rec)
+    write_markdown(out)
+    print(json.dumps({k: v for k, v in rec.items() if k != "host"}, indent=1)[:3000])
+
+
+def write_markdown(out: Path):
+    rows = []
+    for p in sorted(out.glob("*.json")):
+        r = json.loads(p.read_text())
+        st = r.get("record", {})
+        ppl = lambda s: f"{r[f'ppl_{s}']['ppl']:.2f}" if f"ppl_{s}" in r else "-"  # noqa: E731
+        rows.append(f"| {r['row']} | {r['stage']}{' (' + r['tag'] + ')' if r['tag'] else ''} | {ppl('test')} | "
+                    f"{ppl('validation')} | {st.get('steps', '-')} | {st.get('tokens', '-')} | "
+                    f"{st.get('kl_before', float('nan')):.4f} → {st.get('kl_after', float('nan')):.4f} | "
+                    f"{st.get('stage_seconds_total', 0):.0f} | {r['prune_seconds']:.0f} | "
+                    f"{r.get('time_vs_prune', '-')} | {r.get('process_peak_rss_mb', '-')} | {st.get('stopped', '-')} |")
+    text = ("# Recovery stages on SmolLM2-135M-Instruct prunes\n\n"
+            "Made by `benchmarks/recovery.py` (one JSON per row beside this file, with its command and host). "
+            "PPL@2048 on the full WikiText-2 test and validation sets, in bfloat16 (the stages train in it too); dense "
+            "test PPL 21.61 (float32), the untuned prunes' 43.48 (COMP) and 39.87 (comp-search) (docs/comparison.md, "
+            "the same windows). Held-out KL: "
+            "KL(dense ‖ model) per token on 16 windows of the C4 sample's held-out documents, before → after the "
+            "stage. Seconds: the stage with its dense targets (not the models' loading); prune seconds from the "
+            "prune's pruning.json; peak RSS of the whole benchmark process (dense and pruned model loaded).\n\n"
+            "| prune | stage | PPL test | PPL validation | steps | tokens | held-out KL | stage s | prune s | "
+            "× prune | peak RSS MB | stopped |\n|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|\n"
+            + "\n".join(rows) + "\n")
+    (out.parent / "recovery.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

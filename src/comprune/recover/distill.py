@@ -1,0 +1,179 @@
+"""Knowledge distillation from the dense model into the pruned one through LoRA adapters (peft) on the kept
+linear layers of every block, merged into the weights at the end: the architecture and the parameter count stay
+the same. Budgeted in tokens and wall time, stopped early on held-out windows (their dense targets cached), in
+bf16 autocast where the host multiplies bf16 natively."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import CompruneError
+from ..files import tensor_digest_sample
+from ..precision import native_bf16
+from .state import Clock, StageCheckpoint, fingerprint, load_optimizer, optimizer_tensors, peak_memory
+from .targets import DenseTargets, trainable_copies, model_outputs
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    tokens: int = 1_000_000  # training tokens at most
+    time: float = 0.0        # seconds at most (0: no limit; a time budget makes a resumed run differ)
+    rank: int = 8            # LoRA rank
+    alpha: float = 16.0      # LoRA scaling numerator (scale alpha / rank)
+    lr: float = 2e-4
+    batch: int = 4           # windows per step
+    eval_every: int = 50     # steps between held-out evaluations
+    patience: int = 3        # evaluations without a better held-out KL before stopping
+    bf16: str = "auto"       # autocast: auto (where the device multiplies bf16 natively), on, off
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("tokens", "rank", "batch", "eval_every", "patience"):
+            if getattr(self, name) < 1:
+                raise CompruneError(f"distill {name} {getattr(self, name)}: use a positive integer")
+        if self.lr <= 0 or self.time < 0 or self.alpha <= 0:
+            raise CompruneError("distill lr and alpha must be positive and time non-negative")
+        if self.bf16 not in ("auto", "on", "off"):
+            raise CompruneError(f"distill bf16 '{self.bf16}': use auto, on or off")
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise CompruneError("--recover distill needs peft: pip install 'comprune[recover]'") from None
+    return peft
+
+
+def linear_names(model, adapter) -> list[str]:
+    """The full names of every block's attention and MLP linear layers."""
+    wanted = set()
+    for layer in adapter.layers(model):
+        mlp = adapter.mlp(layer)
+        wanted.update(id(m) for m in (*adapter.attention_linears(layer), mlp.up, mlp.down, mlp.gate) if m is not None)
+    return [n for n, m in model.named_modules() if id(m) in wanted and isinstance(m, torch.nn.Linear)]
+
+
+def _autocast(device, mode: str):
+    dev = torch.device(device).type
+    native = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if dev == "cuda" else bool(native_bf16())
+    on = mode == "on" or (mode == "auto" and native)
+    return (torch.autocast(dev, dtype=torch.bfloat16) if on else nullcontext()), on
+
+
+def _kd_loss(student, teacher, ids, cast) -> torch.Tensor:
+    """Mean per-token KL(teacher ‖ student) over the full vocabulary of one batch (never stored)."""
+    with torch.no_grad(), cast:
+        logp_t = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), -1)
+    with cast:
+        _, z = model_outputs(student, ids)
+    logq = torch.log_softmax(z.float(), -1)
+    return (logp_t.exp() * (logp_t - logq)).sum(-1).mean()
+
+
+def distill(model, adapter, teacher, train_ids: torch.Tensor, heldout: DenseTargets, opts: DistillOptions,
+            device="cpu", checkpoint_dir=None, resume: bool = False, progress: bool = True) -> dict:
+    """Distil `teacher` (the dense model) into `model` (pruned, in place) on `train_ids` [N, T] windows, through
+    LoRA adapters merged at the end; return the stage's record. `heldout`: the dense targets early stopping reads.
+    With `checkpoint_dir`, progress is saved at every held-out evaluation and `resume` continues from it."""
+    peft = _peft()
+    clock = Clock(opts.time)
+    trainable_copies(model)
+    cast, bf16 = _autocast(device, opts.bf16)
+    dtype = next(model.parameters()).dtype
+    model.float()  # the adapters and Adam's state in float32 (the weights go back to their dtype when merged)
+    teacher.eval()
+    names = linear_names(model, adapter)
+    if not names:
+        raise CompruneError("no linear layers to adapt in this model's blocks: --recover distill cannot run on it")
+    digest = tensor_digest_sample(model.state_dict().items())
+    torch.manual_seed(opts.seed)  # the adapters' initial A matrices
+    cfg = peft.LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=0.0, bias="none",
+                          target_modules="^(" + "|".join(re.escape(n) for n in names) + ")$")
+    pm = peft.get_peft_model(model, cfg)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    lora = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
+    T = int(train_ids.shape[1])
+    steps_max = max(1, opts.tokens // (opts.batch * T))
+    ckpt = StageCheckpoint(checkpoint_dir, "distill", fingerprint(
+        dataclasses.asdict(opts), _sha(train_ids), heldout.sha256(), digest, names))
+    state = ckpt.load() if resume else None
+    if not resume:
+        ckpt.clear()
+    model.train(False)  # no dropout anywhere: the same inputs give the same steps
+    if state is None:
+        kl0 = heldout.kl(model, device)
+        prog = {"step": 0, "curve": [[0, kl0]], "best": kl0, "best_step": 0, "bad": 0, "seconds": 0.0,
+                "stopped": None, "losses": []}
+        best = {n: p.detach().clone() for n, p in lora.items()}
+    else:
+        prog, tensors = state
+        clock.already = prog["seconds"]
+        with torch.no_grad():
+            for n, p in lora.items():
+                p.copy_(tensors[f"lora.{n}"])
+        load_optimizer(opt, tensors)
+        best = {n: tensors[f"best.{n}"].to(p.device) for n, p in lora.items()}
+    bar = tqdm(total=steps_max, initial=prog["step"], desc="distill", disable=not progress, leave=False)
+    n_batches = -(-int(train_ids.shape[0]) // opts.batch)
+    while prog["stopped"] is None:
+        step = prog["step"]
+        if step >= steps_max:
+            prog["stopped"] = "tokens"
+            break
+        if clock.spent():
+            prog["stopped"] = "time"
+            break
+        k = step % n_batches
+        ids = train_ids[k * opts.batch:(k + 1) * opts.batch].to(device)
+        loss = _kd_loss(pm, teacher, ids, cast)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        prog["step"] = step = step + 1
+        prog["losses"].append(round(float(loss.detach()), 5))
+        bar.update(1)
+        bar.set_postfix(kd=f"{prog['losses'][-1]:.4f}")
+        if step % opts.eval_every and step < steps_max and not clock.spent():
+            continue
+        kl = heldout.kl(pm, device)
+        prog["curve"].append([step, kl])
+        if kl < prog["best"]:
+            prog.update(best=kl, best_step=step, bad=0)
+            best = {n: p.detach().clone() for n, p in lora.items()}
+        else:
+            prog["bad"] += 1
+            if prog["bad"] >= opts.patience:
+                prog["stopped"] = "held-out KL stopped falling"
+        prog["seconds"] = clock.seconds
+        ckpt.save(step, prog, {**{f"lora.{n}": p for n, p in lora.items()},
+                               **{f"best.{n}": t for n, t in best.items()}, **optimizer_tensors(opt)})
+    bar.close()
+    with torch.no_grad():
+        for n, p in lora.items():
+            p.copy_(best[n])
+    merged = pm.merge_and_unload()
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in vars(merged):
+            delattr(merged, attr)
+    merged.to(dtype)
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    return {"stage": "distill", "options": dataclasses.asdict(opts), "adapted": len(names),
+            "lora_params": sum(p.numel() for p in lora.values()), "bf16_autocast": bf16, "steps": prog["step"],
+            "tokens": prog["step"] * opts.batch * T, "data_sha256": _sha(train_ids),
+            "heldout_sha256": heldout.sha256(), "heldout_tokens": heldout.tokens, "heldout_kl": prog["curve"],
+            "kl_before": prog["curve"][0][1], "kl_after": prog["best"], "best_step": prog["best_step"],
+            "train_loss": prog["losses"][-1] if prog["losses"] else None, "stopped": prog["stopped"],
+            "seconds": round(clock.seconds, 2), **peak_memory(device)}
+
+
+def _sha(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()

@@ -1,0 +1,134 @@
+"""The recovery stages as a prune runs them: the dense model's targets (and, for distillation, a copy of it as the
+teacher) taken before the walk changes the model, then each stage in turn on the pruned model."""
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data import Calibration, get_calibration, heldout_windows, load_ids, sample_windows
+from ..errors import CompruneError
+from .distill import DistillOptions, distill
+from .targets import DenseTargets
+from .tune import TuneOptions, tune
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """Which stages run after the walk, in order: mask tuning, then distillation."""
+    tune: TuneOptions | None = None
+    distill: DistillOptions | None = None
+    heldout: int = 16  # held-out windows both stages stop early on
+
+    def __bool__(self) -> bool:
+        return self.tune is not None or self.distill is not None
+
+    def __post_init__(self):
+        if self.heldout < 1:
+            raise CompruneError(f"--recover-heldout {self.heldout}: use a positive number of windows")
+
+
+@dataclass
+class Prepared:
+    heldout: DenseTargets
+    train: DenseTargets | None = None           # tuning's calibration windows, their dense targets
+    teacher: object = None                      # distillation's dense model
+    distill_ids: torch.Tensor | None = None
+    seconds: float = 0.0
+    sources: dict = field(default_factory=dict)
+
+
+def heldout_ids(tokenizer, calibration: Calibration, n: int) -> tuple[torch.Tensor, str, bool]:
+    """(windows held out from training, what they are, whether they are the calibration's own last windows): the
+    C4 sample's held-out documents when calibrating on C4; else windows of the calibration source apart from the
+    calibration windows (as the width search draws); else the calibration's last n windows."""
+    T = calibration.seqlen
+    if tokenizer is not None and calibration.source == "c4":
+        try:
+            return get_calibration(tokenizer, "c4-validation", n, T, calibration.seed,
+                                   data_dir=calibration.data_dir).input_ids, "c4-validation", False
+        except CompruneError:
+            pass
+    ids = heldout_windows(tokenizer, calibration, n, T, calibration.data_dir) if tokenizer is not None else None
+    if ids is not None:
+        return ids, f"{calibration.source} (apart from the calibration windows)", False
+    if calibration.nsamples <= n:
+        raise CompruneError(f"recovery holds {n} of the {calibration.nsamples} calibration windows apart for early "
+                            "stopping: pass more --nsamples or a smaller --recover-heldout")
+    return calibration.input_ids[-n:], "the last calibration windows", True
+
+
+def _distill_windows(tokenizer, calibration: Calibration, train: torch.Tensor, opts: DistillOptions,
+                     apart: bool) -> torch.Tensor:
+    """The calibration windows, then (C4, whose held-out documents are apart) more windows of the source up to the
+    token budget; elsewhere the calibration windows again, epoch after epoch."""
+    T = calibration.seqlen
+    want = -(-opts.tokens // T) - train.shape[0]
+    if want <= 0 or apart or tokenizer is None or calibration.source != "c4":
+        return train
+    ids = load_ids(tokenizer, calibration.source, calibration.data_dir)
+    return torch.cat([train, sample_windows(ids, want, T, calibration.seed + 1)])
+
+
+@contextmanager
+def on_device(model, device):
+    """The model on `device` for a stage (a prune keeps it where it was loaded and moves blocks), then back."""
+    home = next(model.parameters()).device
+    if torch.device(device) == home:
+        yield model
+        return
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
+
+
+def prepare(model, tokenizer, calibration: Calibration, recovery: Recovery, device="cpu") -> Prepared:
+    """What the stages need of the dense model, taken before the walk."""
+    t0 = time.perf_counter()
+    with on_device(model, device):
+        return _prepare(model, tokenizer, calibration, recovery, device, t0)
+
+
+def _prepare(model, tokenizer, calibration, recovery, device, t0) -> Prepared:
+    held, what, from_calib = heldout_ids(tokenizer, calibration, recovery.heldout)
+    train = calibration.input_ids[:-recovery.heldout] if from_calib else calibration.input_ids
+    batch = recovery.tune.batch if recovery.tune is not None else 4
+    out = Prepared(DenseTargets.capture(model, held, batch, device))
+    out.sources = {"heldout": what, "train": calibration.source}
+    if recovery.tune is not None:
+        opts = recovery.tune
+        n = train.shape[0] if not opts.tokens else max(1, min(train.shape[0], opts.tokens // calibration.seqlen))
+        out.train = DenseTargets.capture(model, train[:n], opts.batch, device)
+    if recovery.distill is not None:
+        out.teacher = copy.deepcopy(model)
+        out.distill_ids = _distill_windows(tokenizer, calibration, train, recovery.distill, from_calib)
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def run(model, adapter, prepared: Prepared, recovery: Recovery, device="cpu", checkpoint_dir=None,
+        resume: bool = False, progress: bool = True) -> list[dict]:
+    """Run the stages on the pruned `model` in place; their records, in order."""
+    with on_device(model, device):
+        if prepared.teacher is not None:
+            prepared.teacher.to(device)
+        return _run(model, adapter, prepared, recovery, device, checkpoint_dir, resume, progress)
+
+
+def _run(model, adapter, prepared, recovery, device, checkpoint_dir, resume, progress) -> list[dict]:
+    records = []
+    if recovery.tune is not None:
+        rec = tune(model, adapter, prepared.train, prepared.heldout, recovery.tune, device, checkpoint_dir, resume,
+                   progress)
+        records.append({**rec, "targets_seconds": round(prepared.seconds, 2), "data": prepared.sources})
+    if recovery.distill is not None:
+        rec = distill(model, adapter, prepared.teacher, prepared.distill_ids, prepared.heldout, recovery.distill,
+                      device, checkpoint_dir, resume, progress)
+        records.append({**rec, "data": prepared.sources})
+        prepared.teacher = None
+    return records
