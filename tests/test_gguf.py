@@ -230,6 +230,17 @@ def test_gguf_size_is_exact_without_writing(tmp_path, qtype):
         assert gguf_bytes(src, qtype) == export_gguf(src, tmp_path / f"{name}.gguf", qtype)["bytes"]
 
 
+def prune_to_size(src, out, target: int, qtype: str) -> dict:
+    """`comprune prune --target-size` in its own process; the target's record from its --json output."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "comprune.cli", "prune", str(src), "--out", str(out), "--target-size",
+                        str(target), "--target-type", qtype, "--nsamples", "8", "--seqlen", "32", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)["target_size"]
+
+
 @pytest.mark.parametrize("qtype", ["f16", "q8_0"])
 def test_prune_to_target_size(tmp_path, qtype):
     """--target-size: the pruned model's GGUF is at most the target and within a few width quanta of it; the
@@ -242,11 +253,7 @@ def test_prune_to_target_size(tmp_path, qtype):
     dense = gguf_bytes(src, qtype)
     target = int(dense * 0.8)
     out = tmp_path / "p"
-    r = subprocess.run([sys.executable, "-m", "comprune.cli", "prune", str(src), "--out", str(out), "--target-size",
-                        str(target), "--target-type", qtype, "--nsamples", "8", "--seqlen", "32", "--json"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    rec = json.loads(r.stdout)["target_size"]
+    rec = prune_to_size(src, out, target, qtype)
     got = export_gguf(out, tmp_path / "p.gguf", qtype)["bytes"]
     assert rec["gguf_bytes"] == got <= target and rec["met"]
     hidden = model.config.hidden_size

@@ -1,5 +1,7 @@
 """Budgets at the quantized GGUF types: importance matrices from calibration windows, --target-size at a mix,
 and `comprune plan` by the frontier."""
+import json
+
 import gguf
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch
 from comprune.export.gguf import export_gguf
 from comprune.export.size import gguf_bytes
 from conftest import tiny_model
-from test_gguf import VOCAB, save
+from test_gguf import VOCAB, prune_to_size, save
 from test_quant import TOL, T, _check, needs_llamacpp
 
 
@@ -39,18 +41,11 @@ def test_imatrix_export_and_cache(tmp_path):
 def test_prune_to_target_size_at_a_quantized_type(tmp_path, capsys, qtype="q4_k_m"):
     """--target-size at a mix: the pruned model's file at that type is within the target and not far under,
     counting that a pruned ffn_down falls back from the K-quant blocks its dense width filled."""
-    import json
-    import subprocess
-    import sys
     src = save(tiny_model("llama", vocab=VOCAB, layers=4, inter=1024), tmp_path / "m")
     dense = gguf_bytes(src, qtype)
     target = int(dense * 0.75)
     out = tmp_path / "p"
-    r = subprocess.run([sys.executable, "-m", "comprune.cli", "prune", str(src), "--out", str(out), "--target-size",
-                        str(target), "--target-type", qtype, "--nsamples", "8", "--seqlen", "32", "--json"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    rec = json.loads(r.stdout)["target_size"]
+    rec = prune_to_size(src, out, target, qtype)
     got = export_gguf(out, tmp_path / "p.gguf", qtype)
     assert rec["gguf_bytes"] == got["bytes"] <= target and rec["met"]
     assert got["bytes"] > 0.85 * target  # not far under either
