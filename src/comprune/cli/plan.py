@@ -19,7 +19,7 @@ def cmd_plan(args) -> int:
     rows = [{"type": c["qtype"], "method": c["method"], "ratio": f"{c['ratio']:.3f}",
              "MB": f"{c['gguf_bytes'] / 1e6:.1f}" + ("" if c["bytes_exact"] else " max"),
              "PPL": "-" if c["ppl"] is None else f"{c['ppl']:.2f}", "quality": c["quality"],
-             "speedup": f"{c['speedup_vs_f16']:.2f}x", "speed": c["speed"]} for c in result["candidates"]]
+             "vs f16": f"{c['speedup_vs_f16']:.2f}x", "speed": c["speed"]} for c in result["candidates"]]
     if rows:
         print(table(rows, list(rows[0])))
     for qtype, why in result["refused"].items():
