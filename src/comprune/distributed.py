@@ -14,7 +14,9 @@ e.g. "3,1") gives ranks unequal shares of the batches (hosts of unequal speed); 
 the batches allow.
 
 Recovery (fine-tuning after the prune) runs data-parallel through `data_parallel(module)` (DistributedDataParallel
-in a group, the module itself in one process) or, for a hand-written loop, `all_reduce_gradients(module, tokens)`.
+in a group, the module itself in one process) or, for a hand-written loop, `all_reduce_gradients(module, tokens)`;
+the recovery stages (comprune.recover) split each step's windows by `part` and sum their gradients and held-out
+KL over the ranks.
 """
 from __future__ import annotations
 
@@ -122,6 +124,18 @@ def window_share(n_windows: int, batch_size: int) -> slice:
     """This rank's windows (see batch_share)."""
     first, last = batch_share(n_windows, batch_size)
     return slice(first * batch_size, min(last * batch_size, n_windows))
+
+
+def part(n: int) -> slice:
+    """This rank's part of n items that one step shares out (a recovery step's windows): as the shares weigh the
+    ranks when n allows one each, else one for each of the first n ranks and none for the rest."""
+    if not active():
+        return slice(0, n)
+    if n < world_size():
+        return slice(min(rank(), n), min(rank() + 1, n))
+    counts = batch_counts(n, world_size(), shares_env())
+    first = sum(counts[:rank()])
+    return slice(first, first + counts[rank()])
 
 
 def _on_comm_device(t: torch.Tensor) -> torch.Tensor:

@@ -175,11 +175,8 @@ def cmd_prune(args) -> int:
     cfg = _config_from_args(args)
     recovery = recovery_from_args(args)
     if distributed.init(resolve_device(cfg.device)):
-        if recovery:
-            raise CompruneError("--tune and --recover run in one process for now: prune in the group, then run the "
-                                "stage without torchrun")
         if not distributed.is_writer():
-            return _prune_rank(args)
+            return _prune_rank(args, recovery)
     out = check_output(Path(args.out), args.force)  # fail before any work, and never leave a half-written directory
     cfg, size = resolve_budget(args, cfg)
     cfg = distributed.decided(cfg)  # the other ranks take the resolved config (_prune_rank)
@@ -208,9 +205,10 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def _prune_rank(args) -> int:
+def _prune_rank(args, recovery=None) -> int:
     """A rank other than 0 under torchrun (comprune.distributed): the same prune on its share of the windows, with
-    rank 0's resolved config; rank 0 alone checks and writes the output (and the checkpoint's shared state)."""
+    rank 0's resolved config and the same recovery stages (on its part of their windows); rank 0 alone checks and
+    writes the output (and the checkpoint's shared state)."""
     cfg = distributed.decided(None)
     out = Path(args.out)
     model, tok = load(args.model, dtype=_dtype(args, out), device="cpu", trust_remote_code=args.trust_remote_code,
@@ -218,7 +216,7 @@ def _prune_rank(args) -> int:
     calib = get_calibration(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir=args.data_dir,
                             heldout=cfg.heldout_windows)
     prune(model, tok, cfg, calibration=calib, progress=False, base_model=args.model,
-          checkpoint_dir=checkpoint_dir(out), resume=args.resume)
+          checkpoint_dir=checkpoint_dir(out), resume=args.resume, recovery=recovery)
     return 0
 
 

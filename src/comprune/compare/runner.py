@@ -99,10 +99,6 @@ class Comparison:
         if int(nproc) < 1:
             raise CompruneError(f"--nproc {nproc}: pass 1 or more processes per prune")
         self.nproc = int(nproc)  # > 1: each prune is a torchrun group of this many processes (comprune.distributed)
-        staged = [m for m in self.methods if "+" in m]
-        if self.nproc > 1 and staged:
-            raise CompruneError(f"--nproc {self.nproc} with {staged[0]}: recovery stages run in one process for now; "
-                                "compare those rows without --nproc")
         # the source model's consent flags, for the dense model here and every prune process (measure.prune_run)
         self.trust_remote_code, self.allow_pickle = bool(trust_remote_code), bool(allow_pickle)
         self.load_flags = ["--trust-remote-code"] * self.trust_remote_code + ["--allow-pickle"] * self.allow_pickle

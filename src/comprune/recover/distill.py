@@ -1,7 +1,11 @@
 """Knowledge distillation from the dense model into the pruned one through LoRA adapters (peft) on the kept
 linear layers of every block, merged into the weights at the end: the architecture and the parameter count stay
 the same. Budgeted in tokens and wall time, stopped early on held-out windows (their dense targets cached), in
-bf16 autocast where the host multiplies bf16 natively."""
+bf16 autocast where the host multiplies bf16 natively.
+
+In a process group each rank runs its part of every step's windows (and the teacher on them); the adapters'
+gradients are summed over the ranks as parts of the mean over every rank's tokens, rank 0 decides when to stop,
+and every rank ends with rank 0's merged weights."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import CompruneError
 from ..files import tensor_digest_sample
 from ..precision import native_bf16
@@ -68,13 +73,27 @@ def _autocast(device, mode: str):
 
 
 def _kd_loss(student, teacher, ids, cast) -> torch.Tensor:
-    """Mean per-token KL(teacher ‖ student) over the full vocabulary of one batch (never stored)."""
+    """Σ per-token KL(teacher ‖ student) over the full vocabulary of one batch's windows (never stored)."""
     with torch.no_grad(), cast:
         logp_t = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), -1)
     with cast:
         _, z = model_outputs(student, ids)
     logq = torch.log_softmax(z.float(), -1)
-    return (logp_t.exp() * (logp_t - logq)).sum(-1).mean()
+    return (logp_t.exp() * (logp_t - logq)).sum()
+
+
+def _backward(student, teacher, ids, cast, params) -> float:
+    """The gradient of the mean per-token KL of a step's windows into the adapters: this rank's part of them as its
+    share of the mean over every rank's tokens, summed over the ranks; returns the step's mean KL."""
+    total = distributed.sum_floats(ids.numel())[0]
+    loss = _kd_loss(student, teacher, ids, cast) / total if ids.numel() else None
+    if loss is not None:
+        loss.backward()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        distributed.all_reduce_sum(p.grad)
+    return distributed.sum_floats(float(loss.detach()) if loss is not None else 0.0)[0]
 
 
 def distill(model, adapter, teacher, train_ids: torch.Tensor, heldout: DenseTargets, opts: DistillOptions,
@@ -123,25 +142,27 @@ def distill(model, adapter, teacher, train_ids: torch.Tensor, heldout: DenseTarg
         best = {n: tensors[f"best.{n}"].to(p.device) for n, p in lora.items()}
     bar = tqdm(total=steps_max, initial=prog["step"], desc="distill", disable=not progress, leave=False)
     n_batches = -(-int(train_ids.shape[0]) // opts.batch)
+
+    def spent() -> bool:  # rank 0's clock decides for the group
+        return bool(opts.time) and distributed.decided(clock.spent())
     while prog["stopped"] is None:
         step = prog["step"]
         if step >= steps_max:
             prog["stopped"] = "tokens"
             break
-        if clock.spent():
+        if spent():
             prog["stopped"] = "time"
             break
         k = step % n_batches
-        ids = train_ids[k * opts.batch:(k + 1) * opts.batch].to(device)
-        loss = _kd_loss(pm, teacher, ids, cast)
+        ids = train_ids[k * opts.batch:(k + 1) * opts.batch]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = _backward(pm, teacher, ids[distributed.part(ids.shape[0])].to(device), cast, params)
         opt.step()
         prog["step"] = step = step + 1
-        prog["losses"].append(round(float(loss.detach()), 5))
+        prog["losses"].append(round(loss, 5))
         bar.update(1)
         bar.set_postfix(kd=f"{prog['losses'][-1]:.4f}")
-        if step % opts.eval_every and step < steps_max and not clock.spent():
+        if step % opts.eval_every and step < steps_max and not spent():
             continue
         kl = heldout.kl(pm, device)
         prog["curve"].append([step, kl])
@@ -153,6 +174,7 @@ def distill(model, adapter, teacher, train_ids: torch.Tensor, heldout: DenseTarg
             if prog["bad"] >= opts.patience:
                 prog["stopped"] = "held-out KL stopped falling"
         prog["seconds"] = clock.seconds
+        prog = distributed.decided(prog)  # the ranks hold the same KL; rank 0's record and decision stand
         ckpt.save(step, prog, {**{f"lora.{n}": p for n, p in lora.items()},
                                **{f"best.{n}": t for n, t in best.items()}, **optimizer_tensors(opt)})
     bar.close()
@@ -166,13 +188,16 @@ def distill(model, adapter, teacher, train_ids: torch.Tensor, heldout: DenseTarg
     merged.to(dtype)
     for p in merged.parameters():
         p.requires_grad_(False)
+    modules = dict(merged.named_modules())
+    for n in names:  # rank 0's merged weights on every rank
+        distributed.broadcast(modules[n].weight.data)
     return {"stage": "distill", "options": dataclasses.asdict(opts), "adapted": len(names),
             "lora_params": sum(p.numel() for p in lora.values()), "bf16_autocast": bf16, "steps": prog["step"],
             "tokens": prog["step"] * opts.batch * T, "data_sha256": _sha(train_ids),
             "heldout_sha256": heldout.sha256(), "heldout_tokens": heldout.tokens, "heldout_kl": prog["curve"],
             "kl_before": prog["curve"][0][1], "kl_after": prog["best"], "best_step": prog["best_step"],
             "train_loss": prog["losses"][-1] if prog["losses"] else None, "stopped": prog["stopped"],
-            "seconds": round(clock.seconds, 2), **peak_memory(device)}
+            "seconds": round(clock.seconds, 2), "world_size": distributed.world_size(), **peak_memory(device)}
 
 
 def _sha(ids: torch.Tensor) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import distributed
 from ..errors import CompruneError
 from ..memory import peak_rss_mb
 
@@ -43,21 +44,34 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict):
 
 class StageCheckpoint:
     """`<name>.json` (progress, the fingerprint) naming `<name>-<step>.safetensors` (tensors): the json is
-    replaced last, so a kill leaves the previous step's pair whole."""
+    replaced last, so a kill leaves the previous step's pair whole. In a process group rank 0 alone writes and
+    reads it; the other ranks take what it read."""
 
     def __init__(self, directory, name: str, fp: str):
         self.dir = Path(directory) if directory is not None else None
         self.name, self.fp = name, fp
 
     def clear(self):
-        if self.dir is None or not self.dir.is_dir():
+        if self.dir is None or not distributed.is_writer() or not self.dir.is_dir():
             return
         (self.dir / f"{self.name}.json").unlink(missing_ok=True)
         for p in self.dir.glob(f"{self.name}-*.safetensors"):
             p.unlink()
 
     def load(self) -> tuple[dict, dict] | None:
-        """(progress, tensors) of the last committed step, or None when there is none."""
+        """(progress, tensors) of the last committed step, or None when there is none (rank 0's, on every rank)."""
+        got = None
+        if distributed.is_writer():
+            try:
+                got = self._load()
+            except CompruneError as e:
+                got = e
+        got = distributed.decided(got)
+        if isinstance(got, CompruneError):
+            raise got
+        return got
+
+    def _load(self):
         if self.dir is None or not (self.dir / f"{self.name}.json").is_file():
             return None
         state = json.loads((self.dir / f"{self.name}.json").read_text())
@@ -67,7 +81,7 @@ class StageCheckpoint:
         return state["progress"], load_file(str(self.dir / state["tensors"]))
 
     def save(self, step: int, progress: dict, tensors: dict):
-        if self.dir is None:
+        if self.dir is None or not distributed.is_writer():
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"{self.name}-{step:06d}.safetensors"

@@ -4,7 +4,11 @@ distribution on calibration windows, stopped early on held-out windows, then fol
 
 The scales start at 1 on the least-squares-refitted weights and stay in [1 - bound, 1 + bound] (s = 1 +
 bound · tanh θ, θ from 0), optionally pulled toward 1; nothing else trains. Folding multiplies down_proj's and
-o_proj's input columns (and output rows) by them: the architecture and the parameter count do not change."""
+o_proj's input columns (and output rows) by them: the architecture and the parameter count do not change.
+
+In a process group each rank runs its part of every step's windows; the gradients are summed over the ranks as
+parts of the mean over every rank's tokens (the one-process step up to the order of the sum), the held-out KL is
+summed with its token counts, rank 0 decides when to stop, and every rank ends with rank 0's folded weights."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import CompruneError
 from ..files import tensor_digest_sample
 from .state import Clock, StageCheckpoint, fingerprint, load_optimizer, optimizer_tensors, peak_memory
@@ -162,14 +167,11 @@ def tune(model, adapter, train: DenseTargets, heldout: DenseTargets, opts: TuneO
             if step >= opts.steps:
                 prog["stopped"] = "steps"
                 break
-            if clock.spent():
+            if opts.time and distributed.decided(clock.spent()):
                 prog["stopped"] = "time"
                 break
-            loss = train.loss(model, _order(len(train.ids), opts.seed, step), device)
-            if opts.pull:
-                loss = loss + opts.pull * scales.penalty()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = _backward(model, scales, train, _order(len(train.ids), opts.seed, step), opts.pull, device)
             opt.step()
             prog["step"] = step = step + 1
             bar.update(1)
@@ -186,6 +188,7 @@ def tune(model, adapter, train: DenseTargets, heldout: DenseTargets, opts: TuneO
                 if prog["bad"] >= opts.patience:
                     prog["stopped"] = "held-out KL stopped falling"
             prog["seconds"] = clock.seconds
+            prog = distributed.decided(prog)  # the ranks hold the same KL; rank 0's record and decision stand
             ckpt.save(step, prog, {**{f"theta.{n}": t for n, t in scales.theta.items()},
                                    **{f"best.{n}": t for n, t in best.items()}, **optimizer_tensors(opt)})
         bar.close()
@@ -197,13 +200,36 @@ def tune(model, adapter, train: DenseTargets, heldout: DenseTargets, opts: TuneO
         for n, t in scales.theta.items():
             t.copy_(best[n])
     scales.fold()
+    for mod in {id(m): m for _, m, _, _, _ in scales.sites}.values():  # rank 0's folded weights on every rank
+        for t in (mod.weight, mod.bias):
+            if t is not None:
+                distributed.broadcast(t.data)
     s_all = torch.cat([scales.scale(n).detach().flatten() for n in scales.theta])
     return {"stage": "tune", "options": dataclasses.asdict(opts), "trained": scales.numel(), "steps": prog["step"],
             "tokens": prog["step"] * opts.batch * int(train.ids[0].shape[1]), "data_sha256": train.sha256(),
             "heldout_sha256": heldout.sha256(), "heldout_tokens": heldout.tokens, "heldout_kl": prog["curve"],
             "kl_before": prog["curve"][0][1], "kl_after": prog["best"], "best_step": prog["best_step"],
             "stopped": prog["stopped"], "scale_range": [float(s_all.min()), float(s_all.max())],
-            "seconds": round(clock.seconds, 2), **peak_memory(device)}
+            "seconds": round(clock.seconds, 2), "world_size": distributed.world_size(), **peak_memory(device)}
+
+
+def _backward(model, scales: Scales, train: DenseTargets, k: int, pull: float, device) -> torch.Tensor:
+    """The gradient of the mean per-token KL on batch k (plus the pull) into the scales' θ: each rank's part of the
+    batch as its share of the mean over every rank's tokens, summed over the ranks; returns this rank's loss."""
+    part, n = train.loss_sum(model, k, device)
+    total = distributed.sum_floats(n)[0]
+    loss = part / total if part is not None else torch.zeros(())
+    if part is not None:
+        loss.backward()
+    for t in scales.theta.values():
+        if t.grad is None:
+            t.grad = torch.zeros_like(t)
+        distributed.all_reduce_sum(t.grad)
+    if pull:
+        penalty = pull * scales.penalty()
+        penalty.backward()
+        loss = loss + penalty.detach()
+    return loss
 
 
 def _order(n: int, seed: int, step: int) -> int:
