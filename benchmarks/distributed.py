@@ -31,7 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = {"comp": [], "comp-search": ["--preset", "comp-search"]}
+# comp-search-g12: the width search cut to 12 generations (the preset runs 80), for a pair that fits a session
+METHODS = {"comp": [], "comp-search": ["--preset", "comp-search"],
+           "comp-search-g12": ["--preset", "comp-search", "--search-generations", "12"]}
 MODES = {"1x2": dict(procs=1, threads=2), "2x1": dict(procs=2, threads=1)}
 
 
