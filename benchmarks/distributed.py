@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -134,7 +133,9 @@ def main() -> int:
     args = p.parse_args()
     path = Path(args.out)
     res = json.loads(path.read_text()) if path.exists() else {"runs": {}, "commands": []}
-    res["host"] = f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
+    from comprune.precision import host
+    h = host()  # the CPU model and its native bf16 support: the CPU differs between sessions
+    res["host"] = f"{h.get('cpu', '?')}, {os.cpu_count()} CPUs, {', '.join(h.get('native_bf16', [])) or 'no native bf16'}"
     cmd = f"flock /tmp/comprune-heavy.lock .venv/bin/python benchmarks/distributed.py --methods {' '.join(args.methods)}"
     if cmd not in res["commands"]:
         res["commands"].append(cmd)
