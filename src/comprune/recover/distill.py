@@ -21,7 +21,8 @@ from .. import distributed
 from ..errors import CompruneError
 from ..files import tensor_digest_sample
 from ..precision import native_bf16
-from .state import Clock, StageCheckpoint, fingerprint, load_optimizer, optimizer_tensors, peak_memory
+from .state import (Clock, StageCheckpoint, fingerprint, heldout_step, load_optimizer, optimizer_tensors,
+                    peak_memory)
 from .targets import DenseTargets, trainable_copies, model_outputs
 
 
@@ -164,17 +165,7 @@ def distill(model, adapter, teacher, train_ids: torch.Tensor, heldout: DenseTarg
         bar.set_postfix(kd=f"{prog['losses'][-1]:.4f}")
         if step % opts.eval_every and step < steps_max and not spent():
             continue
-        kl = heldout.kl(pm, device)
-        prog["curve"].append([step, kl])
-        if kl < prog["best"]:
-            prog.update(best=kl, best_step=step, bad=0)
-            best = {n: p.detach().clone() for n, p in lora.items()}
-        else:
-            prog["bad"] += 1
-            if prog["bad"] >= opts.patience:
-                prog["stopped"] = "held-out KL stopped falling"
-        prog["seconds"] = clock.seconds
-        prog = distributed.decided(prog)  # the ranks hold the same KL; rank 0's record and decision stand
+        best = heldout_step(prog, step, heldout.kl(pm, device), lora, best, opts.patience, clock.seconds)
         ckpt.save(step, prog, {**{f"lora.{n}": p for n, p in lora.items()},
                                **{f"best.{n}": t for n, t in best.items()}, **optimizer_tensors(opt)})
     bar.close()

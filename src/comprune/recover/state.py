@@ -99,6 +99,22 @@ class StageCheckpoint:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def heldout_step(prog: dict, step: int, kl: float, tensors: dict, best: dict, patience: int, seconds: float) -> dict:
+    """Early stopping's bookkeeping after a held-out evaluation: the curve, the best tensors so far (returned), and
+    the stop once the KL has not fallen for `patience` evaluations. Rank 0's record and decision stand."""
+    prog["curve"].append([step, kl])
+    if kl < prog["best"]:
+        prog.update(best=kl, best_step=step, bad=0)
+        best = {n: t.detach().clone() for n, t in tensors.items()}
+    else:
+        prog["bad"] += 1
+        if prog["bad"] >= patience:
+            prog["stopped"] = "held-out KL stopped falling"
+    prog["seconds"] = seconds
+    prog.update(distributed.decided(prog))  # the ranks hold the same KL; rank 0's record and decision stand
+    return best
+
+
 def peak_memory(device) -> dict:
     rec = {"peak_rss_mb": round(peak_rss_mb(), 1)}
     if str(device).startswith("cuda") and torch.cuda.is_available():

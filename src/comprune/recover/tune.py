@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..errors import CompruneError
 from ..files import tensor_digest_sample
-from .state import Clock, StageCheckpoint, fingerprint, load_optimizer, optimizer_tensors, peak_memory
+from .state import (Clock, StageCheckpoint, fingerprint, heldout_step, load_optimizer, optimizer_tensors,
+                    peak_memory)
 from .targets import DenseTargets, trainable_copies
 
 KINDS = ("neurons", "heads", "channels")
@@ -178,17 +179,8 @@ def tune(model, adapter, train: DenseTargets, heldout: DenseTargets, opts: TuneO
             bar.set_postfix(kl=f"{float(loss.detach()):.4f}")
             if step % opts.eval_every and step < opts.steps:
                 continue
-            kl = heldout.kl(model, device)
-            prog["curve"].append([step, kl])
-            if kl < prog["best"]:
-                prog.update(best=kl, best_step=step, bad=0)
-                best = {n: t.detach().clone() for n, t in scales.theta.items()}
-            else:
-                prog["bad"] += 1
-                if prog["bad"] >= opts.patience:
-                    prog["stopped"] = "held-out KL stopped falling"
-            prog["seconds"] = clock.seconds
-            prog = distributed.decided(prog)  # the ranks hold the same KL; rank 0's record and decision stand
+            best = heldout_step(prog, step, heldout.kl(model, device), scales.theta, best, opts.patience,
+                                clock.seconds)
             ckpt.save(step, prog, {**{f"theta.{n}": t for n, t in scales.theta.items()},
                                    **{f"best.{n}": t for n, t in best.items()}, **optimizer_tensors(opt)})
         bar.close()
