@@ -107,7 +107,7 @@ def test_known_bases_front_matter_and_bad_recipes(tmp_path):
 
 
 def test_compare_measurements_are_recorded_as_measured(pruned, capsys):
-    from comprune.compare.runner import card_entries
+    from comprune.compare.records import card_entries
     src, text, out = pruned
     if not (out / "pruning.json").is_file():
         code, err = main(prune_args(src, out, text), capsys)

@@ -24,21 +24,8 @@ from ..stream import can_stream
 from .stages import ROWS, STAGE_FLAGS, split_row, unknown_stages
 from .llamacpp import llamacpp_speed
 from .measure import check_same_model, prune_run, runtime_floor
-from .records import (
-    DEFAULT_METHODS,
-    DEFAULT_OUT,
-    REDOABLE,
-    RSS_PROBE,
-    STAGES,
-    STREAM_RECORD,
-    check_results_dir,
-    log,
-    ppl_key,
-    read_json,
-    run_name,
-    set_aside_corrupt,
-    write_json,
-)
+from .records import (DEFAULT_METHODS, DEFAULT_OUT, REDOABLE, RSS_PROBE, STAGES, STREAM_RECORD, card_entries,
+                      check_results_dir, log, ppl_key, read_json, run_name, set_aside_corrupt, write_json)
 from .report import write_reports
 
 
@@ -393,26 +380,6 @@ class Comparison:
 
     def write_reports(self) -> dict:
         return write_reports(self.out, self.settings())
-
-
-def card_entries(stage: str, rec: dict, dtype) -> list[dict]:
-    """A stage's measurements of a run, as pruned models record them (pruning.json `evaluations`, the card)."""
-    run = {"by": "comprune compare", "dtype": dtype}
-    if stage in ("ppl", "full"):
-        return [{**run, "what": "perplexity", **{k: r.get(k) for k in ("dataset", "seqlen", "max_tokens", "windows",
-                                                                        "tokens", "ppl", "tokens_per_second")}}
-                for r in rec.get("ppl", {}).values()]
-    res = rec.get(stage)
-    if not isinstance(res, dict):
-        return []
-    if stage in ("zeroshot", "zeroshot_full"):
-        tasks = res.get("tasks", {})
-        results = {**{f"{t} {r['metric']}": r.get(r["metric"]) for t, r in tasks.items()},
-                   "average": res.get("average")}
-        return [{**run, "what": stage, "tasks": sorted(tasks), "subset": res.get("subset"), "results": results}]
-    results = {k: v for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return [{**run, "what": {"speed": "generation speed (transformers)", "llamacpp": "llama.cpp speed"}.get(stage, stage),
-             "results": results}] if results else []
 
 
 def compare(model_spec="smollm2", ratios=(0.1, 0.2, 0.3), methods=DEFAULT_METHODS, out_dir=DEFAULT_OUT, **kw) -> dict:
