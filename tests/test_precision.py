@@ -11,6 +11,8 @@ from comprune.evaluate.hardware import against_peak, flops_per_token
 from conftest import tiny_model
 from test_stream import _tokenizer
 
+FLOOR = precision.PROBE_MIN_FLOP  # before any fixture lowers it
+
 
 @pytest.fixture
 def mock_cpu(monkeypatch):
@@ -19,6 +21,7 @@ def mock_cpu(monkeypatch):
 
     def setup(flags, bf16):
         monkeypatch.setattr(precision, "native_bf16", lambda flags_=None: list(flags))
+        monkeypatch.setattr(precision, "PROBE_MIN_FLOP", 0)  # the tiny test model is probed like a real one
 
         def probe(dtype, shape=precision.PROBE_SHAPE, device="cpu", seconds=0.1):
             calls.append((dtype, tuple(shape), torch.get_num_threads()))
@@ -65,6 +68,16 @@ def test_auto_probes_on_one_thread_and_restores_the_count(mock_cpu):
 def test_auto_never_probes_emulated_bf16(mock_cpu):
     calls = mock_cpu([], bf16=500.0)  # flags say emulated: even a (mocked) fast probe is not consulted
     assert precision.choose("cpu").dtype == "float32" and calls == []
+
+
+def test_auto_keeps_float32_for_matmuls_too_small_to_time(mock_cpu, monkeypatch):
+    """Below the probe's floor the two rates are call overhead: the choice must not depend on them (two runs of
+    one command would otherwise write different bytes), and float32 is kept without probing."""
+    calls = mock_cpu(["amx_bf16"], bf16=500.0)
+    monkeypatch.setattr(precision, "PROBE_MIN_FLOP", FLOOR)
+    choice = precision.choose("cpu", {"hidden_size": 64, "intermediate_size": 256})
+    assert choice.dtype == "float32" and calls == [] and "too small" in choice.reason
+    assert precision.choose("cpu", {"hidden_size": 576, "intermediate_size": 1536}).dtype == "bfloat16"
 
 
 def test_real_probe_is_short_and_cached():

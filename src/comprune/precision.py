@@ -27,6 +27,9 @@ PROBE_SECONDS = 0.1             # per precision; the whole decision stays well u
 BF16_MARGIN = 1.2               # bf16 must beat float32 by this much to be chosen (its rounding is not free)
 PROBE_MAX_FLOP = 5e8            # one probe matmul at most: a CPU that claims bf16 but emulates it (~1 GFLOP/s)
                                 # still answers within a second; wide MLPs are probed on a slice of their columns
+PROBE_MIN_FLOP = 5e7            # a smaller matmul times the call, not the arithmetic: the two rates are noise, so
+                                # two runs of one command could choose differently (and write different bytes);
+                                # such a model gains nothing from bf16 and keeps float32
 _PROBES: dict = {}
 
 
@@ -146,6 +149,11 @@ def choose(device="cpu", config=None) -> Choice:
     if not flags:
         return Choice("float32", reason="no AMX or AVX512_BF16 in /proc/cpuinfo: bfloat16 would be emulated",
                       device="cpu", probe_shape=shape)
+    flop = 2 * shape[0] * shape[1] * shape[2]
+    if flop < PROBE_MIN_FLOP:
+        return Choice("float32", reason=f"{'/'.join(flags)}: the model's matmuls are too small for bfloat16 to pay "
+                      "off (under the probe's floor): float32 kept", device="cpu", probe_shape=shape,
+                      cpu_flags=flags)
     # One thread: when another process shares the cores, a multi-threaded matmul waits at its barrier for the
     # descheduled thread whatever its precision, and both rates collapse to the scheduler's (seen on a 2-core
     # AMX host under load: 29.7 float32 vs 29.0 bfloat16 GFLOP/s, float32 wrongly kept; single-threaded,
