@@ -25,12 +25,15 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "recovery"
 PRUNES = Path("/work/prunes")
 MODELS = Path("/work/recover-models")
+PREFIX = {"gemma3-270m": "gemma3"}  # the prune directories' model prefix
 DENSE_PPL = {"test": 21.6084, "validation": None}  # fp32, benchmarks/results/ppl_dense.json
 
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--row", required=True, help="a prune under /work/prunes without 'smollm2-', e.g. comp-0.20")
+    p.add_argument("--model", default="smollm2", help="the dense model (smollm2, gemma3-270m)")
+    p.add_argument("--row", required=True, help="a prune under /work/prunes without its model's prefix, e.g. "
+                   "comp-0.20 (smollm2-comp-0.20), comp-0.20b (gemma3-comp-0.20b)")
     p.add_argument("--stage", required=True, choices=["none", "tune", "distill"])
     p.add_argument("--tag", default="", help="names a variant's file (e.g. an ablation)")
     p.add_argument("--splits", default="test,validation", help="WikiText-2 splits to evaluate")
@@ -69,7 +72,7 @@ def train(args, src: Path, dst: Path) -> dict:
     manifest = json.loads((src / "pruning.json").read_text())
     c = manifest["calibration"]
     t0 = time.perf_counter()
-    dense, tok = comprune.load("smollm2", dtype=args.dtype)
+    dense, tok = comprune.load(args.model, dtype=args.dtype)
     model, _ = comprune.load(str(src), dtype=args.dtype)
     load_s = time.perf_counter() - t0
     calib = get_calibration(tok, c["source"], c["nsamples"], c["seqlen"], c["seed"])
@@ -112,12 +115,13 @@ def main():
     args = parse()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{args.row}+{args.stage}" + (f"-{args.tag}" if args.tag else "")
+    name = ("" if args.model == "smollm2" else f"{args.model}-") + f"{args.row}+{args.stage}" + (
+        f"-{args.tag}" if args.tag else "")
     path = out / f"{name}.json"
     rec = json.loads(path.read_text()) if path.is_file() else {}
-    src = PRUNES / f"smollm2-{args.row}"
+    src = PRUNES / f"{PREFIX.get(args.model, args.model)}-{args.row}"
     prune_manifest = json.loads((src / "pruning.json").read_text())
-    rec.update(row=args.row, stage=args.stage, tag=args.tag, prune_seconds=prune_manifest["seconds"],
+    rec.update(model=args.model, row=args.row, stage=args.stage, tag=args.tag, prune_seconds=prune_manifest["seconds"],
                prune_peak_rss_mb=prune_manifest["peak_rss_mb"], command="python " + " ".join(sys.argv))
     model_dir = src
     if args.stage != "none":
@@ -144,12 +148,13 @@ def write_markdown(out: Path):
         r = json.loads(p.read_text())
         st = r.get("record", {})
         ppl = lambda s: f"{r[f'ppl_{s}']['ppl']:.2f}" if f"ppl_{s}" in r else "-"  # noqa: E731
-        rows.append(f"| {r['row']} | {r['stage']}{' (' + r['tag'] + ')' if r['tag'] else ''} | {ppl('test')} | "
+        model = "" if r.get("model", "smollm2") == "smollm2" else f"{r['model']} "
+        rows.append(f"| {model}{r['row']} | {r['stage']}{' (' + r['tag'] + ')' if r['tag'] else ''} | {ppl('test')} | "
                     f"{ppl('validation')} | {st.get('steps', '-')} | {st.get('tokens', '-')} | "
                     f"{st.get('kl_before', float('nan')):.4f} → {st.get('kl_after', float('nan')):.4f} | "
                     f"{st.get('stage_seconds_total', 0):.0f} | {r['prune_seconds']:.0f} | "
                     f"{r.get('time_vs_prune', '-')} | {r.get('process_peak_rss_mb', '-')} | {st.get('stopped', '-')} |")
-    text = ("# Recovery stages on SmolLM2-135M-Instruct prunes\n\n"
+    text = ("# Recovery stages on SmolLM2-135M-Instruct and Gemma 3 270M prunes\n\n"
             "Made by `benchmarks/recovery.py` (one JSON per row beside this file, with its command and host). "
             "PPL@2048 on the full WikiText-2 test and validation sets, in bfloat16 (the stages train in it too); dense "
             "test PPL 21.61 (float32), the untuned prunes' 43.48 (COMP) and 39.87 (comp-search) (docs/comparison.md, "

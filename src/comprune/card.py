@@ -259,6 +259,22 @@ def _settings(cfg: dict) -> list:
             "| setting | value |", "|---|---|", *[f"| {k} | `{json.dumps(v)}` |" for k, v in changed.items()]]
 
 
+PPL_FIELDS = ("dataset", "seqlen", "max_tokens", "windows", "tokens", "ppl", "tokens_per_second", "compiled")
+
+
+def perplexity_entry(run: dict, result: dict) -> dict:
+    """A perplexity result as an `evaluations` entry; `run` says who measured it (by, dtype, device)."""
+    return {**run, "what": "perplexity", **{k: result[k] for k in PPL_FIELDS if k in result}}
+
+
+def zeroshot_entry(run: dict, what: str, res: dict, **settings) -> dict:
+    """A zero-shot result ({"tasks": {task: {"metric": m, m: value}}, "average": x}) as an `evaluations` entry."""
+    tasks = res.get("tasks", {})
+    return {**run, "what": what, "tasks": sorted(tasks), **settings,
+            "results": {**{f"{t} {r['metric']}": r.get(r["metric"]) for t, r in tasks.items()},
+                        "average": res.get("average")}}
+
+
 def _evaluations(evals: list) -> list:
     if not evals:
         return ["## Evaluation", "", "Not measured yet: `comprune eval PATH` (or `comprune compare`) records its "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 
-from ..card import record_evaluation
+from ..card import perplexity_entry, record_evaluation, zeroshot_entry
 from ..errors import CompruneError
 from ..outputs import json_text
 from ..evaluate.chat import chat_measure, chat_reference
@@ -93,15 +93,10 @@ def _chat(args, model, tok) -> dict:
 def card_entries(args, results: list, zeroshot: dict | None) -> list[dict]:
     """What `comprune eval` measured, as pruned models record it (pruning.json `evaluations`, the card)."""
     run = {"by": "comprune eval", "device": args.device}
-    entries = [{**run, "what": "perplexity", "dtype": r["dtype"],
-                **{k: r.get(k) for k in ("dataset", "seqlen", "max_tokens", "windows", "tokens", "ppl",
-                                         "tokens_per_second", "compiled")}} for r in results]
+    entries = [perplexity_entry({**run, "dtype": r["dtype"]}, r) for r in results]
     if zeroshot is not None:
-        tasks = zeroshot["tasks"]
-        entries.append({**run, "what": "zeroshot", "dtype": zeroshot["precision"]["dtype"], "tasks": sorted(tasks),
-                        "subset": args.subset, "limit": args.limit, "heldout": bool(args.heldout),
-                        "results": {**{f"{t} {r['metric']}": r.get(r["metric"]) for t, r in tasks.items()},
-                                    "average": zeroshot.get("average")}})
+        entries.append(zeroshot_entry({**run, "dtype": zeroshot["precision"]["dtype"]}, "zeroshot", zeroshot,
+                                      subset=args.subset, limit=args.limit, heldout=bool(args.heldout)))
     return entries
 
 

@@ -8,6 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..card import perplexity_entry, zeroshot_entry
 from ..errors import CompruneError
 from ..outputs import json_text
 
@@ -110,17 +111,12 @@ def card_entries(stage: str, rec: dict, dtype) -> list[dict]:
     """A stage's measurements of a run, as pruned models record them (pruning.json `evaluations`, the card)."""
     run = {"by": "comprune compare", "dtype": dtype}
     if stage in ("ppl", "full"):
-        return [{**run, "what": "perplexity", **{k: r.get(k) for k in ("dataset", "seqlen", "max_tokens", "windows",
-                                                                        "tokens", "ppl", "tokens_per_second")}}
-                for r in rec.get("ppl", {}).values()]
+        return [perplexity_entry(run, r) for r in rec.get("ppl", {}).values()]
     res = rec.get(stage)
     if not isinstance(res, dict):
         return []
     if stage in ("zeroshot", "zeroshot_full"):
-        tasks = res.get("tasks", {})
-        results = {**{f"{t} {r['metric']}": r.get(r["metric"]) for t, r in tasks.items()},
-                   "average": res.get("average")}
-        return [{**run, "what": stage, "tasks": sorted(tasks), "subset": res.get("subset"), "results": results}]
+        return [zeroshot_entry(run, stage, res, subset=res.get("subset"))]
     results = {k: v for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return [{**run, "what": {"speed": "generation speed (transformers)", "llamacpp": "llama.cpp speed"}.get(stage, stage),
              "results": results}] if results else []
