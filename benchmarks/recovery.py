@@ -45,6 +45,7 @@ def parse():
     p.add_argument("--tune-train", default=None)
     p.add_argument("--tune-bound", type=float, default=None)
     p.add_argument("--tune-time", type=float, default=None, help="seconds")
+    p.add_argument("--tune-tokens", type=int, default=None, help="tokens trained on (more than the calibration: C4)")
     p.add_argument("--distill-time", type=float, default=900.0, help="seconds")
     p.add_argument("--distill-tokens", type=int, default=1_000_000)
     p.add_argument("--distill-lr", type=float, default=None)
@@ -68,7 +69,7 @@ def train(args, src: Path, dst: Path) -> dict:
     from comprune.io import save_pretrained
     from comprune.models import get_adapter
     from comprune.recover import DenseTargets, DistillOptions, TuneOptions, distill, heldout_ids, tune
-    from comprune.recover.stage import _distill_windows
+    from comprune.recover.stage import training_windows
     manifest = json.loads((src / "pruning.json").read_text())
     c = manifest["calibration"]
     t0 = time.perf_counter()
@@ -81,11 +82,12 @@ def train(args, src: Path, dst: Path) -> dict:
     adapter = get_adapter(model)
     t1 = time.perf_counter()
     if args.stage == "tune":
-        given = {k: getattr(args, f"tune_{k}") for k in ("steps", "lr", "batch", "train", "bound", "time")
+        given = {k: getattr(args, f"tune_{k}") for k in ("steps", "lr", "batch", "train", "bound", "time", "tokens")
                  if getattr(args, f"tune_{k}") is not None}
         opts = TuneOptions(**given)
         heldout = DenseTargets.capture(dense, held, opts.batch)
-        targets = DenseTargets.capture(dense, calib.input_ids, opts.batch)
+        targets = DenseTargets.capture(dense, training_windows(tok, calib, calib.input_ids, opts.tokens, False),
+                                       opts.batch)
         del dense
         targets_s = time.perf_counter() - t1
         rec = tune(model, adapter, targets, heldout, opts, progress=sys.stderr.isatty())
@@ -93,7 +95,7 @@ def train(args, src: Path, dst: Path) -> dict:
         given = {k: getattr(args, f"distill_{k}") for k in ("lr", "batch") if getattr(args, f"distill_{k}") is not None}
         opts = DistillOptions(tokens=args.distill_tokens, time=args.distill_time, **given)
         heldout = DenseTargets.capture(dense, held, 4)
-        ids = _distill_windows(tok, calib, calib.input_ids, opts, False)
+        ids = training_windows(tok, calib, calib.input_ids, opts.tokens, False)
         targets_s = time.perf_counter() - t1
         rec = distill(model, adapter, dense, ids, heldout, opts, progress=sys.stderr.isatty())
     rec.update(targets_seconds=round(targets_s, 2), load_seconds=round(load_s, 2), heldout_data=what,

@@ -168,3 +168,19 @@ def test_compare_rows_with_recovery_stages(tmp_path):
     assert not cmp.needed("comp+tune-r0.20", "stream", {"method": "comp+tune", "ratio": 0.2, "prune": {}})
     with pytest.raises(CompruneError, match=r"\+tune or \+distill"):
         Comparison(str(src), ratios=(0.2,), methods=("comp+finetune",), out_dir=tmp_path / "d", progress=False)
+
+
+def test_training_windows_take_the_calibration_then_more_of_c4():
+    """tokens 0: the calibration windows; fewer tokens: their first windows; more (C4 only, whose held-out documents
+    are a source of their own): the calibration windows first, then other windows of the source."""
+    from comprune.data import Calibration
+    from comprune.recover.stage import training_windows
+    ids = torch.arange(8 * 16).reshape(8, 16)
+    text = Calibration(ids, "text", 0)
+    assert torch.equal(training_windows(None, text, ids, 0, False), ids)
+    assert torch.equal(training_windows(None, text, ids, 3 * 16, False), ids[:3])
+    assert torch.equal(training_windows(word_tokenizer(), text, ids, 20 * 16, False), ids)  # not C4: no more
+    c4 = get_calibration(word_tokenizer(), "c4", 8, 16, 0)
+    more = training_windows(word_tokenizer(), c4, c4.input_ids, 20 * 16, False)
+    assert more.shape == (20, 16) and torch.equal(more[:8], c4.input_ids)
+    assert torch.equal(training_windows(word_tokenizer(), c4, c4.input_ids, 20 * 16, True), c4.input_ids)

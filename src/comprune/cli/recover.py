@@ -20,7 +20,7 @@ def add_recover_options(p, duration):
                              ("steps", int, "optimiser steps at most"), ("lr", float, "Adam step size"),
                              ("batch", int, "windows per step"),
                              ("eval_every", int, "steps between held-out evaluations (and checkpoints)"),
-                             ("tokens", int, "calibration tokens trained on (0: all)")):
+                             ("tokens", int, "tokens trained on (0: the calibration windows; more: C4 windows beyond them)")):
         g.add_argument(f"--tune-{name.replace('_', '-')}", type=kind, default=None, help=f"{text} (default {getattr(t, name)})")
     g.add_argument("--tune-time", type=duration, default=None, help="time budget of the tuning, e.g. 90s (default none)")
     g.add_argument("--recover", default=None, choices=["distill"],

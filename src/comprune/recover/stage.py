@@ -61,12 +61,15 @@ def heldout_ids(tokenizer, calibration: Calibration, n: int) -> tuple[torch.Tens
     return calibration.input_ids[-n:], "the last calibration windows", True
 
 
-def _distill_windows(tokenizer, calibration: Calibration, train: torch.Tensor, opts: DistillOptions,
+def training_windows(tokenizer, calibration: Calibration, train: torch.Tensor, tokens: int,
                      apart: bool) -> torch.Tensor:
-    """The calibration windows, then (C4, whose held-out documents are apart) more windows of the source up to the
-    token budget; elsewhere the calibration windows again, epoch after epoch."""
+    """The calibration windows (the first `tokens` of them where fewer), then (C4, whose held-out documents are
+    apart) more windows of the source up to `tokens`; elsewhere the calibration windows alone (a stage runs them
+    epoch after epoch). tokens 0: the calibration windows."""
     T = calibration.seqlen
-    want = -(-opts.tokens // T) - train.shape[0]
+    if tokens and tokens <= train.shape[0] * T:
+        return train[:max(1, tokens // T)]
+    want = -(-tokens // T) - train.shape[0]
     if want <= 0 or apart or tokenizer is None or calibration.source != "c4":
         return train
     ids = load_ids(tokenizer, calibration.source, calibration.data_dir)
@@ -102,11 +105,11 @@ def _prepare(model, tokenizer, calibration, recovery, device, t0) -> Prepared:
     out.sources = {"heldout": what, "train": calibration.source}
     if recovery.tune is not None:
         opts = recovery.tune
-        n = train.shape[0] if not opts.tokens else max(1, min(train.shape[0], opts.tokens // calibration.seqlen))
-        out.train = DenseTargets.capture(model, train[:n], opts.batch, device)
+        ids = training_windows(tokenizer, calibration, train, opts.tokens, from_calib)
+        out.train = DenseTargets.capture(model, ids, opts.batch, device)
     if recovery.distill is not None:
         out.teacher = copy.deepcopy(model)
-        out.distill_ids = _distill_windows(tokenizer, calibration, train, recovery.distill, from_calib)
+        out.distill_ids = training_windows(tokenizer, calibration, train, recovery.distill.tokens, from_calib)
     out.seconds = time.perf_counter() - t0
     return out
 

@@ -35,7 +35,7 @@ class TuneOptions:
     steps: int = 64          # optimiser steps at most
     lr: float = 0.01         # Adam's step size (on θ, s = 1 + bound · tanh θ)
     batch: int = 2           # windows per step
-    tokens: int = 0          # calibration tokens trained on (0: every calibration window)
+    tokens: int = 0          # tokens trained on (0: the calibration windows; more: C4 windows beyond them)
     eval_every: int = 8      # steps between held-out evaluations
     patience: int = 2        # evaluations without a better held-out KL before stopping
     time: float = 0.0        # seconds at most (0: no limit; a time budget makes a resumed run differ)
