@@ -30,7 +30,11 @@ def _label(manifest: dict) -> str:
         label += f", {len(removed)} blocks removed"
     if cfg.get("search_speedup"):
         label += f", --target-speedup {cfg['search_speedup']:g}"
-    return label
+    source = (manifest.get("calibration") or {}).get("source", "c4")
+    if source != "c4":
+        label += f", calibrated on {source}"
+    stages = [s.get("stage", "?") for s in manifest.get("stages") or []]
+    return label + "".join(f" + {s}" for s in stages)
 
 
 def main(argv=None):

@@ -37,6 +37,8 @@ def parse():
     p.add_argument("--stage", required=True, choices=["none", "tune", "distill"])
     p.add_argument("--tag", default="", help="names a variant's file (e.g. an ablation)")
     p.add_argument("--splits", default="test,validation", help="WikiText-2 splits to evaluate")
+    p.add_argument("--ppl-tokens", type=int, default=None,
+                   help="evaluate only the first N tokens of each split (ablations; recorded as ppl_SPLIT_N)")
     p.add_argument("--dtype", default="bfloat16",
                    help="precision the models load, train and evaluate in (bfloat16: this host multiplies it natively)")
     p.add_argument("--tune-steps", type=int, default=None)
@@ -51,6 +53,9 @@ def parse():
     p.add_argument("--distill-lr", type=float, default=None)
     p.add_argument("--distill-batch", type=int, default=None)
     p.add_argument("--heldout", type=int, default=16)
+    p.add_argument("--measures", default="",
+                   help="also: chat (the chat measure's test half), chat-heldout, zeroshot (paper7, 200 per task), "
+                        "zeroshot-heldout (200 others per task); comma-separated")
     p.add_argument("--models", default=str(MODELS))
     p.add_argument("--out", default=str(OUT))
     return p.parse_args()
@@ -109,8 +114,29 @@ def evaluate(args, model_dir: Path, split: str) -> dict:
     from comprune.evaluate.perplexity import perplexity
     model, tok = comprune.load(str(model_dir), dtype=args.dtype)
     r = perplexity(model, tok, f"wikitext2-{split}" if split != "test" else "wikitext2", seqlen=2048,
-                   progress=False, compile="auto")
+                   max_tokens=args.ppl_tokens, progress=False, compile="auto")
     return {k: r[k] for k in ("ppl", "tokens", "seconds", "dtype", "compiled")}
+
+
+def measure(args, model_dir, what: str) -> dict:
+    """The chat measure (hits and KL against the dense model) or the zero-shot subset of the model in model_dir."""
+    import comprune
+    from comprune.evaluate.chat import chat_measure, chat_reference
+    from comprune.evaluate.zeroshot import evaluate_zeroshot
+    model, tok = comprune.load(str(model_dir), dtype=args.dtype)
+    heldout = what.endswith("-heldout")
+    if what.startswith("chat"):
+        split = "heldout" if heldout else "test"
+        ref = None
+        if str(model_dir) != args.model:
+            dense, _ = comprune.load(args.model, dtype=args.dtype)
+            ref = chat_reference(dense, tok, split)
+        return chat_measure(model, tok, ref, split)
+    z = evaluate_zeroshot(model, tok, "paper7", subset=200, heldout=heldout, progress=False)
+    tasks = {t: {"metric": r["metric"], r["metric"]: r.get(r["metric"])} for t, r in z["tasks"].items()}
+    no_boolq = [v[v["metric"]] for t, v in tasks.items() if t != "boolq"]
+    return {"average": z["average"], "without_boolq": sum(no_boolq) / len(no_boolq), "tasks": tasks,
+            "seconds": z.get("seconds")}
 
 
 def main():
@@ -121,12 +147,14 @@ def main():
         f"-{args.tag}" if args.tag else "")
     path = out / f"{name}.json"
     rec = json.loads(path.read_text()) if path.is_file() else {}
-    src = PRUNES / f"{PREFIX.get(args.model, args.model)}-{args.row}"
-    prune_manifest = json.loads((src / "pruning.json").read_text())
-    rec.update(model=args.model, row=args.row, stage=args.stage, tag=args.tag, prune_seconds=prune_manifest["seconds"],
-               prune_peak_rss_mb=prune_manifest["peak_rss_mb"], command="python " + " ".join(sys.argv))
+    dense = args.row == "dense"
+    src = Path(args.model) if dense else PRUNES / f"{PREFIX.get(args.model, args.model)}-{args.row}"
+    prune_manifest = {} if dense else json.loads((src / "pruning.json").read_text())
+    rec.update(model=args.model, row=args.row, stage=args.stage, tag=args.tag,
+               prune_seconds=prune_manifest.get("seconds"), prune_peak_rss_mb=prune_manifest.get("peak_rss_mb"),
+               command="python " + " ".join(sys.argv))
     model_dir = src
-    if args.stage != "none":
+    if args.stage != "none" and not dense:
         model_dir = Path(args.models) / name
         if "record" not in rec or not (model_dir / "pruning.json").is_file():
             from comprune.memory import peak_rss_mb
@@ -137,11 +165,26 @@ def main():
             rec["time_vs_prune"] = round(rec["record"]["stage_seconds_total"] / prune_manifest["seconds"], 2)
             write(path, rec)
     for split in args.splits.split(","):
-        if f"ppl_{split}" not in rec:
-            rec[f"ppl_{split}"] = evaluate(args, model_dir, split)
+        key = f"ppl_{split}" + (f"_{args.ppl_tokens}" if args.ppl_tokens else "")
+        if key not in rec:
+            rec[key] = evaluate(args, model_dir, split)
+            write(path, rec)
+    for what in filter(None, args.measures.split(",")):
+        if what not in rec:
+            rec[what] = measure(args, model_dir, what)
             write(path, rec)
     write_markdown(out)
     print(json.dumps({k: v for k, v in rec.items() if k != "host"}, indent=1)[:3000])
+
+
+def _chat(c) -> str:
+    if not c:
+        return "-"
+    return f"{c['hits']}/{c['questions']}" + (f" / {c['kl']:.3f}" if "kl" in c else "")
+
+
+def _zs(z) -> str:
+    return f"{100 * z['without_boolq']:.2f} / {100 * z['average']:.2f}" if z else "-"
 
 
 def write_markdown(out: Path):
@@ -150,22 +193,31 @@ def write_markdown(out: Path):
         r = json.loads(p.read_text())
         st = r.get("record", {})
         ppl = lambda s: f"{r[f'ppl_{s}']['ppl']:.2f}" if f"ppl_{s}" in r else "-"  # noqa: E731
+        short = f"{r['ppl_validation_65536']['ppl']:.2f}" if "ppl_validation_65536" in r else "-"
+        slice_ = f"{r['ppl_test_16384']['ppl']:.2f}" if "ppl_test_16384" in r else "-"
         model = "" if r.get("model", "smollm2") == "smollm2" else f"{r['model']} "
         rows.append(f"| {model}{r['row']} | {r['stage']}{' (' + r['tag'] + ')' if r['tag'] else ''} | {ppl('test')} | "
-                    f"{ppl('validation')} | {st.get('steps', '-')} | {st.get('tokens', '-')} | "
-                    f"{st.get('kl_before', float('nan')):.4f} → {st.get('kl_after', float('nan')):.4f} | "
-                    f"{st.get('stage_seconds_total', 0):.0f} | {r['prune_seconds']:.0f} | "
-                    f"{r.get('time_vs_prune', '-')} | {r.get('process_peak_rss_mb', '-')} | {st.get('stopped', '-')} |")
+                    f"{slice_} | {ppl('validation')} | {short} | {st.get('steps', '-')} | {st.get('tokens', '-')} | "
+                    f"{(format(st['kl_before'], '.4f') + ' → ' + format(st['kl_after'], '.4f')) if st else '-'} | "
+                    f"{st.get('stage_seconds_total', 0):.0f} | {r['prune_seconds'] or 0:.0f} | "
+                    f"{r.get('time_vs_prune', '-')} | {r.get('process_peak_rss_mb', '-')} | {st.get('stopped', '-')} | "
+                    f"{_chat(r.get('chat'))} | {_chat(r.get('chat-heldout'))} | {_zs(r.get('zeroshot'))} | "
+                    f"{_zs(r.get('zeroshot-heldout'))} |")
     text = ("# Recovery stages on SmolLM2-135M-Instruct and Gemma 3 270M prunes\n\n"
             "Made by `benchmarks/recovery.py` (one JSON per row beside this file, with its command and host). "
             "PPL@2048 on the full WikiText-2 test and validation sets, in bfloat16 (the stages train in it too); dense "
             "test PPL 21.61 (float32), the untuned prunes' 43.48 (COMP) and 39.87 (comp-search) (docs/comparison.md, "
             "the same windows). Held-out KL: "
             "KL(dense ‖ model) per token on 16 windows of the C4 sample's held-out documents, before → after the "
-            "stage. Seconds: the stage with its dense targets (not the models' loading); prune seconds from the "
+            "stage. Chat: exact-answer hits and KL(dense ‖ model) in nats/token on the dense model's greedy answers "
+            "(comprune.evaluate.chat). Zero-shot: the paper7 tasks, 200 examples per task (the reported subset of "
+            "docs/comparison.md; held-out: 200 others per task), acc_norm for HellaSwag, ARC-c and OBQA, acc "
+            "otherwise, in %. Seconds: the stage with its dense targets (not the models' loading); prune seconds from the "
             "prune's pruning.json; peak RSS of the whole benchmark process (dense and pruned model loaded).\n\n"
-            "| prune | stage | PPL test | PPL validation | steps | tokens | held-out KL | stage s | prune s | "
-            "× prune | peak RSS MB | stopped |\n|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|\n"
+            "| prune | stage | PPL test | PPL test, first 16,384 | PPL validation | PPL validation, first 65,536 | steps | tokens | held-out KL | "
+            "stage s | prune s | × prune | peak RSS MB | stopped | chat hits / KL (test half) | chat (held-out half) | "
+            "0-shot w/o BoolQ / 7-task (subset) | 0-shot (held-out subset) |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---|---|---|---|\n"
             + "\n".join(rows) + "\n")
     (out.parent / "recovery.md").write_text(text)
 

@@ -29,7 +29,7 @@ KINDS = ("neurons", "heads", "channels")
 
 @dataclass(frozen=True)
 class TuneOptions:
-    train: tuple = ("neurons", "heads")  # what trains: neuron scales, head scales, per-channel output scales
+    train: tuple = ("neurons", "heads", "channels")  # neuron scales, head scales, per-channel output scales
     bound: float = 0.5       # scales stay in [1 - bound, 1 + bound]; 0: unbounded
     pull: float = 0.0        # weight of Σ (s - 1)² added to the KL (pulls the scales toward 1)
     steps: int = 64          # optimiser steps at most
