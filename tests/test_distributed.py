@@ -145,3 +145,16 @@ def test_compare_nproc_prunes_through_torchrun(tmp_path):
     assert cmd[6:8] == ["comprune.cli", "prune"]
     assert prune_command(SimpleNamespace(**{**vars(cmp), "nproc": 1}), "comp", 0.2, tmp_path)[1:3] == \
         ["-m", "comprune.cli"]
+
+
+def test_collective_timeout_outlasts_a_slow_budget_and_is_checked(monkeypatch):
+    """Ranks wait for rank 0's budget resolution longer than torch's 30-minute default; a bad value is refused."""
+    from comprune import distributed
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    assert distributed._timeout() > 30 * 60
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "90")
+    assert distributed._timeout() == 90
+    for bad in ("0", "soon"):
+        monkeypatch.setenv(distributed.TIMEOUT_ENV, bad)
+        with pytest.raises(CompruneError, match=distributed.TIMEOUT_ENV):
+            distributed._timeout()

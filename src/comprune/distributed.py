@@ -21,6 +21,7 @@ KL over the ranks.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -48,6 +49,10 @@ def is_writer() -> bool:
     return rank() == 0
 
 
+TIMEOUT_ENV = "COMPRUNE_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 6 * 3600.0
+
+
 def backend() -> str | None:
     return dist.get_backend() if active() else None
 
@@ -64,8 +69,22 @@ def init(device=None) -> bool:
     cuda = device is not None and str(device).startswith("cuda")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" then means this rank's GPU
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=_timeout()))
     return active()
+
+
+def _timeout() -> float:
+    """Seconds a collective waits for the slowest rank. Rank 0 alone resolves a --target-size or --target-speedup
+    budget and the other ranks wait at the next broadcast, which can outlast torch's 30-minute default on a slow
+    host; a rank that dies ends the group through torchrun anyway, so the wait is long by default."""
+    text = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        value = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise CompruneError(f"{TIMEOUT_ENV}={text!r}: use a positive number of seconds")
+    return value
 
 
 def describe() -> dict:
