@@ -73,17 +73,17 @@ def train(args, src: Path, dst: Path) -> dict:
     from comprune.data import get_calibration
     from comprune.io import save_pretrained
     from comprune.models import get_adapter
-    from comprune.recover import DenseTargets, DistillOptions, TuneOptions, distill, heldout_ids, tune
-    from comprune.recover.stage import training_windows
+    from comprune.recover import DenseTargets, DistillOptions, TuneOptions, distill, tune
+    from comprune.recover.stage import split_windows, training_windows
     manifest = json.loads((src / "pruning.json").read_text())
     c = manifest["calibration"]
     t0 = time.perf_counter()
     dense, tok = comprune.load(args.model, dtype=args.dtype)
     model, _ = comprune.load(str(src), dtype=args.dtype)
     load_s = time.perf_counter() - t0
-    calib = get_calibration(tok, c["source"], c["nsamples"], c["seqlen"], c["seed"])
+    calib = get_calibration(tok, c["source"], c["nsamples"], c["seqlen"], c["seed"], model=dense)
     assert calib.sha256() == c["sha256"], "the calibration windows differ from the prune's"
-    held, what, _ = heldout_ids(tok, calib, args.heldout)
+    train_ids, held, what, apart = split_windows(tok, calib, args.heldout)
     adapter = get_adapter(model)
     t1 = time.perf_counter()
     if args.stage == "tune":
@@ -91,7 +91,7 @@ def train(args, src: Path, dst: Path) -> dict:
                  if getattr(args, f"tune_{k}") is not None}
         opts = TuneOptions(**given)
         heldout = DenseTargets.capture(dense, held, opts.batch)
-        targets = DenseTargets.capture(dense, training_windows(tok, calib, calib.input_ids, opts.tokens, False),
+        targets = DenseTargets.capture(dense, training_windows(tok, calib, train_ids, opts.tokens, apart),
                                        opts.batch)
         del dense
         targets_s = time.perf_counter() - t1
@@ -100,7 +100,7 @@ def train(args, src: Path, dst: Path) -> dict:
         given = {k: getattr(args, f"distill_{k}") for k in ("lr", "batch") if getattr(args, f"distill_{k}") is not None}
         opts = DistillOptions(tokens=args.distill_tokens, time=args.distill_time, **given)
         heldout = DenseTargets.capture(dense, held, 4)
-        ids = training_windows(tok, calib, calib.input_ids, opts.tokens, False)
+        ids = training_windows(tok, calib, train_ids, opts.tokens, apart)
         targets_s = time.perf_counter() - t1
         rec = distill(model, adapter, dense, ids, heldout, opts, progress=sys.stderr.isatty())
     rec.update(targets_seconds=round(targets_s, 2), load_seconds=round(load_s, 2), heldout_data=what,

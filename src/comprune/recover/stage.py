@@ -61,6 +61,14 @@ def heldout_ids(tokenizer, calibration: Calibration, n: int) -> tuple[torch.Tens
     return calibration.input_ids[-n:], "the last calibration windows", True
 
 
+def split_windows(tokenizer, calibration: Calibration, heldout: int) -> tuple[torch.Tensor, torch.Tensor, str, bool]:
+    """(training windows, held-out windows, what the held-out ones are, whether they are the calibration's own last
+    windows, and so left out of training)."""
+    held, what, from_calib = heldout_ids(tokenizer, calibration, heldout)
+    train = calibration.input_ids[:-heldout] if from_calib else calibration.input_ids
+    return train, held, what, from_calib
+
+
 def training_windows(tokenizer, calibration: Calibration, train: torch.Tensor, tokens: int,
                      apart: bool) -> torch.Tensor:
     """The calibration windows (the first `tokens` of them where fewer), then (C4, whose held-out documents are
@@ -98,8 +106,7 @@ def prepare(model, tokenizer, calibration: Calibration, recovery: Recovery, devi
 
 
 def _prepare(model, tokenizer, calibration, recovery, device, t0) -> Prepared:
-    held, what, from_calib = heldout_ids(tokenizer, calibration, recovery.heldout)
-    train = calibration.input_ids[:-recovery.heldout] if from_calib else calibration.input_ids
+    train, held, what, from_calib = split_windows(tokenizer, calibration, recovery.heldout)
     batch = recovery.tune.batch if recovery.tune is not None else 4
     out = Prepared(DenseTargets.capture(model, held, batch, device))
     out.sources = {"heldout": what, "train": calibration.source}
