@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "recovery"
 PRUNES = Path("/work/prunes")
 MODELS = Path("/work/recover-models")
+SIX = "piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"
 PREFIX = {"gemma3-270m": "gemma3"}  # the prune directories' model prefix
 DENSE_PPL = {"test": 21.6084, "validation": None}  # fp32, benchmarks/results/ppl_dense.json
 
@@ -55,7 +56,8 @@ def parse():
     p.add_argument("--heldout", type=int, default=16)
     p.add_argument("--measures", default="",
                    help="also: chat (the chat measure's test half), chat-heldout, zeroshot (paper7, 200 per task), "
-                        "zeroshot-heldout (200 others per task); comma-separated")
+                        "zeroshot-heldout (200 others per task), zeroshot-full (the six tasks without BoolQ, full sets); "
+                        "comma-separated")
     p.add_argument("--models", default=str(MODELS))
     p.add_argument("--out", default=str(OUT))
     return p.parse_args()
@@ -132,7 +134,10 @@ def measure(args, model_dir, what: str) -> dict:
             dense, _ = comprune.load(args.model, dtype=args.dtype)
             ref = chat_reference(dense, tok, split)
         return chat_measure(model, tok, ref, split)
-    z = evaluate_zeroshot(model, tok, "paper7", subset=200, heldout=heldout, progress=False)
+    if what == "zeroshot-full":  # the six tasks without BoolQ, every example (the issue's measure)
+        z = evaluate_zeroshot(model, tok, SIX, progress=False, compile="auto")
+    else:
+        z = evaluate_zeroshot(model, tok, "paper7", subset=200, heldout=heldout, progress=False)
     tasks = {t: {"metric": r["metric"], r["metric"]: r.get(r["metric"])} for t, r in z["tasks"].items()}
     no_boolq = [v[v["metric"]] for t, v in tasks.items() if t != "boolq"]
     return {"average": z["average"], "without_boolq": sum(no_boolq) / len(no_boolq), "tasks": tasks,
@@ -187,6 +192,10 @@ def _zs(z) -> str:
     return f"{100 * z['without_boolq']:.2f} / {100 * z['average']:.2f}" if z else "-"
 
 
+def _zs_full(z) -> str:
+    return f"{100 * z['average']:.2f}" if z else "-"
+
+
 def write_markdown(out: Path):
     rows = []
     for p in sorted(out.glob("*.json")):
@@ -202,7 +211,7 @@ def write_markdown(out: Path):
                     f"{st.get('stage_seconds_total', 0):.0f} | {r['prune_seconds'] or 0:.0f} | "
                     f"{r.get('time_vs_prune', '-')} | {r.get('process_peak_rss_mb', '-')} | {st.get('stopped', '-')} | "
                     f"{_chat(r.get('chat'))} | {_chat(r.get('chat-heldout'))} | {_zs(r.get('zeroshot'))} | "
-                    f"{_zs(r.get('zeroshot-heldout'))} |")
+                    f"{_zs(r.get('zeroshot-heldout'))} | {_zs_full(r.get('zeroshot-full'))} |")
     text = ("# Recovery stages on SmolLM2-135M-Instruct and Gemma 3 270M prunes\n\n"
             "Made by `benchmarks/recovery.py` (one JSON per row beside this file, with its command and host). "
             "PPL@2048 on the full WikiText-2 test and validation sets, in bfloat16 (the stages train in it too); dense "
@@ -216,8 +225,8 @@ def write_markdown(out: Path):
             "prune's pruning.json; peak RSS of the whole benchmark process (dense and pruned model loaded).\n\n"
             "| prune | stage | PPL test | PPL test, first 16,384 | PPL validation | PPL validation, first 65,536 | steps | tokens | held-out KL | "
             "stage s | prune s | × prune | peak RSS MB | stopped | chat hits / KL (test half) | chat (held-out half) | "
-            "0-shot w/o BoolQ / 7-task (subset) | 0-shot (held-out subset) |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---|---|---|---|\n"
+            "0-shot w/o BoolQ / 7-task (subset) | 0-shot (held-out subset) | 0-shot, six tasks, full sets |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---|---|---|---|---|\n"
             + "\n".join(rows) + "\n")
     (out.parent / "recovery.md").write_text(text)
 
