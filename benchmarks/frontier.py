@@ -94,6 +94,7 @@ def describe_dir(d: Path) -> tuple[str, float]:
     m = json.loads((d / "pruning.json").read_text())
     cfg = m.get("config", {})
     method = "comp-search" if cfg.get("width_allocation") == "search" else m.get("method", "pruned")
+    method += "".join(f"+{s.get('stage', '?')}" for s in m.get("stages") or [])  # recovery stages that ran
     return method, float(m.get("ratio_requested") or cfg.get("ratio") or m.get("ratio_achieved"))
 
 
