@@ -53,6 +53,8 @@ def parse():
     p.add_argument("--distill-tokens", type=int, default=1_000_000)
     p.add_argument("--distill-lr", type=float, default=None)
     p.add_argument("--distill-batch", type=int, default=None)
+    p.add_argument("--distill-data", default=None, help="what distillation trains on (a source or mix, e.g. "
+                   "self:0.5,c4:0.5; default: the calibration windows, then more C4)")
     p.add_argument("--heldout", type=int, default=16)
     p.add_argument("--measures", default="",
                    help="also: chat (the chat measure's test half), chat-heldout, zeroshot (paper7, 200 per task), "
@@ -76,7 +78,7 @@ def train(args, src: Path, dst: Path) -> dict:
     from comprune.io import save_pretrained
     from comprune.models import get_adapter
     from comprune.recover import DenseTargets, DistillOptions, TuneOptions, distill, tune
-    from comprune.recover.stage import split_windows, training_windows
+    from comprune.recover.stage import distill_windows, split_windows, training_windows
     manifest = json.loads((src / "pruning.json").read_text())
     c = manifest["calibration"]
     t0 = time.perf_counter()
@@ -99,10 +101,11 @@ def train(args, src: Path, dst: Path) -> dict:
         targets_s = time.perf_counter() - t1
         rec = tune(model, adapter, targets, heldout, opts, progress=sys.stderr.isatty())
     else:
-        given = {k: getattr(args, f"distill_{k}") for k in ("lr", "batch") if getattr(args, f"distill_{k}") is not None}
+        given = {k: getattr(args, f"distill_{k}") for k in ("lr", "batch", "data")
+                 if getattr(args, f"distill_{k}") is not None}
         opts = DistillOptions(tokens=args.distill_tokens, time=args.distill_time, **given)
         heldout = DenseTargets.capture(dense, held, 4)
-        ids = training_windows(tok, calib, train_ids, opts.tokens, apart)
+        ids = distill_windows(dense, tok, calib, train_ids, opts, apart)
         targets_s = time.perf_counter() - t1
         rec = distill(model, adapter, dense, ids, heldout, opts, progress=sys.stderr.isatty())
     rec.update(targets_seconds=round(targets_s, 2), load_seconds=round(load_s, 2), heldout_data=what,

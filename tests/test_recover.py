@@ -103,7 +103,7 @@ def test_distill_merges_into_same_shapes_and_reloads_in_transformers(text_calib,
 
 KILLS = {"tune": ("--tune", "--tune-steps", "12", "--tune-batch", "2"),
          "distill": ("--recover", "distill", "--recover-tokens", "1536", "--recover-lr", "0.001",
-                     "--recover-eval-every", "4")}
+                     "--recover-eval-every", "4", "--recover-data", "c4")}
 
 
 def _strip(obj):

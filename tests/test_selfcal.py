@@ -138,3 +138,29 @@ def test_cli_prune_with_a_mix(chat, tmp_path):
                  "--nsamples", "8", "--seqlen", "32", "--out", str(tmp_path / "o"), "--json", "--dtype", "float32"]) == 0
     rec = json.loads((tmp_path / "o" / "pruning.json").read_text())["calibration"]
     assert [p["windows"] for p in rec["parts"]] == [4, 4] and rec["self"]["calibration"]["kind"] == "chat template"
+
+
+def test_distill_trains_on_the_text_asked_for(tmp_path):
+    """--recover-data: the source or mix drawn for the distillation's tokens in the calibration's windows (the self
+    part the calibration's own stream, the next seed where the held-out windows are calibration windows), recorded;
+    without it, the calibration windows."""
+    import hashlib
+    from comprune import prune
+    from comprune.recover import DistillOptions, Recovery
+    from comprune.recover.stage import distill_windows
+    model, tok = tiny_model(vocab=260), byte_bpe_tokenizer()
+    src = tmp_path / "text.txt"
+    src.write_text("plain words for calibration " * 200)
+    calib = get_calibration(tok, str(src), 8, 32, 0)
+    opts = DistillOptions(tokens=6 * 32, data=f"self:0.5,{src}:0.5", eval_every=2, batch=2)
+    ids = distill_windows(model, tok, calib, calib.input_ids, opts, apart=False)
+    assert ids.shape == (6, 32)
+    assert torch.equal(ids[:3], get_calibration(tok, "self", 3, 32, seed=0, model=model, progress=False).input_ids)
+    assert not torch.equal(distill_windows(model, tok, calib, calib.input_ids, opts, apart=True)[:3], ids[:3])
+    plain = DistillOptions(tokens=6 * 32)
+    assert torch.equal(distill_windows(model, tok, calib, calib.input_ids, plain, apart=False), calib.input_ids[:6])
+    _, report = prune(model, tok, PruneConfig(ratio=0.3, nsamples=8, seqlen=32), calibration=calib, progress=False,
+                      recovery=Recovery(distill=opts, heldout=2))
+    stage = report.stages[-1]
+    assert stage["data"]["distill"] == opts.data and stage["options"]["data"] == opts.data
+    assert stage["data_sha256"] == hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()

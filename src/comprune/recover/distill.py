@@ -38,6 +38,7 @@ class DistillOptions:
     patience: int = 3        # evaluations without a better held-out KL before stopping
     bf16: str = "auto"       # autocast: auto (where the device multiplies bf16 natively), on, off
     seed: int = 0
+    data: str = ""           # a source or mix to distil on (c4, self, self:0.5,c4:0.5); "": the calibration windows
 
     def __post_init__(self):
         for name in ("tokens", "rank", "batch", "eval_every", "patience"):

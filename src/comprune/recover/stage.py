@@ -84,6 +84,18 @@ def training_windows(tokenizer, calibration: Calibration, train: torch.Tensor, t
     return torch.cat([train, sample_windows(ids, want, T, calibration.seed + 1)])
 
 
+def distill_windows(model, tokenizer, calibration: Calibration, train: torch.Tensor, opts: DistillOptions,
+                    apart: bool) -> torch.Tensor:
+    """Distillation's text: `opts.data` drawn for `opts.tokens` tokens in the calibration's windows (a mix with
+    `self` has the dense model write its part, extending the calibration's own), else the training windows. Where the
+    held-out windows are the calibration's own (`apart`), the draw takes the next seed, so it does not repeat them."""
+    if not opts.data:
+        return training_windows(tokenizer, calibration, train, opts.tokens, apart)
+    n = max(1, opts.tokens // calibration.seqlen)
+    return get_calibration(tokenizer, opts.data, n, calibration.seqlen, calibration.seed + int(apart),
+                           data_dir=calibration.data_dir, model=model).input_ids
+
+
 @contextmanager
 def on_device(model, device):
     """The model on `device` for a stage (a prune keeps it where it was loaded and moves blocks), then back."""
@@ -116,7 +128,8 @@ def _prepare(model, tokenizer, calibration, recovery, device, t0) -> Prepared:
         out.train = DenseTargets.capture(model, ids, opts.batch, device)
     if recovery.distill is not None:
         out.teacher = copy.deepcopy(model)
-        out.distill_ids = training_windows(tokenizer, calibration, train, recovery.distill.tokens, from_calib)
+        out.distill_ids = distill_windows(model, tokenizer, calibration, train, recovery.distill, from_calib)
+        out.sources["distill"] = recovery.distill.data or calibration.source
     out.seconds = time.perf_counter() - t0
     return out
 
