@@ -184,3 +184,15 @@ def test_training_windows_take_the_calibration_then_more_of_c4():
     more = training_windows(word_tokenizer(), c4, c4.input_ids, 20 * 16, False)
     assert more.shape == (20, 16) and torch.equal(more[:8], c4.input_ids)
     assert torch.equal(training_windows(word_tokenizer(), c4, c4.input_ids, 20 * 16, True), c4.input_ids)
+
+
+def test_stages_read_windows_as_the_walk_does():
+    """A family trained with <bos> first (Gemma) sees <bos> as every window's first token in the stages' targets, as
+    in the walk; the digest stays the text's, and families without it see the windows as they are."""
+    ids = torch.randint(5, 200, (4, 16), generator=torch.Generator().manual_seed(0))
+    gemma = tiny_model("gemma3_text")
+    t = DenseTargets.capture(gemma, ids, 2)
+    assert all((b[:, 0] == gemma.config.bos_token_id).all() and torch.equal(b[:, 1:], w[:, 1:])
+               for b, w in zip(t.ids, ids.split(2)))
+    assert t.digest == DenseTargets.capture(tiny_model("llama"), ids, 2).digest
+    assert all(torch.equal(b, w) for b, w in zip(DenseTargets.capture(tiny_model("llama"), ids, 2).ids, ids.split(2)))

@@ -206,10 +206,7 @@ def capture(model, adapter, input_ids: torch.Tensor, batch_size: int, device, st
     src = model_device(model)
     try:
         for i in range(0, input_ids.shape[0], batch_size):
-            ids = input_ids[i:i + batch_size].to(src)
-            if getattr(adapter, "needs_bos", False) and model.config.bos_token_id is not None:
-                ids = ids.clone()  # the window's first token becomes <bos> (the calibration's digest is unchanged)
-                ids[:, 0] = model.config.bos_token_id
+            ids = adapter.windows(model, input_ids[i:i + batch_size].to(src))
             inputs = {"input_ids": ids} if rows is None else {"inputs_embeds": rows.embed(ids)}
             try:
                 model.base_model(**inputs, use_cache=False)

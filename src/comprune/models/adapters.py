@@ -48,6 +48,16 @@ class LlamaAdapter:
     def __init__(self, spec: Family):
         self.spec = spec
 
+    def windows(self, model, ids):
+        """Token windows as the family reads them: where it needs <bos>, each window's first token becomes <bos>
+        (the windows keep their length, and their digest is still the text's)."""
+        bos = model.config.bos_token_id if self.needs_bos else None
+        if bos is None:
+            return ids
+        ids = ids.clone()
+        ids[:, 0] = bos
+        return ids
+
     @property
     def family(self) -> str:
         return self.spec.model_type

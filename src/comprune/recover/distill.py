@@ -122,9 +122,11 @@ def distill(model, adapter, teacher, train_ids: torch.Tensor, heldout: DenseTarg
     lora = {n: p for n, p in pm.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
     T = int(train_ids.shape[1])
+    data_sha = _sha(train_ids)
+    train_ids = adapter.windows(teacher, train_ids)  # as the walk reads them: <bos> first where the family needs it
     steps_max = max(1, opts.tokens // (opts.batch * T))
     ckpt = StageCheckpoint(checkpoint_dir, "distill", fingerprint(
-        dataclasses.asdict(opts), _sha(train_ids), heldout.sha256(), digest, names))
+        dataclasses.asdict(opts), data_sha, heldout.sha256(), digest, names))
     state = ckpt.load() if resume else None
     if not resume:
         ckpt.clear()
@@ -185,7 +187,7 @@ def distill(model, adapter, teacher, train_ids: torch.Tensor, heldout: DenseTarg
         distributed.broadcast(modules[n].weight.data)
     return {"stage": "distill", "options": dataclasses.asdict(opts), "adapted": len(names),
             "lora_params": sum(p.numel() for p in lora.values()), "bf16_autocast": bf16, "steps": prog["step"],
-            "tokens": prog["step"] * opts.batch * T, "data_sha256": _sha(train_ids),
+            "tokens": prog["step"] * opts.batch * T, "data_sha256": data_sha,
             "heldout_sha256": heldout.sha256(), "heldout_tokens": heldout.tokens, "heldout_kl": prog["curve"],
             "kl_before": prog["curve"][0][1], "kl_after": prog["best"], "best_step": prog["best_step"],
             "train_loss": prog["losses"][-1] if prog["losses"] else None, "stopped": prog["stopped"],

@@ -13,6 +13,7 @@ import torch
 
 from .. import distributed
 from ..methods.search.fitness import _Moments, dense_moments, kl_sum
+from ..models import get_adapter
 
 
 def model_outputs(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +63,8 @@ class DenseTargets:
     def capture(cls, model, ids: torch.Tensor, batch_size: int = 4, device="cpu") -> "DenseTargets":
         linear = not getattr(model.config, "final_logit_softcapping", None)
         head = model.get_output_embeddings()
+        digest, tokens = _sha(ids), ids.numel()
+        ids = get_adapter(model).windows(model, ids)  # as the walk reads them: <bos> first where the family needs it
         batches, refs = [b[distributed.part(b.shape[0])] for b in ids.split(batch_size)], []
         for b in batches:
             if not b.numel():
@@ -71,7 +74,7 @@ class DenseTargets:
             logp = torch.log_softmax(z.float(), -1)
             ref = dense_moments(logp, head, model.config) if linear else logp.half()
             refs.append(_to(ref, "cpu"))
-        return cls(batches, refs, _sha(ids), ids.numel())
+        return cls(batches, refs, digest, tokens)
 
     def sha256(self) -> str:
         return self.digest
