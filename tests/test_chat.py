@@ -31,6 +31,8 @@ def test_hit_rule():
     assert not is_hit("9 minus 4 is 4.5", ["5", "five"])  # a number is compared whole
     assert not is_hit("Parisian food is good", ["paris"])  # whole words
     assert not is_hit("", ["paris"])
+    assert is_hit("Water boils at 100.00 degrees Celsius.", ["100"])  # a number by its value
+    assert is_hit("A kilometre is 1,000 metres.", ["1000"]) and not is_hit("It is 1000.5 metres.", ["1000"])
 
 
 def test_prompt_set_halves_and_apart_from_calibration():

@@ -88,8 +88,20 @@ def chat_answers(model, tokenizer, prompts=PROMPTS, max_new_tokens: int = 40) ->
 _WORD = re.compile(r"[a-z0-9]+(?:[-.,'][a-z0-9]+)*")
 
 
+_NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
+
+
+def _canonical(word: str) -> str:
+    """A number as its value says it ("1,000" and "1000.00" are "1000"), any other word as it is."""
+    if not _NUMBER.fullmatch(word):
+        return word
+    whole, _, frac = word.replace(",", "").partition(".")
+    frac = frac.rstrip("0")
+    return (whole.lstrip("0") or "0") + (f".{frac}" if frac else "")
+
+
 def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    return [_canonical(w) for w in _WORD.findall(text.lower())]
 
 
 def first_sentence(reply: str) -> str:
