@@ -87,7 +87,7 @@ def train(args, src: Path, dst: Path) -> dict:
     load_s = time.perf_counter() - t0
     calib = get_calibration(tok, c["source"], c["nsamples"], c["seqlen"], c["seed"], model=dense)
     assert calib.sha256() == c["sha256"], "the calibration windows differ from the prune's"
-    train_ids, held, what, apart = split_windows(tok, calib, args.heldout)
+    train_ids, held, what, apart = split_windows(tok, calib, args.heldout, dense)
     adapter = get_adapter(model)
     t1 = time.perf_counter()
     if args.stage == "tune":

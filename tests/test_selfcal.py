@@ -164,3 +164,20 @@ def test_distill_trains_on_the_text_asked_for(tmp_path):
     stage = report.stages[-1]
     assert stage["data"]["distill"] == opts.data and stage["options"]["data"] == opts.data
     assert stage["data_sha256"] == hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+def test_recovery_holds_a_mix_out_apart(chat, tmp_path):
+    """The stages' held-out windows of a self/mixed calibration: each part's drawn apart (self: the held-apart
+    prompts), so every calibration window trains; without the dense model, the calibration's last windows."""
+    from comprune.recover import heldout_ids
+    model, tok = chat
+    src = tmp_path / "text.txt"
+    src.write_text("plain words for calibration and more words " * 200)
+    mix = f"self:0.5,{src}:0.5"
+    calib = get_calibration(tok, mix, 8, 32, seed=0, model=model, progress=False)
+    held, what, from_calib = heldout_ids(tok, calib, 4, model)
+    assert not from_calib and "apart" in what and held.shape == (4, 32)
+    assert torch.equal(held, get_calibration(tok, mix, 8, 32, seed=0, heldout=4, model=model, progress=False).heldout)
+    assert not any(torch.equal(h, c) for h in held for c in calib.input_ids)
+    held, _, from_calib = heldout_ids(tok, calib, 4)
+    assert from_calib and torch.equal(held, calib.input_ids[-4:])

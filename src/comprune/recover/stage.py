@@ -41,10 +41,11 @@ class Prepared:
     sources: dict = field(default_factory=dict)
 
 
-def heldout_ids(tokenizer, calibration: Calibration, n: int) -> tuple[torch.Tensor, str, bool]:
+def heldout_ids(tokenizer, calibration: Calibration, n: int, model=None) -> tuple[torch.Tensor, str, bool]:
     """(windows held out from training, what they are, whether they are the calibration's own last windows): the
     C4 sample's held-out documents when calibrating on C4; else windows of the calibration source apart from the
-    calibration windows (as the width search draws); else the calibration's last n windows."""
+    calibration windows (as the width search draws; for `self` and mixes, drawn by get_calibration with the dense
+    `model`); else the calibration's last n windows."""
     T = calibration.seqlen
     if tokenizer is not None and calibration.source == "c4":
         try:
@@ -53,6 +54,8 @@ def heldout_ids(tokenizer, calibration: Calibration, n: int) -> tuple[torch.Tens
         except CompruneError:
             pass
     ids = heldout_windows(tokenizer, calibration, n, T, calibration.data_dir) if tokenizer is not None else None
+    if ids is None and tokenizer is not None and model is not None:
+        ids = _drawn_apart(model, tokenizer, calibration, n)
     if ids is not None:
         return ids, f"{calibration.source} (apart from the calibration windows)", False
     if calibration.nsamples <= n:
@@ -61,10 +64,22 @@ def heldout_ids(tokenizer, calibration: Calibration, n: int) -> tuple[torch.Tens
     return calibration.input_ids[-n:], "the last calibration windows", True
 
 
-def split_windows(tokenizer, calibration: Calibration, heldout: int) -> tuple[torch.Tensor, torch.Tensor, str, bool]:
+def _drawn_apart(model, tokenizer, calibration: Calibration, n: int) -> torch.Tensor | None:
+    """A `self` or mixed calibration's held-out windows, each part's as its source draws them apart (self: the
+    held-apart prompts), or None where the draw does not give back the calibration windows."""
+    try:
+        c = get_calibration(tokenizer, calibration.source, calibration.nsamples, calibration.seqlen, calibration.seed,
+                            data_dir=calibration.data_dir, heldout=n, model=model, progress=False)
+    except CompruneError:
+        return None
+    return c.heldout if torch.equal(c.input_ids, calibration.input_ids) else None
+
+
+def split_windows(tokenizer, calibration: Calibration, heldout: int,
+                  model=None) -> tuple[torch.Tensor, torch.Tensor, str, bool]:
     """(training windows, held-out windows, what the held-out ones are, whether they are the calibration's own last
-    windows, and so left out of training)."""
-    held, what, from_calib = heldout_ids(tokenizer, calibration, heldout)
+    windows, and so left out of training). `model`: the dense model, which writes a `self` part's held-out text."""
+    held, what, from_calib = heldout_ids(tokenizer, calibration, heldout, model)
     train = calibration.input_ids[:-heldout] if from_calib else calibration.input_ids
     return train, held, what, from_calib
 
@@ -118,7 +133,7 @@ def prepare(model, tokenizer, calibration: Calibration, recovery: Recovery, devi
 
 
 def _prepare(model, tokenizer, calibration, recovery, device, t0) -> Prepared:
-    train, held, what, from_calib = split_windows(tokenizer, calibration, recovery.heldout)
+    train, held, what, from_calib = split_windows(tokenizer, calibration, recovery.heldout, model)
     batch = recovery.tune.batch if recovery.tune is not None else 4
     out = Prepared(DenseTargets.capture(model, held, batch, device))
     out.sources = {"heldout": what, "train": calibration.source}
