@@ -196,3 +196,21 @@ def test_stages_read_windows_as_the_walk_does():
                for b, w in zip(t.ids, ids.split(2)))
     assert t.digest == DenseTargets.capture(tiny_model("llama"), ids, 2).digest
     assert all(torch.equal(b, w) for b, w in zip(DenseTargets.capture(tiny_model("llama"), ids, 2).ids, ids.split(2)))
+
+
+def test_distill_steps_back_to_the_best_adapters_at_a_smaller_step(text_calib):
+    """A held-out evaluation that does not improve sends the adapters back to the best ones and multiplies the step
+    size by `decay`; the merged model is the best one (its held-out KL the curve's minimum)."""
+    tok, calib = text_calib
+    cfg = PruneConfig(ratio=0.2, nsamples=24, seqlen=32)
+    opts = DistillOptions(tokens=64 * 2 * 32, batch=2, eval_every=2, lr=0.3, clip=0, patience=3, bf16="off")
+    model, rep = prune(tiny_model("llama", layers=4), tok, cfg, calibration=calib, progress=False,
+                       recovery=Recovery(distill=opts, heldout=4))
+    st = rep.stages[0]
+    curve = [kl for _, kl in st["heldout_kl"]]
+    worse = sum(b >= min(curve[:i]) for i, b in enumerate(curve) if i)  # evaluations that did not improve
+    decays = worse - (st["stopped"] == "held-out KL stopped falling")  # the stopping evaluation changes nothing
+    assert decays >= 1 and st["lr_last"] == pytest.approx(0.3 * 0.5 ** decays)
+    assert st["kl_after"] == min(curve)
+    with pytest.raises(CompruneError, match="decay"):
+        DistillOptions(decay=0)

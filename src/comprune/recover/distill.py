@@ -36,6 +36,8 @@ class DistillOptions:
     batch: int = 4           # windows per step
     eval_every: int = 50     # steps between held-out evaluations
     patience: int = 3        # evaluations without a better held-out KL before stopping
+    decay: float = 0.5       # after such an evaluation: back to the best adapters, the step size times this
+    clip: float = 1.0        # the adapters' gradient norm at most (0: unclipped)
     bf16: str = "auto"       # autocast: auto (where the device multiplies bf16 natively), on, off
     seed: int = 0
     data: str = ""           # a source or mix to distil on (c4, self, self:0.5,c4:0.5); "": the calibration windows
@@ -44,8 +46,10 @@ class DistillOptions:
         for name in ("tokens", "rank", "batch", "eval_every", "patience"):
             if getattr(self, name) < 1:
                 raise CompruneError(f"distill {name} {getattr(self, name)}: use a positive integer")
-        if self.lr <= 0 or self.time < 0 or self.alpha <= 0:
-            raise CompruneError("distill lr and alpha must be positive and time non-negative")
+        if self.lr <= 0 or self.time < 0 or self.alpha <= 0 or self.clip < 0:
+            raise CompruneError("distill lr and alpha must be positive, time and clip non-negative")
+        if not 0 < self.decay <= 1:
+            raise CompruneError(f"distill decay {self.decay}: use a factor in (0, 1] (1: the step size stays)")
         if self.bf16 not in ("auto", "on", "off"):
             raise CompruneError(f"distill bf16 '{self.bf16}': use auto, on or off")
 
@@ -134,7 +138,7 @@ def distill(model, adapter, teacher, train_ids: torch.Tensor, heldout: DenseTarg
     if state is None:
         kl0 = heldout.kl(model, device)
         prog = {"step": 0, "curve": [[0, kl0]], "best": kl0, "best_step": 0, "bad": 0, "seconds": 0.0,
-                "stopped": None, "losses": []}
+                "stopped": None, "losses": [], "lr": opts.lr}
         best = {n: p.detach().clone() for n, p in lora.items()}
     else:
         prog, tensors = state
@@ -144,6 +148,8 @@ def distill(model, adapter, teacher, train_ids: torch.Tensor, heldout: DenseTarg
                 p.copy_(tensors[f"lora.{n}"])
         load_optimizer(opt, tensors)
         best = {n: tensors[f"best.{n}"].to(p.device) for n, p in lora.items()}
+        for g in opt.param_groups:
+            g["lr"] = prog["lr"]
     bar = tqdm(total=steps_max, initial=prog["step"], desc="distill", disable=not progress, leave=False)
     n_batches = -(-int(train_ids.shape[0]) // opts.batch)
 
@@ -161,6 +167,8 @@ def distill(model, adapter, teacher, train_ids: torch.Tensor, heldout: DenseTarg
         ids = train_ids[k * opts.batch:(k + 1) * opts.batch]
         opt.zero_grad(set_to_none=True)
         loss = _backward(pm, teacher, ids[distributed.part(ids.shape[0])].to(device), cast, params)
+        if opts.clip:  # one batch's spike must not undo the run (the summed gradients: the same on every rank)
+            torch.nn.utils.clip_grad_norm_(params, opts.clip)
         opt.step()
         prog["step"] = step = step + 1
         prog["losses"].append(round(loss, 5))
@@ -169,6 +177,8 @@ def distill(model, adapter, teacher, train_ids: torch.Tensor, heldout: DenseTarg
         if step % opts.eval_every and step < steps_max and not spent():
             continue
         best = heldout_step(prog, step, heldout.kl(pm, device), lora, best, opts.patience, clock.seconds)
+        if prog["bad"] and prog["stopped"] is None and opts.decay < 1:
+            _back_to_best(lora, best, opt, prog, opts.decay)
         ckpt.save(step, prog, {**{f"lora.{n}": p for n, p in lora.items()},
                                **{f"best.{n}": t for n, t in best.items()}, **optimizer_tensors(opt)})
     bar.close()
@@ -190,8 +200,20 @@ def distill(model, adapter, teacher, train_ids: torch.Tensor, heldout: DenseTarg
             "tokens": prog["step"] * opts.batch * T, "data_sha256": data_sha,
             "heldout_sha256": heldout.sha256(), "heldout_tokens": heldout.tokens, "heldout_kl": prog["curve"],
             "kl_before": prog["curve"][0][1], "kl_after": prog["best"], "best_step": prog["best_step"],
-            "train_loss": prog["losses"][-1] if prog["losses"] else None, "stopped": prog["stopped"],
+            "train_loss": prog["losses"][-1] if prog["losses"] else None, "lr_last": prog["lr"],
+            "stopped": prog["stopped"],
             "seconds": round(clock.seconds, 2), "world_size": distributed.world_size(), **peak_memory(device)}
+
+
+def _back_to_best(lora: dict, best: dict, opt, prog: dict, decay: float):
+    """A held-out evaluation that did not improve: the adapters go back to the best ones, at a smaller step (the
+    same on every rank, whose evaluations agree)."""
+    with torch.no_grad():
+        for n, p in lora.items():
+            p.copy_(best[n])
+    prog["lr"] *= decay
+    for g in opt.param_groups:
+        g["lr"] = prog["lr"]
 
 
 def _sha(ids: torch.Tensor) -> str:
