@@ -33,8 +33,16 @@ def _label(manifest: dict) -> str:
     source = (manifest.get("calibration") or {}).get("source", "c4")
     if source != "c4":
         label += f", calibrated on {source}"
-    stages = [s.get("stage", "?") for s in manifest.get("stages") or []]
-    return label + "".join(f" + {s}" for s in stages)
+    return label + "".join(f" + {_stage(s)}" for s in manifest.get("stages") or [])
+
+
+def _stage(rec: dict) -> str:
+    """A stage as it ran: its name, and for distillation its tokens and (where not the calibration's) its data."""
+    name = rec.get("stage", "?")
+    if name != "distill" or "tokens" not in rec:
+        return name
+    data = (rec.get("options") or {}).get("data")
+    return f"{name} ({rec['tokens'] / 1000:.0f} k tokens{' of ' + data if data else ''})"
 
 
 def main(argv=None):
@@ -68,6 +76,8 @@ def main(argv=None):
             manifest = json.loads((d / "pruning.json").read_text())
             pruned, ptok = comprune.from_pretrained(d)
             label = _label(manifest)
+            if label in summaries:  # two models alike by their records: the directory tells them apart
+                label += f" [{d.name}]"
             summaries[label] = {"dir": str(d), "params_after": manifest.get("params_after"),
                                 "config": manifest.get("config")}
             rows.append((label, chat_answers(pruned, ptok, PROMPTS, args.new_tokens)))
