@@ -53,6 +53,9 @@ def parse():
     p.add_argument("--distill-tokens", type=int, default=1_000_000)
     p.add_argument("--distill-lr", type=float, default=None)
     p.add_argument("--distill-batch", type=int, default=None)
+    p.add_argument("--distill-rank", type=int, default=None)
+    p.add_argument("--distill-train", default=None, choices=["lora", "weights"])
+    p.add_argument("--distill-seqlen", type=int, default=None, help="window length (default: the calibration's)")
     p.add_argument("--distill-data", default=None, help="what distillation trains on (a source or mix, e.g. "
                    "self:0.5,c4:0.5; default: the calibration windows, then more C4)")
     p.add_argument("--heldout", type=int, default=16)
@@ -101,7 +104,7 @@ def train(args, src: Path, dst: Path) -> dict:
         targets_s = time.perf_counter() - t1
         rec = tune(model, adapter, targets, heldout, opts, progress=sys.stderr.isatty())
     else:
-        given = {k: getattr(args, f"distill_{k}") for k in ("lr", "batch", "data")
+        given = {k: getattr(args, f"distill_{k}") for k in ("lr", "batch", "data", "rank", "seqlen", "train")
                  if getattr(args, f"distill_{k}") is not None}
         opts = DistillOptions(tokens=args.distill_tokens, time=args.distill_time, **given)
         heldout = DenseTargets.capture(dense, held, 4)

@@ -77,18 +77,29 @@ def test_options_refused_in_one_line():
         TuneOptions(train="neurons,experts")
     with pytest.raises(CompruneError, match="--tune-bound"):
         TuneOptions(bound=1.5)
+    for bad, match in ((dict(data="c5"), "unknown dataset 'c5'"), (dict(data="self:0.5,nofile.txt:0.5"), "nofile.txt"),
+                       (dict(train="full"), "lora or weights"), (dict(seqlen=-1), "seqlen")):
+        with pytest.raises(CompruneError, match=match):
+            DistillOptions(**bad)
 
 
-def test_distill_merges_into_same_shapes_and_reloads_in_transformers(text_calib, tmp_path):
+@pytest.mark.parametrize("train, lr", [("lora", 1e-3), ("weights", 1e-4)])
+def test_distill_merges_into_same_shapes_and_reloads_in_transformers(text_calib, tmp_path, train, lr):
     from transformers import AutoModelForCausalLM
     from comprune.io import save_pretrained
+    from comprune.recover.distill import linear_names
     tok, calib = text_calib
     cfg = PruneConfig(ratio=0.2, nsamples=24, seqlen=32)  # uniform widths: a stock config
     plain, _ = prune(tiny_model("llama", layers=4), tok, cfg, calibration=calib, progress=False)
-    rec = Recovery(distill=DistillOptions(tokens=16 * 4 * 32, batch=4, eval_every=8, lr=1e-3, bf16="off"), heldout=4)
-    model, rep = prune(tiny_model("llama", layers=4), tok, cfg, calibration=calib, progress=False, recovery=rec)
+    opts = DistillOptions(tokens=16 * 4 * 32, batch=4, eval_every=8, lr=lr, bf16="off", train=train)
+    model, rep = prune(tiny_model("llama", layers=4), tok, cfg, calibration=calib, progress=False,
+                       recovery=Recovery(distill=opts, heldout=4))
     st = rep.stages[0]
     assert st["stage"] == "distill" and st["steps"] == 16 and st["kl_after"] < st["kl_before"]
+    if train == "weights":  # every adapted layer's weight trained, nothing else
+        modules = dict(model.named_modules())
+        assert st["trained_params"] == sum(modules[n].weight.numel() for n in linear_names(model, get_adapter(model)))
+        assert torch.equal(model.model.embed_tokens.weight, plain.model.embed_tokens.weight)
     assert {n: p.shape for n, p in model.named_parameters()} == {n: p.shape for n, p in plain.named_parameters()}
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
@@ -103,7 +114,9 @@ def test_distill_merges_into_same_shapes_and_reloads_in_transformers(text_calib,
 
 KILLS = {"tune": ("--tune", "--tune-steps", "12", "--tune-batch", "2"),
          "distill": ("--recover", "distill", "--recover-tokens", "1536", "--recover-lr", "0.001",
-                     "--recover-eval-every", "4", "--recover-data", "c4")}
+                     "--recover-eval-every", "4", "--recover-data", "c4"),
+         "distill-weights": ("--recover", "distill", "--recover-train", "weights", "--recover-tokens", "1536",
+                             "--recover-lr", "0.0001", "--recover-eval-every", "4")}
 
 
 def _strip(obj):
@@ -126,7 +139,7 @@ def killed(tmp_path_factory):
                          str(text), "--recover-heldout", "4", "--out", str(root / name / out), "--json",
                          *KILLS[name], *extra], "env": env or {}}
     first = jobs([j for name in KILLS for j in (
-        job(name, "ref"), job(name, "out", env={"COMPRUNE_KILL_AFTER_STEP": f"{name}:8"}))], root)
+        job(name, "ref"), job(name, "out", env={"COMPRUNE_KILL_AFTER_STEP": f"{name.split('-')[0]}:8"}))], root)
     second = jobs([job(name, "out", "--resume") for name in KILLS], root)
     return root, {name: (first[2 * i], first[2 * i + 1], second[i]) for i, name in enumerate(KILLS)}
 
@@ -141,7 +154,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_result(killed, name):
     out, base = root / name / "out", root / name / "ref"
     assert (out / "model.safetensors").read_bytes() == (base / "model.safetensors").read_bytes()
     a, b = (json.loads((d / "pruning.json").read_text()) for d in (out, base))
-    assert a["stages"][0]["stage"] == name and a["stages"][0]["steps"] > 8
+    assert a["stages"][0]["stage"] == name.split("-")[0] and a["stages"][0]["steps"] > 8
     assert _strip(a) == _strip(b)
     assert not (root / name / ".out.checkpoint").exists()
 

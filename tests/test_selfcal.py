@@ -159,6 +159,9 @@ def test_distill_trains_on_the_text_asked_for(tmp_path):
     assert not torch.equal(distill_windows(model, tok, calib, calib.input_ids, opts, apart=True)[:3], ids[:3])
     plain = DistillOptions(tokens=6 * 32)
     assert torch.equal(distill_windows(model, tok, calib, calib.input_ids, plain, apart=False), calib.input_ids[:6])
+    longer = DistillOptions(tokens=4 * 64, seqlen=64)  # another window length: the calibration's source drawn anew
+    assert torch.equal(distill_windows(model, tok, calib, calib.input_ids, longer, apart=False),
+                       get_calibration(tok, str(src), 4, 64, 0).input_ids)
     _, report = prune(model, tok, PruneConfig(ratio=0.3, nsamples=8, seqlen=32), calibration=calib, progress=False,
                       recovery=Recovery(distill=opts, heldout=2))
     stage = report.stages[-1]

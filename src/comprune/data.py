@@ -300,6 +300,20 @@ def parse_mix(source: str) -> list[tuple[str, float]]:
     return [(n, w / total) for n, w in parts]
 
 
+def check_source(source: str) -> None:
+    """Refuse, in one line and before anything is read, a source or mix naming an unknown dataset or a missing
+    file."""
+    for name, _ in parse_mix(source):
+        p = Path(name)
+        if name == SELF or name in SOURCES:
+            continue
+        if p.suffix in (".txt", ".jsonl", ".json", ".gz", ".bz2") or p.exists():
+            if not p.is_file():
+                raise CompruneError(f"data file {name} not found: check the path")
+            continue
+        raise CompruneError(f"unknown dataset '{name}': use one of {', '.join((SELF, *SOURCES))} or a .txt/.jsonl path")
+
+
 def uses_self(source: str) -> bool:
     """Whether `--calib source` needs the dense model to write text (`self`, alone or in a mix)."""
     return any(name == SELF for name, _ in parse_mix(source))

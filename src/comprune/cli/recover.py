@@ -28,11 +28,16 @@ def add_recover_options(p, duration):
                         "blocks' linear layers, merged at the end (same shapes)")
     g.add_argument("--recover-tokens", type=int, default=None, help=f"distillation tokens at most (default {d.tokens})")
     g.add_argument("--recover-time", type=duration, default=None, help="distillation time budget, e.g. 20m")
+    g.add_argument("--recover-train", default=None, choices=["lora", "weights"],
+                   help=f"what distillation trains: LoRA adapters merged at the end, or the linear layers' weights "
+                        f"(default {d.train})")
     g.add_argument("--recover-rank", type=int, default=None, help=f"LoRA rank (default {d.rank})")
     g.add_argument("--recover-lr", type=float, default=None, help=f"distillation learning rate (default {d.lr})")
     g.add_argument("--recover-data", default=None,
                    help="what distillation trains on: a source or mix, e.g. self:0.5,c4:0.5 (default: the calibration "
                         "windows, then more C4 when calibrating on C4); never evaluation text")
+    g.add_argument("--recover-seqlen", type=int, default=None,
+                   help="window length distillation trains on (default: the calibration's)")
     g.add_argument("--recover-eval-every", type=int, default=None,
                    help=f"distillation steps between held-out evaluations and checkpoints (default {d.eval_every})")
     g.add_argument("--recover-heldout", type=int, default=None,
@@ -46,7 +51,7 @@ def _given(args, prefix: str, names) -> dict:
 def recovery_from_args(args) -> Recovery | None:
     tune_knobs = _given(args, "tune", ("train", "bound", "pull", "steps", "lr", "batch", "eval_every", "tokens",
                                              "time"))
-    distill_knobs = _given(args, "recover", ("tokens", "time", "rank", "lr", "eval_every", "data"))
+    distill_knobs = _given(args, "recover", ("tokens", "time", "train", "rank", "lr", "eval_every", "data", "seqlen"))
     if tune_knobs and not args.tune:
         raise CompruneError(f"--tune-{next(iter(tune_knobs))} sets the tuning stage: add --tune")
     if distill_knobs and args.recover != "distill":

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..data import check_source
 from ..errors import CompruneError
 from ..files import tensor_digest_sample
 from ..precision import native_bf16
@@ -30,6 +31,7 @@ from .targets import DenseTargets, trainable_copies, model_outputs
 class DistillOptions:
     tokens: int = 1_000_000  # training tokens at most
     time: float = 0.0        # seconds at most (0: no limit; a time budget makes a resumed run differ)
+    train: str = "lora"      # lora: LoRA adapters merged at the end; weights: the linear layers' weights themselves
     rank: int = 8            # LoRA rank
     alpha: float = 16.0      # LoRA scaling numerator (scale alpha / rank)
     lr: float = 1e-3         # chosen on WikiText-2 validation (docs/recovery.md)
@@ -41,8 +43,11 @@ class DistillOptions:
     bf16: str = "auto"       # autocast: auto (where the device multiplies bf16 natively), on, off
     seed: int = 0
     data: str = ""           # a source or mix to distil on (c4, self, self:0.5,c4:0.5); "": the calibration windows
+    seqlen: int = 0          # window length distilled on (0: the calibration's)
 
     def __post_init__(self):
+        if self.seqlen < 0:
+            raise CompruneError(f"distill seqlen {self.seqlen}: use a window length in tokens (0: the calibration's)")
         for name in ("tokens", "rank", "batch", "eval_every", "patience"):
             if getattr(self, name) < 1:
                 raise CompruneError(f"distill {name} {getattr(self, name)}: use a positive integer")
@@ -50,8 +55,12 @@ class DistillOptions:
             raise CompruneError("distill lr and alpha must be positive, time and clip non-negative")
         if not 0 < self.decay <= 1:
             raise CompruneError(f"distill decay {self.decay}: use a factor in (0, 1] (1: the step size stays)")
+        if self.train not in ("lora", "weights"):
+            raise CompruneError(f"distill train '{self.train}': use lora or weights")
         if self.bf16 not in ("auto", "on", "off"):
             raise CompruneError(f"distill bf16 '{self.bf16}': use auto, on or off")
+        if self.data:
+            check_source(self.data)
 
 
 def _peft():
@@ -107,7 +116,6 @@ def distill(model, adapter, teacher, train_ids: torch.Tensor, heldout: DenseTarg
     """Distil `teacher` (the dense model) into `model` (pruned, in place) on `train_ids` [N, T] windows, through
     LoRA adapters merged at the end; return the stage's record. `heldout`: the dense targets early stopping reads.
     With `checkpoint_dir`, progress is saved at every held-out evaluation and `resume` continues from it."""
-    peft = _peft()
     clock = Clock(opts.time)
     trainable_copies(model)
     cast, bf16 = _autocast(device, opts.bf16)
@@ -119,11 +127,9 @@ def distill(model, adapter, teacher, train_ids: torch.Tensor, heldout: DenseTarg
         raise CompruneError("no linear layers to adapt in this model's blocks: --recover distill cannot run on it")
     digest = tensor_digest_sample(model.state_dict().items())
     torch.manual_seed(opts.seed)  # the adapters' initial A matrices
-    cfg = peft.LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=0.0, bias="none",
-                          target_modules="^(" + "|".join(re.escape(n) for n in names) + ")$")
-    pm = peft.get_peft_model(model, cfg)
-    params = [p for p in pm.parameters() if p.requires_grad]
-    lora = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    pm = _with_lora(model, names, opts) if opts.train == "lora" else _with_weights(model, names)
+    trained = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    params = list(trained.values())
     opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
     T = int(train_ids.shape[1])
     data_sha = _sha(train_ids)
@@ -139,15 +145,15 @@ def distill(model, adapter, teacher, train_ids: torch.Tensor, heldout: DenseTarg
         kl0 = heldout.kl(model, device)
         prog = {"step": 0, "curve": [[0, kl0]], "best": kl0, "best_step": 0, "bad": 0, "seconds": 0.0,
                 "stopped": None, "losses": [], "lr": opts.lr}
-        best = {n: p.detach().clone() for n, p in lora.items()}
+        best = {n: p.detach().clone() for n, p in trained.items()}
     else:
         prog, tensors = state
         clock.already = prog["seconds"]
         with torch.no_grad():
-            for n, p in lora.items():
-                p.copy_(tensors[f"lora.{n}"])
+            for n, p in trained.items():
+                p.copy_(tensors[f"trained.{n}"])
         load_optimizer(opt, tensors)
-        best = {n: tensors[f"best.{n}"].to(p.device) for n, p in lora.items()}
+        best = {n: tensors[f"best.{n}"].to(p.device) for n, p in trained.items()}
         for g in opt.param_groups:
             g["lr"] = prog["lr"]
     bar = tqdm(total=steps_max, initial=prog["step"], desc="distill", disable=not progress, leave=False)
@@ -176,19 +182,17 @@ def distill(model, adapter, teacher, train_ids: torch.Tensor, heldout: DenseTarg
         bar.set_postfix(kd=f"{prog['losses'][-1]:.4f}")
         if step % opts.eval_every and step < steps_max and not spent():
             continue
-        best = heldout_step(prog, step, heldout.kl(pm, device), lora, best, opts.patience, clock.seconds)
+        best = heldout_step(prog, step, heldout.kl(pm, device), trained, best, opts.patience, clock.seconds)
         if prog["bad"] and prog["stopped"] is None and opts.decay < 1:
-            _back_to_best(lora, best, opt, prog, opts.decay)
-        ckpt.save(step, prog, {**{f"lora.{n}": p for n, p in lora.items()},
+            _back_to_best(trained, best, opt, prog, opts.decay)
+        ckpt.save(step, prog, {**{f"trained.{n}": p for n, p in trained.items()},
                                **{f"best.{n}": t for n, t in best.items()}, **optimizer_tensors(opt)})
     bar.close()
     with torch.no_grad():
-        for n, p in lora.items():
+        for n, p in trained.items():
             p.copy_(best[n])
-    merged = pm.merge_and_unload()
-    for attr in ("peft_config", "_hf_peft_config_loaded"):
-        if attr in vars(merged):
-            delattr(merged, attr)
+    n_trained = sum(p.numel() for p in trained.values())
+    merged = _merged(pm) if opts.train == "lora" else pm
     merged.to(dtype)
     for p in merged.parameters():
         p.requires_grad_(False)
@@ -196,7 +200,8 @@ def distill(model, adapter, teacher, train_ids: torch.Tensor, heldout: DenseTarg
     for n in names:  # rank 0's merged weights on every rank
         distributed.broadcast(modules[n].weight.data)
     return {"stage": "distill", "options": dataclasses.asdict(opts), "adapted": len(names),
-            "lora_params": sum(p.numel() for p in lora.values()), "bf16_autocast": bf16, "steps": prog["step"],
+            "trained_params": n_trained, **({"lora_params": n_trained} if opts.train == "lora" else {}),
+            "bf16_autocast": bf16, "steps": prog["step"],
             "tokens": prog["step"] * opts.batch * T, "data_sha256": data_sha,
             "heldout_sha256": heldout.sha256(), "heldout_tokens": heldout.tokens, "heldout_kl": prog["curve"],
             "kl_before": prog["curve"][0][1], "kl_after": prog["best"], "best_step": prog["best_step"],
@@ -205,11 +210,37 @@ def distill(model, adapter, teacher, train_ids: torch.Tensor, heldout: DenseTarg
             "seconds": round(clock.seconds, 2), "world_size": distributed.world_size(), **peak_memory(device)}
 
 
-def _back_to_best(lora: dict, best: dict, opt, prog: dict, decay: float):
+def _with_lora(model, names: list[str], opts: DistillOptions):
+    peft = _peft()
+    cfg = peft.LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=0.0, bias="none",
+                          target_modules="^(" + "|".join(re.escape(n) for n in names) + ")$")
+    return peft.get_peft_model(model, cfg)
+
+
+def _with_weights(model, names: list[str]):
+    """The model itself, with the named linear layers' weights (only) receiving gradients."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules = dict(model.named_modules())
+    for n in names:
+        modules[n].weight.requires_grad_(True)
+    return model
+
+
+def _merged(pm):
+    """The adapters merged into the weights, and no trace of peft left on the model."""
+    merged = pm.merge_and_unload()
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in vars(merged):
+            delattr(merged, attr)
+    return merged
+
+
+def _back_to_best(trained: dict, best: dict, opt, prog: dict, decay: float):
     """A held-out evaluation that did not improve: the adapters go back to the best ones, at a smaller step (the
     same on every rank, whose evaluations agree)."""
     with torch.no_grad():
-        for n, p in lora.items():
+        for n, p in trained.items():
             p.copy_(best[n])
     prog["lr"] *= decay
     for g in opt.param_groups:

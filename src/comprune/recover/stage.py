@@ -101,14 +101,15 @@ def training_windows(tokenizer, calibration: Calibration, train: torch.Tensor, t
 
 def distill_windows(model, tokenizer, calibration: Calibration, train: torch.Tensor, opts: DistillOptions,
                     apart: bool) -> torch.Tensor:
-    """Distillation's text: `opts.data` drawn for `opts.tokens` tokens in the calibration's windows (a mix with
-    `self` has the dense model write its part, extending the calibration's own), else the training windows. Where the
-    held-out windows are the calibration's own (`apart`), the draw takes the next seed, so it does not repeat them."""
-    if not opts.data:
+    """Distillation's text: `opts.data` (or, for another window length, the calibration's source) drawn for
+    `opts.tokens` tokens in windows of `opts.seqlen` (a mix with `self` has the dense model write its part, extending
+    the calibration's own), else the training windows. Where the held-out windows are the calibration's own
+    (`apart`), the draw takes the next seed, so it does not repeat them."""
+    T = opts.seqlen or calibration.seqlen
+    if not opts.data and T == calibration.seqlen:
         return training_windows(tokenizer, calibration, train, opts.tokens, apart)
-    n = max(1, opts.tokens // calibration.seqlen)
-    return get_calibration(tokenizer, opts.data, n, calibration.seqlen, calibration.seed + int(apart),
-                           data_dir=calibration.data_dir, model=model).input_ids
+    return get_calibration(tokenizer, opts.data or calibration.source, max(1, opts.tokens // T), T,
+                           calibration.seed + int(apart), data_dir=calibration.data_dir, model=model).input_ids
 
 
 @contextmanager
