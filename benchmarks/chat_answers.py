@@ -41,8 +41,9 @@ def _stage(rec: dict) -> str:
     name = rec.get("stage", "?")
     if name != "distill" or "tokens" not in rec:
         return name
-    data = (rec.get("options") or {}).get("data")
-    return f"{name} ({rec['tokens'] / 1000:.0f} k tokens{' of ' + data if data else ''})"
+    opts = rec.get("options") or {}
+    data, weights = opts.get("data"), opts.get("train") == "weights"
+    return f"{name} ({'weights, ' if weights else ''}{rec['tokens'] / 1000:.0f} k tokens{' of ' + data if data else ''})"
 
 
 def main(argv=None):
