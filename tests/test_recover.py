@@ -81,6 +81,8 @@ def test_options_refused_in_one_line():
                        (dict(train="full"), "lora or weights"), (dict(seqlen=-1), "seqlen")):
         with pytest.raises(CompruneError, match=match):
             DistillOptions(**bad)
+    assert (DistillOptions().lr, DistillOptions(train="weights").lr, DistillOptions(train="weights", lr=3e-4).lr) == (
+        1e-3, 1e-4, 3e-4)  # each kind of training its own default step size, unless one is given
 
 
 @pytest.mark.parametrize("train, lr", [("lora", 1e-3), ("weights", 1e-4)])

@@ -5,6 +5,7 @@ import argparse
 
 from ..errors import CompruneError
 from ..recover import DistillOptions, Recovery, TuneOptions
+from ..recover.distill import LR
 
 
 def add_recover_options(p, duration):
@@ -32,7 +33,8 @@ def add_recover_options(p, duration):
                    help=f"what distillation trains: LoRA adapters merged at the end, or the linear layers' weights "
                         f"(default {d.train})")
     g.add_argument("--recover-rank", type=int, default=None, help=f"LoRA rank (default {d.rank})")
-    g.add_argument("--recover-lr", type=float, default=None, help=f"distillation learning rate (default {d.lr})")
+    g.add_argument("--recover-lr", type=float, default=None,
+                   help=f"distillation learning rate (default {d.lr} for adapters, {LR['weights']} for weights)")
     g.add_argument("--recover-data", default=None,
                    help="what distillation trains on: a source or mix, e.g. self:0.5,c4:0.5 (default: the calibration "
                         "windows, then more C4 when calibrating on C4); never evaluation text")

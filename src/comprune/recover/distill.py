@@ -28,6 +28,9 @@ from .state import (Clock, StageCheckpoint, fingerprint, heldout_step, load_opti
 from .targets import DenseTargets, trainable_copies, model_outputs
 
 
+LR = {"lora": 1e-3, "weights": 1e-4}  # the default step size of each kind of training
+
+
 @dataclass(frozen=True)
 class DistillOptions:
     tokens: int = 1_000_000  # training tokens at most
@@ -35,7 +38,7 @@ class DistillOptions:
     train: str = "lora"      # lora: LoRA adapters merged at the end; weights: the linear layers' weights themselves
     rank: int = 8            # LoRA rank
     alpha: float = 16.0      # LoRA scaling numerator (scale alpha / rank)
-    lr: float = 1e-3         # chosen on WikiText-2 validation (docs/recovery.md)
+    lr: float | None = None  # None: chosen on WikiText-2 validation for what trains (LR below; docs/recovery.md)
     batch: int = 4           # windows per step
     eval_every: int = 50     # steps between held-out evaluations
     patience: int = 3        # evaluations without a better held-out KL before stopping
@@ -47,17 +50,19 @@ class DistillOptions:
     seqlen: int = 0          # window length distilled on (0: the calibration's)
 
     def __post_init__(self):
+        if self.lr is None and self.train in LR:
+            object.__setattr__(self, "lr", LR[self.train])
         if self.seqlen < 0:
             raise CompruneError(f"distill seqlen {self.seqlen}: use a window length in tokens (0: the calibration's)")
         for name in ("tokens", "rank", "batch", "eval_every", "patience"):
             if getattr(self, name) < 1:
                 raise CompruneError(f"distill {name} {getattr(self, name)}: use a positive integer")
+        if self.train not in LR:
+            raise CompruneError(f"distill train '{self.train}': use lora or weights")
         if self.lr <= 0 or self.time < 0 or self.alpha <= 0 or self.clip < 0:
             raise CompruneError("distill lr and alpha must be positive, time and clip non-negative")
         if not 0 < self.decay <= 1:
             raise CompruneError(f"distill decay {self.decay}: use a factor in (0, 1] (1: the step size stays)")
-        if self.train not in ("lora", "weights"):
-            raise CompruneError(f"distill train '{self.train}': use lora or weights")
         if self.bf16 not in ("auto", "on", "off"):
             raise CompruneError(f"distill bf16 '{self.bf16}': use auto, on or off")
         if self.data:
