@@ -111,17 +111,26 @@ def _hub_rows(spec) -> list[str]:
     return list(ds[field])
 
 
-def load_rows(source: str, data_dir: str | os.PathLike | None = None) -> list[str]:
-    """Rows of a named source, or of a local .txt / .jsonl(.gz) file (field `text`)."""
+def _local_file(source: str) -> Path | None:
+    """The local .txt / .jsonl(.gz) file `source` names, or None for a known dataset name; anything else is
+    refused in one line."""
     p = Path(source)
     if p.suffix in (".txt", ".jsonl", ".json", ".gz", ".bz2") or p.exists():
         if p.is_dir():
             raise CompruneError(f"{source} is a directory: pass a .txt or .jsonl file (or a dataset name such as c4)")
         if not p.is_file():
             raise CompruneError(f"data file {source} not found: check the path")
-        return _read_rows(p, "text")
+        return p
     if source not in SOURCES:
         raise CompruneError(f"unknown dataset '{source}': use one of {', '.join(SOURCES)} or a .txt/.jsonl path")
+    return None
+
+
+def load_rows(source: str, data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Rows of a named source, or of a local .txt / .jsonl(.gz) file (field `text`)."""
+    p = _local_file(source)
+    if p is not None:
+        return _read_rows(p, "text")
     rel, field, hub = SOURCES[source]
     root = resolve_data_dir(data_dir, required=data_dir is not None)
     if root is not None and (root / rel).is_file():
@@ -304,14 +313,8 @@ def check_source(source: str) -> None:
     """Refuse, in one line and before anything is read, a source or mix naming an unknown dataset or a missing
     file."""
     for name, _ in parse_mix(source):
-        p = Path(name)
-        if name == SELF or name in SOURCES:
-            continue
-        if p.suffix in (".txt", ".jsonl", ".json", ".gz", ".bz2") or p.exists():
-            if not p.is_file():
-                raise CompruneError(f"data file {name} not found: check the path")
-            continue
-        raise CompruneError(f"unknown dataset '{name}': use one of {', '.join((SELF, *SOURCES))} or a .txt/.jsonl path")
+        if name != SELF:
+            _local_file(name)
 
 
 def uses_self(source: str) -> bool:

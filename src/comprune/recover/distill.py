@@ -1,8 +1,8 @@
 """Knowledge distillation from the dense model into the pruned one through LoRA adapters (peft) on the kept
 linear layers of every block, merged into the weights at the end (or, `train="weights"`, through those layers'
 weights themselves, at four times their float32 size in memory with Adam's state): the architecture and the
-parameter count stay the same. Budgeted in tokens and wall time, stopped early on held-out windows (their dense targets cached), in
-bf16 autocast where the host multiplies bf16 natively.
+parameter count stay the same. Budgeted in tokens and wall time, stopped early on held-out windows (their dense
+targets cached), in bf16 autocast where the host multiplies bf16 natively.
 
 In a process group each rank runs its part of every step's windows (and the teacher on them); the adapters'
 gradients are summed over the ranks as parts of the mean over every rank's tokens, rank 0 decides when to stop,
@@ -120,7 +120,8 @@ def _backward(student, teacher, ids, cast, params) -> float:
 def distill(model, adapter, teacher, train_ids: torch.Tensor, heldout: DenseTargets, opts: DistillOptions,
             device="cpu", checkpoint_dir=None, resume: bool = False, progress: bool = True) -> dict:
     """Distil `teacher` (the dense model) into `model` (pruned, in place) on `train_ids` [N, T] windows, through
-    LoRA adapters merged at the end or the linear layers' weights (`opts.train`); return the stage's record. `heldout`: the dense targets early stopping reads.
+    LoRA adapters merged at the end or the linear layers' weights (`opts.train`); return the stage's record.
+    `heldout`: the dense targets early stopping reads.
     With `checkpoint_dir`, progress is saved at every held-out evaluation and `resume` continues from it."""
     clock = Clock(opts.time)
     trainable_copies(model)
